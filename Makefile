@@ -1,0 +1,29 @@
+# The two commands a new user runs (see README):
+#   make demo   set up .venv and run the main job on the built-in phantom data
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fedxr-installed
+
+.PHONY: demo test install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the declared dependencies change.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[train,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedxr demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs .cache data/phantom

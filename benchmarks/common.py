@@ -1,0 +1,45 @@
+"""Helpers shared by the benchmark scripts: machine facts and writing results as JSON."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    """Machine, device and library versions, stored with every result."""
+    import numpy
+
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host_cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        info["device"] = "cpu"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu_model"] = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), "")
+    except OSError:
+        pass
+    return info
+
+
+def write_result(name: str, payload: dict, smoke: bool = False) -> Path:
+    """Write ``results/NAME.json`` (``NAME.smoke.json`` in smoke mode, which is not committed)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}{'.smoke' if smoke else ''}.json"
+    path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2))
+    return path

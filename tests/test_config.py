@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from fedxr.cli import main
+from fedxr.config import Recipe, RecipeError, load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert RECIPES, "recipes/ must ship at least one recipe"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#"), f"{path.name} must open with a comment giving the exact command"
+    assert "fedxr " in path.read_text().split("\n\n")[0] or "make demo" in path.read_text()
+
+
+def test_defaults_load_without_a_file():
+    r = load_recipe(None)
+    assert r.federated.algorithm == "fedavg" and r.data.sites >= r.federated.min_clients
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "data:\n  sitess: 3\n  image_size: 8\nfederated:\n  rounds: 0\n  algorithm: fedsgd\nmodell: {}\n"
+    )
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)
+    text = str(err.value)
+    problems = err.value.problems
+    assert len(problems) == 5, problems
+    assert "data.sitess: unknown key; did you mean 'data.sites'?" in text
+    assert "modell: unknown key; did you mean 'model'?" in text
+    assert "federated.rounds" in text and "federated.algorithm" in text and "data.image_size" in text
+
+
+def test_cross_section_checks(tmp_path):
+    with pytest.raises(RecipeError, match="federated.min_clients: 4 is more than data.sites"):
+        load_recipe(None, ["data.sites=2", "federated.min_clients=4"])
+
+
+def test_overrides_are_typed_and_applied():
+    r = load_recipe(None, ["federated.rounds=7", "model.channels_last=true", "distill.students=[resnet18, tiny_cnn]"])
+    assert r.federated.rounds == 7 and r.model.channels_last is True
+    assert r.distill.students == ["resnet18", "tiny_cnn"]
+    with pytest.raises(RecipeError, match="section.key=value"):
+        load_recipe(None, ["rounds"])
+    with pytest.raises(RecipeError, match="federated.roundz: unknown key"):
+        load_recipe(None, ["federated.roundz=3"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "x.yaml").write_text("data: [1, 2\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(tmp_path / "x.yaml")
+
+
+def test_check_command(tmp_path, capsys):
+    assert main(["check", str(RECIPES[0]), "federated.rounds=2"]) == 0
+    out = capsys.readouterr().out
+    assert "rounds: 2" in out and "OK" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("federated:\n  rounds: -1\n  min_clients: 0\n")
+    assert main(["check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "federated.rounds" in err and "federated.min_clients" in err
+
+
+def test_resolved_config_round_trips():
+    r = load_recipe(RECIPES[0])
+    import yaml
+
+    again = Recipe.model_validate(yaml.safe_load(r.to_yaml()))
+    assert again == r

@@ -1,0 +1,113 @@
+"""Every input format becomes one 8-bit gray array; broken files fail with their name."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedxr.imaging import ImageReadError, load_for_model, read_gray, resize_square
+
+from conftest import SHARED_NIH, needs_shared
+
+GRADIENT = np.tile(np.linspace(0, 255, 48).astype(np.uint8), (40, 1))
+
+
+def test_8bit_gray_png(tmp_path):
+    Image.fromarray(GRADIENT).save(tmp_path / "a.png")
+    out = read_gray(tmp_path / "a.png")
+    assert out.dtype == np.uint8 and out.shape == (40, 48)
+    np.testing.assert_array_equal(out, GRADIENT)
+
+
+def test_16bit_png_12bit_and_full_range(tmp_path):
+    twelve = (GRADIENT.astype(np.uint16) * 16)  # max 4080: 12-bit detector data
+    Image.fromarray(twelve).save(tmp_path / "b.png")
+    out = read_gray(tmp_path / "b.png")
+    assert out.dtype == np.uint8 and abs(int(out.max()) - 254) <= 1 and out.min() == 0
+    full = GRADIENT.astype(np.uint16) * 257
+    Image.fromarray(full).save(tmp_path / "c.png")
+    np.testing.assert_allclose(read_gray(tmp_path / "c.png"), GRADIENT, atol=1)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "LA"])
+def test_colour_modes(tmp_path, mode):
+    Image.fromarray(GRADIENT).convert(mode).save(tmp_path / "x.png")
+    out = read_gray(tmp_path / "x.png")
+    assert out.shape == GRADIENT.shape and out.dtype == np.uint8
+    np.testing.assert_allclose(out.astype(int), GRADIENT.astype(int), atol=2)
+
+
+def test_jpeg(tmp_path):
+    Image.fromarray(GRADIENT).save(tmp_path / "x.jpg", quality=95)
+    np.testing.assert_allclose(read_gray(tmp_path / "x.jpg").astype(int), GRADIENT.astype(int), atol=6)
+
+
+def _dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.0, window=None):
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    assert pydicom.dcmread(str(path)).Rows == pixels.shape[0]
+
+
+def test_dicom_monochrome2_rescale(tmp_path):
+    raw = (GRADIENT.astype(np.uint16) * 16)
+    _dicom(tmp_path / "a.dcm", raw, slope=2.0, intercept=-100.0)
+    out = read_gray(tmp_path / "a.dcm")
+    assert out.dtype == np.uint8 and out[:, 0].max() == 0 and out[:, -1].min() == 255
+    assert np.all(np.diff(out[0].astype(int)) >= 0)  # a rising ramp stays rising
+
+
+def test_dicom_monochrome1_is_inverted_and_windowed(tmp_path):
+    raw = (GRADIENT.astype(np.uint16) * 16)
+    _dicom(tmp_path / "m1", raw, photometric="MONOCHROME1", window=(2000, 1000))  # no suffix: detected by DICM
+    out = read_gray(tmp_path / "m1")
+    # MONOCHROME1: high values are dark, so the ramp falls; the window saturates both ends.
+    assert out[0, 0] == 255 and out[0, -1] == 0
+    assert (out[0] == 255).sum() > 5 and (out[0] == 0).sum() > 5
+
+
+def test_corrupt_and_empty_files_name_the_file(tmp_path):
+    good = tmp_path / "g.png"
+    Image.fromarray(GRADIENT).save(good)
+    bad = tmp_path / "truncated.png"
+    bad.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(ImageReadError, match="truncated.png: corrupt"):
+        read_gray(bad)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageReadError, match="empty.png: file is empty"):
+        read_gray(empty)
+    with pytest.raises(ImageReadError, match="gone.png: file not found"):
+        read_gray(tmp_path / "gone.png")
+    (tmp_path / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x01" * 50)
+    with pytest.raises(ImageReadError, match="bad.dcm: not a readable DICOM"):
+        read_gray(tmp_path / "bad.dcm")
+
+
+@needs_shared
+def test_real_nih_image():
+    img = read_gray(SHARED_NIH / "00000001_000.png")
+    assert img.shape == (512, 512) and img.dtype == np.uint8 and img.std() > 20
+    small = load_for_model(SHARED_NIH / "00000001_000.png", 64)
+    assert small.shape == (64, 64)
+    assert abs(float(small.mean()) - float(img.mean())) < 3  # antialiased resize keeps brightness
+
+
+def test_resize_square_identity():
+    assert resize_square(GRADIENT[:40, :40], 40) is not None
+    assert resize_square(GRADIENT, 32).shape == (32, 32)

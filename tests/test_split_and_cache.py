@@ -1,0 +1,112 @@
+"""`fedxr data split` end to end, then the image cache and the datamodule on its manifests."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedxr.cli import main
+from fedxr.data.cache import build_cache, cache_path
+from fedxr.data.datamodule import SiteDataModule
+from fedxr.data.manifest import read_manifest, site_manifest_paths
+from fedxr.errors import DataError
+from fedxr.imaging import ImageReadError
+from fedxr.labels import LABELS
+
+
+@pytest.fixture(scope="module")
+def manifests(mini_nih, tmp_path_factory):
+    out = tmp_path_factory.mktemp("split") / "sites"
+    assert main(["data", "split", str(mini_nih), "--sites", "2", "--scheme", "iid", "--seed", "3",
+                 "--val-fraction", "0.2", "--test-fraction", "0.2", "--out", str(out)]) == 0
+    return out
+
+
+def test_split_writes_patient_disjoint_manifests(manifests, mini_nih, capsys):
+    paths = site_manifest_paths(manifests)
+    assert list(paths) == ["site-1", "site-2"]
+    frames = {k: read_manifest(p) for k, p in paths.items()}
+    allrows = pd.concat(frames.values())
+    assert len(allrows) == 120 and allrows["image"].is_unique
+    site_of = {pid: s for s, f in frames.items() for pid in f["patient_id"]}
+    assert sum(len(set(f["patient_id"])) for f in frames.values()) == len(site_of)  # no patient at two sites
+    assert (allrows.groupby("patient_id")["split"].nunique() == 1).all()  # no patient in two splits
+    for f in frames.values():
+        assert set(f["split"]) == {"train", "val", "test"}
+        assert all(os.path.isabs(p) and os.path.exists(p) for p in f["path"])
+    summary = json.loads((manifests / "sites.json").read_text())
+    assert summary["settings"]["scheme"] == "iid" and len(summary["sites"]) == 2
+
+
+def test_split_is_deterministic(mini_nih, manifests, tmp_path):
+    assert main(["data", "split", str(mini_nih), "--sites", "2", "--scheme", "iid", "--seed", "3",
+                 "--val-fraction", "0.2", "--test-fraction", "0.2", "--out", str(tmp_path / "again")]) == 0
+    for name in ("site-1.csv", "site-2.csv"):
+        assert (tmp_path / "again" / name).read_bytes() == (manifests / name).read_bytes()
+
+
+def test_split_empty_site_fails_cleanly(mini_nih, tmp_path, capsys):
+    out = tmp_path / "sites"
+    # The view column has two values (AP, PA): three natural sites are impossible.
+    assert main(["data", "split", str(mini_nih), "--sites", "3", "--scheme", "column", "--column", "view",
+                 "--out", str(out)]) == 1
+    assert "only 2 distinct value(s)" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".sites*"))  # nothing half-written
+    assert main(["data", "split", str(mini_nih), "--sites", "500", "--out", str(out)]) == 1
+    assert "cannot make 500 sites" in capsys.readouterr().err
+
+
+def test_split_refuses_to_overwrite_foreign_folder(mini_nih, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["data", "split", str(mini_nih), "--sites", "2", "--out", str(out)]) == 1
+    assert "--force" in capsys.readouterr().err and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_cache_built_once_and_rebuilt_on_change(manifests, tmp_path):
+    paths = read_manifest(manifests / "site-1.csv")["path"].tolist()[:10]
+    arr = build_cache(paths, 32, tmp_path, progress=False)
+    assert arr.shape == (10, 32, 32) and arr.dtype == np.uint8 and arr.std() > 10
+    target = cache_path(paths, 32, tmp_path)
+    stamp = target.stat().st_mtime_ns
+    again = build_cache(paths, 32, tmp_path, progress=False)
+    assert target.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    np.testing.assert_array_equal(arr, again)
+    assert cache_path(paths, 48, tmp_path) != target and cache_path(paths[:9], 32, tmp_path) != target
+
+
+def test_cache_corrupt_image_names_file_and_leaves_nothing(tmp_path):
+    from PIL import Image
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((40, 40), 100, np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 10)
+    with pytest.raises(ImageReadError, match="bad.png"):
+        build_cache([good, bad], 32, tmp_path / "cache", progress=False)
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_datamodule_batches(manifests, tmp_path):
+    dm = SiteDataModule([manifests / "site-1.csv"], image_size=32, batch_size=4, num_workers=0,
+                        mean=0.5, std=0.25, augment=True, cache_dir=tmp_path, progress=False)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 1, 32, 32) and x.dtype == torch.float32 and y.shape == (4, 14)
+    vx, _ = next(iter(dm.val_dataloader()))
+    raw = dm.datasets["val"].images[0].astype(np.float32) / 255
+    np.testing.assert_allclose(vx[0, 0].numpy(), (raw - 0.5) / 0.25, atol=1e-5)  # no augmentation at val
+    assert dm.split_labels("train").shape[1] == len(LABELS)
+    pooled = SiteDataModule(list(site_manifest_paths(manifests).values()), 32, num_workers=0, cache_dir=tmp_path, progress=False)
+    pooled.setup()
+    assert sum(len(d) for d in pooled.datasets.values()) == 120
+
+
+def test_datamodule_missing_manifest(tmp_path):
+    dm = SiteDataModule([tmp_path / "site-9.csv"], 32, cache_dir=tmp_path)
+    with pytest.raises(DataError, match="site-9.csv: site manifest not found"):
+        dm.setup()
