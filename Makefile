@@ -13,7 +13,6 @@ $(PY):
 
 # Reinstall only when the declared dependencies change.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[train,dev]'
 	touch $(STAMP)
 

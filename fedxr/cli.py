@@ -54,6 +54,20 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_phantom(args: argparse.Namespace) -> int:
+    from fedxr.data.phantom import generate_phantom
+
+    summary = generate_phantom(
+        args.out, patients=args.patients, hospitals=args.hospitals, size=args.size, seed=args.seed,
+        labels_from=args.labels_from, workers=args.workers, force=args.force,
+    )
+    print(f"wrote {summary['images']} images of {args.patients} patients from {args.hospitals} hospitals "
+          f"({summary['boxes']} boxes) to {args.out}/")
+    print(f"  look at {Path(args.out) / 'contact_sheet.png'}; next: fedxr data split {args.out} "
+          f"--sites {args.hospitals} --scheme column --column hospital --out {Path(args.out).name}_sites")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedxr", description="Federated chest X-ray training, distillation and edge export.")
     parser.add_argument("--version", action="version", version=f"fedxr {__version__}")
@@ -69,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="emit JSON instead of a table")
     p.set_defaults(func=cmd_data_inspect)
+
+    p = data.add_parser("phantom", help="generate the built-in phantom data set in the NIH layout")
+    p.add_argument("--out", required=True, help="output folder (created atomically)")
+    p.add_argument("--patients", type=int, default=300)
+    p.add_argument("--hospitals", type=int, default=3)
+    p.add_argument("--size", type=int, default=256, help="image size in pixels (>= 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labels-from", help="NIH label CSV to sample label sets and patient structure from")
+    p.add_argument("--workers", type=int, help="processes (default: all cores)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=cmd_data_phantom)
 
     p = data.add_parser("split", help="partition a data set into hospital sites (patient-wise)")
     p.add_argument("root", help="data folder in the NIH layout")
