@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedxr demo
+	$(VENV)/bin/fedxr run recipes/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -68,10 +68,66 @@ def cmd_data_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from fedxr.config import load_recipe
+    from fedxr.data.prepare import ensure_dataset, ensure_sites
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    root, made = ensure_dataset(recipe)
+    print(f"data: {'generated' if made else 'found'} {root}")
+    folder, written = ensure_sites(recipe, force=args.force)
+    print(f"sites: {'wrote' if written else 'up to date,'} {folder}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from fedxr.models.registry import format_table
+
+    print(format_table())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fedxr.config import load_recipe
+    from fedxr.data.prepare import require_sites
+    from fedxr.training import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.mode == "local" and not args.site:
+        raise FedxrError("--mode local needs --site NAME (e.g. --site site-1)")
+    summary = train(recipe, require_sites(recipe, args.recipe), mode=args.mode, site=args.site)
+    print(f"best val_auroc {summary['best_val_auroc']:.4f}; checkpoints in {summary['folder']}/ (best.ckpt, last.ckpt)")
+    print(f"next: fedxr evaluate {summary['best']} --data {recipe.run_dir / 'sites'} --split test")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedxr.evaluation import evaluate_checkpoint, format_result
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out=args.out,
+                                 batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedxr.config import load_recipe
+    from fedxr.pipeline import run_pipeline
+
+    run_pipeline(load_recipe(args.recipe, args.overrides), args.recipe, force=args.force)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedxr", description="Federated chest X-ray training, distillation and edge export.")
     parser.add_argument("--version", action="version", version=f"fedxr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run every stage of a recipe (data, sites, training, evaluation)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--force", action="store_true", help="rewrite the site manifests even if up to date")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate a recipe and print the resolved config")
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
@@ -83,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="emit JSON instead of a table")
     p.set_defaults(func=cmd_data_inspect)
+
+    p = data.add_parser("prepare", help="generate (phantom) data and write site manifests as a recipe says")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--force", action="store_true", help="rewrite the site manifests even if up to date")
+    p.set_defaults(func=cmd_data_prepare)
 
     p = data.add_parser("phantom", help="generate the built-in phantom data set in the NIH layout")
     p.add_argument("--out", required=True, help="output folder (created atomically)")
@@ -109,11 +171,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for site-N.csv manifests")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_data_split)
+
+    models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    p = models.add_parser("list", help="name, role, parameters, MACs and input size of every model")
+    p.set_defaults(func=cmd_models_list)
+
+    p = sub.add_parser("train", help="centralised (all sites pooled) or single-site training")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--mode", choices=["central", "local"], default="central")
+    p.add_argument("--site", help="site name for --mode local (site-1, site-2, ...)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a checkpoint: per-class AUROC/AP, sensitivity/specificity")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="site manifest folder or one site-N.csv")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--out", help="output folder (default: eval_SPLIT beside the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cache-dir", default=".cache/fedxr")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may follow options (`fedxr train R --mode local federated.rounds=2`); argparse
+    # leaves those as extras, which are accepted only by commands that take overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return int(args.func(args) or 0)
     except FedxrError as exc:

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fedxr.errors import FedxrError
 
 
+_PROBLEM_SEP = "\n"
+
+
 class RecipeError(FedxrError):
     """A recipe failed to load; ``problems`` lists every problem found, one per line."""
 
@@ -138,8 +141,15 @@ class Recipe(_Section):
             problems.append("data.column: scheme 'column' needs a column name, e.g. column: hospital")
         if self.data.val_fraction + self.data.test_fraction >= 1:
             problems.append("data.val_fraction + data.test_fraction must be below 1")
+        from fedxr.models.registry import UnknownModelError, get_spec
+
+        for key, name in [("model.name", self.model.name)] + [(f"distill.students[{i}]", n) for i, n in enumerate(self.distill.students)]:
+            try:
+                get_spec(name)
+            except UnknownModelError as exc:
+                problems.append(f"{key}: {exc}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(_PROBLEM_SEP.join(problems))
         return self
 
     @property
@@ -174,9 +184,9 @@ def _format_errors(err: ValidationError) -> list[str]:
             fix = f"did you mean {'.'.join(map(str, loc[:-1] + (hint[0],)))!r}? " if hint else ""
             problems.append(f"{key}: unknown key; {fix}known keys here: {', '.join(known)}")
         elif e["type"] == "value_error":
-            # Cross-section checks arrive as one message with several '; '-separated problems.
+            # Cross-section checks arrive as one message holding several problems.
             msg = e["msg"].removeprefix("Value error, ")
-            problems.extend(msg.split("; "))
+            problems.extend(msg.split(_PROBLEM_SEP))
         else:
             problems.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return problems

@@ -47,3 +47,13 @@ def mini_nih(tmp_path_factory) -> Path:
     (root / "Data_Entry_2017_v2020.csv").write_text("\n".join([header, *rows]) + "\n")
     write_nih_images(root, [r.split(",")[0] for r in rows])
     return root
+
+
+def tiny_recipe_overrides(tmp: Path, patients: int = 60, extra: tuple[str, ...] = ()) -> list[str]:
+    """Overrides that shrink the quickstart recipe to test size (phantom at 48 px, 32 px training)."""
+    return [
+        f"data.root={tmp / 'phantom'}", f"data.phantom.patients={patients}", "data.phantom.size=48",
+        "data.image_size=32", "data.batch_size=16", "data.num_workers=0", f"data.cache_dir={tmp / 'cache'}",
+        "model.name=tiny_cnn", "model.max_epochs=1", f"output.runs_dir={tmp / 'runs'}", "output.name=t",
+        *extra,
+    ]

@@ -1,0 +1,150 @@
+"""Registry, classifier, checkpoint format, and the train/evaluate commands at toy size."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedxr.cli import main
+from fedxr.config import RecipeError, load_recipe
+from fedxr.models.checkpoint import load_checkpoint, model_from_checkpoint
+from fedxr.models.classifier import XRayClassifier, pos_weight_from_labels
+from fedxr.models.metrics import choose_thresholds, multilabel_scores
+from fedxr.models.registry import REGISTRY, UnknownModelError, complexity, get_spec
+
+from conftest import ROOT, tiny_recipe_overrides
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_registry_entry_builds_and_runs(name):
+    from fedxr.models.registry import build_model
+
+    model = build_model(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 64, 64))
+    assert out.shape == (2, 14) and torch.isfinite(out).all()
+    params, macs = complexity(name)
+    assert params == sum(p.numel() for p in model.parameters()) and macs > 0
+
+
+def test_complexity_ordering():
+    assert complexity("densenet121")[1] > 10 * complexity("mobilenetv3_small_100")[1]
+
+
+def test_unknown_model_did_you_mean():
+    with pytest.raises(UnknownModelError, match="did you mean 'resnet18'.*known models: densenet121"):
+        get_spec("resnet-18")
+    with pytest.raises(RecipeError, match="model.name: unknown model 'densenet12'; did you mean 'densenet121'"):
+        load_recipe(QUICKSTART, ["model.name=densenet12"])
+
+
+def test_models_list_command(capsys):
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "densenet121" in out and "teacher" in out and "2.754G" in out
+
+
+def test_pos_weight_capped_and_safe():
+    labels = np.zeros((100, 14))
+    labels[:50, 0] = 1
+    labels[:1, 1] = 1
+    w = pos_weight_from_labels(labels, cap=10)
+    assert w[0] == 1.0 and w[1] == 10.0 and w[2] == 1.0
+
+
+def test_metrics_exclude_absent_class():
+    g = torch.Generator().manual_seed(0)
+    targets = (torch.rand(50, 14, generator=g) < 0.3).float()
+    targets[:, 13] = 0
+    probs = (targets * 0.6 + torch.rand(50, 14, generator=g) * 0.4)
+    s = multilabel_scores(probs, targets)
+    assert s["auroc"]["Hernia"] is None and "Hernia" in s["note"] and s["excluded"] == ["Hernia"]
+    assert math.isfinite(s["macro_auroc"]) and s["macro_auroc"] > 0.9
+    thr = choose_thresholds(probs, targets)
+    assert thr[13] == 0.5 and (thr[:13] > 0).all()
+
+
+def test_training_lowers_the_loss():
+    torch.manual_seed(0)
+    module = XRayClassifier("tiny_cnn", lr=3e-3)
+    x = torch.randn(16, 1, 32, 32)
+    y = (torch.rand(16, 14) < 0.3).float()
+    x = x + 2 * y[:, :1, None, None]  # a learnable signal
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    with torch.no_grad():
+        before = float(module._loss(module(x), y))
+    module.train()
+    for _ in range(30):
+        opt.zero_grad()
+        module._loss(module(x), y).backward()
+        opt.step()
+    module.eval()
+    with torch.no_grad():
+        assert float(module._loss(module(x), y)) < 0.7 * before
+
+
+def test_state_dict_has_no_duplicate_modules():
+    keys = XRayClassifier("tiny_cnn").state_dict().keys()
+    assert all(k.startswith("model.") or k == "thresholds" for k in keys)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    ov = tiny_recipe_overrides(tmp)
+    assert main(["data", "prepare", str(QUICKSTART), *ov]) == 0
+    assert main(["train", str(QUICKSTART), "--mode", "central", *ov]) == 0
+    return tmp, ov
+
+
+def test_train_central_writes_checkpoints(trained):
+    tmp, _ = trained
+    folder = tmp / "runs" / "t" / "train_central"
+    ckpt = load_checkpoint(folder / "best.ckpt")
+    assert ckpt["model_name"] == "tiny_cnn" and ckpt["image_size"] == 32 and len(ckpt["thresholds"]) == 14
+    assert ckpt["recipe"]["model"]["name"] == "tiny_cnn" and "val" in ckpt["metrics"]
+    assert (folder / "last.ckpt").is_file() and (folder / "recipe.yaml").is_file()
+    assert json.loads((folder / "summary.json").read_text())["best_val_auroc"] > 0
+
+
+def test_checkpoint_round_trip_identical_outputs(trained, tmp_path):
+    tmp, _ = trained
+    model, ckpt = model_from_checkpoint(tmp / "runs" / "t" / "train_central" / "best.ckpt")
+    module = XRayClassifier.from_fedxr_checkpoint(ckpt).eval()
+    module.save_fedxr_checkpoint(tmp_path / "again.ckpt")
+    again, ckpt2 = model_from_checkpoint(tmp_path / "again.ckpt")
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), again(x), rtol=0, atol=0)
+    assert ckpt2["thresholds"] == ckpt["thresholds"]
+
+
+def test_train_local_and_evaluate(trained, capsys):
+    tmp, ov = trained
+    assert main(["train", str(QUICKSTART), "--mode", "local", "--site", "site-2", *ov]) == 0
+    ckpt = tmp / "runs" / "t" / "train_local_site-2" / "best.ckpt"
+    assert ckpt.is_file()
+    capsys.readouterr()
+    # One site's test split is small: rare classes are absent and must be excluded, not crash.
+    assert main(["evaluate", str(ckpt), "--data", str(tmp / "runs" / "t" / "sites" / "site-2.csv"),
+                 "--split", "test", "--json", "--cache-dir", str(tmp / "cache")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["excluded"] and math.isfinite(result["macro_auroc"])
+    assert set(result["at_thresholds"]["Effusion"]) >= {"sensitivity", "specificity", "threshold"}
+    out = tmp / "runs" / "t" / "train_local_site-2" / "eval_test"
+    assert (out / "metrics.json").is_file() and (out / "roc_curves.png").stat().st_size > 5000
+
+
+def test_train_errors(trained, capsys, tmp_path):
+    tmp, ov = trained
+    assert main(["train", str(QUICKSTART), "--mode", "local", *ov]) == 1
+    assert "--site" in capsys.readouterr().err
+    assert main(["train", str(QUICKSTART), "--mode", "local", "--site", "site-9", *ov]) == 1
+    assert "site-9" in capsys.readouterr().err
+    fresh = tiny_recipe_overrides(tmp_path)
+    assert main(["train", str(QUICKSTART), *fresh]) == 1
+    assert "fedxr data prepare" in capsys.readouterr().err
