@@ -110,6 +110,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_federate(args: argparse.Namespace) -> int:
+    from fedxr.config import load_recipe
+    from fedxr.federated.run import federate, format_summary
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = federate(recipe, env=args.env or recipe.federated.env, startup_kit=args.startup_kit,
+                       export_job=args.export_job, recipe_path=args.recipe)
+    print(format_summary(summary, recipe))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedxr.config import load_recipe
     from fedxr.pipeline import run_pipeline
@@ -182,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["central", "local"], default="central")
     p.add_argument("--site", help="site name for --mode local (site-1, site-2, ...)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("federate", help="federated training of the teacher with NVFlare (sim, poc or prod)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--env", choices=["sim", "poc", "prod"], help="default: the recipe's federated.env (sim)")
+    p.add_argument("--startup-kit", help="admin startup kit folder, for --env prod")
+    p.add_argument("--export-job", metavar="DIR", help="write the NVFlare job folder for an admin to submit, and stop")
+    p.set_defaults(func=cmd_federate)
 
     p = sub.add_parser("evaluate", help="score a checkpoint: per-class AUROC/AP, sensitivity/specificity")
     p.add_argument("checkpoint")

@@ -42,12 +42,14 @@ def make_trainer(recipe: Recipe, folder: Path, callbacks: list | None = None, ma
                  max_steps: int | None = None, progress: bool = True, **kwargs) -> L.Trainer:
     """A Trainer configured from the recipe's model section (precision, devices, strategy)."""
     m = recipe.model
+    if "logger" not in kwargs:
+        kwargs["logger"] = [CSVLogger(str(folder), name="logs", version=""),
+                            TensorBoardLogger(str(folder), name="tb", version="")]
     return L.Trainer(
         accelerator=m.accelerator, devices=m.devices, strategy=m.strategy, precision=m.precision,
         max_epochs=max_epochs if max_epochs is not None else m.max_epochs,
         max_steps=max_steps if max_steps is not None else m.max_steps,
         callbacks=callbacks or [], default_root_dir=str(folder), enable_checkpointing=False,
-        logger=[CSVLogger(str(folder), name="logs", version=""), TensorBoardLogger(str(folder), name="tb", version="")],
         enable_progress_bar=progress, log_every_n_steps=5, deterministic=False, **kwargs,
     )
 

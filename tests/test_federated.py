@@ -1,0 +1,120 @@
+"""Federated training through the real NVFlare simulator and POC mode, at toy size."""
+
+import json
+
+import pytest
+import torch
+
+from fedxr.cli import main
+from fedxr.config import RecipeError, load_recipe
+from fedxr.data.prepare import ensure_dataset, ensure_sites
+from fedxr.federated.run import federate, processes_using
+from fedxr.models.checkpoint import load_checkpoint
+
+from conftest import ROOT, tiny_recipe_overrides
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+pytestmark = pytest.mark.slow
+
+
+def two_site_recipe(tmp, rounds=1, extra=()):
+    # Two hospitals of different sizes: the sites do different numbers of steps per round.
+    ov = tiny_recipe_overrides(tmp, patients=50, extra=(
+        "data.phantom.hospitals=2", "data.sites=2", "data.scheme=column", "data.column=hospital",
+        "federated.min_clients=2", f"federated.rounds={rounds}", "data.batch_size=8", *extra))
+    recipe = load_recipe(QUICKSTART, ov)
+    ensure_dataset(recipe, progress=False)
+    ensure_sites(recipe)
+    return recipe, ov
+
+
+@pytest.fixture(scope="module")
+def sim_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sim")
+    recipe, ov = two_site_recipe(tmp)
+    summary = federate(recipe, "sim", extra_args="--save-updates")
+    return recipe, ov, summary
+
+
+def test_sim_outputs(sim_run, tmp_path, capsys):
+    recipe, ov, summary = sim_run
+    out = recipe.run_dir / "federate"
+    ckpt = load_checkpoint(out / "global_last.ckpt")
+    assert ckpt["model_name"] == "tiny_cnn" and ckpt["source"] == "federate" and len(ckpt["thresholds"]) == 14
+    rounds = json.loads((out / "rounds.json").read_text())
+    assert rounds[0]["round"] == 0 and set(rounds[0]["sites"]) == {"site-1", "site-2"}
+    assert all(v["train_s"] > 0 and v["steps"] > 0 for v in rounds[0]["sites"].values())
+    assert 0 <= rounds[0]["aggregate_val_auroc"] <= 1 and rounds[-1]["round"] == "final"
+    cross = json.loads((out / "cross_site.json").read_text())
+    assert set(cross["sites"]) == {"site-1", "site-2"}
+    assert {"global (last)", "site-1 (local)", "site-2 (local)"} <= set(cross["models"])
+    for png in ("rounds.png", "cross_site.png"):
+        assert (out / png).stat().st_size > 5000
+    assert any((out / "nvflare").rglob("events.out.tfevents*")), "server-side TensorBoard events"
+    # The federated checkpoint is read unchanged by evaluate.
+    assert main(["evaluate", str(out / "global_last.ckpt"), "--data", str(recipe.run_dir / "sites"),
+                 "--json", "--out", str(tmp_path / "ev"), "--cache-dir", str(recipe.data.cache_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] > 0
+
+
+def test_global_model_is_step_weighted_mean(sim_run):
+    """FedAvg check computed independently: global = Σ steps_i · θ_i / Σ steps_i after one round."""
+    recipe, _, summary = sim_run
+    records = recipe.run_dir / "federate" / "records"
+    sent = [torch.load(records / f"site-{i}_round0.pt", weights_only=True) for i in (1, 2)]
+    steps = [s["steps"] for s in sent]
+    assert steps[0] != steps[1] and min(steps) > 0, steps  # unequal work, so weighting matters
+    server = next((recipe.run_dir / "federate" / "nvflare").rglob("app_server/FL_global_model.pt"))
+    global_state = torch.load(server, weights_only=False)["model"]
+    checked = 0
+    for key, value in global_state.items():
+        if not torch.is_floating_point(sent[0]["state_dict"][key]):
+            continue
+        expected = sum(n * s["state_dict"][key].double() for n, s in zip(steps, sent)) / sum(steps)
+        torch.testing.assert_close(torch.as_tensor(value).double(), expected, rtol=0, atol=1e-6)
+        checked += 1
+    assert checked >= 10
+
+
+def test_export_job(tmp_path, capsys):
+    recipe, ov = two_site_recipe(tmp_path)
+    assert main(["federate", str(QUICKSTART), *ov, "--export-job", str(tmp_path / "job")]) == 0
+    assert "nvflare job submit" in capsys.readouterr().out
+    meta = json.loads(next((tmp_path / "job").rglob("meta.json")).read_text())
+    assert meta["min_clients"] == 2
+    client_cfg = next((tmp_path / "job").rglob("config_fed_client.json")).read_text()
+    assert "--recipe-b64" in client_cfg and "--sites-dir" not in client_cfg  # data paths stay site facts
+
+
+def test_bad_recipe_values_fail_before_start(tmp_path):
+    base = tiny_recipe_overrides(tmp_path)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(QUICKSTART, base + ["federated.rounds=0", "federated.min_clients=5", "federated.algorithm=fedsgd"])
+    text = str(err.value)
+    assert "federated.rounds" in text and "federated.algorithm" in text
+    with pytest.raises(RecipeError, match="min_clients: 5 is more than data.sites"):
+        load_recipe(QUICKSTART, base + ["federated.min_clients=5"])
+
+
+def test_site_without_data_names_the_site(monkeypatch, tmp_path):
+    from fedxr.errors import DataError
+    from fedxr.federated.site import resolve_site_manifest
+
+    monkeypatch.delenv("FEDXR_SITE_MANIFEST", raising=False)
+    monkeypatch.delenv("FEDXR_SITES_DIR", raising=False)
+    with pytest.raises(DataError, match="site 'site-7' has no data.*FEDXR_SITE_MANIFEST=/path/to/site-7.csv"):
+        resolve_site_manifest("site-7", tmp_path)
+    (tmp_path / "site-7.csv").write_text("x")
+    monkeypatch.setenv("FEDXR_SITES_DIR", str(tmp_path))
+    assert resolve_site_manifest("site-7") == tmp_path / "site-7.csv"
+
+
+def test_poc_mode_with_mutual_tls(tmp_path):
+    recipe, _ = two_site_recipe(tmp_path, extra=("federated.cross_site_eval=false",))
+    summary = federate(recipe, "poc")
+    workspace = recipe.run_dir / "federate" / "poc"
+    server_cfg = json.loads(next(workspace.rglob("server/startup/fed_server.json")).read_text())
+    assert server_cfg["servers"][0]["connection_security"] == "mtls"
+    assert (recipe.run_dir / "federate" / "global_last.ckpt").is_file()
+    assert summary["env"] == "poc"
+    assert processes_using(workspace) == []  # every server/site process fedxr started is gone
