@@ -118,3 +118,24 @@ def test_poc_mode_with_mutual_tls(tmp_path):
     assert (recipe.run_dir / "federate" / "global_last.ckpt").is_file()
     assert summary["env"] == "poc"
     assert processes_using(workspace) == []  # every server/site process fedxr started is gone
+
+
+def test_site_failing_from_round_two_does_not_stop_the_federation(tmp_path, monkeypatch):
+    """3 sites, min_clients 2: site-3 crashes from its second round on (round index 1). NVFlare's
+    FedAvg controller runs in resilient mode, so the failed task is left out of that round's aggregate
+    and the remaining sites finish the job; the dead site is asked again next round and fails fast."""
+    ov = tiny_recipe_overrides(tmp_path, patients=60, extra=(
+        "data.sites=3", "data.scheme=iid", "federated.min_clients=2", "federated.rounds=2",
+        "federated.cross_site_eval=false"))
+    recipe = load_recipe(QUICKSTART, ov)
+    ensure_dataset(recipe, progress=False)
+    ensure_sites(recipe)
+    monkeypatch.setenv("FEDXR_TEST_FAIL_SITE", "site-3:1")
+    summary = federate(recipe, "sim")
+    rounds = json.loads((recipe.run_dir / "federate" / "rounds.json").read_text())
+    assert set(rounds[0]["sites"]) == {"site-1", "site-2", "site-3"}
+    assert set(rounds[1]["sites"]) == {"site-1", "site-2"}  # site-3 failed; the round still completed
+    assert (recipe.run_dir / "federate" / "global_last.ckpt").is_file()
+    log = "".join(p.read_text(errors="ignore") for p in (recipe.run_dir / "federate" / "nvflare").rglob("log.txt"))
+    assert "site-3: injected failure at round 1" in log
+    assert summary["wall_s"] < 300  # a dead site does not hang the run

@@ -74,16 +74,18 @@ def main(argv=None) -> None:
         if input_model is None:
             break
         rnd = input_model.current_round
+        # Read the task kind now: the patched trainer clears it once it has answered a validate task.
+        evaluate_only = is_evaluate()
         if is_submit_model():
             # Cross-site evaluation asks for this site's own last local model.
             send(FLModel(params=local_state or module.cpu().state_dict()))
             continue
-        if _should_fail(site, rnd):
+        if not evaluate_only and _should_fail(site, rnd):
             raise RuntimeError(f"{site}: injected failure at round {rnd} ({FAIL_ENV})")
         t0 = time.time()
         result = trainer.validate(module, datamodule=dm, verbose=False)
         t1 = time.time()
-        if is_evaluate():
+        if evaluate_only:
             continue  # the patched trainer already sent the metrics
         steps_before = trainer.global_step
         trainer.fit(module, datamodule=dm)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import re
+import sys
+import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -34,6 +37,23 @@ def recipe_blob_is_not_a_secret():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=PotentialSecretWarning)
         yield
+
+
+def standalone_script(source: Path) -> Path:
+    """A copy of a client script outside every ``sys.path`` entry.
+
+    NVFlare places a job's script in the app's ``custom/`` folder at its path relative to the
+    ``sys.path`` entry that holds it, but launches it as ``custom/<file name>``; when fedxr runs with
+    the project folder on ``sys.path`` (``python -m``, pytest) the two disagree. A copy in the temp
+    folder always lands at ``custom/<file name>``.
+    """
+    text = source.read_bytes()
+    folder = Path(tempfile.gettempdir()) / "fedxr-job-scripts" / hashlib.sha256(text).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"fedxr_{source.name}"
+    if not target.is_file():
+        target.write_bytes(text)
+    return target
 
 
 def encode_recipe(recipe: Recipe) -> str:
@@ -92,8 +112,12 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
     if env in ("sim", "poc") and records is not None:
         args.append(f"--records {Path(records).resolve()}")
     common = dict(
+        # Each site trains in its own process, so a crashing site is reported as a failed task
+        # instead of taking the site's FLARE client (and, through it, the job) down.
+        launch_external_process=True,
+        command=f"{sys.executable if env in ('sim', 'poc') else 'python3'} -u",
         name=job_name(recipe, stage), min_clients=fed.min_clients, num_rounds=fed.rounds,
-        train_script=str(train_script or Path(client.__file__).resolve()),
+        train_script=str(train_script or standalone_script(Path(client.__file__))),
         train_args=" ".join(args + ([extra_args] if extra_args else [])),
         model=model_config(recipe, model_name),
     )
@@ -102,17 +126,48 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
     selection = dict(key_metric=KEY_METRIC, key_metric_mode="max")
     exclude = batchnorm_exclude_pattern(recipe, model_name) if fed.fedbn else None
     with recipe_blob_is_not_a_secret():
-        return _make_job(fed, common, selection, exclude)
+        return _make_job(fed, common, selection, exclude, recipe.data.sites)
 
 
-def _make_job(fed, common: dict, selection: dict, exclude: str | None):
-    from nvflare.app_opt.pt.recipes import FedAvgRecipe, FedOptRecipe, FedProxRecipe, ScaffoldRecipe
+def _resilient(recipe_cls):
+    """The NVFlare recipe class with its FedAvg controller in resilient mode: a site whose task fails
+    is left out of that round's aggregate instead of stopping the federation."""
+
+    class Resilient(recipe_cls):
+        def __init__(self, *args, clients_per_round: int | None = None, **kwargs):
+            self._clients_per_round = clients_per_round
+            super().__init__(*args, **kwargs)
+
+        def _get_controller_kwargs(self):
+            return {**super()._get_controller_kwargs(), "ignore_result_error": True}
+
+        def _create_controller(self, persistor_id, model_params, model_aggregator):
+            # NVFlare's FedAvg asks `min_clients` randomly sampled sites per round; fedxr asks every
+            # site (all hospitals train every round) and keeps min_clients as the quorum to start.
+            quorum = self.min_clients
+            self.min_clients = self._clients_per_round or quorum
+            try:
+                return super()._create_controller(persistor_id, model_params, model_aggregator)
+            finally:
+                self.min_clients = quorum
+
+    Resilient.__name__ = f"Resilient{recipe_cls.__name__}"
+    return Resilient
+
+
+def _make_job(fed, common: dict, selection: dict, exclude: str | None, sites: int):
+    from nvflare.app_opt.pt.recipes import FedOptRecipe, ScaffoldRecipe
+    from nvflare.app_opt.pt.recipes import FedAvgRecipe as _FedAvg
+    from nvflare.app_opt.pt.recipes import FedProxRecipe as _FedProx
     from nvflare.recipe import add_cross_site_evaluation, add_experiment_tracking, add_final_global_evaluation
 
+    FedAvgRecipe, FedProxRecipe = _resilient(_FedAvg), _resilient(_FedProx)
+
+    every_site = dict(clients_per_round=sites)
     if fed.algorithm == "fedavg":
-        job = FedAvgRecipe(**common, **selection, exclude_vars=exclude)
+        job = FedAvgRecipe(**common, **selection, **every_site, exclude_vars=exclude)
     elif fed.algorithm == "fedprox":
-        job = FedProxRecipe(**common, **selection, exclude_vars=exclude, fedprox_mu=fed.fedprox_mu)
+        job = FedProxRecipe(**common, **selection, **every_site, exclude_vars=exclude, fedprox_mu=fed.fedprox_mu)
     elif fed.algorithm == "scaffold":
         job = ScaffoldRecipe(**common)
     elif fed.algorithm == "fedopt":

@@ -51,7 +51,8 @@ def round_table(rows: list[dict], cross_site: dict | None) -> list[dict]:
     send for the final round) and each site's own training time."""
     by_round: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
-        by_round[r["round"]].append(r)
+        if isinstance(r.get("round"), int):
+            by_round[r["round"]].append(r)
     rounds = sorted(by_round)
     table = []
     for i, rnd in enumerate(rounds):
