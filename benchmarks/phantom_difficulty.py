@@ -4,7 +4,8 @@ sets of growing size, scored on one fixed, patient-disjoint test set.
     python benchmarks/phantom_difficulty.py            # full run, ~15 min on 2 CPU cores
     python benchmarks/phantom_difficulty.py --smoke    # seconds; proves the script works (CI)
 
-Reports macro and per-class AUROC per training-set size (the learning curve), and at the quickstart
+Reports macro (over classes with at least 15 test positives, so that a 2-positive class cannot swing
+it) and per-class AUROC per training-set size (the learning curve), and at the quickstart
 size the score of one hospital's data alone vs all hospitals pooled. Writes
 results/phantom_difficulty.json and results/phantom_difficulty.png.
 Goals: AUROC rises with more patients and is not saturated at the default size; the default-size
@@ -36,6 +37,7 @@ from fedxr.labels import LABELS  # noqa: E402
 from fedxr.models.metrics import multilabel_scores  # noqa: E402
 from fedxr.training import make_classifier, make_datamodule, make_trainer  # noqa: E402
 
+MIN_POSITIVES = 15
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
 
@@ -58,7 +60,12 @@ def train_and_score(recipe, manifest: Path, folder: Path) -> dict:
     trainer.fit(module, datamodule=dm)
     probs, targets = predict(module.model, dm.test_dataloader())
     scores = multilabel_scores(probs, targets)
-    return {"macro_auroc": round(scores["macro_auroc"], 4), "auroc": {k: (round(v, 4) if v is not None else None)
+    # Classes with few test positives (Hernia: 0.2 % of images) swing between 0 and 1 from run to run;
+    # the stable headline is the macro over classes with at least MIN_POSITIVES in the test set.
+    counted = [name for name, n in zip(LABELS, targets.sum(0).tolist()) if n >= MIN_POSITIVES]
+    stable = sum(scores["auroc"][n] for n in counted) / len(counted) if counted else float("nan")
+    return {"macro_auroc": round(stable, 4), "macro_auroc_all": round(scores["macro_auroc"], 4),
+            "classes_in_macro": counted, "auroc": {k: (round(v, 4) if v is not None else None)
             for k, v in scores["auroc"].items()}, "train_images": len(dm.datasets["train"]),
             "seconds": round(time.perf_counter() - t, 1)}
 
@@ -103,7 +110,7 @@ def main() -> None:
     if args.smoke:
         sizes, pool, size, epochs = [16, 32], 48, 48, 1
     else:
-        sizes, pool, size, epochs = [150, 300, default_n, 1200, 2400], 3000, 128, args.epochs
+        sizes, pool, size, epochs = [150, 300, default_n, 1200, 2400], 4500, 128, args.epochs
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         generate_phantom(tmp / "phantom", patients=pool, hospitals=3, size=size, seed=123, progress=not args.smoke)

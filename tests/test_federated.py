@@ -139,3 +139,19 @@ def test_site_failing_from_round_two_does_not_stop_the_federation(tmp_path, monk
     log = "".join(p.read_text(errors="ignore") for p in (recipe.run_dir / "federate" / "nvflare").rglob("log.txt"))
     assert "site-3: injected failure at round 1" in log
     assert summary["wall_s"] < 300  # a dead site does not hang the run
+
+
+def test_readme_project_provisions_with_mutual_tls(tmp_path):
+    """deploy/project.yml (the README's 'Running across hospitals') provisions real startup kits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    nvflare = Path(sys.executable).parent / "nvflare"  # the CLI installed beside this interpreter
+    proc = subprocess.run([str(nvflare), "provision", "-p", str(ROOT / "deploy" / "project.yml"), "-w", str(tmp_path / "ws")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kits = next((tmp_path / "ws").rglob("prod_00"))
+    assert {p.name for p in kits.iterdir()} >= {"fl-server.example.org", "hospital-a", "hospital-b", "hospital-c"}
+    server = json.loads((kits / "fl-server.example.org" / "startup" / "fed_server.json").read_text())
+    assert server["servers"][0]["connection_security"] == "mtls"

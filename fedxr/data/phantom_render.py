@@ -182,13 +182,13 @@ def draw_findings(anat: Anatomy, density: np.ndarray, drawn: np.ndarray, rng: np
             if b is not None:
                 boxes[name] = b
 
-    sev = lambda: rng.uniform(0.35, 1.0)  # noqa: E731 - severity: some findings are subtle
+    sev = lambda: rng.uniform(0.45, 1.0)  # noqa: E731 - severity: some findings are subtle
     side = lambda: int(rng.integers(0, 2))  # noqa: E731
     if has("Nodule"):
         s = side()
         cu, cv = lung_point(s, 0.15, 0.8)
         r = rng.uniform(0.011, 0.022)
-        add("Nodule", _ellipse(u, v, cu, cv, r, r, sharp), 0.13 * sev() + 0.04)
+        add("Nodule", _ellipse(u, v, cu, cv, r, r, sharp), 0.14 * sev() + 0.06)
     if has("Mass"):
         s = side()
         cu, cv = lung_point(s, 0.2, 0.75)
@@ -211,7 +211,7 @@ def draw_findings(anat: Anatomy, density: np.ndarray, drawn: np.ndarray, rng: np
         region = (_sig((u - edge_u) * sharp) if s == 1 else _sig((edge_u - u) * sharp)) * anat.lungs[s]
         region = np.maximum(region, _sig((v0 + 0.18 * (v1 - v0) * sev() - v) * sharp) * anat.lungs[s])
         vessels = density - _blur(density, size / 64)
-        density -= region * (vessels + 0.04 + 0.04 * sev())  # no lung markings, darker
+        density -= region * (vessels + 0.06 + 0.05 * sev())  # no lung markings, darker
         line = np.exp(-(((u - edge_u) * size / 1.2) ** 2)) * anat.lungs[s] * (v > v0 + 0.1)
         add("Pneumothorax", line, 0.06)
         boxes["Pneumothorax"] = _box_of(region, 0.5) or boxes.get("Pneumothorax")
@@ -220,7 +220,7 @@ def draw_findings(anat: Anatomy, density: np.ndarray, drawn: np.ndarray, rng: np
         cu, cv = lung_point(s, 0.6, 0.85)
         angle = rng.uniform(-0.3, 0.3)
         band = _sig((0.012 - np.abs((v - cv) - angle * (u - cu))) * sharp) * _ellipse(u, v, cu, cv, 0.09, 0.05, sharp)
-        add("Atelectasis", band, 0.1 * sev() + 0.05)
+        add("Atelectasis", band, 0.12 * sev() + 0.07)
     for name, thresh, amp, zone in (("Infiltration", 0.6, 0.07, (0.2, 0.85)),
                                      ("Consolidation", -0.3, 0.15, (0.45, 0.85)),
                                      ("Pneumonia", 0.35, 0.1, (0.4, 0.85))):
@@ -229,7 +229,7 @@ def draw_findings(anat: Anatomy, density: np.ndarray, drawn: np.ndarray, rng: np
             cu, cv = lung_point(s, *zone)
             region = _ellipse(u, v, cu, cv, rng.uniform(0.05, 0.09), rng.uniform(0.05, 0.1), sharp / 3)
             patch = _sig((patchy - thresh) * 3) * region * anat.lungs[s]
-            add(name, patch, amp * sev() + 0.04, box_level=0.25)
+            add(name, patch, amp * sev() + 0.06, box_level=0.25)
     if has("Edema"):
         for s, cu in enumerate(anat.centres):
             hil = np.exp(-(((u - cu + (0.04 if s == 1 else -0.04)) / 0.1) ** 2 + ((v - 0.47) / 0.12) ** 2))
@@ -237,13 +237,13 @@ def draw_findings(anat: Anatomy, density: np.ndarray, drawn: np.ndarray, rng: np
     if has("Fibrosis"):
         mesh = np.abs(np.sin(u * size / 3.1 + 2 * patchy)) * np.abs(np.sin(v * size / 2.9 - patchy))
         zone = lungs_all * _sig((v - 0.45) * sharp / 4)
-        add("Fibrosis", (mesh > 0.7) * zone, 0.08 * sev() + 0.05, box_level=0.5)
+        add("Fibrosis", (mesh > 0.7) * zone, 0.09 * sev() + 0.07, box_level=0.5)
     if has("Pleural_Thickening"):
         s = side()
         u0, v0, u1, v1 = anat.lung_box[s]
         wall = u0 if s == 0 else u1
         rim = _sig((0.012 - np.abs(u - wall - (0.012 if s == 0 else -0.012))) * sharp) * (v > v0 + 0.02) * (v < v0 + 0.55 * (v1 - v0)) * anat.body
-        add("Pleural_Thickening", rim, 0.1 * sev() + 0.05)
+        add("Pleural_Thickening", rim, 0.12 * sev() + 0.08)
     if has("Hernia"):
         cu, cv = 0.5 + rng.uniform(-0.02, 0.03), anat.dome[1] - rng.uniform(0.03, 0.06)
         r = rng.uniform(0.035, 0.05)

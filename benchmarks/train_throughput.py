@@ -1,0 +1,131 @@
+"""Training throughput (images/s) of a teacher and a student at 224 px, data read from the uint8 cache.
+
+    python benchmarks/train_throughput.py              # CPU here; on a GPU adds bf16 + channels_last
+    python benchmarks/train_throughput.py --smoke      # seconds; proves the script works (CI)
+    python benchmarks/train_throughput.py --models densenet121 --batch-sizes 64 128 256 --compile
+
+The real training path is measured: SiteDataModule (cache, augmentation, DataLoader workers) feeding
+XRayClassifier in a Lightning Trainer. Steps after a warm-up are timed with a callback; images/s is
+batch size × timed steps / elapsed. With --loader-only the same loader is iterated without a model,
+which tells whether the data path could keep the accelerator busy.
+Goal on one H100: DenseNet-121 at 224 px >= 2,500 img/s including data loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from fedxr.config import load_recipe  # noqa: E402
+from fedxr.data.prepare import ensure_dataset, ensure_sites  # noqa: E402
+from fedxr.data.manifest import site_manifest_paths  # noqa: E402
+from fedxr.training import make_classifier, make_datamodule, make_trainer  # noqa: E402
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+
+
+class StepTimer(L.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.t0, self.timed = warmup, None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if trainer.global_step == self.warmup:
+            self.t0 = time.perf_counter()
+        elif trainer.global_step > self.warmup:
+            self.timed += 1
+            self.elapsed = time.perf_counter() - self.t0
+
+
+def measure(recipe, manifests, model: str, batch: int, steps: int, warmup: int) -> dict:
+    recipe = recipe.model_copy(deep=True)
+    recipe.data.batch_size = batch
+    recipe.model.name = model
+    dm = make_datamodule(recipe, manifests, model_name=model, progress=False)
+    module = make_classifier(recipe, dm, model_name=model)
+    timer = StepTimer(warmup)
+    trainer = make_trainer(recipe, Path(tempfile.mkdtemp()), callbacks=[timer], max_epochs=-1, max_steps=warmup + steps,
+                           progress=False, logger=False, enable_model_summary=False, limit_val_batches=0,
+                           num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    rate = batch * timer.timed / timer.elapsed if timer.timed else float("nan")
+    return {"model": model, "batch_size": batch, "precision": recipe.model.precision,
+            "channels_last": recipe.model.channels_last, "compile": recipe.model.compile,
+            "timed_steps": timer.timed, "images_per_s": round(rate, 2)}
+
+
+def loader_rate(recipe, manifests, batch: int, batches: int) -> float:
+    recipe = recipe.model_copy(deep=True)
+    recipe.data.batch_size = batch
+    dm = make_datamodule(recipe, manifests, progress=False)
+    dm.setup("fit")
+    it, n, t = iter(dm.train_dataloader()), 0, None
+    for i in range(batches + 2):
+        try:
+            x, _ = next(it)
+        except StopIteration:
+            it = iter(dm.train_dataloader())
+            x, _ = next(it)
+        if i == 1:
+            t = time.perf_counter()
+        elif i > 1:
+            n += len(x)
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--models", nargs="+", default=["densenet121", "mobilenetv3_small_100"])
+    ap.add_argument("--batch-sizes", nargs="+", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--compile", action="store_true", help="also measure with torch.compile (GPU)")
+    ap.add_argument("--workers", type=int, default=None)
+    args = ap.parse_args()
+    gpu = torch.cuda.is_available()
+    size = 32 if args.smoke else 224
+    models = ["tiny_cnn"] if args.smoke else args.models
+    batches = args.batch_sizes or ([4] if args.smoke else [128, 256] if gpu else [16])
+    steps = args.steps or (2 if args.smoke else 30 if gpu else 6)
+    workers = args.workers if args.workers is not None else (0 if args.smoke else min(16, __import__("os").cpu_count() or 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        patients = 24 if args.smoke else (1200 if gpu else 120)
+        recipe = load_recipe(QUICKSTART, [
+            f"data.root={tmp / 'phantom'}", f"data.phantom.patients={patients}", f"data.phantom.size={max(size, 48)}",
+            f"data.image_size={size}", "data.sites=1", "data.scheme=iid", "federated.min_clients=1",
+            f"data.num_workers={workers}", f"data.cache_dir={tmp / 'cache'}", f"output.runs_dir={tmp / 'runs'}",
+            "data.val_fraction=0.1", "data.test_fraction=0.0",
+            f"model.precision={'bf16-mixed' if gpu else '32-true'}", f"model.channels_last={str(gpu).lower()}"])
+        ensure_dataset(recipe, progress=False)
+        sites, _ = ensure_sites(recipe)
+        manifests = list(site_manifest_paths(sites).values())
+        results = []
+        for model in models:
+            for batch in batches:
+                for compiled in ([False, True] if args.compile and gpu else [False]):
+                    r = recipe.model_copy(deep=True)
+                    r.model.compile = compiled
+                    res = measure(r, manifests, model, batch, steps, warmup=1 if args.smoke else 3)
+                    results.append(res)
+                    print(f"{model:<24} batch {batch:>4} {res['precision']:<10} compile={compiled!s:<5} "
+                          f"{res['images_per_s']:>9.1f} img/s", flush=True)
+        loader = round(loader_rate(recipe, manifests, batches[-1], 3 if args.smoke else 20), 1)
+        print(f"data loader alone: {loader:.1f} img/s ({workers} workers, batch {batches[-1]})")
+    payload = {"image_size": size, "workers": workers, "results": results, "loader_images_per_s": loader,
+               "goal": "DenseNet-121 >= 2500 img/s at 224 px on one H100, data loading included"}
+    print(f"wrote {write_result('train_throughput', payload, smoke=args.smoke)}")
+
+
+if __name__ == "__main__":
+    main()
