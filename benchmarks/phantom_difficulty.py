@@ -70,6 +70,15 @@ def train_and_score(recipe, manifest: Path, folder: Path) -> dict:
             "seconds": round(time.perf_counter() - t, 1)}
 
 
+def previous_curve(args) -> list[dict]:
+    import json
+
+    path = RESULTS / "phantom_difficulty.json"
+    if not path.is_file():
+        raise SystemExit("--only-hospital needs an earlier full run's results/phantom_difficulty.json")
+    return json.loads(path.read_text())["learning_curve"]
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -82,7 +91,9 @@ def plot(result: dict, path: Path) -> None:
     a.axhline(0.5, c="grey", ls="--", lw=0.8)
     hosp = result["hospital"]
     a.scatter([hosp["patients_one_hospital"]], [hosp["one_hospital"]["macro_auroc"]], c="red", zorder=3,
-              label="one hospital alone")
+              label=f"one hospital alone ({hosp['patients_one_hospital']} of {hosp['patients_pooled']} patients)")
+    a.scatter([hosp["patients_pooled"]], [hosp["pooled_macro_auroc"]], marker="*", s=160, c="green", zorder=3,
+              label=f"all hospitals ({hosp['patients_pooled']} patients)")
     a.set_xscale("log")
     a.set_xlabel("training patients")
     a.set_ylabel("macro AUROC (fixed test set)")
@@ -104,6 +115,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--hospital-patients", type=int, default=1200, help="size of the one-vs-all-hospitals comparison")
+    ap.add_argument("--only-hospital", action="store_true",
+                    help="rerun only the hospital comparison, reusing the learning curve in results/")
     args = ap.parse_args()
     quick = load_recipe(QUICKSTART)
     default_n = quick.data.phantom.patients
@@ -120,19 +134,21 @@ def main() -> None:
         pids = np.random.default_rng(0).permutation(trainval["patient_id"].unique())
         recipe = load_recipe(QUICKSTART, [f"data.image_size={size}", f"model.max_epochs={epochs}", "data.num_workers=0",
                                           f"data.cache_dir={tmp / 'cache'}", "model.name=tiny_cnn"])
-        curve = []
-        for n in sizes:
+        curve = previous_curve(args) if args.only_hospital else []
+        for n in ([] if args.only_hospital else sizes):
             m = write_manifest(table, pids[:n], test, tmp / f"n{n}.csv", seed=n)
             r = train_and_score(recipe, m, tmp / f"run{n}")
             curve.append({"patients": n, **r})
             print(f"{n:>5} patients  {r['train_images']:>5} train images  macro AUROC {r['macro_auroc']:.4f}  ({r['seconds']} s)", flush=True)
-        # One hospital alone vs the same number of epochs on all hospitals, at the quickstart size.
-        base = pids[: sizes[2] if len(sizes) > 2 else sizes[-1]]
+        # One hospital's patients alone vs all hospitals' patients among the same first N (same epochs,
+        # same test set). N = 1200 by default: at smaller N the gap is within run-to-run noise.
+        n_h = args.hospital_patients if not args.smoke else sizes[-1]
+        base = pids[:n_h]
         hosp_of = trainval.drop_duplicates("patient_id").set_index("patient_id")["hospital"]
         one = base[hosp_of.loc[base].to_numpy() == "H1"]
         r_one = train_and_score(recipe, write_manifest(table, one, test, tmp / "h1.csv", seed=1), tmp / "h1")
         pooled = next(c for c in curve if c["patients"] == len(base))
-        print(f"one hospital (H1, {len(one)} patients): {r_one['macro_auroc']:.4f}  vs pooled {pooled['macro_auroc']:.4f}")
+        print(f"one hospital (H1, {len(one)} of {len(base)} patients): {r_one['macro_auroc']:.4f}  vs pooled {pooled['macro_auroc']:.4f}")
     result = {
         "model": "tiny_cnn", "image_size": size, "epochs": epochs, "test_images": int(len(test)),
         "default_patients": default_n, "learning_curve": curve,

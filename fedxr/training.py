@@ -67,7 +67,7 @@ def make_classifier(recipe: Recipe, dm: SiteDataModule, model_name: str | None =
     return XRayClassifier(
         model_name or m.name, pretrained=m.pretrained, lr=m.lr, weight_decay=m.weight_decay,
         warmup_epochs=m.warmup_epochs, pos_weight=pos_weight_from_labels(dm.split_labels("train"), m.pos_weight_cap),
-        channels_last=m.channels_last, compile=m.compile, threshold_rule=m.threshold_rule,
+        channels_last=m.channels_last, compile_model=m.compile, threshold_rule=m.threshold_rule,
         image_size=recipe.data.image_size,
     )
 

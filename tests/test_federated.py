@@ -1,6 +1,7 @@
 """Federated training through the real NVFlare simulator and POC mode, at toy size."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,48 @@ def test_readme_project_provisions_with_mutual_tls(tmp_path):
     assert {p.name for p in kits.iterdir()} >= {"fl-server.example.org", "hospital-a", "hospital-b", "hospital-c"}
     server = json.loads((kits / "fl-server.example.org" / "startup" / "fed_server.json").read_text())
     assert server["servers"][0]["connection_security"] == "mtls"
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox", "scaffold", "fedopt"])
+def test_every_algorithm_builds_a_job(tmp_path, algorithm):
+    from fedxr.federated.job import build_job
+
+    recipe = load_recipe(QUICKSTART, tiny_recipe_overrides(tmp_path) + [f"federated.algorithm={algorithm}"])
+    job = build_job(recipe, tmp_path / "f", "prod")
+    job.export(str(tmp_path / "job"))
+    server = next((tmp_path / "job").rglob("config_fed_server.json")).read_text()
+    expected = {"fedavg": "FedAvg", "fedprox": "FedAvg", "scaffold": "Scaffold", "fedopt": "FedOpt"}[algorithm]
+    assert expected in server
+    if algorithm == "fedprox":
+        assert "fedprox_mu" in server
+
+
+def test_fedbn_keeps_batchnorm_local(tmp_path):
+    import re
+
+    from fedxr.federated.job import batchnorm_exclude_pattern, build_job
+    from fedxr.models.classifier import XRayClassifier
+
+    recipe = load_recipe(QUICKSTART, tiny_recipe_overrides(tmp_path) + ["federated.fedbn=true"])
+    pattern = re.compile(batchnorm_exclude_pattern(recipe))
+    keys = list(XRayClassifier("tiny_cnn").state_dict())
+    excluded = [k for k in keys if pattern.match(k)]
+    assert excluded and all("features.1." in k or "features.4." in k or "features." in k for k in excluded)
+    assert any(k.endswith("running_mean") for k in excluded) and not any(k.startswith("model.head") for k in excluded)
+    assert "model.features.0.weight" not in excluded  # convolutions are still averaged
+    job = build_job(recipe, tmp_path / "f", "prod")
+    job.export(str(tmp_path / "job"))
+    assert "exclude_vars" in next((tmp_path / "job").rglob("config_fed_server.json")).read_text()
+    with pytest.raises(Exception, match="fedbn works with fedavg or fedprox"):
+        build_job(load_recipe(QUICKSTART, tiny_recipe_overrides(tmp_path) + ["federated.fedbn=true",
+                                                                              "federated.algorithm=scaffold"]), tmp_path / "g", "prod")
+
+
+@pytest.mark.parametrize("algorithm", ["fedprox", "scaffold", "fedopt"])
+def test_other_algorithms_run_in_the_simulator(tmp_path, algorithm):
+    recipe, _ = two_site_recipe(tmp_path, extra=(f"federated.algorithm={algorithm}", "federated.cross_site_eval=false"))
+    summary = federate(recipe, "sim")
+    ckpt = load_checkpoint(summary["checkpoints"]["global_last"])
+    assert ckpt["model_name"] == "tiny_cnn"
+    rounds = json.loads(Path(summary["rounds"]).read_text())
+    assert set(rounds[0]["sites"]) == {"site-1", "site-2"}

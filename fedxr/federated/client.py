@@ -27,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recipe-b64", required=True, help="the resolved recipe, as shipped in the job")
     p.add_argument("--sites-dir", help="manifest folder (simulation); otherwise see fedxr.federated.site")
     p.add_argument("--records", help="folder for per-round JSON lines (simulation/POC)")
+    p.add_argument("--threads", type=int, help="torch CPU threads for this site (sites sharing one machine)")
     p.add_argument("--save-updates", action="store_true",
                    help="with --records, also save the weights sent each round (audit/aggregation checks)")
     return p.parse_args(argv)
@@ -53,6 +54,10 @@ def main(argv=None) -> None:
     from fedxr.training import make_classifier, make_datamodule, make_trainer
 
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     flare.init()
     site = flare.get_site_name()
     recipe = decode_recipe(args.recipe_b64)

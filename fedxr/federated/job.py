@@ -12,6 +12,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import os
 import re
 import sys
 import tempfile
@@ -42,10 +43,11 @@ def recipe_blob_is_not_a_secret():
 def standalone_script(source: Path) -> Path:
     """A copy of a client script outside every ``sys.path`` entry.
 
-    NVFlare places a job's script in the app's ``custom/`` folder at its path relative to the
-    ``sys.path`` entry that holds it, but launches it as ``custom/<file name>``; when fedxr runs with
-    the project folder on ``sys.path`` (``python -m``, pytest) the two disagree. A copy in the temp
-    folder always lands at ``custom/<file name>``.
+    NVFlare places a job's script in the app's ``custom/`` folder at its path relative to the longest
+    ``sys.path`` entry that holds it, but launches it as ``custom/<file name>``; when the script sits
+    below a ``sys.path`` entry (the project folder under ``python -m`` or pytest, the temp folder
+    when a script there is run) the two disagree. The copy's own folder is put on ``sys.path``, so
+    it is always the longest match and the script lands at ``custom/<file name>``.
     """
     text = source.read_bytes()
     folder = Path(tempfile.gettempdir()) / "fedxr-job-scripts" / hashlib.sha256(text).hexdigest()[:16]
@@ -53,6 +55,8 @@ def standalone_script(source: Path) -> Path:
     target = folder / f"fedxr_{source.name}"
     if not target.is_file():
         target.write_bytes(text)
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
     return target
 
 
@@ -111,6 +115,9 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
         args.append(f"--sites-dir {Path(sites_dir).resolve()}")
     if env in ("sim", "poc") and records is not None:
         args.append(f"--records {Path(records).resolve()}")
+    if env in ("sim", "poc"):
+        # All sites share this machine's cores: give each its share instead of oversubscribing.
+        args.append(f"--threads {max(1, (os.cpu_count() or 1) // max(1, recipe.data.sites))}")
     common = dict(
         # Each site trains in its own process, so a crashing site is reported as a failed task
         # instead of taking the site's FLARE client (and, through it, the job) down.
@@ -171,11 +178,24 @@ def _make_job(fed, common: dict, selection: dict, exclude: str | None, sites: in
     elif fed.algorithm == "scaffold":
         job = ScaffoldRecipe(**common)
     elif fed.algorithm == "fedopt":
-        job = FedOptRecipe(**common)
+        # Server-side optimiser on the averaged update (NVFlare's CIFAR-10 FedOpt settings): SGD with
+        # momentum, its learning rate annealed over the rounds.
+        job = FedOptRecipe(
+            **common,
+            optimizer_args={"path": "torch.optim.SGD", "args": {"lr": 1.0, "momentum": 0.6}},
+            lr_scheduler_args={"path": "torch.optim.lr_scheduler.CosineAnnealingLR",
+                               "args": {"T_max": "{num_rounds}", "eta_min": 0.9}},
+        )
     else:  # the config schema already restricts this
         raise FedxrError(f"unknown federated.algorithm {fed.algorithm!r}")
     add_experiment_tracking(job, "tensorboard")
-    if fed.cross_site_eval:
+    if fed.algorithm in ("scaffold", "fedopt"):
+        # NVFlare 2.9's SCAFFOLD and FedOpt recipes expose no model persistor to its evaluation
+        # helpers, so the job has no cross-site / final global evaluation; `fedxr evaluate` (and the
+        # pipeline's evaluate stage) score the global model instead.
+        warnings.warn(f"federated.algorithm {fed.algorithm}: NVFlare offers no cross-site evaluation for it; "
+                      "the global model is scored by fedxr's evaluate stage", stacklevel=2)
+    elif fed.cross_site_eval:
         add_cross_site_evaluation(job, submit_model_timeout=fed.timeout_s, validation_timeout=fed.timeout_s)
     else:
         add_final_global_evaluation(job, validation_timeout=fed.timeout_s)

@@ -35,7 +35,12 @@ def nvflare_to_checkpoint(src: Path, dst: Path, recipe: Recipe, metrics: dict, m
     spec = get_spec(name)
     return save_checkpoint(dst, model_name=name, state_dict=net, image_size=recipe.data.image_size, mean=spec.mean,
                            std=spec.std, thresholds=state["thresholds"], metrics=metrics, recipe=recipe.resolved(),
-                           source=source, extra={"nvflare_meta": {k: v for k, v in blob.items() if k == "meta_props"}})
+                           source=source, extra={"nvflare_meta": _plain(blob.get("meta_props", {}))})
+
+
+def _plain(obj):
+    """JSON-safe copy (arrays → lists), so the checkpoint stays loadable with weights_only=True."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 def read_records(records: Path) -> list[dict]:
@@ -83,6 +88,8 @@ def read_cross_site(server_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     raw = json.loads(path.read_text())
+    if not raw:
+        return None
     table = {site: {SERVER_MODEL_LABELS.get(m, f"{m} (local)"): (metrics or {}).get(VAL_AUROC) for m, metrics in models.items()}
              for site, models in raw.items()}
     models = sorted({m for v in table.values() for m in v}, key=lambda m: (not m.startswith("global"), m))

@@ -38,12 +38,17 @@ class XRayClassifier(L.LightningModule):
     def __init__(
         self, model_name: str, pretrained: bool = False, lr: float = 1e-3, weight_decay: float = 1e-4,
         warmup_epochs: float = 0.0, pos_weight: list[float] | None = None, channels_last: bool = False,
-        compile: bool = False, threshold_rule: str = "youden", image_size: int | None = None,
+        compile_model: bool = False, threshold_rule: str = "youden", image_size: int | None = None,
         mean: float | None = None, std: float | None = None,
     ):
         super().__init__()
         spec = get_spec(model_name)
         self.save_hyperparameters()
+        # Constructor arguments are also kept as same-named attributes: NVFlare's job builder rebuilds
+        # a component from them when a recipe registers the model instance (FedOpt does).
+        self.model_name, self.pretrained, self.lr, self.weight_decay = model_name, pretrained, lr, weight_decay
+        self.warmup_epochs, self.channels_last, self.compile_model = warmup_epochs, channels_last, compile_model
+        self.threshold_rule = threshold_rule
         self.image_size = image_size or spec.input_size
         self.mean = spec.mean if mean is None else mean
         self.std = spec.std if std is None else std
@@ -51,10 +56,11 @@ class XRayClassifier(L.LightningModule):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Kept out of the module tree (plain __dict__ entry) so state_dict keys stay `model.*` only.
-        self.__dict__["_compiled"] = torch.compile(self.model) if compile else None
+        self.__dict__["_compiled"] = torch.compile(self.model) if compile_model else None
         # pos_weight is a site fact (its own label balance): a plain attribute, not a buffer, so that
         # federated averaging never mixes it across sites.
-        self.pos_weight = torch.tensor(pos_weight if pos_weight else [1.0] * NUM_LABELS, dtype=torch.float32)
+        self.pos_weight = list(pos_weight) if pos_weight else None
+        self._pos_weight = torch.tensor(self.pos_weight or [1.0] * NUM_LABELS, dtype=torch.float32)
         self.register_buffer("thresholds", torch.full((NUM_LABELS,), 0.5))
         self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
         self.last_scores: dict[str, dict] = {}
@@ -65,7 +71,7 @@ class XRayClassifier(L.LightningModule):
         return (self._compiled or self.model)(x)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=self.pos_weight.to(logits.device))
+        return nn.functional.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=self._pos_weight.to(logits.device))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
