@@ -287,7 +287,8 @@ def load_dataset(
     names the first few, ``drop`` removes them (and records how many), ``ignore`` keeps them with an
     empty ``path`` (for metadata-only inspection).
     """
-    root = Path(root)
+    # Absolute, so that manifests written from this table work from any working folder (site processes).
+    root = Path(root).resolve()
     if root.is_file():
         label_file, root = root, root.parent
     if not root.is_dir():

@@ -116,6 +116,17 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
     return server.parent, workspace
 
 
+def _check_sites_trained(records: Path, recipe: Recipe, workspace: Path) -> None:
+    """Resilient aggregation leaves failed sites out; if every site failed in some round, the "global
+    model" is not a trained model, so the run fails here, pointing at the site logs."""
+    done = {r["round"] for r in outputs.read_records(records) if isinstance(r.get("round"), int)}
+    missing = [r for r in range(recipe.federated.rounds) if r not in done]
+    if missing:
+        raise FedxrError(
+            f"no site completed round(s) {', '.join(map(str, missing))} of the federated run; the sites' errors "
+            f"are in their logs under {workspace} (e.g. site-1/log.txt)")
+
+
 def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = None,
              export_job: str | Path | None = None, extra_args: str = "", recipe_path: str | None = None) -> dict:
     """Build the NVFlare job from the recipe and run (or export) it; returns the outputs summary."""
@@ -155,6 +166,8 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
         records = None
     else:
         raise FedxrError(f"unknown --env {env!r}; use sim, poc or prod")
+    if records is not None:
+        _check_sites_trained(records, recipe, workspace)
     summary = outputs.collect(recipe, server_dir, folder, records, workspace)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     summary["env"] = env
