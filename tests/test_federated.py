@@ -201,3 +201,17 @@ def test_other_algorithms_run_in_the_simulator(tmp_path, algorithm):
     assert ckpt["model_name"] == "tiny_cnn"
     rounds = json.loads(Path(summary["rounds"]).read_text())
     assert set(rounds[0]["sites"]) == {"site-1", "site-2"}
+
+
+def test_a_round_no_site_completed_fails_the_run(tmp_path):
+    from fedxr.errors import FedxrError
+    from fedxr.federated.run import _check_sites_trained
+
+    recipe = load_recipe(QUICKSTART, tiny_recipe_overrides(tmp_path) + ["federated.rounds=2"])
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "site-1.jsonl").write_text(json.dumps({"site": "site-1", "round": 0}) + "\n")
+    with pytest.raises(FedxrError, match=r"no site completed round\(s\) 1 .*site-1/log.txt"):
+        _check_sites_trained(records, recipe, tmp_path / "ws")
+    (records / "site-2.jsonl").write_text(json.dumps({"site": "site-2", "round": 1}) + "\n")
+    _check_sites_trained(records, recipe, tmp_path / "ws")

@@ -110,3 +110,13 @@ def test_datamodule_missing_manifest(tmp_path):
     dm = SiteDataModule([tmp_path / "site-9.csv"], 32, cache_dir=tmp_path)
     with pytest.raises(DataError, match="site-9.csv: site manifest not found"):
         dm.setup()
+
+
+def test_manifest_paths_are_absolute_for_a_relative_root(mini_nih, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(mini_nih, tmp_path / "ds")
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "split", "ds", "--sites", "1", "--out", "sites"]) == 0
+    paths = read_manifest(tmp_path / "sites" / "site-1.csv")["path"]
+    assert all(os.path.isabs(p) and os.path.exists(p) for p in paths)  # site processes run from other folders
