@@ -118,3 +118,25 @@ def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
 def load_for_model(path: str | Path, size: int) -> np.ndarray:
     """Read and resize: the (size, size) uint8 array a model's preprocessing starts from."""
     return resize_square(read_gray(path), size)
+
+
+#: The preprocessing recipe, stored in every exported model so that a reader of the .onnx file alone
+#: can reproduce it.
+PREPROCESSING = ("decode to 8-bit gray (fedxr.imaging.read_gray rules) -> resize to SxS, bilinear, antialiased, "
+                 "aspect not kept -> x/255 -> (x - mean)/std -> NCHW float32 with C=1")
+
+
+def to_unit(gray: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W) → float32 in [0, 1]."""
+    return np.asarray(gray, dtype=np.float32) / np.float32(255.0)
+
+
+def standardize(unit: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """(x − mean) / std on float32 arrays in [0, 1]: the model's input normalisation."""
+    return (unit - np.float32(mean)) / np.float32(std)
+
+
+def model_input(grays: list[np.ndarray] | np.ndarray, mean: float, std: float) -> np.ndarray:
+    """Stack resized uint8 images into the (N, 1, S, S) float32 batch a fedxr model takes."""
+    batch = np.stack([np.asarray(g, dtype=np.uint8) for g in grays])
+    return standardize(to_unit(batch), mean, std)[:, None, :, :]

@@ -10,7 +10,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["data_loading.py", "phantom_difficulty.py", "train_throughput.py", "federated_overhead.py"])
+@pytest.mark.parametrize("script", ["data_loading.py", "phantom_difficulty.py", "train_throughput.py", "federated_overhead.py", "edge_latency.py"])
 def test_benchmark_smoke(script):
     proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr

@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 from fedxr.data.cache import build_cache
 from fedxr.data.manifest import SPLITS, read_manifest
 from fedxr.errors import DataError
+from fedxr.imaging import standardize, to_unit
 from fedxr.labels import LABELS
 
 #: Used when the model's registry entry gives no normalisation (gray radiographs, 0..1 scale).
@@ -36,13 +37,14 @@ class XRayDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(np.array(self.images[i], dtype=np.float32)).div_(255.0).unsqueeze(0)
+        # The same to_unit / standardize functions as the edge runtime: one preprocessing implementation.
+        unit = to_unit(self.images[i])
         if self.augment:
-            x = self.affine(x)
+            x = self.affine(torch.from_numpy(unit).unsqueeze(0))
             contrast = 1.0 + (torch.rand(()) - 0.5) * 0.2
             brightness = (torch.rand(()) - 0.5) * 0.1
-            x = ((x - x.mean()) * contrast + x.mean() + brightness).clamp_(0, 1)
-        x = (x - self.mean) / self.std
+            unit = ((x - x.mean()) * contrast + x.mean() + brightness).clamp_(0, 1)[0].numpy()
+        x = torch.from_numpy(standardize(unit, self.mean, self.std)).unsqueeze(0)
         return x, torch.from_numpy(self.labels[i])
 
 

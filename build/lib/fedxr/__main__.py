@@ -1,0 +1,5 @@
+import sys
+
+from fedxr.cli import main
+
+sys.exit(main())

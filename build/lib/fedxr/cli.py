@@ -1,0 +1,237 @@
+"""The `fedxr` console script: thin subcommands that parse arguments and call one function each.
+
+Heavy imports (pandas, torch, NVFlare) happen inside the command functions so that `fedxr --help` is
+instant and each command loads only what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedxr import __version__
+from fedxr.errors import FedxrError
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from fedxr.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(f"# {args.recipe}: OK (resolved, with every default filled in)")
+    print(recipe.to_yaml(), end="")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from fedxr.data.inspect import format_stats, inspect_path
+
+    stats = inspect_path(args.path)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from fedxr.data.manifest import build_site_manifests, format_summary, summarise, write_manifests
+    from fedxr.data.nih import load_dataset
+
+    dataset = load_dataset(args.root, missing=args.missing)
+    if dataset.dropped:
+        print(f"dropped {dataset.dropped} listed image(s) not found under {args.root} (--missing drop)")
+    settings = {
+        "root": str(Path(args.root).resolve()), "sites": args.sites, "scheme": args.scheme, "alpha": args.alpha,
+        "column": args.column, "seed": args.seed, "val_fraction": args.val_fraction,
+        "test_fraction": args.test_fraction, "min_site_patients": args.min_site_patients,
+    }
+    manifests, details = build_site_manifests(
+        dataset, args.sites, args.scheme, seed=args.seed, alpha=args.alpha, column=args.column,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, min_size=args.min_site_patients,
+    )
+    write_manifests(args.out, manifests, {**settings, **details}, force=args.force)
+    print(format_summary(summarise(manifests)))
+    print(f"\nwrote {len(manifests)} site manifest(s) to {args.out}/ (site-N.csv, sites.json)")
+    return 0
+
+
+def cmd_data_phantom(args: argparse.Namespace) -> int:
+    from fedxr.data.phantom import generate_phantom
+
+    summary = generate_phantom(
+        args.out, patients=args.patients, hospitals=args.hospitals, size=args.size, seed=args.seed,
+        labels_from=args.labels_from, workers=args.workers, force=args.force,
+    )
+    print(f"wrote {summary['images']} images of {args.patients} patients from {args.hospitals} hospitals "
+          f"({summary['boxes']} boxes) to {args.out}/")
+    print(f"  look at {Path(args.out) / 'contact_sheet.png'}; next: fedxr data split {args.out} "
+          f"--sites {args.hospitals} --scheme column --column hospital --out {Path(args.out).name}_sites")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from fedxr.config import load_recipe
+    from fedxr.data.prepare import ensure_dataset, ensure_sites
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    root, made = ensure_dataset(recipe)
+    print(f"data: {'generated' if made else 'found'} {root}")
+    folder, written = ensure_sites(recipe, force=args.force)
+    print(f"sites: {'wrote' if written else 'up to date,'} {folder}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from fedxr.models.registry import format_table
+
+    print(format_table())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fedxr.config import load_recipe
+    from fedxr.data.prepare import require_sites
+    from fedxr.training import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.mode == "local" and not args.site:
+        raise FedxrError("--mode local needs --site NAME (e.g. --site site-1)")
+    summary = train(recipe, require_sites(recipe, args.recipe), mode=args.mode, site=args.site)
+    print(f"best val_auroc {summary['best_val_auroc']:.4f}; checkpoints in {summary['folder']}/ (best.ckpt, last.ckpt)")
+    print(f"next: fedxr evaluate {summary['best']} --data {recipe.run_dir / 'sites'} --split test")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedxr.evaluation import evaluate_checkpoint, format_result
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out=args.out,
+                                 batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0
+
+
+def cmd_federate(args: argparse.Namespace) -> int:
+    from fedxr.config import load_recipe
+    from fedxr.federated.run import federate, format_summary
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = federate(recipe, env=args.env or recipe.federated.env, startup_kit=args.startup_kit,
+                       export_job=args.export_job, recipe_path=args.recipe)
+    print(format_summary(summary, recipe))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedxr.config import load_recipe
+    from fedxr.pipeline import run_pipeline
+
+    run_pipeline(load_recipe(args.recipe, args.overrides), args.recipe, force=args.force)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedxr", description="Federated chest X-ray training, distillation and edge export.")
+    parser.add_argument("--version", action="version", version=f"fedxr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run every stage of a recipe (data, sites, training, evaluation)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--force", action="store_true", help="rewrite the site manifests even if up to date")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate a recipe and print the resolved config")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as federated.rounds=5")
+    p.set_defaults(func=cmd_check)
+
+    data = sub.add_parser("data", help="inspect, generate and split data sets").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data.add_parser("inspect", help="counts for a data folder, label CSV or bounding-box CSV")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="emit JSON instead of a table")
+    p.set_defaults(func=cmd_data_inspect)
+
+    p = data.add_parser("prepare", help="generate (phantom) data and write site manifests as a recipe says")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--force", action="store_true", help="rewrite the site manifests even if up to date")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = data.add_parser("phantom", help="generate the built-in phantom data set in the NIH layout")
+    p.add_argument("--out", required=True, help="output folder (created atomically)")
+    p.add_argument("--patients", type=int, default=300)
+    p.add_argument("--hospitals", type=int, default=3)
+    p.add_argument("--size", type=int, default=256, help="image size in pixels (>= 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labels-from", help="NIH label CSV to sample label sets and patient structure from")
+    p.add_argument("--workers", type=int, help="processes (default: all cores)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=cmd_data_phantom)
+
+    p = data.add_parser("split", help="partition a data set into hospital sites (patient-wise)")
+    p.add_argument("root", help="data folder in the NIH layout")
+    p.add_argument("--sites", type=int, required=True)
+    p.add_argument("--scheme", choices=["iid", "dirichlet", "quantity", "column"], default="iid")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (dirichlet, quantity)")
+    p.add_argument("--column", help="per-patient column for --scheme column (e.g. hospital, view)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--test-fraction", type=float, default=0.2, help="used when there is no test_list.txt")
+    p.add_argument("--min-site-patients", type=int, default=1)
+    p.add_argument("--missing", choices=["error", "drop"], default="error", help="listed images not on disk")
+    p.add_argument("--out", required=True, help="folder for site-N.csv manifests")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=cmd_data_split)
+
+    models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    p = models.add_parser("list", help="name, role, parameters, MACs and input size of every model")
+    p.set_defaults(func=cmd_models_list)
+
+    p = sub.add_parser("train", help="centralised (all sites pooled) or single-site training")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--mode", choices=["central", "local"], default="central")
+    p.add_argument("--site", help="site name for --mode local (site-1, site-2, ...)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("federate", help="federated training of the teacher with NVFlare (sim, poc or prod)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--env", choices=["sim", "poc", "prod"], help="default: the recipe's federated.env (sim)")
+    p.add_argument("--startup-kit", help="admin startup kit folder, for --env prod")
+    p.add_argument("--export-job", metavar="DIR", help="write the NVFlare job folder for an admin to submit, and stop")
+    p.set_defaults(func=cmd_federate)
+
+    p = sub.add_parser("evaluate", help="score a checkpoint: per-class AUROC/AP, sensitivity/specificity")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="site manifest folder or one site-N.csv")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--out", help="output folder (default: eval_SPLIT beside the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cache-dir", default=".cache/fedxr")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # key=value overrides may follow options (`fedxr train R --mode local federated.rounds=2`); argparse
+    # leaves those as extras, which are accepted only by commands that take overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    try:
+        return int(args.func(args) or 0)
+    except FedxrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

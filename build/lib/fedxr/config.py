@@ -1,0 +1,249 @@
+"""The typed recipe schema.
+
+A recipe is YAML with the sections ``data``, ``model``, ``federated``, ``distill``, ``export`` and
+``output``. :func:`load_recipe` turns it (plus ``key=value`` overrides) into one :class:`Recipe`
+object. Unknown keys are errors, every problem is reported at once and each message names the key path
+and the fix. Site facts (where a hospital's images live) are not recipe keys: they come from the site.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedxr.errors import FedxrError
+
+
+_PROBLEM_SEP = "\n"
+
+
+class RecipeError(FedxrError):
+    """A recipe failed to load; ``problems`` lists every problem found, one per line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"recipe {source} has {len(problems)} problem(s):\n{lines}")
+
+
+class _Section(BaseModel):
+    # extra="forbid" makes a misspelt key an error instead of a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PhantomConfig(_Section):
+    """How to generate the built-in phantom data set (used when ``data.source`` is ``phantom``)."""
+
+    patients: int = Field(300, ge=2, description="number of synthetic patients")
+    hospitals: int = Field(3, ge=1, description="number of hospitals with their own acquisition profile")
+    size: int = Field(128, ge=32, le=1024, description="stored image size in pixels (square)")
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    source: Literal["phantom", "nih"] = "phantom"
+    root: str = Field("data/phantom", description="data set folder (NIH layout); phantom data is generated here")
+    phantom: PhantomConfig = Field(default_factory=PhantomConfig)
+    image_size: int = Field(128, ge=16, le=1024, description="training input size in pixels")
+    sites: int = Field(3, ge=1, description="number of federated sites to split the data into")
+    scheme: Literal["iid", "dirichlet", "quantity", "column"] = "column"
+    column: Optional[str] = Field("hospital", description="column holding the natural site, for scheme=column")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more label skew)")
+    val_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="used only when no official test_list.txt")
+    min_site_patients: int = Field(2, ge=1)
+    missing_images: Literal["error", "drop"] = "error"
+    seed: int = 0
+    cache_dir: str = ".cache/fedxr"
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(2, ge=0)
+    augment: bool = True
+
+
+class ModelConfig(_Section):
+    name: str = Field("densenet121", description="registry name; `fedxr models list` shows them")
+    pretrained: bool = False
+    precision: Literal["32-true", "16-mixed", "bf16-mixed", "bf16-true"] = "32-true"
+    channels_last: bool = False
+    compile: bool = False
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    max_epochs: int = Field(5, ge=1)
+    max_steps: int = Field(-1, ge=-1, description="-1 = limited by max_epochs only")
+    pos_weight_cap: float = Field(10.0, ge=1, description="upper bound on per-class BCE pos_weight")
+    threshold_rule: Literal["youden", "f1"] = "youden"
+
+
+class FederatedConfig(_Section):
+    algorithm: Literal["fedavg", "fedprox", "scaffold", "fedopt"] = "fedavg"
+    rounds: int = Field(3, ge=1)
+    min_clients: int = Field(2, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    local_steps: Optional[int] = Field(None, ge=1, description="steps per round; overrides local_epochs")
+    fedprox_mu: float = Field(0.01, ge=0)
+    fedbn: bool = False
+    env: Literal["sim", "poc", "prod"] = "sim"
+    cross_site_eval: bool = True
+    timeout_s: int = Field(3600, ge=10, description="how long the server waits for a site before giving up on it")
+
+
+class DistillConfig(_Section):
+    students: list[str] = Field(default_factory=lambda: ["mobilenetv3_small_100"])
+    mode: Literal["federated", "central"] = "federated"
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term")
+    temperature: float = Field(2.0, gt=0)
+    feature_weight: float = Field(0.0, ge=0)
+    rounds: int = Field(3, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    ablation_no_teacher: bool = True
+
+
+class ExportConfig(_Section):
+    out: str = "export"
+    int8: Literal["auto", "on", "off"] = "auto"
+    fp16: bool = False
+    opset: int = Field(18, ge=13)
+    calibration_images: int = Field(200, ge=1)
+    parity_tolerance: float = Field(1e-4, gt=0)
+
+
+class OutputConfig(_Section):
+    runs_dir: str = "runs"
+    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class Recipe(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    federated: FederatedConfig = Field(default_factory=FederatedConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> "Recipe":
+        problems = []
+        if self.federated.min_clients > self.data.sites:
+            problems.append(
+                f"federated.min_clients: {self.federated.min_clients} is more than data.sites "
+                f"({self.data.sites}); set it to at most {self.data.sites}"
+            )
+        if self.data.scheme == "column" and not self.data.column:
+            problems.append("data.column: scheme 'column' needs a column name, e.g. column: hospital")
+        if self.data.val_fraction + self.data.test_fraction >= 1:
+            problems.append("data.val_fraction + data.test_fraction must be below 1")
+        from fedxr.models.registry import UnknownModelError, get_spec
+
+        for key, name in [("model.name", self.model.name)] + [(f"distill.students[{i}]", n) for i, n in enumerate(self.distill.students)]:
+            try:
+                get_spec(name)
+            except UnknownModelError as exc:
+                problems.append(f"{key}: {exc}")
+        if problems:
+            raise ValueError(_PROBLEM_SEP.join(problems))
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.runs_dir) / self.output.name
+
+    def resolved(self) -> dict[str, Any]:
+        """The full config with every default filled in, as plain data (saved with every artifact)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved(), sort_keys=False)
+
+
+def _known_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<recipe>"
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(Recipe, loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            fix = f"did you mean {'.'.join(map(str, loc[:-1] + (hint[0],)))!r}? " if hint else ""
+            problems.append(f"{key}: unknown key; {fix}known keys here: {', '.join(known)}")
+        elif e["type"] == "value_error":
+            # Cross-section checks arrive as one message holding several problems.
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.extend(msg.split(_PROBLEM_SEP))
+        else:
+            problems.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return problems
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["federated.rounds=3", "model.name=tiny_cnn"]`` → a nested dict; values parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError("overrides", [f"{item!r}: an override must look like section.key=value"])
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError("overrides", [f"{key}: {part} is not a section"])
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(source, _format_errors(err)) from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise RecipeError(source, [f"file not found; recipes live under recipes/ (e.g. recipes/quickstart.yaml)"])
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(source, [f"not valid YAML: {exc}"]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(source, ["the top level must be a mapping of sections (data:, model:, ...)"])
+        data = loaded
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    return recipe_from_dict(data, source)

@@ -1,0 +1,296 @@
+"""Drawing one phantom chest radiograph: anatomy, findings with their boxes, then acquisition.
+
+Coordinates are fractions of the image side (u to the right, v down); the patient's right lung is on
+the image's left, as on a real PA film. The picture is built as a density map (bright = dense: bone,
+soft tissue, fluid; dark = air) and only then passed through the hospital's acquisition profile, so a
+finding's contrast depends on the hospital as it does in practice. All operations are vectorised numpy
+on the full grid or on the finding's own window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from fedxr.data.phantom_cases import HospitalProfile, ImageCase
+from fedxr.labels import LABEL_INDEX
+
+#: Findings that get a bounding box (diffuse bilateral ones — Edema, Emphysema — do not, as in NIH).
+BOXED = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+         "Pneumothorax", "Consolidation", "Fibrosis", "Pleural_Thickening", "Hernia")
+
+
+def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian blur through the FFT (periodic edges; used on noise and soft maps)."""
+    if sigma_px <= 0:
+        return img
+    fy = np.fft.fftfreq(img.shape[0])[:, None]
+    fx = np.fft.rfftfreq(img.shape[1])[None, :]
+    kernel = np.exp(-2 * (np.pi * sigma_px) ** 2 * (fx**2 + fy**2))
+    return np.fft.irfft2(np.fft.rfft2(img) * kernel, s=img.shape).astype(np.float32)
+
+
+def _bandpass(img: np.ndarray, fine_px: float, coarse_px: float) -> np.ndarray:
+    """blur(img, fine) - blur(img, coarse) with one FFT pair."""
+    fy = np.fft.fftfreq(img.shape[0])[:, None]
+    fx = np.fft.rfftfreq(img.shape[1])[None, :]
+    f2 = fx**2 + fy**2
+    kernel = np.exp(-2 * (np.pi * fine_px) ** 2 * f2) - np.exp(-2 * (np.pi * coarse_px) ** 2 * f2)
+    return np.fft.irfft2(np.fft.rfft2(img) * kernel, s=img.shape).astype(np.float32)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Smooth random field: Gaussian noise on a coarse grid, upsampled bicubically, unit std."""
+    coarse = rng.standard_normal((cells, cells)).astype(np.float32)
+    field = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC))
+    return (field - field.mean()) / (field.std() + 1e-6)
+
+
+def _sig(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(0.5 * x))
+
+
+@dataclass
+class Anatomy:
+    """A patient's body, drawn at one size. Masks are float32 in [0, 1]."""
+
+    u: np.ndarray
+    v: np.ndarray
+    sharp: float
+    body: np.ndarray
+    lungs: list[np.ndarray]          # [right lung (image left), left lung]
+    lung_box: list[tuple[float, float, float, float]]  # u0, v0, u1, v1 per lung
+    heart: np.ndarray
+    heart_box: tuple[float, float, float, float]
+    dome: list[float]                # diaphragm height (v) per side
+    centres: list[float]             # lung centre u per side
+
+
+def _ellipse(u, v, cu, cv, ru, rv, sharp):
+    f = 1 - ((u - cu) / ru) ** 2 - ((v - cv) / rv) ** 2
+    return _sig(f * min(ru, rv) * sharp * 0.5)
+
+
+def draw_anatomy(size: int, rng: np.random.Generator, view: str, drawn: np.ndarray) -> tuple[Anatomy, np.ndarray]:
+    """Return the anatomy and its density map (size, size) float32."""
+    g = (np.arange(size, dtype=np.float32) + 0.5) / size
+    u, v = np.meshgrid(g, g)
+    sharp = size / 1.5
+    shift_u, shift_v = rng.normal(0, 0.015), rng.normal(0, 0.015)
+    u = u - shift_u
+    v = v - shift_v
+    emph = drawn[LABEL_INDEX["Emphysema"]]
+    width = rng.uniform(0.9, 1.05) * (1.06 if emph else 1.0)
+    body = _ellipse(u, v, 0.5, 0.58, 0.42 * width, 0.62, sharp)
+    density = 0.32 * body
+    # Lungs: superellipses cut below by the diaphragm dome. Emphysema: larger lungs, flat low domes.
+    base = rng.uniform(0.70, 0.76) + (0.05 if emph else 0.0)
+    dome_h = rng.uniform(0.04, 0.07) * (0.35 if emph else 1.0)
+    lungs, boxes, domes, centres = [], [], [], []
+    for side in (-1, 1):
+        cu = 0.5 + side * 0.18 * width
+        ru, top = 0.15 * width * rng.uniform(0.95, 1.05), rng.uniform(0.13, 0.18)
+        dome = base + (0.02 if side == 1 else 0.0)  # the left dome sits a little lower
+        if drawn[LABEL_INDEX["Atelectasis"]] and side == -1:
+            dome -= 0.03  # volume loss raises the hemidiaphragm
+        rv = (dome - top) * 0.62
+        shape = 1 - np.abs((u - cu) / ru) ** 2.4 - np.abs((v - (top + rv)) / rv) ** 2.0
+        dome_curve = dome - dome_h * np.clip(1 - ((u - cu) / ru) ** 2, 0, 1)
+        m = _sig(shape * 0.1 * sharp) * _sig((dome_curve - v) * sharp)
+        lungs.append(m)
+        boxes.append((cu - ru, top, cu + ru, dome))
+        domes.append(dome)
+        centres.append(cu)
+    # Heart: to the patient's left; AP (supine, beam from the front) magnifies it.
+    thorax_w = 2 * (0.18 + 0.15) * width
+    ctr = rng.uniform(0.38, 0.47)
+    if drawn[LABEL_INDEX["Cardiomegaly"]]:
+        ctr = rng.uniform(0.53, 0.64)
+    hw = ctr * thorax_w / 2 * (1.12 if view == "AP" else 1.0)
+    hh = rng.uniform(0.12, 0.14) * (hw / 0.14) ** 0.5
+    hcu, hcv = 0.5 + 0.04 + 0.4 * (hw - 0.14), domes[1] - hh * 0.55
+    heart = _ellipse(u, v, hcu, hcv, hw, hh, sharp)
+    air = np.clip(lungs[0] + lungs[1], 0, 1) * (1 - heart)
+    # Mediastinum: the soft-tissue band between the lungs, widening downwards.
+    med = _sig((0.05 + 0.04 * (v - 0.15) - np.abs(u - 0.5)) * sharp) * _sig((v - 0.08) * sharp) * body
+    density = density + 0.08 * med + 0.12 * heart - 0.26 * air * (0.8 if emph else 1.0) * (1 - 0.5 * med)
+    density -= 0.06 * air * emph  # hyperlucent
+    # Vessels: band-passed noise, dense near the hila, fading to the periphery (fewer in emphysema).
+    noise = rng.standard_normal((size, size)).astype(np.float32)
+    vessels = np.abs(_bandpass(noise, size / 256, size / 64))
+    for side, cu in zip((-1, 1), centres):
+        hil = np.exp(-(((u - (cu - side * 0.04)) / 0.12) ** 2 + ((v - 0.45) / 0.15) ** 2))
+        density += (0.22 if not emph else 0.09) * vessels * (0.35 + hil) * lungs[(side + 1) // 2] * (1 - heart)
+    # Spine and vertebrae, ribs and clavicles.
+    spine = _sig((0.035 - np.abs(u - 0.5)) * sharp) * body
+    density += spine * (0.1 + 0.03 * np.cos(v * 2 * np.pi * 14))
+    thorax = _sig((0.36 * width - np.abs(u - 0.5)) * sharp)
+    # Posterior ribs: nine curved bands per side, both sides at once (the pattern is symmetric in |u|).
+    x = np.abs(u - 0.5)
+    spacing = (base - 0.18) / 8.5
+    phase = (v - 0.25 * (x - 0.05) ** 2 + 0.1 * (x - 0.05) - 0.09 * x - 0.16) / spacing
+    nearest = np.rint(phase)
+    ribs = _sig((0.011 - np.abs(phase - nearest) * spacing) * sharp) * (x > 0.04) * (nearest >= 0) * (nearest <= 8)
+    density += 0.07 * ribs * thorax * body
+    clav_v = 0.14 if view == "PA" else 0.11
+    for side in (-1, 1):
+        x = (u - 0.5) * side
+        density += 0.1 * _sig((0.012 - np.abs(v - clav_v + 0.12 * (x - 0.06))) * sharp) * (x > 0.03) * (x < 0.3)
+    # Gastric bubble under the left dome.
+    density -= 0.1 * _ellipse(u, v, centres[1] + 0.02, domes[1] + 0.045, 0.045, 0.025, sharp) * body
+    heart_box = (hcu - hw, hcv - hh, hcu + hw, hcv + hh)
+    anat = Anatomy(u, v, sharp, body, lungs, boxes, heart, heart_box, domes, centres)
+    return anat, density.astype(np.float32)
+
+
+def _box_of(mask: np.ndarray, level: float = 0.5) -> tuple[float, float, float, float] | None:
+    ys, xs = np.nonzero(mask > level)
+    if len(xs) == 0:
+        return None
+    n = mask.shape[0]
+    return xs.min() / n, ys.min() / n, (xs.max() + 1) / n, (ys.max() + 1) / n
+
+
+def draw_findings(anat: Anatomy, density: np.ndarray, drawn: np.ndarray, rng: np.random.Generator) -> dict[str, tuple]:
+    """Add every drawn finding to ``density`` in place; return {label: box (u0, v0, u1, v1)}."""
+    u, v, sharp = anat.u, anat.v, anat.sharp
+    visible = [m * (1 - anat.heart) for m in anat.lungs]
+    lungs_all = np.clip(visible[0] + visible[1], 0, 1)
+    size = density.shape[0]
+    patchy = _smooth_noise(rng, size, 14)
+    boxes: dict[str, tuple] = {}
+
+    def has(name: str) -> bool:
+        return bool(drawn[LABEL_INDEX[name]])
+
+    def lung_point(side: int, v_lo: float = 0.3, v_hi: float = 0.85) -> tuple[float, float]:
+        """A random point of visible lung (not behind the heart) in a band of the lung's height."""
+        u0, v0, u1, v1 = anat.lung_box[side]
+        band = (v >= v0 + v_lo * (v1 - v0)) & (v <= v0 + v_hi * (v1 - v0))
+        idx = np.flatnonzero((visible[side] > 0.9) & band)
+        if len(idx) == 0:
+            idx = np.flatnonzero(visible[side] > 0.5)
+        k = idx[rng.integers(0, len(idx))]
+        return float(u.flat[k]), float(v.flat[k])
+
+    def add(name: str, mask: np.ndarray, amp: float, box_level: float = 0.5) -> None:
+        density[...] += amp * mask
+        if name in BOXED and name not in boxes:
+            b = _box_of(mask, box_level)
+            if b is not None:
+                boxes[name] = b
+
+    sev = lambda: rng.uniform(0.45, 1.0)  # noqa: E731 - severity: some findings are subtle
+    side = lambda: int(rng.integers(0, 2))  # noqa: E731
+    if has("Nodule"):
+        s = side()
+        cu, cv = lung_point(s, 0.15, 0.8)
+        r = rng.uniform(0.011, 0.022)
+        add("Nodule", _ellipse(u, v, cu, cv, r, r, sharp), 0.14 * sev() + 0.06)
+    if has("Mass"):
+        s = side()
+        cu, cv = lung_point(s, 0.2, 0.75)
+        r = rng.uniform(0.035, 0.07)
+        lob = _ellipse(u, v, cu, cv, r, r * rng.uniform(0.8, 1.2), sharp) * (1 + 0.15 * np.tanh(patchy))
+        add("Mass", np.clip(lob, 0, 1), 0.2 * sev() + 0.08)
+    if has("Cardiomegaly"):
+        boxes["Cardiomegaly"] = anat.heart_box
+    if has("Effusion"):
+        for s in (side(),) if rng.random() < 0.7 else (0, 1):
+            u0, v0, u1, v1 = anat.lung_box[s]
+            level = v1 - (v1 - v0) * (0.08 + rng.uniform(0.1, 0.3) * sev())
+            lateral = np.abs(u - (anat.centres[s] - (1 if s == 0 else -1) * 0.02)) / (u1 - u0)
+            meniscus = level - 0.1 * lateral**2  # fluid climbs the lateral wall
+            add("Effusion", _sig((v - meniscus) * sharp * 0.4) * visible[s], 0.24)
+    if has("Pneumothorax"):
+        s = side()
+        u0, v0, u1, v1 = anat.lung_box[s]
+        edge_u = u1 - 0.25 * (u1 - u0) * sev() if s == 1 else u0 + 0.25 * (u1 - u0) * sev()
+        region = (_sig((u - edge_u) * sharp) if s == 1 else _sig((edge_u - u) * sharp)) * anat.lungs[s]
+        region = np.maximum(region, _sig((v0 + 0.18 * (v1 - v0) * sev() - v) * sharp) * anat.lungs[s])
+        vessels = density - _blur(density, size / 64)
+        density -= region * (vessels + 0.06 + 0.05 * sev())  # no lung markings, darker
+        line = np.exp(-(((u - edge_u) * size / 1.2) ** 2)) * anat.lungs[s] * (v > v0 + 0.1)
+        add("Pneumothorax", line, 0.06)
+        boxes["Pneumothorax"] = _box_of(region, 0.5) or boxes.get("Pneumothorax")
+    if has("Atelectasis"):
+        s = side()
+        cu, cv = lung_point(s, 0.6, 0.85)
+        angle = rng.uniform(-0.3, 0.3)
+        band = _sig((0.012 - np.abs((v - cv) - angle * (u - cu))) * sharp) * _ellipse(u, v, cu, cv, 0.09, 0.05, sharp)
+        add("Atelectasis", band, 0.12 * sev() + 0.07)
+    for name, thresh, amp, zone in (("Infiltration", 0.6, 0.07, (0.2, 0.85)),
+                                     ("Consolidation", -0.3, 0.15, (0.45, 0.85)),
+                                     ("Pneumonia", 0.35, 0.1, (0.4, 0.85))):
+        if has(name):
+            s = side()
+            cu, cv = lung_point(s, *zone)
+            region = _ellipse(u, v, cu, cv, rng.uniform(0.05, 0.09), rng.uniform(0.05, 0.1), sharp / 3)
+            patch = _sig((patchy - thresh) * 3) * region * anat.lungs[s]
+            add(name, patch, amp * sev() + 0.06, box_level=0.25)
+    if has("Edema"):
+        for s, cu in enumerate(anat.centres):
+            hil = np.exp(-(((u - cu + (0.04 if s == 1 else -0.04)) / 0.1) ** 2 + ((v - 0.47) / 0.12) ** 2))
+            density += (0.12 * sev() + 0.06) * hil * visible[s]
+    if has("Fibrosis"):
+        mesh = np.abs(np.sin(u * size / 3.1 + 2 * patchy)) * np.abs(np.sin(v * size / 2.9 - patchy))
+        zone = lungs_all * _sig((v - 0.45) * sharp / 4)
+        add("Fibrosis", (mesh > 0.7) * zone, 0.09 * sev() + 0.07, box_level=0.5)
+    if has("Pleural_Thickening"):
+        s = side()
+        u0, v0, u1, v1 = anat.lung_box[s]
+        wall = u0 if s == 0 else u1
+        rim = _sig((0.012 - np.abs(u - wall - (0.012 if s == 0 else -0.012))) * sharp) * (v > v0 + 0.02) * (v < v0 + 0.55 * (v1 - v0)) * anat.body
+        add("Pleural_Thickening", rim, 0.12 * sev() + 0.08)
+    if has("Hernia"):
+        cu, cv = 0.5 + rng.uniform(-0.02, 0.03), anat.dome[1] - rng.uniform(0.03, 0.06)
+        r = rng.uniform(0.035, 0.05)
+        blob = _ellipse(u, v, cu, cv, r * 1.2, r, sharp)
+        add("Hernia", blob, 0.1 * sev() + 0.04)
+        density -= 0.12 * _ellipse(u, v, cu, cv - r * 0.3, r * 0.6, r * 0.35, sharp)  # gas lucency
+    return boxes
+
+
+def acquire(density: np.ndarray, prof: HospitalProfile, view: str, rng: np.random.Generator) -> np.ndarray:
+    """Apply the hospital's acquisition profile to a density map; returns uint8 (size, size)."""
+    size = density.shape[0]
+    img = np.clip(density, 0, None) / 0.75
+    if view == "AP":
+        img = img * 0.95 + 0.03  # portable: lower contrast, more scatter
+    img = np.clip(img, 0, 1.5) ** prof.gamma * prof.contrast * rng.uniform(0.93, 1.07) + prof.exposure + 0.08
+    img = _blur(img, prof.blur_px * size / 256)
+    img = img + rng.normal(0, prof.noise * (1.3 if view == "AP" else 1.0), img.shape)
+    out = np.clip(img * 255, 0, 255).astype(np.uint8)
+    if rng.random() < prof.collimation:
+        top, left, right = (int(size * rng.uniform(0.0, 0.06)) for _ in range(3))
+        out[:top] = 0
+        out[:, :left] = 0
+        if right:
+            out[:, size - right:] = 0
+    return out
+
+
+def burn_marker(img: np.ndarray, prof: HospitalProfile, view: str) -> np.ndarray:
+    """Burn the hospital's side marker (and PORTABLE on AP films) into a corner, as technologists do."""
+    size = img.shape[0]
+    pil = Image.fromarray(img)
+    draw = ImageDraw.Draw(pil)
+    font = ImageFont.load_default(size=max(8, size // 18))
+    text = "R" if view == "PA" else "R PORT"
+    corner = prof.marker_corner
+    x = int(size * 0.04) if corner in (0, 2) else int(size * (0.78 if view == "PA" else 0.62))
+    y = int(size * 0.04) if corner in (0, 1) else int(size * 0.9)
+    draw.text((x, y), text, fill=235, font=font)
+    return np.asarray(pil)
+
+
+def render(case: ImageCase, prof: HospitalProfile, size: int) -> tuple[np.ndarray, dict[str, tuple]]:
+    """Draw one image. Returns (uint8 (size, size), {label: box as fractions (u0, v0, u1, v1)})."""
+    rng = np.random.default_rng(list(case.seed) + [size])
+    anat, density = draw_anatomy(size, rng, case.view, case.drawn)
+    boxes = draw_findings(anat, density, case.drawn, rng)
+    img = burn_marker(acquire(density, prof, case.view, rng), prof, case.view)
+    # Report only boxes of findings that are also labelled (as NIH's boxes come from the reports).
+    return img, {k: b for k, b in boxes.items() if case.labels[LABEL_INDEX[k]]}

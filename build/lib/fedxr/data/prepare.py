@@ -1,0 +1,70 @@
+"""Recipe-driven data preparation: the phantom set (if asked for) and the site manifests.
+
+Training never prepares data itself; it reads the manifests written here and, when they are missing,
+says which command writes them (`fedxr data prepare RECIPE`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedxr.config import Recipe
+from fedxr.data.manifest import SUMMARY_FILE, build_site_manifests, format_summary, summarise, write_manifests
+from fedxr.data.nih import load_dataset
+from fedxr.errors import DataError
+
+
+def sites_dir(recipe: Recipe) -> Path:
+    return recipe.run_dir / "sites"
+
+
+def split_settings(recipe: Recipe) -> dict:
+    d = recipe.data
+    return {"root": str(Path(d.root).resolve()), "sites": d.sites, "scheme": d.scheme, "alpha": d.alpha,
+            "column": d.column if d.scheme == "column" else None, "seed": d.seed, "val_fraction": d.val_fraction,
+            "test_fraction": d.test_fraction, "min_site_patients": d.min_site_patients,
+            "missing_images": d.missing_images}
+
+
+def ensure_dataset(recipe: Recipe, progress: bool = True) -> tuple[Path, bool]:
+    """Generate the phantom data set when the recipe asks for it and it is absent. Returns (root, made)."""
+    root = Path(recipe.data.root)
+    if (root / "Data_Entry_2017.csv").is_file() or any(root.glob("Data_Entry_2017*")) or (root / "sample_labels.csv").is_file():
+        return root, False
+    if recipe.data.source != "phantom":
+        raise DataError(f"{root}: no NIH label file; put ChestX-ray14 there (see README, 'Using real NIH data') "
+                        "or set data.root=... to where it is")
+    from fedxr.data.phantom import generate_phantom
+
+    ph = recipe.data.phantom
+    generate_phantom(root, patients=ph.patients, hospitals=ph.hospitals, size=ph.size, seed=ph.seed, progress=progress)
+    return root, True
+
+
+def ensure_sites(recipe: Recipe, force: bool = False) -> tuple[Path, bool]:
+    """Write the site manifests unless ones with the same settings exist. Returns (folder, written)."""
+    folder = sites_dir(recipe)
+    settings = split_settings(recipe)
+    summary = folder / SUMMARY_FILE
+    if summary.is_file() and not force:
+        old = json.loads(summary.read_text()).get("settings", {})
+        if {k: old.get(k) for k in settings} == settings:
+            return folder, False
+    dataset = load_dataset(recipe.data.root, missing=recipe.data.missing_images)
+    d = recipe.data
+    manifests, details = build_site_manifests(
+        dataset, d.sites, d.scheme, seed=d.seed, alpha=d.alpha, column=d.column, val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction, min_size=d.min_site_patients,
+    )
+    write_manifests(folder, manifests, {**settings, **details}, force=True)
+    print(format_summary(summarise(manifests)))
+    return folder, True
+
+
+def require_sites(recipe: Recipe, recipe_path: str | Path | None = None) -> Path:
+    """The manifest folder, or a DataError naming the command that prepares it."""
+    folder = sites_dir(recipe)
+    if not (folder / SUMMARY_FILE).is_file():
+        raise DataError(f"{folder}: no site manifests yet; run `fedxr data prepare {recipe_path or 'RECIPE'}` first")
+    return folder

@@ -1,0 +1,121 @@
+"""`python -m fedxr.edge predict|bench`: the command line of the torch-free runtime."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedxr.errors import FedxrError
+from fedxr.imaging import IMAGE_SUFFIXES
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files as given, folders searched recursively for images, globs expanded; order kept."""
+    out: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(ch in item for ch in "*?["):
+            out += sorted(glob.glob(item, recursive=True))
+        else:
+            out.append(item)  # a missing file is reported by name by predict
+    return out
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fedxr.edge.model import load_model
+
+    model = load_model(args.model, threads=args.threads, labels=args.labels.split(",") if args.labels else None)
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        raise FedxrError("no input images found (give files, folders or globs of PNG, JPEG or DICOM)")
+    results = model.predict(paths, batch_size=args.batch)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["input", "error", *model.labels, "findings"])
+        for r in results:
+            writer.writerow([r.input, r.error or "", *(r.probabilities.get(l, "") for l in model.labels),
+                             "|".join(l for l, _ in r.findings)])
+    else:
+        for r in results:
+            if r.error:
+                print(f"{r.input}: ERROR {r.error}")
+            else:
+                found = ", ".join(f"{l} {p:.2f}" for l, p in r.findings) or "no finding above threshold"
+                print(f"{r.input}: {found}")
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fedxr.edge.model import load_model
+
+    model = load_model(args.model, threads=args.threads)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, 1, model.size, model.size)).astype(np.float32)
+    for _ in range(args.warmup):
+        model.logits(x)
+    times = []
+    for _ in range(args.runs):
+        t = time.perf_counter()
+        model.logits(x)
+        times.append(time.perf_counter() - t)
+    ms = np.array(times) * 1000
+    result = {"model": str(model.path), "provider": model.provider, "threads": args.threads, "batch": args.batch,
+              "p50_ms": round(float(np.percentile(ms, 50)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3),
+              "images_per_s": round(args.batch / float(np.median(times)), 1),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['model']} [{result['provider']}, {args.threads or 'default'} threads, batch {args.batch}]: "
+              f"p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, {result['images_per_s']} img/s, "
+              f"peak RSS {result['peak_rss_mb']} MB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fedxr.edge", description="Torch-free chest X-ray inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="findings for PNG, JPEG and DICOM files")
+    p.add_argument("model", help="export folder or .onnx file")
+    p.add_argument("inputs", nargs="+", help="files, folders (searched recursively) or globs")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="all 14 probabilities per image, as JSON")
+    fmt.add_argument("--csv", action="store_true")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--labels", help="comma-separated label names for an ONNX file without fedxr metadata")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("bench", help="latency and throughput of a model on this machine")
+    p.add_argument("model")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FedxrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

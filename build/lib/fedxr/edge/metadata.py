@@ -1,0 +1,20 @@
+"""The metadata keys a fedxr ONNX model carries (``metadata_props``), shared by export and the edge."""
+
+from __future__ import annotations
+
+import json
+
+PREFIX = "fedxr."
+KEYS = ("labels", "input_size", "channels", "mean", "std", "preprocessing", "thresholds", "model_name",
+        "fedxr_version", "checkpoint_sha256", "val_auroc", "format")
+REQUIRED = ("labels", "input_size", "mean", "std", "thresholds")
+
+
+def encode(values: dict) -> dict[str, str]:
+    """Python values → ``{"fedxr.key": json string}`` for ``metadata_props``."""
+    return {PREFIX + k: json.dumps(v) for k, v in values.items()}
+
+
+def decode(props: dict[str, str]) -> dict:
+    """``metadata_props`` (or onnxruntime's custom_metadata_map) → Python values of fedxr keys."""
+    return {k[len(PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(PREFIX)}

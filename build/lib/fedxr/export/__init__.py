@@ -1,0 +1,1 @@
+"""`python -m fedxr.export`: verified ONNX artifacts (FP32, INT8) with their metadata and manifest."""

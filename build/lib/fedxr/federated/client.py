@@ -1,0 +1,114 @@
+"""NVFlare client script: one hospital's side of a federated round. NVFlare runs it; users do not.
+
+Per round: receive the global model, validate it on this site's validation split (that score is what
+the server uses to pick the best global model), train locally for the recipe's epochs or steps, send
+the weights back with the number of steps done (FedAvg weights sites by it). One Lightning Trainer
+is reused across rounds via ``flare.patch``; the image cache is opened once.
+
+Only weights and metrics leave the site. With ``--records DIR`` (simulation and POC on one machine)
+the site also writes a JSON line per round (validation AUROC, timings, steps) for fedxr's round table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+#: Fault injection for resilience tests: ``site-3:2`` makes site-3 fail from round 2 on (0-based).
+FAIL_ENV = "FEDXR_TEST_FAIL_SITE"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--recipe-b64", required=True, help="the resolved recipe, as shipped in the job")
+    p.add_argument("--sites-dir", help="manifest folder (simulation); otherwise see fedxr.federated.site")
+    p.add_argument("--records", help="folder for per-round JSON lines (simulation/POC)")
+    p.add_argument("--threads", type=int, help="torch CPU threads for this site (sites sharing one machine)")
+    p.add_argument("--save-updates", action="store_true",
+                   help="with --records, also save the weights sent each round (audit/aggregation checks)")
+    return p.parse_args(argv)
+
+
+def _should_fail(site: str, current_round: int | None) -> bool:
+    spec = os.environ.get(FAIL_ENV, "")
+    if not spec or current_round is None:
+        return False
+    name, _, rnd = spec.partition(":")
+    return name == site and current_round >= int(rnd or 0)
+
+
+def main(argv=None) -> None:
+    import lightning as L
+    import nvflare.client.lightning as flare
+    from nvflare.app_common.abstract.fl_model import FLModel
+    from nvflare.app_opt.lightning.loggers.client_logger import ClientLogger
+    from nvflare.client import is_evaluate, is_submit_model, send
+
+    from fedxr.federated.job import decode_recipe
+    from fedxr.federated.site import resolve_site_manifest
+    from fedxr.labels import VAL_AUROC
+    from fedxr.training import make_classifier, make_datamodule, make_trainer
+
+    args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    flare.init()
+    site = flare.get_site_name()
+    recipe = decode_recipe(args.recipe_b64)
+    manifest = resolve_site_manifest(site, args.sites_dir)
+    L.seed_everything(recipe.data.seed, workers=True, verbose=False)
+    work = Path(args.records or ".") / site
+    work.mkdir(parents=True, exist_ok=True)
+    fed = recipe.federated
+    dm = make_datamodule(recipe, [manifest], progress=False)
+    module = make_classifier(recipe, dm)
+    per_round = {"max_steps": fed.local_steps, "max_epochs": -1} if fed.local_steps else {"max_epochs": fed.local_epochs}
+    trainer = make_trainer(recipe, work, progress=False, enable_model_summary=False,
+                           logger=[ClientLogger()], num_sanity_val_steps=0, **per_round)
+    flare.patch(trainer)
+    local_state = None
+    records = Path(args.records) / f"{site}.jsonl" if args.records else None
+    while flare.is_running():
+        input_model = flare.receive()
+        if input_model is None:
+            break
+        rnd = input_model.current_round
+        # Read the task kind now: the patched trainer clears it once it has answered a validate task.
+        evaluate_only = is_evaluate()
+        if is_submit_model():
+            # Cross-site evaluation asks for this site's own last local model.
+            send(FLModel(params=local_state or module.cpu().state_dict()))
+            continue
+        if not evaluate_only and _should_fail(site, rnd):
+            raise RuntimeError(f"{site}: injected failure at round {rnd} ({FAIL_ENV})")
+        t0 = time.time()
+        result = trainer.validate(module, datamodule=dm, verbose=False)
+        t1 = time.time()
+        if evaluate_only:
+            continue  # the patched trainer already sent the metrics
+        steps_before = trainer.global_step
+        trainer.fit(module, datamodule=dm)
+        t2 = time.time()
+        local_state = copy.deepcopy(module.cpu().state_dict())
+        if records is not None and args.save_updates:
+            import torch
+
+            torch.save({"state_dict": local_state, "steps": trainer.global_step - steps_before},
+                       Path(args.records) / f"{site}_round{rnd}.pt")
+        if records is not None:
+            rec = {"site": site, "round": rnd, "val_auroc": float(result[0].get(VAL_AUROC, float("nan"))) if result else None,
+                   "val_images": len(dm.datasets["val"]), "train_images": len(dm.datasets["train"]),
+                   "steps": trainer.global_step - steps_before, "t_receive": t0, "t_validated": t1, "t_trained": t2,
+                   "validate_s": t1 - t0, "train_s": t2 - t1}
+            with open(records, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()

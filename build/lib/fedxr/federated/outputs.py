@@ -1,0 +1,178 @@
+"""Turn an NVFlare server result into fedxr outputs: checkpoints, round table, cross-site matrix, plots."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from fedxr.config import Recipe
+from fedxr.errors import FedxrError
+from fedxr.labels import VAL_AUROC
+from fedxr.models.checkpoint import save_checkpoint
+from fedxr.models.registry import get_spec
+
+#: NVFlare's file names for the last and the best global model, and how fedxr names them.
+GLOBAL_MODELS = {"FL_global_model.pt": "global_last.ckpt", "best_FL_global_model.pt": "global_best.ckpt"}
+SERVER_MODEL_LABELS = {"SRV_FL_global_model.pt": "global (last)", "SRV_best_FL_global_model.pt": "global (best)"}
+
+
+def nvflare_to_checkpoint(src: Path, dst: Path, recipe: Recipe, metrics: dict, model_name: str | None = None,
+                          source: str = "federate") -> Path:
+    """Convert an NVFlare PyTorch global model (``{"model": LightningModule state_dict}``) to fedxr format.
+
+    The thresholds are the global model's ``thresholds`` buffer: FedAvg's step-weighted mean of the
+    thresholds each site chose on its own validation split.
+    """
+    blob = torch.load(src, map_location="cpu", weights_only=False)
+    state = blob.get("model", blob)
+    net = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    if not net:
+        raise FedxrError(f"{src}: no 'model.*' weights in the NVFlare checkpoint")
+    name = model_name or recipe.model.name
+    spec = get_spec(name)
+    return save_checkpoint(dst, model_name=name, state_dict=net, image_size=recipe.data.image_size, mean=spec.mean,
+                           std=spec.std, thresholds=state["thresholds"], metrics=metrics, recipe=recipe.resolved(),
+                           source=source, extra={"nvflare_meta": _plain(blob.get("meta_props", {}))})
+
+
+def _plain(obj):
+    """JSON-safe copy (arrays → lists), so the checkpoint stays loadable with weights_only=True."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def read_records(records: Path) -> list[dict]:
+    rows = []
+    for path in sorted(records.glob("*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def round_table(rows: list[dict], cross_site: dict | None) -> list[dict]:
+    """Per round: each site's validation AUROC of the received global model, the val-size-weighted
+    aggregate, the round's wall time (first receive to the next round's first receive, or to the last
+    send for the final round) and each site's own training time."""
+    by_round: dict[int, list[dict]] = defaultdict(list)
+    for r in rows:
+        if isinstance(r.get("round"), int):
+            by_round[r["round"]].append(r)
+    rounds = sorted(by_round)
+    table = []
+    for i, rnd in enumerate(rounds):
+        recs = by_round[rnd]
+        start = min(r["t_receive"] for r in recs)
+        end = min(r["t_receive"] for r in by_round[rounds[i + 1]]) if i + 1 < len(rounds) else max(r["t_trained"] for r in recs)
+        scored = [r for r in recs if r["val_auroc"] is not None]
+        weight = sum(r["val_images"] for r in scored)
+        agg = sum(r["val_auroc"] * r["val_images"] for r in scored) / weight if weight else None
+        wall = end - start
+        site_train = max(r["train_s"] + r["validate_s"] for r in recs)
+        table.append({
+            "round": rnd, "aggregate_val_auroc": agg, "wall_s": round(wall, 3),
+            "overhead_share": round(max(0.0, 1 - site_train / wall), 4) if wall > 0 else None,
+            "sites": {r["site"]: {"val_auroc": r["val_auroc"], "train_s": round(r["train_s"], 3),
+                                  "validate_s": round(r["validate_s"], 3), "steps": r["steps"]} for r in recs},
+        })
+    if cross_site:
+        last = {site: scores.get("global (last)") for site, scores in cross_site["by_data_site"].items()}
+        table.append({"round": "final", "note": "last global model, scored by each site after training",
+                      "sites": {s: {"val_auroc": v} for s, v in last.items()}})
+    return table
+
+
+def read_cross_site(server_dir: Path) -> dict | None:
+    """``cross_val_results.json`` → {"by_data_site": {site: {model label: val_auroc}}, "models": [...]}."""
+    path = server_dir / "cross_site_val" / "cross_val_results.json"
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    if not raw:
+        return None
+    table = {site: {SERVER_MODEL_LABELS.get(m, f"{m} (local)"): (metrics or {}).get(VAL_AUROC) for m, metrics in models.items()}
+             for site, models in raw.items()}
+    models = sorted({m for v in table.values() for m in v}, key=lambda m: (not m.startswith("global"), m))
+    return {"metric": VAL_AUROC, "by_data_site": table, "models": models, "sites": sorted(table), "raw": raw}
+
+
+def plot_cross_site(cross: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models, sites = cross["models"], cross["sites"]
+    grid = np.array([[cross["by_data_site"][s].get(m) or np.nan for s in sites] for m in models], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(sites), 1.2 + 0.5 * len(models)))
+    im = ax.imshow(grid, cmap="viridis", vmin=0.5, vmax=1.0)
+    ax.set_xticks(range(len(sites)), sites)
+    ax.set_yticks(range(len(models)), models)
+    for i in range(len(models)):
+        for j in range(len(sites)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white" if grid[i, j] < 0.75 else "black")
+    ax.set_xlabel("data of site")
+    ax.set_title(f"cross-site {cross['metric']}")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_rounds(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numbered = [r for r in table if isinstance(r["round"], int)]
+    sites = sorted({s for r in table for s in r["sites"]})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for s in sites:
+        xs = [r["round"] for r in numbered if s in r["sites"] and r["sites"][s]["val_auroc"] is not None]
+        ys = [r["sites"][s]["val_auroc"] for r in numbered if s in r["sites"] and r["sites"][s]["val_auroc"] is not None]
+        final = next((r["sites"].get(s, {}).get("val_auroc") for r in table if r["round"] == "final"), None)
+        if final is not None:
+            xs, ys = xs + [len(numbered)], ys + [final]
+        ax.plot(xs, ys, "o-", label=s, alpha=0.8)
+    agg = [(r["round"], r["aggregate_val_auroc"]) for r in numbered if r["aggregate_val_auroc"] is not None]
+    if agg:
+        ax.plot(*zip(*agg), "k--", lw=2, label="aggregate")
+    ax.set_xlabel("round (validation of the received global model; last point: final global model)")
+    ax.set_ylabel(VAL_AUROC)
+    ax.axhline(0.5, c="grey", lw=0.7, ls=":")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def collect(recipe: Recipe, server_dir: Path, out: Path, records: Path | None, workspace: Path,
+            model_name: str | None = None, source: str = "federate") -> dict:
+    """Write fedxr's federated outputs into ``out`` from the server's run folder ``server_dir``."""
+    app = next((p for p in server_dir.glob("app_*") if (p / "FL_global_model.pt").is_file()), None)
+    if app is None:
+        raise FedxrError(f"{server_dir}: no FL_global_model.pt; the job did not finish — see the logs under {workspace}")
+    cross = read_cross_site(server_dir)
+    rows = read_records(records) if records and records.is_dir() else []
+    table = round_table(rows, cross) if rows else []
+    summary: dict = {"workspace": str(workspace), "server_run": str(server_dir),
+                     "tensorboard": str(server_dir / "tb_events"), "checkpoints": {}}
+    for nv_name, ours in GLOBAL_MODELS.items():
+        if (app / nv_name).is_file():
+            label = SERVER_MODEL_LABELS[f"SRV_{nv_name}"]
+            metrics = {"cross_site_val_auroc": {s: v.get(label) for s, v in cross["by_data_site"].items()}} if cross else {}
+            nvflare_to_checkpoint(app / nv_name, out / ours, recipe, metrics, model_name, source)
+            summary["checkpoints"][ours.removesuffix(".ckpt")] = str(out / ours)
+    if table:
+        (out / "rounds.json").write_text(json.dumps(table, indent=2))
+        plot_rounds(table, out / "rounds.png")
+        summary["rounds"] = str(out / "rounds.json")
+    if cross:
+        (out / "cross_site.json").write_text(json.dumps(cross, indent=2))
+        plot_cross_site(cross, out / "cross_site.png")
+        summary["cross_site"] = str(out / "cross_site.json")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

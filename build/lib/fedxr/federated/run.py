@@ -1,0 +1,200 @@
+"""`fedxr federate`: run the federated job in the simulator, in POC mode or in production, or export it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+from fedxr.config import Recipe
+from fedxr.data.manifest import site_manifest_paths
+from fedxr.data.prepare import require_sites
+from fedxr.errors import FedxrError
+from fedxr.federated import outputs
+from fedxr.federated.job import build_job, job_name, recipe_blob_is_not_a_secret
+from fedxr.federated.site import SITES_DIR_ENV
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def processes_using(path: Path) -> list:
+    """Processes whose command line or working folder lies under ``path`` (what POC mode started)."""
+    import psutil
+
+    key = str(path.resolve())
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        try:
+            text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["cwd"] or "")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if key in text and proc.pid != os.getpid():
+            found.append(proc)
+    return found
+
+
+def stop_processes(path: Path, grace_s: float = 10.0) -> int:
+    """Terminate (then kill) every process still running from ``path``; returns how many there were."""
+    import psutil
+
+    procs = processes_using(path)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    return len(procs)
+
+
+def _site_names(sites_dir: Path, recipe: Recipe) -> list[str]:
+    names = list(site_manifest_paths(sites_dir))
+    if recipe.federated.min_clients > len(names):
+        raise FedxrError(f"federated.min_clients ({recipe.federated.min_clients}) is more than the {len(names)} sites in {sites_dir}")
+    return names
+
+
+def _run_sim(job, recipe: Recipe, folder: Path, names: list[str]) -> Path:
+    from nvflare.recipe import SimEnv
+
+    workspace = folder / "nvflare"
+    shutil.rmtree(workspace / job_name(recipe), ignore_errors=True)
+    env = SimEnv(clients=names, num_threads=len(names), workspace_root=str(workspace))
+    try:
+        with recipe_blob_is_not_a_secret():
+            result = job.run(env).get_result()
+    except RuntimeError as exc:
+        raise FedxrError(f"the federated simulation failed: {exc}") from None
+    return Path(result) / "server" / "simulate_job"
+
+
+def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Path) -> tuple[Path, Path]:
+    """Provision a POC project (mutual TLS) into the run folder, start server and sites on localhost,
+    submit, wait, keep the result, and stop every process it started — on failure and Ctrl-C too."""
+    from nvflare.recipe import PocEnv
+
+    workspace = (folder / "poc").resolve()
+    stop_processes(workspace)
+    shutil.rmtree(workspace, ignore_errors=True)
+    workspace.parent.mkdir(parents=True, exist_ok=True)
+    results = folder / "poc_result"
+    shutil.rmtree(results, ignore_errors=True)
+    # Each POC site reads its own <site>.csv from this folder (a site fact given through the environment).
+    with _env(NVFLARE_POC_WORKSPACE=str(workspace), **{SITES_DIR_ENV: str(sites_dir.resolve())}):
+        env = PocEnv(clients=names)
+        try:
+            with recipe_blob_is_not_a_secret():
+                run = job.run(env)
+            deadline = recipe.federated.timeout_s * (recipe.federated.rounds + 2)
+            result = run.get_result(timeout=deadline, clean_up=False)
+            status = run.get_status()
+            if not result or not Path(result).exists():
+                raise FedxrError(f"POC job {run.get_job_id()} did not finish (status {status}); logs: {workspace}")
+            shutil.copytree(result, results)
+        finally:
+            with contextlib.suppress(Exception):
+                env.stop(clean_up=False)
+            stop_processes(workspace)
+    server = next((p.parent for p in results.rglob("FL_global_model.pt")), None)
+    if server is None:
+        raise FedxrError(f"POC result {results} holds no global model; logs: {workspace}")
+    return server.parent, workspace
+
+
+def _check_sites_trained(records: Path, recipe: Recipe, workspace: Path) -> None:
+    """Resilient aggregation leaves failed sites out; if every site failed in some round, the "global
+    model" is not a trained model, so the run fails here, pointing at the site logs."""
+    done = {r["round"] for r in outputs.read_records(records) if isinstance(r.get("round"), int)}
+    missing = [r for r in range(recipe.federated.rounds) if r not in done]
+    if missing:
+        raise FedxrError(
+            f"no site completed round(s) {', '.join(map(str, missing))} of the federated run; the sites' errors "
+            f"are in their logs under {workspace} (e.g. site-1/log.txt)")
+
+
+def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = None,
+             export_job: str | Path | None = None, extra_args: str = "", recipe_path: str | None = None) -> dict:
+    """Build the NVFlare job from the recipe and run (or export) it; returns the outputs summary."""
+    folder = recipe.run_dir / "federate"
+    records = folder / "records"
+    if export_job:
+        job = build_job(recipe, folder, "prod", extra_args=extra_args)
+        with recipe_blob_is_not_a_secret():
+            job.export(str(export_job))
+        return {"exported": str(Path(export_job) / job_name(recipe))}
+    if env in ("sim", "poc"):
+        sites_dir = require_sites(recipe, recipe_path)
+        names = _site_names(sites_dir, recipe)
+    shutil.rmtree(records, ignore_errors=True)
+    records.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if env == "sim":
+        job = build_job(recipe, folder, "sim", sites_dir=sites_dir, records=records, extra_args=extra_args)
+        server_dir = _run_sim(job, recipe, folder, names)
+        workspace = server_dir.parent.parent
+    elif env == "poc":
+        job = build_job(recipe, folder, "poc", records=records, extra_args=extra_args)
+        server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir)
+    elif env == "prod":
+        if not startup_kit:
+            raise FedxrError("--env prod needs --startup-kit DIR (the admin's startup kit from provisioning)")
+        from nvflare.recipe import ProdEnv
+
+        job = build_job(recipe, folder, "prod", extra_args=extra_args)
+        with recipe_blob_is_not_a_secret():
+            run = job.run(ProdEnv(startup_kit_location=str(startup_kit)))
+        result = run.get_result(timeout=recipe.federated.timeout_s * (recipe.federated.rounds + 2))
+        if not result:
+            raise FedxrError(f"production job {run.get_job_id()} did not finish (status {run.get_status()})")
+        server_dir = next(p.parent.parent for p in Path(result).rglob("FL_global_model.pt"))
+        workspace = Path(result)
+        records = None
+    else:
+        raise FedxrError(f"unknown --env {env!r}; use sim, poc or prod")
+    if records is not None:
+        _check_sites_trained(records, recipe, workspace)
+    summary = outputs.collect(recipe, server_dir, folder, records, workspace)
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    summary["env"] = env
+    return summary
+
+
+def format_summary(summary: dict, recipe: Recipe) -> str:
+    """What a user wants to see after a federated run: the round table and where everything is."""
+    if "exported" in summary:
+        return (f"wrote the NVFlare job to {summary['exported']}/\n"
+                f"submit it from an admin console: nvflare job submit -j {summary['exported']}  "
+                "(or: fedxr federate RECIPE --env prod --startup-kit ADMIN_KIT)")
+    import json
+
+    lines = [f"federated run ({summary['env']}) finished in {summary['wall_s']} s"]
+    if "rounds" in summary:
+        for r in json.loads(Path(summary["rounds"]).read_text()):
+            sites = ", ".join(f"{s} {v['val_auroc']:.3f}" for s, v in sorted(r["sites"].items()) if v.get("val_auroc") is not None)
+            agg = f"  aggregate {r['aggregate_val_auroc']:.3f}" if r.get("aggregate_val_auroc") is not None else ""
+            wall = f"  ({r['wall_s']:.1f} s)" if "wall_s" in r else ""
+            lines.append(f"  round {r['round']!s:>5}: {sites}{agg}{wall}")
+    for name, path in summary["checkpoints"].items():
+        lines.append(f"  {name:<12} {path}")
+    for key in ("rounds", "cross_site", "tensorboard", "workspace"):
+        if key in summary:
+            lines.append(f"  {key:<12} {summary[key]}")
+    best = summary["checkpoints"].get("global_best") or summary["checkpoints"].get("global_last")
+    if best:
+        lines.append(f"next: fedxr evaluate {best} --data {recipe.run_dir / 'sites'} --split test")
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""Reading clinical image files into one 8-bit gray array, and resizing it. Torch-free.
+
+This is the single implementation of image decoding used everywhere: the training cache, evaluation
+and the edge runtime (which must run where torch is absent). It needs only numpy, Pillow and pydicom.
+
+Conversion rules (documented because a model is only valid on inputs preprocessed the same way):
+
+* 8-bit gray PNG/JPEG: unchanged.
+* RGB, RGBA, LA and palette images: converted with ITU-R 601 luma (Pillow's ``convert("L")``);
+  alpha is ignored (NIH's RGBA PNGs are opaque).
+* 16-bit (and 32-bit integer) gray PNG: values are scaled linearly from ``[0, 4095]`` when the image's
+  maximum fits in 12 bits (typical detector data), else from ``[0, 65535]``.
+* DICOM: modality LUT (rescale slope/intercept), then the VOI LUT or the first window centre/width
+  when present, else the min..max of the pixel data, mapped to 0..255; MONOCHROME1 is inverted so that
+  bone is always bright.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fedxr.errors import DataError
+
+#: File name suffixes treated as images when searching folders.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+
+
+class ImageReadError(DataError):
+    """An image file could not be decoded; the message names the file."""
+
+
+def _is_dicom(path: Path, head: bytes) -> bool:
+    return head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom")
+
+
+def _scale_to_uint8(arr: np.ndarray, low: float, high: float) -> np.ndarray:
+    arr = arr.astype(np.float32)
+    if high <= low:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    out = (arr - low) * (255.0 / (high - low))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _pil_to_gray(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img)
+        top = 4095.0 if arr.max(initial=0) <= 4095 else 65535.0
+        return _scale_to_uint8(arr, 0.0, top)
+    if img.mode == "F":
+        arr = np.asarray(img)
+        return _scale_to_uint8(arr, float(arr.min()), float(arr.max()))
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGB" if img.mode == "RGBA" else "L")
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(str(path))
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from None
+    if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]  # multi-frame: the first frame is the radiograph
+    if pixels.ndim != 2:
+        raise ImageReadError(f"{path}: DICOM pixel data has shape {pixels.shape}; expected one gray frame")
+    arr = apply_modality_lut(pixels, ds).astype(np.float32)
+    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+    if has_voi:
+        arr = apply_voi_lut(arr, ds, index=0).astype(np.float32)
+    low, high = float(arr.min()), float(arr.max())
+    out = _scale_to_uint8(arr, low, high)
+    if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """Read a PNG, JPEG or DICOM file into an (H, W) uint8 array. Raises ImageReadError naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot open ({exc})") from None
+    if not head:
+        raise ImageReadError(f"{path}: file is empty (0 bytes); re-copy it from the source")
+    if _is_dicom(path, head):
+        return _read_dicom(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _pil_to_gray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: corrupt or unsupported image ({exc}); re-copy it or remove it from the list") from None
+
+
+def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
+    """Resize an (H, W) uint8 image to (size, size) with antialiased bilinear filtering.
+
+    The aspect ratio is not kept (chest radiographs are close to square; this matches CheXNet-style
+    preprocessing). Both training and the edge runtime call this one function.
+    """
+    if gray.shape == (size, size):
+        return gray
+    img = Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8))
+    return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def load_for_model(path: str | Path, size: int) -> np.ndarray:
+    """Read and resize: the (size, size) uint8 array a model's preprocessing starts from."""
+    return resize_square(read_gray(path), size)
+
+
+#: The preprocessing recipe, stored in every exported model so that a reader of the .onnx file alone
+#: can reproduce it.
+PREPROCESSING = ("decode to 8-bit gray (fedxr.imaging.read_gray rules) -> resize to SxS, bilinear, antialiased, "
+                 "aspect not kept -> x/255 -> (x - mean)/std -> NCHW float32 with C=1")
+
+
+def to_unit(gray: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W) → float32 in [0, 1]."""
+    return np.asarray(gray, dtype=np.float32) / np.float32(255.0)
+
+
+def standardize(unit: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """(x − mean) / std on float32 arrays in [0, 1]: the model's input normalisation."""
+    return (unit - np.float32(mean)) / np.float32(std)
+
+
+def model_input(grays: list[np.ndarray] | np.ndarray, mean: float, std: float) -> np.ndarray:
+    """Stack resized uint8 images into the (N, 1, S, S) float32 batch a fedxr model takes."""
+    batch = np.stack([np.asarray(g, dtype=np.uint8) for g in grays])
+    return standardize(to_unit(batch), mean, std)[:, None, :, :]

@@ -1,0 +1,1 @@
+"""Model registry, the multi-label classifier, metrics and the fedxr checkpoint format."""

@@ -1,0 +1,82 @@
+"""The one fedxr checkpoint format, written by training, federation and distillation alike.
+
+A checkpoint is a ``torch.save`` dict of tensors and plain data (loadable with ``weights_only=True``):
+
+=================  =====================================================================
+``format``         ``fedxr-checkpoint-v1``
+``model_name``     registry name: the model is rebuilt from the file alone
+``state_dict``     the network's weights (no optimizer state)
+``image_size``     input size in pixels; ``mean`` / ``std``: input normalisation
+``labels``         the label names in output order
+``thresholds``     per-class decision thresholds chosen on validation (list of floats)
+``metrics``        validation (and test) scores at save time
+``recipe``         the resolved recipe that produced it
+``fedxr_version``  the fedxr version that wrote it; ``source``: train/federate/distill
+=================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedxr import __version__
+from fedxr.errors import FedxrError
+from fedxr.labels import LABELS
+
+CHECKPOINT_FORMAT = "fedxr-checkpoint-v1"
+REQUIRED_KEYS = ("format", "model_name", "state_dict", "image_size", "mean", "std", "labels", "thresholds")
+
+
+def save_checkpoint(
+    path: str | Path, *, model_name: str, state_dict: dict[str, torch.Tensor], image_size: int, mean: float,
+    std: float, thresholds: list[float] | torch.Tensor, metrics: dict | None = None,
+    recipe: dict | None = None, source: str = "train", extra: dict | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(thresholds, torch.Tensor):
+        thresholds = thresholds.detach().cpu().tolist()
+    payload: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT, "model_name": model_name,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
+        "image_size": int(image_size), "mean": float(mean), "std": float(std), "labels": list(LABELS),
+        "thresholds": [float(t) for t in thresholds], "metrics": metrics or {}, "recipe": recipe or {},
+        "fedxr_version": __version__, "source": source, **(extra or {}),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and check a fedxr checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedxrError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FedxrError(f"{path}: not a readable fedxr checkpoint ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise FedxrError(f"{path}: not a {CHECKPOINT_FORMAT} file (missing {', '.join(missing) or 'format tag'})")
+    if list(ckpt["labels"]) != list(LABELS):
+        raise FedxrError(f"{path}: its labels {ckpt['labels']} differ from this fedxr's label order")
+    return ckpt
+
+
+def model_from_checkpoint(path_or_ckpt: str | Path | dict) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network from a checkpoint; returns (model in eval mode, checkpoint dict)."""
+    from fedxr.models.registry import build_model
+
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
+    model = build_model(ckpt["model_name"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt

@@ -1,0 +1,162 @@
+"""The multi-label chest X-ray classifier as a LightningModule (teacher and student alike)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from fedxr.labels import LABELS, NUM_LABELS, TEST_AP, TEST_AUROC, TRAIN_LOSS, VAL_AP, VAL_AUROC, VAL_LOSS, per_class_metric
+from fedxr.models.checkpoint import save_checkpoint
+from fedxr.models.metrics import choose_thresholds, multilabel_scores
+from fedxr.models.registry import build_model, get_spec
+
+log = logging.getLogger(__name__)
+
+
+def pos_weight_from_labels(labels: np.ndarray, cap: float) -> list[float]:
+    """BCE pos_weight per class = negatives / positives, capped; 1.0 for a class with no positives."""
+    labels = np.asarray(labels, dtype=np.float64)
+    pos = labels.sum(0)
+    neg = labels.shape[0] - pos
+    return [float(min(cap, n / p)) if p > 0 else 1.0 for p, n in zip(pos, neg)]
+
+
+class XRayClassifier(L.LightningModule):
+    """Images (N, 1, S, S) → logits (N, 14). BCE-with-logits, AdamW, warm-up + cosine schedule.
+
+    Validation computes per-class and macro AUROC / AP (``val_auroc`` is the key metric) and re-chooses
+    the per-class decision thresholds, which are kept in the ``thresholds`` buffer and so travel with
+    every checkpoint.
+    """
+
+    def __init__(
+        self, model_name: str, pretrained: bool = False, lr: float = 1e-3, weight_decay: float = 1e-4,
+        warmup_epochs: float = 0.0, pos_weight: list[float] | None = None, channels_last: bool = False,
+        compile_model: bool = False, threshold_rule: str = "youden", image_size: int | None = None,
+        mean: float | None = None, std: float | None = None,
+    ):
+        super().__init__()
+        spec = get_spec(model_name)
+        self.save_hyperparameters()
+        # Constructor arguments are also kept as same-named attributes: NVFlare's job builder rebuilds
+        # a component from them when a recipe registers the model instance (FedOpt does).
+        self.model_name, self.pretrained, self.lr, self.weight_decay = model_name, pretrained, lr, weight_decay
+        self.warmup_epochs, self.channels_last, self.compile_model = warmup_epochs, channels_last, compile_model
+        self.threshold_rule = threshold_rule
+        self.image_size = image_size or spec.input_size
+        self.mean = spec.mean if mean is None else mean
+        self.std = spec.std if std is None else std
+        self.model = build_model(model_name, pretrained=pretrained)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # Kept out of the module tree (plain __dict__ entry) so state_dict keys stay `model.*` only.
+        self.__dict__["_compiled"] = torch.compile(self.model) if compile_model else None
+        # pos_weight is a site fact (its own label balance): a plain attribute, not a buffer, so that
+        # federated averaging never mixes it across sites.
+        self.pos_weight = list(pos_weight) if pos_weight else None
+        self._pos_weight = torch.tensor(self.pos_weight or [1.0] * NUM_LABELS, dtype=torch.float32)
+        self.register_buffer("thresholds", torch.full((NUM_LABELS,), 0.5))
+        self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
+        self.last_scores: dict[str, dict] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (self._compiled or self.model)(x)
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=self._pos_weight.to(logits.device))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self._loss(self(x), y)
+        self.log(TRAIN_LOSS, loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def _eval_step(self, batch, stage: str):
+        x, y = batch
+        logits = self(x)
+        if stage == "val":
+            self.log(VAL_LOSS, self._loss(logits, y), prog_bar=False, batch_size=len(x))
+        self._outputs[stage].append((torch.sigmoid(logits.float()).detach(), y.detach()))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def _gather(self, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = self._outputs[stage]
+        self._outputs[stage] = []
+        probs = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, NUM_LABELS)
+        targets = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, NUM_LABELS)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            probs = self.all_gather(probs).reshape(-1, NUM_LABELS)
+            targets = self.all_gather(targets).reshape(-1, NUM_LABELS)
+        return probs.cpu(), targets.cpu()
+
+    def _epoch_end(self, stage: str, auroc_name: str, ap_name: str) -> None:
+        probs, targets = self._gather(stage)
+        if len(probs) == 0:
+            return
+        scores = multilabel_scores(probs, targets)
+        if scores["note"]:
+            log.info("%s: %s", stage, scores["note"])
+        macro = scores["macro_auroc"]
+        self.log(auroc_name, 0.5 if math.isnan(macro) else macro, prog_bar=True, sync_dist=False)
+        if not math.isnan(scores["macro_ap"]):
+            self.log(ap_name, scores["macro_ap"], sync_dist=False)
+        for name, value in scores["auroc"].items():
+            if value is not None:
+                self.log(per_class_metric(auroc_name, name), value, sync_dist=False)
+        if stage == "val" and not (self.trainer and self.trainer.sanity_checking):
+            self.thresholds.copy_(choose_thresholds(probs, targets, self.hparams.threshold_rule))
+        self.last_scores[stage] = scores
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val", VAL_AUROC, VAL_AP)
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test", TEST_AUROC, TEST_AP)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = int(self.hparams.warmup_epochs * per_epoch)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def save_fedxr_checkpoint(self, path: str | Path, recipe: dict | None = None, source: str = "train",
+                              metrics: dict | None = None) -> Path:
+        """Write the network, thresholds and metadata in the fedxr checkpoint format."""
+        return save_checkpoint(
+            path, model_name=self.hparams.model_name, state_dict=self.model.state_dict(), image_size=self.image_size,
+            mean=self.mean, std=self.std, thresholds=self.thresholds, recipe=recipe, source=source,
+            metrics=metrics if metrics is not None else {k: v for k, v in self.last_scores.items()},
+        )
+
+    @classmethod
+    def from_fedxr_checkpoint(cls, ckpt: dict, **overrides) -> "XRayClassifier":
+        module = cls(ckpt["model_name"], image_size=ckpt["image_size"], mean=ckpt["mean"], std=ckpt["std"], **overrides)
+        module.model.load_state_dict(ckpt["state_dict"])
+        module.thresholds.copy_(torch.tensor(ckpt["thresholds"]))
+        return module

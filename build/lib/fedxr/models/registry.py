@@ -1,0 +1,102 @@
+"""Named model builders: teachers, students and a tiny CNN for tests.
+
+Every entry knows its default input size and normalisation, so data loading, export and the edge
+runtime preprocess images the way the model expects. Parameter counts and MACs are computed (on the
+meta device, so no memory is allocated) with ``torch.utils.flop_counter``. This module imports torch
+only inside the functions that build models, so the recipe checker can validate names cheaply.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import lru_cache
+
+from fedxr.errors import FedxrError
+from fedxr.labels import NUM_LABELS
+
+#: Gray-scale equivalents of ImageNet normalisation (timm averages the RGB stem for in_chans=1).
+GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD = 0.449, 0.226
+
+
+class UnknownModelError(FedxrError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    role: str              # teacher | student | test
+    timm_name: str | None  # None for models defined here
+    input_size: int
+    mean: float
+    std: float
+    description: str
+
+
+_SPECS = (
+    ModelSpec("densenet121", "teacher", "densenet121", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "CheXNet architecture (default teacher)"),
+    ModelSpec("resnet50", "teacher", "resnet50", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "ResNet-50"),
+    ModelSpec("convnext_tiny", "teacher", "convnext_tiny", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "ConvNeXt-T"),
+    ModelSpec("efficientnet_b3", "teacher", "efficientnet_b3", 288, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "EfficientNet-B3"),
+    ModelSpec("mobilenetv3_small_100", "student", "mobilenetv3_small_100", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "MobileNetV3-Small"),
+    ModelSpec("mobilenetv3_large_100", "student", "mobilenetv3_large_100", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "MobileNetV3-Large"),
+    ModelSpec("efficientnet_lite0", "student", "efficientnet_lite0", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "EfficientNet-Lite0 (edge-friendly ops)"),
+    ModelSpec("resnet18", "student", "resnet18", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "ResNet-18"),
+    ModelSpec("tiny_cnn", "test", None, 64, 0.5, 0.25, "4-block CNN for tests and CPU demos"),
+)
+REGISTRY: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``; unknown names fail with the list and a "did you mean"."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    close = difflib.get_close_matches(name, list(REGISTRY), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise UnknownModelError(f"unknown model {name!r}; {hint}known models: {', '.join(REGISTRY)}")
+
+
+def build_model(name: str, pretrained: bool = False, num_classes: int = NUM_LABELS):
+    """Build a registry model (a torch ``nn.Module``) with one input channel and ``num_classes`` logits."""
+    spec = get_spec(name)
+    if spec.timm_name is None:
+        from fedxr.models.tiny import TinyCNN
+
+        if pretrained:
+            raise FedxrError(f"model {name!r} has no pretrained weights; set model.pretrained: false")
+        return TinyCNN(num_classes)
+    import timm
+
+    try:
+        return timm.create_model(spec.timm_name, pretrained=pretrained, in_chans=1, num_classes=num_classes)
+    except Exception as exc:
+        if pretrained:
+            raise FedxrError(
+                f"could not fetch pretrained weights for {name!r} ({type(exc).__name__}: {exc}); "
+                "pretrained: true needs network access to the weight hub — set model.pretrained: false"
+            ) from None
+        raise
+
+
+@lru_cache(maxsize=None)
+def complexity(name: str, input_size: int | None = None) -> tuple[int, int]:
+    """(parameters, multiply-accumulates for one image) at ``input_size`` (default: the entry's)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = input_size or get_spec(name).input_size
+    with torch.device("meta"):
+        model = build_model(name).eval()
+        x = torch.zeros(1, 1, size, size)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+    return sum(p.numel() for p in model.parameters()), int(counter.get_total_flops() // 2)
+
+
+def format_table() -> str:
+    lines = [f"{'name':<24}{'role':<9}{'params':>10}{'MACs':>10}{'input':>7}  description", "-" * 86]
+    for spec in REGISTRY.values():
+        params, macs = complexity(spec.name)
+        lines.append(f"{spec.name:<24}{spec.role:<9}{params / 1e6:>9.2f}M{macs / 1e9:>9.3f}G{spec.input_size:>7}  {spec.description}")
+    return "\n".join(lines)

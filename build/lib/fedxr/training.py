@@ -1,0 +1,100 @@
+"""Centralised and single-site training: the upper- and lower-bound baselines of federated learning."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from fedxr.config import Recipe
+from fedxr.data.datamodule import SiteDataModule
+from fedxr.data.manifest import site_manifest_paths
+from fedxr.errors import FedxrError
+from fedxr.labels import VAL_AUROC
+from fedxr.models.classifier import XRayClassifier, pos_weight_from_labels
+from fedxr.models.registry import get_spec
+
+
+class BestCheckpoint(Callback):
+    """Writes ``best.ckpt`` (fedxr format) whenever ``val_auroc`` improves and ``last.ckpt`` at the end."""
+
+    def __init__(self, folder: Path, recipe: dict, source: str = "train"):
+        self.folder, self.recipe, self.source = Path(folder), recipe, source
+        self.best = -math.inf
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: XRayClassifier) -> None:
+        if trainer.sanity_checking or VAL_AUROC not in trainer.callback_metrics:
+            return
+        score = float(trainer.callback_metrics[VAL_AUROC])
+        if score > self.best:
+            self.best = score
+            pl_module.save_fedxr_checkpoint(self.folder / "best.ckpt", self.recipe, self.source)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: XRayClassifier) -> None:
+        pl_module.save_fedxr_checkpoint(self.folder / "last.ckpt", self.recipe, self.source)
+
+
+def make_trainer(recipe: Recipe, folder: Path, callbacks: list | None = None, max_epochs: int | None = None,
+                 max_steps: int | None = None, progress: bool = True, **kwargs) -> L.Trainer:
+    """A Trainer configured from the recipe's model section (precision, devices, strategy)."""
+    m = recipe.model
+    if "logger" not in kwargs:
+        kwargs["logger"] = [CSVLogger(str(folder), name="logs", version=""),
+                            TensorBoardLogger(str(folder), name="tb", version="")]
+    return L.Trainer(
+        accelerator=m.accelerator, devices=m.devices, strategy=m.strategy, precision=m.precision,
+        max_epochs=max_epochs if max_epochs is not None else m.max_epochs,
+        max_steps=max_steps if max_steps is not None else m.max_steps,
+        callbacks=callbacks or [], default_root_dir=str(folder), enable_checkpointing=False,
+        enable_progress_bar=progress, log_every_n_steps=5, deterministic=False, **kwargs,
+    )
+
+
+def make_datamodule(recipe: Recipe, manifests: list[Path], model_name: str | None = None, progress: bool = True) -> SiteDataModule:
+    spec = get_spec(model_name or recipe.model.name)
+    d = recipe.data
+    return SiteDataModule(manifests, image_size=d.image_size, batch_size=d.batch_size, num_workers=d.num_workers,
+                          mean=spec.mean, std=spec.std, augment=d.augment, cache_dir=d.cache_dir, progress=progress)
+
+
+def make_classifier(recipe: Recipe, dm: SiteDataModule, model_name: str | None = None) -> XRayClassifier:
+    m = recipe.model
+    dm.setup("fit")
+    return XRayClassifier(
+        model_name or m.name, pretrained=m.pretrained, lr=m.lr, weight_decay=m.weight_decay,
+        warmup_epochs=m.warmup_epochs, pos_weight=pos_weight_from_labels(dm.split_labels("train"), m.pos_weight_cap),
+        channels_last=m.channels_last, compile_model=m.compile, threshold_rule=m.threshold_rule,
+        image_size=recipe.data.image_size,
+    )
+
+
+def train(recipe: Recipe, sites_folder: Path, mode: str = "central", site: str | None = None,
+          progress: bool = True) -> dict:
+    """Train on all sites pooled (``central``) or on one site (``local``). Returns a summary dict."""
+    L.seed_everything(recipe.data.seed, workers=True, verbose=False)
+    paths = site_manifest_paths(sites_folder)
+    if mode == "central":
+        manifests, tag = list(paths.values()), "central"
+    elif mode == "local":
+        if site not in paths:
+            raise FedxrError(f"--site {site!r} is not one of the sites: {', '.join(paths)}")
+        manifests, tag = [paths[site]], f"local_{site}"
+    else:
+        raise FedxrError(f"unknown --mode {mode!r}; use central or local")
+    folder = recipe.run_dir / f"train_{tag}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.yaml").write_text(recipe.to_yaml())
+    dm = make_datamodule(recipe, manifests, progress=progress)
+    module = make_classifier(recipe, dm)
+    ckpt_cb = BestCheckpoint(folder, recipe.resolved(), source=f"train:{tag}")
+    trainer = make_trainer(recipe, folder, callbacks=[ckpt_cb], progress=progress)
+    trainer.fit(module, datamodule=dm)
+    summary = {"mode": mode, "site": site, "folder": str(folder), "best_val_auroc": ckpt_cb.best,
+               "best": str(folder / "best.ckpt"), "last": str(folder / "last.ckpt")}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+

@@ -1,0 +1,160 @@
+"""Checkpoint → verified ONNX artifacts + manifest.json (what `python -m fedxr.export` runs)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedxr.data.manifest import read_manifest
+from fedxr.errors import FedxrError
+from fedxr.export.onnx import INPUT, export_fp32, model_metadata, parity, set_metadata, sha256_of
+from fedxr.export.quantize import quantize_int8
+from fedxr.imaging import load_for_model, model_input
+from fedxr.labels import LABELS
+from fedxr.models.checkpoint import model_from_checkpoint
+from fedxr.models.metrics import multilabel_scores
+
+MIN_CALIBRATION = 100
+INT8_MIN_SPEEDUP, INT8_MAX_AUROC_LOSS = 1.2, 0.01
+
+
+def validation_images(ckpt: dict, data: str | Path | None, size: int, limit: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Up to ``limit`` validation images (uint8, resized) and labels from site manifests."""
+    if data is None:
+        out = ckpt.get("recipe", {}).get("output", {})
+        data = Path(out.get("runs_dir", "runs")) / out.get("name", "") / "sites"
+    data = Path(data)
+    manifests = [data] if data.is_file() else sorted(data.glob("site-*.csv"))
+    if not manifests:
+        raise FedxrError(f"{data}: no site manifests for validation images; pass --data SITES_DIR (from `fedxr data split`)")
+    rows = [m[m["split"] == "val"] for m in (read_manifest(p) for p in manifests)]
+    import pandas as pd
+
+    val = pd.concat(rows).head(limit)
+    if val.empty:
+        raise FedxrError(f"{data}: the manifests have no validation rows to verify and calibrate with")
+    return [load_for_model(p, size) for p in val["path"]], val[list(LABELS)].to_numpy(dtype=np.float32)
+
+
+def _batches(x: np.ndarray, size: int) -> list[np.ndarray]:
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+def _latency_ms(session, x1: np.ndarray, runs: int = 20) -> float:
+    name = session.get_inputs()[0].name
+    for _ in range(3):
+        session.run(None, {name: x1})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, {name: x1})
+        times.append(time.perf_counter() - t)
+    return round(float(np.median(times)) * 1000, 3)
+
+
+def _auroc(session, x: np.ndarray, y: np.ndarray) -> float:
+    name = session.get_inputs()[0].name
+    logits = np.concatenate([session.run(None, {name: b})[0] for b in _batches(x, 16)])
+    return round(multilabel_scores(torch.sigmoid(torch.from_numpy(logits)), torch.from_numpy(y.copy()))["macro_auroc"], 4)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8: str = "auto", fp16: bool = False,
+                      opset: int = 18, data: str | Path | None = None, calibration_images: int = 200,
+                      parity_tolerance: float = 1e-4) -> dict:
+    """Export, verify and describe; returns the manifest (``ok`` is False when a check failed)."""
+    import onnx
+    import onnxruntime as ort
+
+    ckpt_path = Path(ckpt_path)
+    model, ckpt = model_from_checkpoint(ckpt_path)
+    name, size = ckpt["model_name"], ckpt["image_size"]
+    out = Path(out) if out else Path("export") / f"{ckpt.get('recipe', {}).get('output', {}).get('name', 'model')}_{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    images, labels = validation_images(ckpt, data, size, max(calibration_images, 16))
+    x = model_input(images, ckpt["mean"], ckpt["std"])
+    files, checks_ok = [], True
+
+    fp32 = export_fp32(model, size, out / f"{name}_fp32.onnx", opset)
+    sess = _session(fp32)
+    diff = parity(model, sess, [x[:1], x[:8]])
+    passed = diff <= parity_tolerance
+    checks_ok &= passed
+    auroc = _auroc(sess, x, labels)
+    set_metadata(fp32, model_metadata(ckpt, ckpt_path, "onnx-fp32", auroc))
+    onnx.checker.check_model(str(fp32), full_check=True)
+    lat32 = _latency_ms(_session(fp32), x[:1])
+    files.append({"file": fp32.name, "format": "onnx-fp32", "parity_max_abs_logit": diff, "parity_tolerance": parity_tolerance,
+                  "parity_ok": passed, "val_auroc": auroc, "latency_ms_b1_p50": lat32, "kept": True})
+
+    decision = "int8 off"
+    if int8 != "off":
+        if len(images) < MIN_CALIBRATION:
+            warnings.warn(f"INT8 calibration uses only {len(images)} validation images (< {MIN_CALIBRATION}); "
+                          "its ranges may not represent your data", stacklevel=2)
+        q = quantize_int8(fp32, out / f"{name}_int8.onnx", INPUT, _batches(x, 8))
+        set_metadata(q, model_metadata(ckpt, ckpt_path, "onnx-int8-qdq", None))
+        qs = _session(q)
+        q_auroc, q_lat = _auroc(qs, x, labels), _latency_ms(qs, x[:1])
+        set_metadata(q, model_metadata(ckpt, ckpt_path, "onnx-int8-qdq", q_auroc))
+        speedup = lat32 / q_lat if q_lat else 0.0
+        loss = auroc - q_auroc
+        good = speedup >= INT8_MIN_SPEEDUP and loss <= INT8_MAX_AUROC_LOSS
+        keep = int8 == "on" or good
+        decision = (f"INT8 {'kept' if keep else 'dropped'}: {speedup:.2f}x faster than FP32 (needs >= {INT8_MIN_SPEEDUP}), "
+                    f"macro AUROC {q_auroc:.4f} vs {auroc:.4f} (loss {loss:+.4f}, allowed {INT8_MAX_AUROC_LOSS})"
+                    + (" — kept because --int8 on" if int8 == "on" and not good else ""))
+        files.append({"file": q.name, "format": "onnx-int8-qdq", "val_auroc": q_auroc, "latency_ms_b1_p50": q_lat,
+                      "speedup_vs_fp32": round(speedup, 3), "kept": keep})
+        if not keep:
+            q.unlink()
+    if fp16:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        h = out / f"{name}_fp16.onnx"
+        m16 = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
+        onnx.save(m16, str(h))
+        hs = _session(h)
+        d16 = parity(model, hs, [x[:1], x[:8]])
+        files.append({"file": h.name, "format": "onnx-fp16", "parity_max_abs_logit": d16, "val_auroc": _auroc(hs, x, labels),
+                      "latency_ms_b1_p50": _latency_ms(hs, x[:1]), "kept": True})
+    for f in files:
+        p = out / f["file"]
+        if p.exists():
+            f.update(size_bytes=p.stat().st_size, sha256=sha256_of(p), opset=opset)
+    kept = [f for f in files if f["kept"]]
+    best = min(kept, key=lambda f: f["latency_ms_b1_p50"])
+    manifest = {
+        "checkpoint": str(ckpt_path), "checkpoint_sha256": sha256_of(ckpt_path), "model_name": name,
+        "input_size": size, "validation_images": len(images), "int8_decision": decision, "files": files,
+        "recommended": best["file"], "ok": bool(checks_ok),
+        "runtime": {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__,
+                    "python": platform.python_version(), "machine": platform.machine()},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    manifest["out"] = str(out)
+    return manifest
+
+
+def format_manifest(m: dict) -> str:
+    lines = [f"{'file':<34}{'format':<15}{'MB':>7}{'AUROC':>8}{'b1 ms':>9}{'parity':>11}  kept"]
+    for f in m["files"]:
+        par = f"{f['parity_max_abs_logit']:.1e}" if "parity_max_abs_logit" in f else "-"
+        size = f"{f['size_bytes'] / 1e6:.2f}" if "size_bytes" in f else "-"
+        lines.append(f"{f['file']:<34}{f['format']:<15}{size:>7}{f['val_auroc']:>8.4f}{f['latency_ms_b1_p50']:>9.2f}"
+                     f"{par:>11}  {'yes' if f['kept'] else 'no'}")
+    lines += [m["int8_decision"], f"recommended: {m['recommended']}  ({'all checks passed' if m['ok'] else 'CHECK FAILED'})",
+              f"next: python -m fedxr.edge predict {m['out']} path/to/cxr.png",
+              f"      python -m fedxr.edge bench {m['out']}"]
+    return "\n".join(lines)

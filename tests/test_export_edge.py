@@ -1,0 +1,179 @@
+"""python -m fedxr.export and the torch-free runtime fedxr.edge, on a real (tiny) trained checkpoint."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from fedxr.cli import main as fedxr_main
+from fedxr.edge import ModelMetadataError, load_model
+from fedxr.edge.cli import main as edge_main
+from fedxr.errors import FedxrError
+from fedxr.export.__main__ import main as export_main
+
+from conftest import ROOT, SHARED_NIH, needs_shared, tiny_recipe_overrides
+from test_imaging import GRADIENT, _dicom
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    ov = tiny_recipe_overrides(tmp, patients=80)
+    assert fedxr_main(["data", "prepare", str(QUICKSTART), *ov]) == 0
+    assert fedxr_main(["train", str(QUICKSTART), *ov]) == 0
+    ckpt = tmp / "runs" / "t" / "train_central" / "best.ckpt"
+    out = tmp / "export"
+    assert export_main([str(ckpt), "--out", str(out), "--int8", "on", "--data", str(tmp / "runs" / "t" / "sites")]) == 0
+    return tmp, ckpt, out
+
+
+def test_export_files_metadata_and_manifest(exported):
+    tmp, ckpt, out = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ok"] and {f["format"] for f in manifest["files"]} == {"onnx-fp32", "onnx-int8-qdq"}
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tiny_cnn_fp32.onnx", "tiny_cnn_int8.onnx"]  # no side files
+    fp32 = next(f for f in manifest["files"] if f["format"] == "onnx-fp32")
+    assert fp32["parity_max_abs_logit"] <= 1e-4 and fp32["parity_ok"]
+    import hashlib
+
+    for f in manifest["files"]:
+        path = out / f["file"]
+        assert f["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and f["size_bytes"] == path.stat().st_size
+        assert f["opset"] == 18 and f["latency_ms_b1_p50"] > 0 and 0 <= f["val_auroc"] <= 1
+    assert set(manifest["runtime"]) >= {"onnx", "onnxruntime", "torch"}
+    model = onnx.load(str(out / "tiny_cnn_fp32.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    props = {p.key: json.loads(p.value) for p in model.metadata_props if p.key.startswith("fedxr.")}
+    assert props["fedxr.labels"][0] == "Atelectasis" and len(props["fedxr.thresholds"]) == 14
+    assert props["fedxr.input_size"] == 32 and props["fedxr.model_name"] == "tiny_cnn"
+    assert props["fedxr.checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert "resize" in props["fedxr.preprocessing"] and props["fedxr.val_auroc"] == fp32["val_auroc"]
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 32, 32]  # dynamic batch
+
+
+def test_int8_auto_records_its_decision(exported, tmp_path):
+    tmp, ckpt, _ = exported
+    assert export_main([str(ckpt), "--out", str(tmp_path / "auto"), "--data", str(tmp / "runs" / "t" / "sites")]) == 0
+    manifest = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    q = next(f for f in manifest["files"] if f["format"] == "onnx-int8-qdq")
+    assert "faster than FP32" in manifest["int8_decision"] and "AUROC" in manifest["int8_decision"]
+    assert (tmp_path / "auto" / q["file"]).exists() == q["kept"]
+
+
+def test_export_rejects_a_corrupt_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    assert export_main([str(bad), "--out", str(tmp_path / "x")]) == 1
+    assert "bad.ckpt: not a readable fedxr checkpoint" in capsys.readouterr().err
+
+
+def test_edge_preprocessing_is_the_training_cache_byte_for_byte(exported):
+    from fedxr.data.cache import build_cache
+
+    tmp, _, out = exported
+    images = sorted((tmp / "phantom" / "images").glob("*.png"))[:5]
+    cache = build_cache(images, 32, tmp / "cache2", progress=False)
+    model = load_model(out / "tiny_cnn_fp32.onnx")
+    for row, path in zip(cache, images):
+        assert model.preprocess(path).tobytes() == np.asarray(row).tobytes()
+
+
+@needs_shared
+def test_predict_formats_and_bad_inputs(exported, tmp_path, capsys):
+    _, _, out = exported
+    real = SHARED_NIH / "00000001_000.png"
+    Image.open(real).convert("RGB").save(tmp_path / "photo.jpg")           # a colour photo: converted, works
+    Image.fromarray((GRADIENT.astype(np.uint16) * 257)).save(tmp_path / "sixteen.png")
+    _dicom(tmp_path / "study.dcm", GRADIENT.astype(np.uint16) * 16, photometric="MONOCHROME1", window=(2000, 1000))
+    (tmp_path / "notes.png").write_text("this is text, not an image")
+    (tmp_path / "cut.png").write_bytes(real.read_bytes()[:200])
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    nopix = FileDataset(str(tmp_path / "nopixels.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    nopix.Modality = "DX"
+    nopix.save_as(str(tmp_path / "nopixels.dcm"), enforce_file_format=True)
+    assert pydicom.dcmread(str(tmp_path / "nopixels.dcm")).Modality == "DX"
+
+    rc = edge_main(["predict", str(out), str(real), str(tmp_path), "--json"])
+    assert rc == 2  # some inputs failed, the rest were processed
+    results = {r["input"].split("/")[-1]: r for r in json.loads(capsys.readouterr().out)}
+    for good in ("00000001_000.png", "photo.jpg", "sixteen.png", "study.dcm"):
+        assert results[good]["error"] is None and len(results[good]["probabilities"]) == 14, good
+    assert "notes.png" in results["notes.png"]["error"] and "cut.png" in results["cut.png"]["error"]
+    assert "nopixels.dcm: not a readable DICOM" in results["nopixels.dcm"]["error"]
+    assert edge_main(["predict", str(out), str(real), "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("input,error,Atelectasis")
+
+
+def test_model_errors(exported, tmp_path, capsys):
+    import torch
+
+    from fedxr.models.registry import build_model
+
+    _, _, out = exported
+    assert edge_main(["predict", str(tmp_path / "nowhere"), "x.png"]) == 1
+    assert "model not found" in capsys.readouterr().err
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(build_model("tiny_cnn").eval(), (torch.zeros(1, 1, 32, 32),), str(plain), dynamo=True, external_data=False)
+    with pytest.raises(ModelMetadataError, match="not a fedxr model.*--labels"):
+        load_model(plain)
+    names = ",".join(f"L{i}" for i in range(14))
+    Image.fromarray(GRADIENT).save(tmp_path / "g.png")
+    capsys.readouterr()  # the exporter's own progress lines
+    assert edge_main(["predict", str(plain), str(tmp_path / "g.png"), "--labels", names, "--json"]) == 0
+    assert "L0" in json.loads(capsys.readouterr().out)[0]["probabilities"]
+    model = load_model(out)
+    with pytest.raises(FedxrError, match=r"model input must be \(N, 1, 32, 32\)"):
+        model.logits(np.zeros((1, 1, 64, 64), np.float32))
+
+
+def test_edge_cli_runs_where_importing_torch_fails(exported, tmp_path):
+    _, _, out = exported
+    Image.fromarray(GRADIENT).save(tmp_path / "g.png")
+    code = textwrap.dedent(f"""
+        import sys
+        class NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is not available on this edge device")
+        sys.meta_path.insert(0, NoTorch())
+        from fedxr.edge.cli import main
+        rc = main(["predict", {str(out)!r}, {str(tmp_path / 'g.png')!r}, "--json"])
+        assert "torch" not in sys.modules
+        sys.exit(rc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)[0]["probabilities"]) == 14
+
+
+@pytest.mark.slow
+@needs_shared
+def test_plain_pip_install_runs_predict(exported, tmp_path):
+    """`pip install .` with no extras is enough for fedxr.edge, and never installs torch."""
+    _, _, out = exported
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", str(ROOT)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
+                          capture_output=True, text=True)
+    assert proc.stdout.strip() == "True"
+    proc = subprocess.run([str(py), "-m", "fedxr.edge", "predict", str(out), str(SHARED_NIH / "00000001_000.png"), "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)[0]["probabilities"]) == 14
