@@ -2,8 +2,9 @@
 
 Stages so far: data (generate the phantom set when asked and absent) → sites (patient-wise site
 manifests) → teacher (federated training with NVFlare, in the recipe's ``federated.env``) →
-evaluate (the global model on every site's test split, pooled). Data and sites are skipped when their
-outputs are up to date. Distillation, export, explanation and the report join as they land.
+evaluate (the global model on every site's test split, pooled) → export (verified ONNX). Data and
+sites are skipped when their outputs are up to date. Distillation, explanation and the report join
+as they land.
 """
 
 from __future__ import annotations
@@ -47,7 +48,23 @@ def run_pipeline(recipe: Recipe, recipe_path: str | Path, force: bool = False, p
                                  progress=progress)
     print(format_result(result))
     timings["evaluate"] = time.perf_counter() - t
+
+    t = _banner("export (ONNX FP32 + INT8, verified)")
+    from fedxr.export.exporter import export_checkpoint, format_manifest
+
+    ex = recipe.export
+    manifest = export_checkpoint(ckpt, Path(ex.out) / f"{recipe.output.name}_{recipe.model.name}", int8=ex.int8,
+                                 fp16=ex.fp16, opset=ex.opset, data=sites, calibration_images=ex.calibration_images,
+                                 parity_tolerance=ex.parity_tolerance)
+    print(format_manifest(manifest))
+    timings["export"] = time.perf_counter() - t
     total = sum(timings.values())
     print(f"\ndone in {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
     print(f"teacher:  {ckpt}\nmetrics:  {result['out']}/metrics.json\nrounds:   {fed.get('rounds')}")
-    return {"timings": timings, "federate": fed, "evaluate": result}
+    print(f"export:   {manifest['out']}/ (manifest.json)")
+    print(f"try it:   python -m fedxr.edge predict {manifest['out']} ../shared/data/nih/00000001_000.png  (any PNG, JPEG or DICOM)")
+    if not manifest["ok"]:
+        from fedxr.errors import FedxrError
+
+        raise FedxrError(f"export checks failed; see {manifest['out']}/manifest.json")
+    return {"timings": timings, "federate": fed, "evaluate": result, "export": manifest}

@@ -177,3 +177,22 @@ def test_plain_pip_install_runs_predict(exported, tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)[0]["probabilities"]) == 14
+
+
+def test_bench_reports_latency_memory_and_provider(exported, capsys):
+    _, _, out = exported
+    assert edge_main(["bench", str(out), "--threads", "1", "--batch", "2", "--runs", "5", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["provider"] == "CPUExecutionProvider" and r["batch"] == 2
+    assert 0 < r["p50_ms"] <= r["p95_ms"] and r["images_per_s"] > 0 and r["peak_rss_mb"] > 0
+
+
+def test_fp16_export(exported, tmp_path):
+    tmp, ckpt, _ = exported
+    assert export_main([str(ckpt), "--out", str(tmp_path / "h"), "--int8", "off", "--fp16",
+                        "--data", str(tmp / "runs" / "t" / "sites")]) == 0
+    manifest = json.loads((tmp_path / "h" / "manifest.json").read_text())
+    h = next(f for f in manifest["files"] if f["format"] == "onnx-fp16")
+    assert h["parity_max_abs_logit"] < 0.05 and (tmp_path / "h" / h["file"]).stat().st_size < \
+        (tmp_path / "h" / "tiny_cnn_fp32.onnx").stat().st_size
+    assert len(load_model(tmp_path / "h" / h["file"]).predict([GRADIENT])[0].probabilities) == 14

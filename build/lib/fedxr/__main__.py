@@ -1,5 +1,0 @@
-import sys
-
-from fedxr.cli import main
-
-sys.exit(main())

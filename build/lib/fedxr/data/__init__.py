@@ -1,1 +1,0 @@
-"""Data layer: NIH ChestX-ray14 reader, phantom generator, site partitioning, cache, datamodule."""

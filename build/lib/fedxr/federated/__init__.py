@@ -1,1 +1,0 @@
-"""Federated training with NVIDIA FLARE: the client script, the job builder and the run outputs."""

@@ -1,1 +1,0 @@
-"""Model registry, the multi-label classifier, metrics and the fedxr checkpoint format."""
