@@ -41,6 +41,9 @@ VAL_AUROC = "val_auroc"
 VAL_AP = "val_ap"
 VAL_LOSS = "val_loss"
 TRAIN_LOSS = "train_loss"
+#: Distillation logs its two loss terms separately.
+TRAIN_TASK_LOSS = "train_task_loss"
+TRAIN_KD_LOSS = "train_kd_loss"
 TEST_AUROC = "test_auroc"
 TEST_AP = "test_ap"
 #: The metric NVFlare uses to pick the best global model.

@@ -75,6 +75,8 @@ def test_trainer_logs_task_and_distillation_losses_separately(tmp_path):
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu")
     trainer.fit(m, train_dataloaders=data)
+    from fedxr.labels import TRAIN_KD_LOSS, TRAIN_TASK_LOSS
+
     metrics = trainer.callback_metrics
-    assert {"train_task_loss", "train_kd_loss", "train_loss_epoch"} <= set(metrics)
-    assert float(metrics["train_kd_loss"]) > 0 and float(metrics["train_task_loss"]) > 0
+    assert {TRAIN_TASK_LOSS, TRAIN_KD_LOSS, "train_loss_epoch"} <= set(metrics)
+    assert float(metrics[TRAIN_KD_LOSS]) > 0 and float(metrics[TRAIN_TASK_LOSS]) > 0

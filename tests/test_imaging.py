@@ -108,6 +108,9 @@ def test_real_nih_image():
     assert abs(float(small.mean()) - float(img.mean())) < 3  # antialiased resize keeps brightness
 
 
-def test_resize_square_identity():
-    assert resize_square(GRADIENT[:40, :40], 40) is not None
-    assert resize_square(GRADIENT, 32).shape == (32, 32)
+def test_resize_square_identity_and_shape():
+    square = GRADIENT[:40, :40]
+    assert resize_square(square, 40) is square  # already the right size: untouched
+    small = resize_square(GRADIENT, 32)
+    assert small.shape == (32, 32) and small.dtype == np.uint8
+    assert small[:, 0].mean() < small[:, -1].mean()  # the ramp survives the resize

@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from fedxr.distill.losses import distillation_loss
-from fedxr.labels import TRAIN_LOSS
+from fedxr.labels import TRAIN_KD_LOSS, TRAIN_LOSS, TRAIN_TASK_LOSS
 from fedxr.models.checkpoint import load_checkpoint
 from fedxr.models.classifier import XRayClassifier
 from fedxr.models.registry import build_model, get_spec
@@ -67,6 +67,6 @@ class DistillClassifier(XRayClassifier):
                                             pos_weight=self._pos_weight.to(x.device))
         n = len(x)
         self.log(TRAIN_LOSS, total, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
-        self.log("train_task_loss", task, on_step=False, on_epoch=True, batch_size=n)
-        self.log("train_kd_loss", kd, on_step=False, on_epoch=True, batch_size=n)
+        self.log(TRAIN_TASK_LOSS, task, on_step=False, on_epoch=True, batch_size=n)
+        self.log(TRAIN_KD_LOSS, kd, on_step=False, on_epoch=True, batch_size=n)
         return total
