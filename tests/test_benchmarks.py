@@ -18,3 +18,19 @@ def test_benchmark_smoke(script):
     assert result["machine"]["cpu_count"] >= 1
     if script == "data_loading.py":
         assert result["png_images_per_s"] > 0 and result["cache_images_per_s"] > 0
+    elif script == "phantom_difficulty.py":
+        assert [c["patients"] for c in result["learning_curve"]] == [16, 32]
+        assert all(c["train_images"] > 0 and len(c["auroc"]) == 14 for c in result["learning_curve"])
+        assert 0 < result["hospital"]["patients_one_hospital"] < result["hospital"]["patients_pooled"]
+    elif script == "train_throughput.py":
+        assert all(r["images_per_s"] > 0 and r["timed_steps"] > 0 for r in result["results"])
+        assert result["loader_images_per_s"] > 0
+    elif script == "federated_overhead.py":
+        r = result["results"][0]
+        assert r["bytes_per_round"] == 4 * r["model_bytes"] > 0 and r["rounds"]
+        assert all(x["wall_s"] > 0 and x["site_work_s"] > 0 for x in r["rounds"])
+    elif script == "edge_latency.py":
+        formats = {row["format"] for row in result["rows"]}
+        assert formats == {"pytorch-eager", "onnx-fp32", "onnx-int8"}
+        assert all(row["p50_ms"] > 0 and row["p50_ms"] <= row["p95_ms"] for row in result["rows"])
+        assert result["goals"]["student_onnx_vs_eager_b1"] > 0

@@ -180,11 +180,12 @@ def test_fedbn_keeps_batchnorm_local(tmp_path):
 
     recipe = load_recipe(QUICKSTART, tiny_recipe_overrides(tmp_path) + ["federated.fedbn=true"])
     pattern = re.compile(batchnorm_exclude_pattern(recipe))
-    keys = list(XRayClassifier("tiny_cnn").state_dict())
-    excluded = [k for k in keys if pattern.match(k)]
-    assert excluded and all("features.1." in k or "features.4." in k or "features." in k for k in excluded)
-    assert any(k.endswith("running_mean") for k in excluded) and not any(k.startswith("model.head") for k in excluded)
-    assert "model.features.0.weight" not in excluded  # convolutions are still averaged
+    module = XRayClassifier("tiny_cnn")
+    bn_keys = {f"{name}.{k}" for name, mod in module.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)
+               for k in list(dict(mod.named_parameters(recurse=False))) + list(dict(mod.named_buffers(recurse=False)))}
+    excluded = {k for k in module.state_dict() if pattern.match(k)}
+    assert excluded == bn_keys and len(bn_keys) == 5 * 5  # 5 BatchNorms × weight, bias, mean, var, count
+    assert "model.features.0.weight" not in excluded and "model.head.weight" not in excluded
     job = build_job(recipe, tmp_path / "f", "prod")
     job.export(str(tmp_path / "job"))
     assert "exclude_vars" in next((tmp_path / "job").rglob("config_fed_server.json")).read_text()

@@ -110,7 +110,12 @@ class XRayClassifier(L.LightningModule):
         if scores["note"]:
             log.info("%s: %s", stage, scores["note"])
         macro = scores["macro_auroc"]
-        self.log(auroc_name, 0.5 if math.isnan(macro) else macro, prog_bar=True, sync_dist=False)
+        if math.isnan(macro):
+            # No class has both positives and negatives: there is no AUROC to report. Log nothing
+            # rather than an invented value (model selection then skips this evaluation).
+            log.warning("%s: no class has both positives and negatives; %s not logged", stage, auroc_name)
+            return
+        self.log(auroc_name, macro, prog_bar=True, sync_dist=False)
         if not math.isnan(scores["macro_ap"]):
             self.log(ap_name, scores["macro_ap"], sync_dist=False)
         for name, value in scores["auroc"].items():
