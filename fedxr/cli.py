@@ -121,6 +121,28 @@ def cmd_federate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from fedxr.config import load_recipe
+    from fedxr.distill.report import build_report, format_report
+    from fedxr.distill.run import distill, student_checkpoint
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    env = args.env or recipe.federated.env
+    results = distill(recipe, args.teacher, mode=args.mode, env=env, site=args.site, recipe_path=args.recipe,
+                      startup_kit=args.startup_kit)
+    for name, entry in results["students"].items():
+        print(f"student {name}: {student_checkpoint(entry['kd'])}")
+    if env == "prod" and (args.mode or recipe.distill.mode) == "federated":
+        print("production run: score the students on a site with `fedxr evaluate CKPT --data SITE_MANIFESTS`")
+        return 0
+    students = {name: {"kd": student_checkpoint(e["kd"]), "no_kd": student_checkpoint(e["no_kd"]) if "no_kd" in e else None}
+                for name, e in results["students"].items()}
+    report = build_report(results["teacher"], students, recipe.run_dir / "sites", recipe.run_dir / "distill",
+                          cache_dir=recipe.data.cache_dir)
+    print(format_report(report))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedxr.config import load_recipe
     from fedxr.pipeline import run_pipeline
@@ -201,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-kit", help="admin startup kit folder, for --env prod")
     p.add_argument("--export-job", metavar="DIR", help="write the NVFlare job folder for an admin to submit, and stop")
     p.set_defaults(func=cmd_federate)
+
+    p = sub.add_parser("distill", help="distil the federated teacher into the recipe's small students")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--teacher", help="teacher checkpoint (default: the run's federate/global_best.ckpt)")
+    p.add_argument("--mode", choices=["federated", "central"], help="default: the recipe's distill.mode")
+    p.add_argument("--env", choices=["sim", "poc", "prod"], help="default: the recipe's federated.env")
+    p.add_argument("--site", help="for --mode central: the site that distils on its own data (default: the first)")
+    p.add_argument("--startup-kit", help="admin startup kit folder, for --env prod")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("evaluate", help="score a checkpoint: per-class AUROC/AP, sensitivity/specificity")
     p.add_argument("checkpoint")

@@ -61,14 +61,16 @@ def make_datamodule(recipe: Recipe, manifests: list[Path], model_name: str | Non
                           mean=spec.mean, std=spec.std, augment=d.augment, cache_dir=d.cache_dir, progress=progress)
 
 
-def make_classifier(recipe: Recipe, dm: SiteDataModule, model_name: str | None = None) -> XRayClassifier:
+def make_classifier(recipe: Recipe, dm: SiteDataModule, model_name: str | None = None,
+                    cls: type[XRayClassifier] = XRayClassifier, **extra) -> XRayClassifier:
+    """The recipe's classifier (or ``cls``, e.g. the distillation student, with its ``extra`` arguments)."""
     m = recipe.model
     dm.setup("fit")
-    return XRayClassifier(
+    return cls(
         model_name or m.name, pretrained=m.pretrained, lr=m.lr, weight_decay=m.weight_decay,
         warmup_epochs=m.warmup_epochs, pos_weight=pos_weight_from_labels(dm.split_labels("train"), m.pos_weight_cap),
         channels_last=m.channels_last, compile_model=m.compile, threshold_rule=m.threshold_rule,
-        image_size=recipe.data.image_size,
+        image_size=recipe.data.image_size, **extra,
     )
 
 

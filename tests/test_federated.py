@@ -216,3 +216,16 @@ def test_a_round_no_site_completed_fails_the_run(tmp_path):
         _check_sites_trained(records, recipe, tmp_path / "ws")
     (records / "site-2.jsonl").write_text(json.dumps({"site": "site-2", "round": 1}) + "\n")
     _check_sites_trained(records, recipe, tmp_path / "ws")
+
+
+def test_fedbn_runs_rounds_with_local_batchnorm(tmp_path):
+    # After round 0 the global model lacks the BatchNorm tensors; sites must keep their own.
+    recipe, _ = two_site_recipe(tmp_path, rounds=2, extra=("federated.fedbn=true", "federated.cross_site_eval=false"))
+    summary = federate(recipe, "sim", extra_args="--save-updates")
+    rounds = json.loads(Path(summary["rounds"]).read_text())
+    assert [r["round"] for r in rounds if isinstance(r["round"], int)] == [0, 1]
+    records = recipe.run_dir / "federate" / "records"
+    s1 = torch.load(records / "site-1_round1.pt", weights_only=True)["state_dict"]
+    s2 = torch.load(records / "site-2_round1.pt", weights_only=True)["state_dict"]
+    bn = "model.features.1.running_mean"
+    assert bn in s1 and not torch.equal(s1[bn], s2[bn])  # statistics stayed local to each hospital

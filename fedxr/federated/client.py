@@ -30,6 +30,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads for this site (sites sharing one machine)")
     p.add_argument("--save-updates", action="store_true",
                    help="with --records, also save the weights sent each round (audit/aggregation checks)")
+    p.add_argument("--keep-excluded", action="store_true",
+                   help="the job excludes some tensors from aggregation (FedBN statistics, the distillation "
+                        "teacher): load the global model non-strictly and keep this site's copies of them")
+    p.add_argument("--distill", metavar="B64",
+                   help="train a distillation student: DistillClassifier arguments (teacher name, size, "
+                        "alpha, temperature) as base64 JSON; the teacher's weights arrive in round 0")
     return p.parse_args(argv)
 
 
@@ -48,7 +54,7 @@ def main(argv=None) -> None:
     from nvflare.app_opt.lightning.loggers.client_logger import ClientLogger
     from nvflare.client import is_evaluate, is_submit_model, send
 
-    from fedxr.federated.job import decode_recipe
+    from fedxr.federated.job import decode_json, decode_recipe
     from fedxr.federated.site import resolve_site_manifest
     from fedxr.labels import VAL_AUROC
     from fedxr.training import make_classifier, make_datamodule, make_trainer
@@ -67,11 +73,18 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     fed = recipe.federated
     dm = make_datamodule(recipe, [manifest], progress=False)
-    module = make_classifier(recipe, dm)
+    if args.distill:
+        from fedxr.distill.module import DistillClassifier
+
+        # The teacher is built with random weights here and overwritten by the frozen global teacher
+        # that the server sends with the round-0 model.
+        module = make_classifier(recipe, dm, cls=DistillClassifier, **decode_json(args.distill))
+    else:
+        module = make_classifier(recipe, dm)
     per_round = {"max_steps": fed.local_steps, "max_epochs": -1} if fed.local_steps else {"max_epochs": fed.local_epochs}
     trainer = make_trainer(recipe, work, progress=False, enable_model_summary=False,
                            logger=[ClientLogger()], num_sanity_val_steps=0, **per_round)
-    flare.patch(trainer)
+    flare.patch(trainer, load_state_dict_strict=not args.keep_excluded)
     local_state = None
     records = Path(args.records) / f"{site}.jsonl" if args.records else None
     while flare.is_running():

@@ -61,7 +61,15 @@ def standalone_script(source: Path) -> Path:
 
 
 def encode_recipe(recipe: Recipe) -> str:
-    return base64.b64encode(zlib.compress(json.dumps(recipe.resolved()).encode())).decode()
+    return encode_json(recipe.resolved())
+
+
+def encode_json(data) -> str:
+    return base64.b64encode(zlib.compress(json.dumps(data).encode())).decode()
+
+
+def decode_json(text: str):
+    return json.loads(zlib.decompress(base64.b64decode(text)))
 
 
 def decode_recipe(text: str) -> Recipe:
@@ -74,21 +82,21 @@ def job_name(recipe: Recipe, stage: str = "federate") -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", f"fedxr-{recipe.output.name}-{stage}")
 
 
-def model_config(recipe: Recipe, model_name: str | None = None) -> dict:
+def model_config(recipe: Recipe) -> dict:
     """The server's initial model as an NVFlare class-path config (built by NVFlare on the server)."""
-    name = model_name or recipe.model.name
+    name = recipe.model.name
     spec = get_spec(name)
     return {"class_path": CLASSIFIER_CLASS,
             "args": {"model_name": name, "image_size": recipe.data.image_size, "mean": spec.mean, "std": spec.std}}
 
 
-def batchnorm_exclude_pattern(recipe: Recipe, model_name: str | None = None) -> str:
+def batchnorm_exclude_pattern(recipe: Recipe) -> str:
     """Regex of every BatchNorm parameter and statistic (FedBN keeps them local to each site)."""
     import torch
 
     from fedxr.models.classifier import XRayClassifier
 
-    module = XRayClassifier(model_name or recipe.model.name)
+    module = XRayClassifier(recipe.model.name)
     names = []
     for mod_name, mod in module.named_modules():
         if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
@@ -101,8 +109,14 @@ def batchnorm_exclude_pattern(recipe: Recipe, model_name: str | None = None) -> 
 
 def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = None,
               records: Path | None = None, train_script: Path | None = None, extra_args: str = "",
-              stage: str = "federate", model_name: str | None = None):
-    """An NVFlare recipe object for this fedxr recipe. ``folder`` receives the shipped recipe file."""
+              stage: str = "federate", model: dict | None = None, exclude_vars: str | None = None,
+              initial_ckpt: Path | None = None):
+    """An NVFlare recipe object for this fedxr recipe. ``folder`` receives the shipped recipe file.
+
+    ``model`` replaces the server's initial model config, ``initial_ckpt`` (a local file) is bundled
+    into the job and loaded by the server as the round-0 weights, ``exclude_vars`` keeps matching
+    tensors out of aggregation (they are sent once, in round 0, and then stay at each site).
+    """
     from fedxr.federated import client
 
     fed = recipe.federated
@@ -126,12 +140,20 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
         name=job_name(recipe, stage), min_clients=fed.min_clients, num_rounds=fed.rounds,
         train_script=str(train_script or standalone_script(Path(client.__file__))),
         train_args=" ".join(args + ([extra_args] if extra_args else [])),
-        model=model_config(recipe, model_name),
+        model=model or model_config(recipe),
     )
+    if initial_ckpt is not None:
+        # A relative path makes NVFlare bundle the file into the server app (it travels with the job
+        # to a production server too); an absolute one would have to exist on the server already.
+        common["initial_ckpt"] = os.path.relpath(Path(initial_ckpt).resolve())
     if fed.fedbn and fed.algorithm not in ("fedavg", "fedprox"):
         raise FedxrError(f"federated.fedbn works with fedavg or fedprox, not {fed.algorithm}")
     selection = dict(key_metric=KEY_METRIC, key_metric_mode="max")
-    exclude = batchnorm_exclude_pattern(recipe, model_name) if fed.fedbn else None
+    exclude = batchnorm_exclude_pattern(recipe) if fed.fedbn else exclude_vars
+    if exclude:
+        # The global model then lacks the excluded tensors after round 0: sites load it non-strictly
+        # and keep their own copies of those tensors.
+        common["train_args"] += " --keep-excluded"
     with recipe_blob_is_not_a_secret():
         return _make_job(fed, common, selection, exclude, recipe.data.sites)
 

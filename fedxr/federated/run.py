@@ -69,11 +69,11 @@ def _site_names(sites_dir: Path, recipe: Recipe) -> list[str]:
     return names
 
 
-def _run_sim(job, recipe: Recipe, folder: Path, names: list[str]) -> Path:
+def _run_sim(job, recipe: Recipe, folder: Path, names: list[str], stage: str) -> Path:
     from nvflare.recipe import SimEnv
 
     workspace = folder / "nvflare"
-    shutil.rmtree(workspace / job_name(recipe), ignore_errors=True)
+    shutil.rmtree(workspace / job_name(recipe, stage), ignore_errors=True)
     env = SimEnv(clients=names, num_threads=len(names), workspace_root=str(workspace))
     try:
         with recipe_blob_is_not_a_secret():
@@ -128,15 +128,22 @@ def _check_sites_trained(records: Path, recipe: Recipe, workspace: Path) -> None
 
 
 def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = None,
-             export_job: str | Path | None = None, extra_args: str = "", recipe_path: str | None = None) -> dict:
-    """Build the NVFlare job from the recipe and run (or export) it; returns the outputs summary."""
-    folder = recipe.run_dir / "federate"
+             export_job: str | Path | None = None, extra_args: str = "", recipe_path: str | None = None,
+             stage: str = "federate", **job_options) -> dict:
+    """Build the NVFlare job from the recipe and run (or export) it; returns the outputs summary.
+
+    ``stage`` names the run sub-folder and the job (the teacher is ``federate``; distillation runs
+    its own jobs); ``job_options`` go to :func:`build_job` (server model, initial weights, exclusions).
+    """
+    folder = recipe.run_dir / stage
     records = folder / "records"
+    source = "distill" if stage.startswith("distill") else "federate"
+    job_options = dict(extra_args=extra_args, stage=stage, **job_options)
     if export_job:
-        job = build_job(recipe, folder, "prod", extra_args=extra_args)
+        job = build_job(recipe, folder, "prod", **job_options)
         with recipe_blob_is_not_a_secret():
             job.export(str(export_job))
-        return {"exported": str(Path(export_job) / job_name(recipe))}
+        return {"exported": str(Path(export_job) / job_name(recipe, stage))}
     if env in ("sim", "poc"):
         sites_dir = require_sites(recipe, recipe_path)
         names = _site_names(sites_dir, recipe)
@@ -144,18 +151,18 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     records.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if env == "sim":
-        job = build_job(recipe, folder, "sim", sites_dir=sites_dir, records=records, extra_args=extra_args)
-        server_dir = _run_sim(job, recipe, folder, names)
+        job = build_job(recipe, folder, "sim", sites_dir=sites_dir, records=records, **job_options)
+        server_dir = _run_sim(job, recipe, folder, names, stage)
         workspace = server_dir.parent.parent
     elif env == "poc":
-        job = build_job(recipe, folder, "poc", records=records, extra_args=extra_args)
+        job = build_job(recipe, folder, "poc", records=records, **job_options)
         server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir)
     elif env == "prod":
         if not startup_kit:
             raise FedxrError("--env prod needs --startup-kit DIR (the admin's startup kit from provisioning)")
         from nvflare.recipe import ProdEnv
 
-        job = build_job(recipe, folder, "prod", extra_args=extra_args)
+        job = build_job(recipe, folder, "prod", **job_options)
         with recipe_blob_is_not_a_secret():
             run = job.run(ProdEnv(startup_kit_location=str(startup_kit)))
         result = run.get_result(timeout=recipe.federated.timeout_s * (recipe.federated.rounds + 2))
@@ -168,7 +175,7 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
         raise FedxrError(f"unknown --env {env!r}; use sim, poc or prod")
     if records is not None:
         _check_sites_trained(records, recipe, workspace)
-    summary = outputs.collect(recipe, server_dir, folder, records, workspace)
+    summary = outputs.collect(recipe, server_dir, folder, records, workspace, source=source)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     summary["env"] = env
     return summary

@@ -1,0 +1,120 @@
+"""`distill_report.json` + `distill_report.png`: the teacher against each student on one pooled test set.
+
+Per model: macro and per-class AUROC, parameters, MACs per image at its input size, and the MAC ratio
+to the teacher; per student also the no-teacher ablation and what distillation added. The goals the
+project set (student ≥ teacher − 0.02 AUROC with ≥ 10× fewer MACs; KD > no-KD) are evaluated and
+written down, met or not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedxr.labels import LABELS
+
+AUROC_MARGIN = 0.02
+MAC_RATIO_GOAL = 10.0
+
+
+def _score(ckpt_path: str, sites_dir: Path, out: Path, cache_dir: str, progress: bool) -> dict:
+    from fedxr.evaluation import evaluate_checkpoint
+    from fedxr.models.registry import complexity
+
+    result = evaluate_checkpoint(ckpt_path, sites_dir, split="test", out=out, cache_dir=cache_dir, progress=progress)
+    from fedxr.models.checkpoint import load_checkpoint
+
+    size = int(load_checkpoint(ckpt_path)["image_size"])
+    params, macs = complexity(result["model_name"], size)
+    return {"checkpoint": str(ckpt_path), "model_name": result["model_name"], "image_size": size,
+            "macro_auroc": result["macro_auroc"], "auroc": result["auroc"], "params": params, "macs": macs,
+            "test_images": result["images"]}
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def build_report(teacher_ckpt: str | Path, students: dict[str, dict[str, str]], sites_dir: Path, out: Path,
+                 cache_dir: str = ".cache/fedxr", progress: bool = True) -> dict:
+    """``students``: {name: {"kd": ckpt, "no_kd": ckpt (optional)}}. Writes the JSON and PNG into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = _score(str(teacher_ckpt), sites_dir, out / "eval_teacher", cache_dir, progress)
+    rows = {}
+    for name, ckpts in students.items():
+        kd = _score(ckpts["kd"], sites_dir, out / f"eval_{name}", cache_dir, progress)
+        kd["mac_ratio"] = teacher["macs"] / kd["macs"]
+        kd["auroc_vs_teacher"] = _diff(kd["macro_auroc"], teacher["macro_auroc"])
+        kd["goal_auroc_within_0.02"] = kd["auroc_vs_teacher"] is not None and kd["auroc_vs_teacher"] >= -AUROC_MARGIN
+        kd["goal_10x_fewer_macs"] = kd["mac_ratio"] >= MAC_RATIO_GOAL
+        if ckpts.get("no_kd"):
+            ablation = _score(ckpts["no_kd"], sites_dir, out / f"eval_{name}_no_kd", cache_dir, progress)
+            kd["no_kd"] = ablation
+            kd["kd_gain"] = _diff(kd["macro_auroc"], ablation["macro_auroc"])
+            kd["goal_kd_beats_no_kd"] = kd["kd_gain"] is not None and kd["kd_gain"] > 0
+        rows[name] = kd
+    report = {"test_set": str(sites_dir), "split": "test (every site's test split, pooled)", "teacher": teacher,
+              "students": rows, "goals": {"auroc_margin": AUROC_MARGIN, "mac_ratio": MAC_RATIO_GOAL}}
+    (out / "distill_report.json").write_text(json.dumps(report, indent=2))
+    plot_report(report, out / "distill_report.png")
+    report["out"] = str(out)
+    return report
+
+
+def plot_report(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    teacher = report["teacher"]
+    models = [("teacher " + teacher["model_name"], teacher)]
+    for name, row in report["students"].items():
+        models.append((f"{name} (KD)", row))
+        if "no_kd" in row:
+            models.append((f"{name} (no KD)", row["no_kd"]))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / len(models)
+    x = np.arange(len(LABELS))
+    for i, (label, m) in enumerate(models):
+        vals = [m["auroc"][c] if m["auroc"][c] is not None else np.nan for c in LABELS]
+        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=f"{label}: macro {_f(m['macro_auroc'], '.3f')}")
+    ax.set_xticks(x, LABELS, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0.3, 1.0)
+    ax.axhline(0.5, c="grey", lw=0.7, ls=":")
+    ax.set_ylabel("test AUROC")
+    ax.set_title("per-class AUROC, pooled test set")
+    ax.legend(fontsize=8)
+    for label, m in models:
+        if m["macro_auroc"] is None:
+            continue
+        ax2.scatter(m["macs"] / 1e6, m["macro_auroc"], s=40)
+        ax2.annotate(label, (m["macs"] / 1e6, m["macro_auroc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("MMACs per image (log)")
+    ax2.set_ylabel("macro AUROC")
+    if teacher["macro_auroc"] is not None:
+        ax2.axhline(teacher["macro_auroc"] - AUROC_MARGIN, c="red", lw=0.7, ls="--", label="teacher − 0.02")
+        ax2.legend(fontsize=7)
+    ax2.set_title("accuracy vs compute")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _f(value, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def format_report(report: dict) -> str:
+    t = report["teacher"]
+    lines = [f"{'model':<34}{'macro AUROC':>12}{'params':>10}{'MMACs':>10}{'MAC ratio':>10}",
+             f"{'teacher ' + t['model_name']:<34}{_f(t['macro_auroc']):>12}{t['params'] / 1e6:>9.2f}M{t['macs'] / 1e6:>10.1f}{'1.0':>10}"]
+    for name, r in report["students"].items():
+        lines.append(f"{name + ' (KD)':<34}{_f(r['macro_auroc']):>12}{r['params'] / 1e6:>9.2f}M{r['macs'] / 1e6:>10.1f}"
+                     f"{r['mac_ratio']:>9.1f}×")
+        if "no_kd" in r:
+            lines.append(f"{name + ' (no KD)':<34}{_f(r['no_kd']['macro_auroc']):>12}   KD gain {_f(r['kd_gain'], '+.4f')}")
+    lines.append(f"wrote {report['out']}/distill_report.json and distill_report.png")
+    return "\n".join(lines)

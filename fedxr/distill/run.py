@@ -1,0 +1,173 @@
+"""`fedxr distill`: compress the frozen global teacher into each of the recipe's students.
+
+Federated (default): one NVFlare job per student, on the same engine and site data as the teacher.
+The server's round-0 model is a :class:`DistillClassifier` state (student initialisation + the teacher's
+weights) written to a file that NVFlare bundles into the job, so the teacher reaches every site
+through NVFlare itself, in simulation, POC and production alike. The teacher's tensors are excluded
+from aggregation: they are sent once and stay frozen at each site; only the student is averaged.
+
+Central: one site (or a single-hospital user) distils on its own data with the same module.
+
+With ``distill.ablation_no_teacher`` each student is also trained the same way without the teacher
+(same rounds, data and settings), which is what the report compares against.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from fedxr.config import Recipe
+from fedxr.errors import FedxrError
+from fedxr.models.checkpoint import load_checkpoint
+from fedxr.models.registry import UnknownModelError, get_spec
+
+#: Regex of the teacher's tensors in a DistillClassifier state_dict (kept out of aggregation).
+TEACHER_VARS = r"^teacher\."
+DISTILL_CLASS = "fedxr.distill.module.DistillClassifier"
+
+
+def check_teacher(path: str | Path | None) -> dict:
+    """Load the teacher checkpoint, or fail with what to do — before any job starts."""
+    if not path:
+        raise FedxrError("no teacher checkpoint: run `fedxr federate RECIPE` first or pass --teacher CKPT")
+    ckpt = load_checkpoint(path)  # missing file, unreadable file and a foreign label set are errors here
+    try:
+        get_spec(ckpt["model_name"])
+    except UnknownModelError as exc:
+        raise FedxrError(f"{path}: teacher model {exc}") from None
+    return ckpt
+
+
+def default_teacher(recipe: Recipe) -> Path:
+    folder = recipe.run_dir / "federate"
+    for name in ("global_best.ckpt", "global_last.ckpt"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FedxrError(f"no teacher checkpoint in {folder}: run `fedxr federate RECIPE` first or pass --teacher CKPT")
+
+
+def student_recipe(recipe: Recipe, student: str) -> Recipe:
+    """The recipe a student trains with: the student model, the distill section's rounds and epochs,
+    plain FedAvg (the students are averaged), final global evaluation instead of cross-site."""
+    data = recipe.resolved()
+    data["model"]["name"] = student
+    data["federated"].update(rounds=recipe.distill.rounds, local_epochs=recipe.distill.local_epochs,
+                             algorithm="fedavg", fedbn=False, cross_site_eval=False)
+    from fedxr.config import recipe_from_dict
+
+    return recipe_from_dict(data, f"{recipe.output.name} (student {student})")
+
+
+def distill_arguments(recipe: Recipe, teacher: dict) -> dict:
+    """DistillClassifier's teacher and loss arguments (everything but the student's own)."""
+    d = recipe.distill
+    return {"teacher_name": teacher["model_name"], "teacher_image_size": int(teacher["image_size"]),
+            "teacher_mean": float(teacher["mean"]), "teacher_std": float(teacher["std"]),
+            "alpha": d.alpha, "temperature": d.temperature}
+
+
+def initial_model(recipe: Recipe, teacher: dict, path: Path) -> Path:
+    """Round-0 weights of the federated job: a seeded student and the teacher's weights."""
+    from fedxr.distill.module import DistillClassifier
+
+    L.seed_everything(recipe.data.seed, verbose=False)
+    module = DistillClassifier(recipe.model.name, image_size=recipe.data.image_size, **distill_arguments(recipe, teacher))
+    module.teacher.load_state_dict(teacher["state_dict"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(module.state_dict(), path)
+    return path
+
+
+def distill_federated(recipe: Recipe, teacher_path: Path, teacher: dict, student: str, env: str,
+                      recipe_path: str | None = None, startup_kit: str | None = None) -> dict:
+    from fedxr.federated.job import encode_json
+    from fedxr.federated.run import federate
+
+    srecipe = student_recipe(recipe, student)
+    stage = f"distill/{student}"
+    spec = get_spec(student)
+    args = distill_arguments(srecipe, teacher)
+    server_model = {"class_path": DISTILL_CLASS,
+                    "args": {"model_name": student, "image_size": srecipe.data.image_size, "mean": spec.mean,
+                             "std": spec.std, **args}}
+    init = initial_model(srecipe, teacher, srecipe.run_dir / stage / "initial_model.pt")
+    summary = federate(srecipe, env=env, startup_kit=startup_kit, recipe_path=recipe_path, stage=stage,
+                       extra_args=f"--distill {encode_json(args)}", model=server_model,
+                       exclude_vars=TEACHER_VARS, initial_ckpt=init)
+    summary["teacher"] = str(teacher_path)
+    return summary
+
+
+def distill_central(recipe: Recipe, teacher_path: Path, teacher: dict, student: str, sites_dir: Path,
+                    site: str | None, progress: bool = True, with_teacher: bool = True) -> dict:
+    """One site distils (``with_teacher``) or trains the same student alone, on its own data."""
+    from fedxr.data.manifest import site_manifest_paths
+    from fedxr.distill.module import DistillClassifier
+    from fedxr.training import BestCheckpoint, make_classifier, make_datamodule, make_trainer
+
+    srecipe = student_recipe(recipe, student)
+    paths = site_manifest_paths(sites_dir)
+    site = site or next(iter(paths))
+    if site not in paths:
+        raise FedxrError(f"--site {site!r} is not one of the sites in {sites_dir}: {', '.join(paths)}")
+    tag = f"distill/{student}" if with_teacher else f"distill/{student}_no_kd"
+    folder = srecipe.run_dir / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(srecipe.data.seed, workers=True, verbose=False)
+    dm = make_datamodule(srecipe, [paths[site]], progress=progress)
+    if with_teacher:
+        module = make_classifier(srecipe, dm, cls=DistillClassifier, teacher_checkpoint=str(teacher_path),
+                                 **distill_arguments(srecipe, teacher))
+    else:
+        module = make_classifier(srecipe, dm)
+    best = BestCheckpoint(folder, srecipe.resolved(), source="distill" if with_teacher else "train:no_kd")
+    epochs = srecipe.distill.rounds * srecipe.distill.local_epochs  # the federated run's local work
+    make_trainer(srecipe, folder, callbacks=[best], max_epochs=epochs, progress=progress).fit(module, datamodule=dm)
+    return {"mode": "central", "site": site, "teacher": str(teacher_path), "folder": str(folder),
+            "checkpoints": {"global_best": str(folder / "best.ckpt"), "global_last": str(folder / "last.ckpt")}}
+
+
+def distill(recipe: Recipe, teacher_path: str | Path | None = None, mode: str | None = None, env: str | None = None,
+            site: str | None = None, recipe_path: str | None = None, startup_kit: str | None = None,
+            progress: bool = True) -> dict:
+    """Distil every student of the recipe (and the no-teacher ablation); returns {student: summary}."""
+    from fedxr.data.prepare import require_sites
+    from fedxr.federated.run import federate
+
+    teacher_path = Path(teacher_path) if teacher_path else default_teacher(recipe)
+    teacher = check_teacher(teacher_path)
+    mode = mode or recipe.distill.mode
+    env = env or recipe.federated.env
+    if mode not in ("federated", "central"):
+        raise FedxrError(f"unknown --mode {mode!r}; use federated or central")
+    sites_dir = require_sites(recipe, recipe_path) if (mode == "central" or env != "prod") else None
+    results: dict = {"teacher": str(teacher_path), "mode": mode, "students": {}}
+    for student in recipe.distill.students:
+        print(f"--- distilling {teacher['model_name']} → {student} ({mode}) ---", flush=True)
+        if mode == "federated":
+            kd = distill_federated(recipe, teacher_path, teacher, student, env, recipe_path, startup_kit)
+        else:
+            kd = distill_central(recipe, teacher_path, teacher, student, sites_dir, site, progress)
+        entry = {"kd": kd}
+        if recipe.distill.ablation_no_teacher:
+            print(f"--- ablation: {student} without the teacher (same rounds and data) ---", flush=True)
+            if mode == "federated":
+                entry["no_kd"] = federate(student_recipe(recipe, student), env=env, startup_kit=startup_kit,
+                                          recipe_path=recipe_path, stage=f"distill/{student}_no_kd")
+            else:
+                entry["no_kd"] = distill_central(recipe, teacher_path, teacher, student, sites_dir, site, progress,
+                                                 with_teacher=False)
+        results["students"][student] = entry
+    out = recipe.run_dir / "distill"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def student_checkpoint(summary: dict) -> str:
+    ckpts = summary["checkpoints"]
+    return ckpts.get("global_best") or ckpts["global_last"]
