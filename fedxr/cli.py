@@ -143,11 +143,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from fedxr.explain import explain, format_explain
+
+    out = args.out or str(Path(args.checkpoints[0]).parent / "explain")
+    report = explain(args.checkpoints, args.data, out, n=args.n, boxes_csv=args.boxes, max_boxes=args.max_boxes)
+    print(format_explain(report))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedxr.config import load_recipe
     from fedxr.pipeline import run_pipeline
 
-    run_pipeline(load_recipe(args.recipe, args.overrides), args.recipe, force=args.force)
+    run_pipeline(load_recipe(args.recipe, args.overrides), args.recipe, force=args.force, start=args.start)
     return 0
 
 
@@ -156,10 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedxr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run every stage of a recipe (data, sites, training, evaluation)")
+    from fedxr.pipeline import STAGE_NAMES
+
+    p = sub.add_parser("run", help="every stage of a recipe: data, sites, teacher, distill, export, evaluate, "
+                                   "explain, report (up-to-date stages are skipped)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--force", action="store_true", help="rewrite the site manifests even if up to date")
+    p.add_argument("--from", dest="start", choices=STAGE_NAMES, help="rerun this stage and every later one")
+    p.add_argument("--force", action="store_true", help="rerun every stage")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate a recipe and print the resolved config")
@@ -233,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", help="for --mode central: the site that distils on its own data (default: the first)")
     p.add_argument("--startup-kit", help="admin startup kit folder, for --env prod")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("explain", help="Grad-CAM heatmaps on boxed test images and the pointing game")
+    p.add_argument("checkpoints", nargs="+", help="one or more checkpoints (teacher, students) to compare")
+    p.add_argument("--data", required=True, help="site manifest folder or one site-N.csv (its test split is used)")
+    p.add_argument("--boxes", help="BBox_List_2017.csv (default: the one in the data set's root)")
+    p.add_argument("--n", type=int, default=16, help="images in the grid")
+    p.add_argument("--max-boxes", type=int, default=200, help="boxes scored in the pointing game")
+    p.add_argument("--out", help="output folder (default: explain/ beside the first checkpoint)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("evaluate", help="score a checkpoint: per-class AUROC/AP, sensitivity/specificity")
     p.add_argument("checkpoint")

@@ -1,7 +1,7 @@
 """The typed recipe schema.
 
-A recipe is YAML with the sections ``data``, ``model``, ``federated``, ``distill``, ``export`` and
-``output``. :func:`load_recipe` turns it (plus ``key=value`` overrides) into one :class:`Recipe`
+A recipe is YAML with the sections ``data``, ``model``, ``federated``, ``distill``, ``export``,
+``explain`` and ``output``. :func:`load_recipe` turns it (plus ``key=value`` overrides) into one :class:`Recipe`
 object. Unknown keys are errors, every problem is reported at once and each message names the key path
 and the fix. Site facts (where a hospital's images live) are not recipe keys: they come from the site.
 """
@@ -97,7 +97,8 @@ class FederatedConfig(_Section):
 
 
 class DistillConfig(_Section):
-    students: list[str] = Field(default_factory=lambda: ["mobilenetv3_small_100"])
+    students: list[str] = Field(default_factory=lambda: ["mobilenetv3_small_100"],
+                                description="small models to distil the teacher into; [] skips distillation")
     mode: Literal["federated", "central"] = "federated"
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term")
     temperature: float = Field(2.0, gt=0)
@@ -116,6 +117,12 @@ class ExportConfig(_Section):
     parity_tolerance: float = Field(1e-4, gt=0)
 
 
+class ExplainConfig(_Section):
+    enabled: bool = True
+    images: int = Field(16, ge=1, description="test images with boxes shown in the Grad-CAM grid")
+    max_boxes: int = Field(200, ge=1, description="ground-truth boxes scored in the pointing game")
+
+
 class OutputConfig(_Section):
     runs_dir: str = "runs"
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -127,6 +134,7 @@ class Recipe(_Section):
     federated: FederatedConfig = Field(default_factory=FederatedConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")

@@ -13,7 +13,8 @@ def test_there_are_recipes():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_every_shipped_recipe_loads(path):
+def test_every_shipped_recipe_loads(path, capsys):
+    assert main(["check", str(path)]) == 0, capsys.readouterr().err
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
     first = path.read_text().splitlines()[0]

@@ -1,0 +1,186 @@
+"""`fedxr explain`: where did the model look? Grad-CAM heatmaps and the pointing game.
+
+For test images that carry ground-truth boxes (``BBox_List_2017.csv``: the phantom writes one, NIH ships
+one for 880 images), each model's Grad-CAM map (pytorch-grad-cam) for the boxed finding is overlaid on
+the image with the box drawn, teacher and students side by side (``gradcam_grid.png``). The pointing
+game scores, per class, how often the heatmap's peak falls inside a true box; a random heatmap's peak
+is a uniformly random pixel, so its expected score is the box's share of the image, reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedxr.errors import FedxrError
+from fedxr.imaging import load_for_model, model_input
+from fedxr.labels import LABELS
+from fedxr.models.checkpoint import model_from_checkpoint
+
+#: NIH box coordinates are pixels of the released 1024 × 1024 PNGs (the phantom writes the same frame).
+NIH_BOX_SPACE = 1024
+
+
+def cam_layer(model: nn.Module, size: int) -> nn.Module:
+    """The last module (in execution order) whose output is still a spatial map: the usual Grad-CAM
+    layer for any CNN, found by running one dummy image (the final conv before global pooling)."""
+    order: list[tuple[nn.Module, tuple]] = []
+    hooks = [m.register_forward_hook(lambda mod, _i, out: order.append((mod, tuple(out.shape))
+                                                                       if isinstance(out, torch.Tensor) else None))
+             for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
+    spatial = [m for m, shape in order if len(shape) == 4 and shape[-1] > 1 and shape[-2] > 1]
+    if not spatial:
+        raise FedxrError("the model has no spatial feature map for Grad-CAM")
+    return spatial[-1]
+
+
+def boxed_test_images(data: Path, boxes_csv: Path | None = None, split: str = "test") -> list[dict]:
+    """Rows of the split's images that have at least one box: {image, path, boxes: [(label, x, y, w, h)]}."""
+    import pandas as pd
+
+    from fedxr.data.manifest import read_manifest
+    from fedxr.data.nih import BBOX_FILES, read_bbox_list
+    from fedxr.evaluation import manifests_of
+
+    rows = pd.concat([read_manifest(m) for m in manifests_of(data)], ignore_index=True)
+    rows = rows[rows["split"] == split]
+    if boxes_csv is None:
+        settings = Path(data) / "sites.json" if Path(data).is_dir() else Path(data).parent / "sites.json"
+        root = Path(json.loads(settings.read_text())["settings"]["root"]) if settings.is_file() else None
+        boxes_csv = next((root / n for n in BBOX_FILES if root and (root / n).is_file()), None)
+    if boxes_csv is None or not Path(boxes_csv).is_file():
+        raise FedxrError(f"no ground-truth boxes for {data}: pass --boxes BBox_List_2017.csv (NIH ships one; "
+                         "phantom data sets have one in their root)")
+    boxes = read_bbox_list(boxes_csv)
+    by_image = defaultdict(list)
+    for b in boxes.itertuples(index=False):
+        by_image[b.image].append((b.label, float(b.x), float(b.y), float(b.w), float(b.h)))
+    found = [{"image": r.image, "path": r.path, "boxes": by_image[r.image]} for r in rows.itertuples() if r.image in by_image]
+    if not found:
+        raise FedxrError(f"none of the {split} images of {data} has a box in {boxes_csv}")
+    return found
+
+
+def _box_in_pixels(box: tuple, size: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) in the model's size × size input. NIH boxes are given in the 1024 × 1024 frame
+    of the released PNGs (the phantom follows that), and resize_square maps that frame onto the input."""
+    _, x, y, w, h = box
+    s = size / NIH_BOX_SPACE
+    return (max(0, int(x * s)), max(0, int(y * s)), min(size, int(np.ceil((x + w) * s))),
+            min(size, int(np.ceil((y + h) * s))))
+
+
+def heatmaps(ckpt_path: str | Path, items: list[dict]) -> tuple[dict, list[np.ndarray]]:
+    """Grad-CAM map (size × size, 0..1) of every (image, boxed label) pair, for one checkpoint."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model, ckpt = model_from_checkpoint(ckpt_path)
+    size = int(ckpt["image_size"])
+    layer = cam_layer(model, size)
+    maps = []
+    with GradCAM(model=model, target_layers=[layer]) as cam:
+        for item in items:
+            x = torch.from_numpy(model_input([load_for_model(item["path"], size)], ckpt["mean"], ckpt["std"]))
+            maps.append(cam(input_tensor=x, targets=[ClassifierOutputTarget(LABELS.index(item["label"]))])[0])
+    return ckpt, maps
+
+
+def pointing_game(items: list[dict], maps: list[np.ndarray]) -> dict:
+    """Per class: hits of the heatmap's peak inside the box, and a random heatmap's expected hit rate."""
+    hits, randoms, counts = defaultdict(int), defaultdict(float), defaultdict(int)
+    for item, cam in zip(items, maps):
+        size = cam.shape[-1]
+        x0, y0, x1, y1 = item["box_px"]
+        peak_y, peak_x = np.unravel_index(int(np.argmax(cam)), cam.shape)
+        label = item["label"]
+        counts[label] += 1
+        hits[label] += int(cam.max() > 0 and x0 <= peak_x < x1 and y0 <= peak_y < y1)
+        randoms[label] += min(1.0, max(0, x1 - x0) * max(0, y1 - y0) / size**2)
+    per_class = {c: {"boxes": counts[c], "score": hits[c] / counts[c], "random": randoms[c] / counts[c]} for c in counts}
+    total = sum(counts.values())
+    return {"per_class": per_class, "overall": sum(hits.values()) / total, "random_overall": sum(randoms.values()) / total,
+            "boxes": total}
+
+
+def explain(checkpoints: list[str | Path], data: str | Path, out: str | Path, n: int = 16,
+            boxes_csv: str | Path | None = None, max_boxes: int = 200, seed: int = 0) -> dict:
+    """Grad-CAM grid for ``n`` boxed test images and the pointing game on up to ``max_boxes`` boxes."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = boxed_test_images(Path(data), Path(boxes_csv) if boxes_csv else None)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
+    pairs = [dict(image=images[i]["image"], path=images[i]["path"], label=b[0], box=b)
+             for i in order for b in images[i]["boxes"]][:max_boxes]
+    results, all_maps = {}, {}
+    for path in checkpoints:
+        ckpt = model_from_checkpoint(path)[1]
+        size = int(ckpt["image_size"])
+        items = [dict(p, box_px=_box_in_pixels(p["box"], size)) for p in pairs]
+        ckpt, maps = heatmaps(path, items)
+        key = f"{ckpt['model_name']} ({Path(path).parent.name}/{Path(path).stem})"
+        results[key] = {"checkpoint": str(path), "model_name": ckpt["model_name"], **pointing_game(items, maps)}
+        all_maps[key] = (items, maps, size)
+    # One image per row in the grid: the first box of each of the first n images.
+    shown, seen = [], set()
+    for i, p in enumerate(pairs):
+        if p["image"] not in seen and len(shown) < n:
+            seen.add(p["image"])
+            shown.append(i)
+    plot_grid(all_maps, shown, out / "gradcam_grid.png")
+    report = {"data": str(data), "images_with_boxes": len(images), "boxes_scored": len(pairs), "models": results}
+    (out / "pointing_game.json").write_text(json.dumps(report, indent=2))
+    report["out"] = str(out)
+    return report
+
+
+def plot_grid(all_maps: dict, shown: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    models = list(all_maps)
+    fig, axes = plt.subplots(len(shown), len(models) + 1, figsize=(2.6 * (len(models) + 1), 2.6 * len(shown)),
+                             squeeze=False)
+    for r, idx in enumerate(shown):
+        for c, key in enumerate([None] + models):
+            ax = axes[r, c]
+            items, maps, size = all_maps[key or models[0]]
+            item = items[idx]
+            ax.imshow(load_for_model(item["path"], size), cmap="gray")
+            if key is not None:
+                ax.imshow(maps[idx], cmap="jet", alpha=0.4, vmin=0, vmax=1)
+                if maps[idx].max() > 0:  # an all-zero map has no peak (and scores a miss)
+                    py, px = np.unravel_index(int(np.argmax(maps[idx])), maps[idx].shape)
+                    ax.plot(px, py, "w+", ms=10, mew=2)
+            x0, y0, x1, y1 = item["box_px"]
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.5))
+            title = f"{item['image']}\n{item['label']}" if key is None else key
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.suptitle("Grad-CAM for the boxed finding (green: ground-truth box, +: heatmap peak)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def format_explain(report: dict) -> str:
+    lines = [f"pointing game on {report['boxes_scored']} boxes ({report['images_with_boxes']} boxed test images):"]
+    for key, r in report["models"].items():
+        lines.append(f"  {key:<40} {r['overall']:.3f}   (random heatmap: {r['random_overall']:.3f})")
+    lines.append(f"wrote {report['out']}/gradcam_grid.png and pointing_game.json")
+    return "\n".join(lines)

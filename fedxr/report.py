@@ -1,0 +1,178 @@
+"""`RUN/report.md`: one page a clinician's ML team reads after `fedxr run`, with plots beside the numbers.
+
+Sections: data per site, the federated rounds, baselines (central / local training, when run),
+teacher on the pooled test set, teacher vs students, exported artifacts, Grad-CAM, the resolved recipe.
+Every image and file it links is relative to the run folder and exists (the tests check this).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fedxr.config import Recipe
+from fedxr.labels import LABELS
+
+
+def _f(v, spec=".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _rel(path: str | Path, base: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), base.resolve())
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+
+
+def plot_prevalence(sites: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.array([[s["prevalence"].get(c, 0.0) for c in LABELS] for s in sites])
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.45 * len(sites)))
+    im = ax.imshow(grid, cmap="magma", aspect="auto", vmin=0)
+    ax.set_xticks(range(len(LABELS)), LABELS, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(sites)), [f"{s['site']} ({s['images']} img)" for s in sites], fontsize=8)
+    for i in range(len(sites)):
+        for j in range(len(LABELS)):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if grid[i, j] < grid.max() / 2 else "black")
+    ax.set_title("label prevalence per site")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _data_section(run: Path, out: list[str]) -> None:
+    info = json.loads((run / "sites" / "sites.json").read_text())
+    sites = info["sites"]
+    out += ["## Data per site", "",
+            f"Data set `{info['settings']['root']}`, split `{info['settings']['scheme']}` into {len(sites)} sites "
+            "(patient-wise: no patient is in two sites or two splits).", ""]
+    out += _table(["site", "patients", "images", "train", "val", "test", "no finding", "most common finding"],
+                  [[s["site"], s["patients"], s["images"], s["train"], s["val"], s["test"], _f(s.get("no_finding"), ".2f"),
+                    max(s["prevalence"], key=s["prevalence"].get)] for s in sites])
+    plot_prevalence(sites, run / "report_prevalence.png")
+    out += ["", "![prevalence](report_prevalence.png)", ""]
+
+
+def _rounds_section(run: Path, results: dict, out: list[str]) -> None:
+    fed = run / "federate"
+    out += ["## Federated teacher", ""]
+    rounds_path = fed / "rounds.json"
+    if rounds_path.is_file():
+        table = json.loads(rounds_path.read_text())
+        sites = sorted({s for r in table for s in r["sites"]})
+        rows = [[r["round"], *[_f(r["sites"].get(s, {}).get("val_auroc")) for s in sites], _f(r.get("aggregate_val_auroc")),
+                 _f(r.get("wall_s"), ".1f")] for r in table]
+        out += ["Validation AUROC of the global model received each round, per site (last row: the final model).", ""]
+        out += _table(["round", *sites, "aggregate", "round s"], rows)
+        out += ["", f"![rounds]({_rel(fed / 'rounds.png', run)})", ""]
+    if (fed / "cross_site.png").is_file():
+        out += [f"![cross-site]({_rel(fed / 'cross_site.png', run)})", ""]
+    out += [f"Teacher checkpoint: `{_rel(results['teacher']['checkpoint'], run)}`", ""]
+
+
+def _baselines_section(run: Path, out: list[str]) -> None:
+    rows = []
+    for summary in sorted(run.glob("train_*/summary.json")):
+        s = json.loads(summary.read_text())
+        rows.append([summary.parent.name.removeprefix("train_"), _f(s.get("best_val_auroc")), f"`{_rel(s['best'], run)}`"])
+    out += ["## Baselines", ""]
+    if rows:
+        out += _table(["training", "best val AUROC", "checkpoint"], rows) + [""]
+    else:
+        out += ["No central or local baselines in this run (`fedxr train RECIPE --mode central` or "
+                "`--mode local --site site-1` add them here).", ""]
+
+
+def _evaluate_section(run: Path, results: dict, out: list[str]) -> None:
+    ev = results.get("evaluate")
+    if not ev:
+        return
+    m = json.loads(Path(ev["metrics"]).read_text())
+    out += ["## Teacher on the pooled test set", "",
+            f"{m['images']} test images from every site: macro AUROC **{_f(m['macro_auroc'])}**, macro AP {_f(m['macro_ap'])}."
+            + (f" {m['note']}" if m.get("note") else ""), ""]
+    out += _table(["finding", "AUROC", "AP", "threshold", "sensitivity", "specificity", "positives"],
+                  [[c, _f(m["auroc"][c]), _f(m["ap"][c]), _f(m["at_thresholds"][c]["threshold"]),
+                    _f(m["at_thresholds"][c]["sensitivity"]), _f(m["at_thresholds"][c]["specificity"]),
+                    m["at_thresholds"][c]["positives"]] for c in LABELS])
+    out += ["", f"![ROC curves]({_rel(Path(ev['metrics']).parent / 'roc_curves.png', run)})", ""]
+    if ev.get("distill_report"):
+        rep = json.loads(Path(ev["distill_report"]).read_text())
+        t = rep["teacher"]
+        rows = [[f"teacher {t['model_name']}", _f(t["macro_auroc"]), f"{t['params'] / 1e6:.2f}M", f"{t['macs'] / 1e6:.1f}", "1.0", "", ""]]
+        for name, r in rep["students"].items():
+            rows.append([f"{name} (KD)", _f(r["macro_auroc"]), f"{r['params'] / 1e6:.2f}M", f"{r['macs'] / 1e6:.1f}",
+                         f"{r['mac_ratio']:.1f}×", _f(r.get("auroc_vs_teacher"), "+.3f"), _f(r.get("kd_gain"), "+.3f")])
+            if "no_kd" in r:
+                rows.append([f"{name} (no KD, ablation)", _f(r["no_kd"]["macro_auroc"]), "", "", "", "", ""])
+        out += ["## Teacher vs students", "",
+                "Same pooled test set. Goals: student ≥ teacher − 0.02 macro AUROC with ≥ 10× fewer MACs; "
+                "distilled student better than the same student trained without the teacher.", ""]
+        out += _table(["model", "macro AUROC", "params", "MMACs", "MAC ratio", "vs teacher", "KD gain"], rows)
+        out += ["", f"![teacher vs students]({_rel(Path(ev['distill_report']).parent / 'distill_report.png', run)})", ""]
+
+
+def _export_section(run: Path, results: dict, out: list[str]) -> None:
+    ex = results.get("export")
+    if not ex:
+        return
+    rows = []
+    for name, path in ex["manifests"].items():
+        m = json.loads(Path(path).read_text())
+        for f in m["files"]:
+            file = Path(path).parent / f["file"]
+            shown = f"`{_rel(file, run)}`" if file.is_file() else f"{f['file']} (not kept)"
+            rows.append([name, shown, f["format"], _f(f["size_bytes"] / 1e6 if "size_bytes" in f else None, ".2f") + " MB",
+                         _f(f.get("latency_ms_b1_p50"), ".2f"), _f(f.get("val_auroc")),
+                         "yes" if f.get("kept") else "no", "★" if m.get("recommended") == f["file"] else ""])
+    out += ["## Exported models", "", "Latency: median batch-1 CPU ms (onnxruntime, this machine). ★: the file the "
+            "manifest recommends.", ""]
+    out += _table(["model", "file", "format", "size", "ms", "val AUROC", "kept", ""], rows)
+    out += ["", f"Try it: `python -m fedxr.edge predict {ex['edge_model']} IMAGE.png` (PNG, JPEG or DICOM).", ""]
+
+
+def _explain_section(run: Path, results: dict, out: list[str]) -> None:
+    ex = results.get("explain")
+    if not ex:
+        return
+    pg = json.loads(Path(ex["pointing_game"]).read_text())
+    out += ["## Where the models look (Grad-CAM)", "",
+            f"Pointing game on {pg['boxes_scored']} ground-truth boxes: how often the heatmap's peak falls inside "
+            "the box of the finding it explains. A random heatmap's expected score is the box's share of the image.", ""]
+    classes = sorted({c for m in pg["models"].values() for c in m["per_class"]})
+    rows = [[key, _f(m["overall"]), _f(m["random_overall"]),
+             *[_f(m["per_class"].get(c, {}).get("score"), ".2f") for c in classes]] for key, m in pg["models"].items()]
+    out += _table(["model", "overall", "random", *classes], rows)
+    out += ["", f"![Grad-CAM]({_rel(ex['grid'], run)})", ""]
+
+
+def write_report(recipe: Recipe, results: dict) -> Path:
+    run = recipe.run_dir
+    out = [f"# fedxr run report: {recipe.output.name}", "",
+           f"Written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Teacher `{recipe.model.name}`, "
+           f"{recipe.federated.algorithm} × {recipe.federated.rounds} rounds in `{recipe.federated.env}`; students "
+           f"{', '.join(f'`{s}`' for s in recipe.distill.students) or 'none'}.", ""]
+    seconds = {k: v.get("seconds") for k, v in results.items() if isinstance(v, dict) and v.get("seconds") is not None}
+    if seconds:
+        out += ["Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
+    _data_section(run, out)
+    _rounds_section(run, results, out)
+    _baselines_section(run, out)
+    _evaluate_section(run, results, out)
+    _export_section(run, results, out)
+    _explain_section(run, results, out)
+    out += ["## Resolved recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    path = run / "report.md"
+    path.write_text("\n".join(out))
+    return path

@@ -1,0 +1,99 @@
+"""`fedxr run`: every stage on a tiny recipe, a report that links only real files, skipping and --from."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fedxr.cli import main
+from fedxr.config import load_recipe
+from fedxr.pipeline import STAGE_NAMES, run_pipeline
+
+from conftest import ROOT, tiny_recipe_overrides
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+pytestmark = pytest.mark.slow
+
+
+def _overrides(tmp):
+    return tiny_recipe_overrides(tmp, patients=60, extra=(
+        "data.phantom.hospitals=2", "data.sites=2", "federated.min_clients=2", "federated.rounds=1",
+        "data.batch_size=8", "distill.students=[mobilenetv3_small_100]", "distill.rounds=1",
+        "distill.ablation_no_teacher=false", "explain.images=3", "explain.max_boxes=20", "export.calibration_images=16", f"export.out={tmp / 'export'}"))
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    ov = _overrides(tmp)
+    assert main(["run", str(QUICKSTART), *ov]) == 0
+    return tmp, ov
+
+
+def test_every_stage_ran_and_left_its_artifacts(first_run):
+    tmp, ov = first_run
+    recipe = load_recipe(QUICKSTART, ov)
+    run = recipe.run_dir
+    state = json.loads((run / "pipeline.json").read_text())
+    assert list(state) == STAGE_NAMES
+    for path in ["federate/global_last.ckpt", "distill/mobilenetv3_small_100/global_last.ckpt",
+                 "distill/distill_report.json",
+                 "distill/distill_report.png", "evaluate/metrics.json", "evaluate/roc_curves.png",
+                 "explain/gradcam_grid.png", "explain/pointing_game.json", "report.md", "report_prevalence.png"]:
+        assert (run / path).is_file(), path
+    for name in ("t_tiny_cnn", "t_student_mobilenetv3_small_100"):
+        manifest = json.loads((tmp / "export" / name / "manifest.json").read_text())
+        assert manifest["ok"] and (tmp / "export" / name / manifest["recommended"]).is_file()
+    for stage in STAGE_NAMES:
+        assert (run / "logs" / f"{stage}.log").is_file()
+    pg = json.loads((run / "explain" / "pointing_game.json").read_text())
+    assert len(pg["models"]) == 2 and pg["boxes_scored"] > 0
+    for m in pg["models"].values():
+        assert 0 <= m["overall"] <= 1 and 0 < m["random_overall"] < 1
+
+
+def test_report_references_only_files_that_exist(first_run):
+    tmp, ov = first_run
+    run = load_recipe(QUICKSTART, ov).run_dir
+    text = (run / "report.md").read_text()
+    for heading in ("## Data per site", "## Federated teacher", "## Teacher on the pooled test set",
+                    "## Teacher vs students", "## Exported models", "## Where the models look", "## Resolved recipe"):
+        assert heading in text
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    files = re.findall(r"`([^`\s]+\.(?:ckpt|onnx))`", text)
+    assert len(images) >= 5 and files
+    for ref in images + files:
+        assert (run / ref).exists(), f"report.md links {ref}, which does not exist"
+
+
+def test_rerun_skips_every_stage_and_from_reruns_the_tail(first_run, capsys):
+    tmp, ov = first_run
+    recipe = load_recipe(QUICKSTART, ov)
+    capsys.readouterr()
+    again = run_pipeline(recipe, QUICKSTART, progress=False)
+    assert set(again["stages"].values()) == {"skipped"}
+    assert "up to date, skipped" in capsys.readouterr().out
+    teacher_mtime = (recipe.run_dir / "federate" / "global_last.ckpt").stat().st_mtime
+    tail = run_pipeline(recipe, QUICKSTART, start="export", progress=False)
+    before = STAGE_NAMES[:STAGE_NAMES.index("export")]
+    assert all(tail["stages"][s] == "skipped" for s in before)
+    assert all(tail["stages"][s] == "ran" for s in STAGE_NAMES[len(before):])
+    assert (recipe.run_dir / "federate" / "global_last.ckpt").stat().st_mtime == teacher_mtime
+
+
+def test_a_changed_setting_reruns_only_what_depends_on_it(first_run):
+    tmp, ov = first_run
+    recipe = load_recipe(QUICKSTART, ov + ["explain.images=2"])
+    result = run_pipeline(recipe, QUICKSTART, progress=False)
+    assert result["stages"]["teacher"] == "skipped" and result["stages"]["export"] == "skipped"
+    assert result["stages"]["explain"] == "ran" and result["stages"]["report"] == "ran"
+
+
+def test_a_failing_stage_is_named_with_its_log(tmp_path, capsys):
+    ov = _overrides(tmp_path) + ["data.source=nih", f"data.root={tmp_path / 'no_such_data'}"]
+    assert main(["run", str(QUICKSTART), *ov]) != 0
+    err = capsys.readouterr().err
+    assert "stage 'data' failed" in err and "logs/data.log" in err and "no NIH label file" in err
+    with pytest.raises(SystemExit):
+        main(["run", str(QUICKSTART), "--from", "nonsense"])
