@@ -6,6 +6,8 @@
 Each model is trained for one epoch on a small phantom set (so AUROC is real, if modest), exported with
 `fedxr.export` (FP32 + INT8 kept regardless), and timed at batch 1 and 8 with 1 and 2 threads:
 p50/p95 latency, model size, and macro AUROC of every format on the same validation images.
+Each row also gives the model's achieved GFLOP/s (2 × MACs × batch / p50) and its share of this machine's
+measured FP32 peak at that thread count (a large square matmul), so the distance to the hardware is visible.
 Goals: the student's best format >= 50x faster than the teacher in PyTorch eager at batch 1;
 onnxruntime >= 2x faster than PyTorch eager for the same student.
 """
@@ -50,6 +52,14 @@ def timed(fn, runs: int, warmup: int = 3) -> tuple[float, float]:
     return round(float(np.percentile(t, 50)), 3), round(float(np.percentile(t, 95)), 3)
 
 
+def matmul_peak_gflops(threads: int, n: int = 1024, runs: int = 10) -> float:
+    """FP32 GFLOP/s of an n × n matmul with ``threads`` threads: the practical peak of this CPU."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    p50, _ = timed(lambda: a @ b, runs)
+    return round(2 * n**3 / (p50 / 1000) / 1e9, 1)
+
+
 def auroc(logits: np.ndarray, y: np.ndarray) -> float:
     return round(multilabel_scores(torch.sigmoid(torch.from_numpy(logits)), torch.from_numpy(y.copy()))["macro_auroc"], 4)
 
@@ -63,6 +73,10 @@ def main() -> None:
         {"teacher": "densenet121", "student": "mobilenetv3_small_100"}
     size, patients, runs = (32, 40, 3) if args.smoke else (224, 150, args.runs)
     rows = []
+    peak = {t: matmul_peak_gflops(t, n=256 if args.smoke else 1024) for t in (1, 2)}
+    print(f"matmul FP32 peak: {peak[1]} GFLOP/s (1 thread), {peak[2]} GFLOP/s (2 threads)", flush=True)
+    from fedxr.models.registry import complexity
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         recipe = load_recipe(QUICKSTART, [
@@ -104,10 +118,13 @@ def main() -> None:
                             so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
                             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
                             p50, p95 = timed(lambda: sess.run(None, {"image": xb}), runs)
+                        gflops = 2 * complexity(name, size)[1] * batch / (p50 / 1000) / 1e9
                         rows.append({"role": role, "model": name, "format": fmt, "threads": threads, "batch": batch,
-                                     "p50_ms": p50, "p95_ms": p95, "size_mb": round(nbytes / 1e6, 2), "val_auroc": auc})
+                                     "p50_ms": p50, "p95_ms": p95, "size_mb": round(nbytes / 1e6, 2), "val_auroc": auc,
+                                     "gflops": round(gflops, 2), "share_of_peak": round(gflops / peak[threads], 4)})
                         print(f"{role:<8}{name:<24}{fmt:<15} t={threads} b={batch}: p50 {p50:8.2f} ms  p95 {p95:8.2f} ms  "
-                              f"{nbytes / 1e6:6.2f} MB  AUROC {auc:.4f}", flush=True)
+                              f"{nbytes / 1e6:6.2f} MB  AUROC {auc:.4f}  {gflops:6.1f} GFLOP/s "
+                              f"({100 * gflops / peak[threads]:.0f}% of peak)", flush=True)
     def p50(role, fmt, threads=1, batch=1):
         return next(r["p50_ms"] for r in rows if r["role"] == role and r["format"] == fmt and r["threads"] == threads
                     and r["batch"] == batch)
@@ -118,7 +135,7 @@ def main() -> None:
              "targets": {"student_best_vs_teacher_eager_b1": 50, "student_onnx_vs_eager_b1": 2}}
     print(f"student (best format) vs teacher eager, batch 1, 1 thread: {goals['student_best_vs_teacher_eager_b1']}x (goal 50x)")
     print(f"student onnxruntime vs eager, batch 1, 1 thread: {goals['student_onnx_vs_eager_b1']}x (goal 2x)")
-    print(f"wrote {write_result('edge_latency', {'image_size': size, 'rows': rows, 'goals': goals}, smoke=args.smoke)}")
+    print(f"wrote {write_result('edge_latency', {'image_size': size, 'rows': rows, 'goals': goals, 'matmul_peak_gflops': peak}, smoke=args.smoke)}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Training throughput (images/s) of a teacher and a student at 224 px, data read from the uint8 cache.
+"""Training throughput (images/s) of a teacher and a student at 224 px: cache vs PNG, plain vs in NVFlare.
 
     python benchmarks/train_throughput.py              # CPU here; on a GPU adds bf16 + channels_last
     python benchmarks/train_throughput.py --smoke      # seconds; proves the script works (CI)
@@ -7,7 +7,11 @@
 The real training path is measured: SiteDataModule (cache, augmentation, DataLoader workers) feeding
 XRayClassifier in a Lightning Trainer. Steps after a warm-up are timed with a callback; images/s is
 batch size × timed steps / elapsed. With --loader-only the same loader is iterated without a model,
-which tells whether the data path could keep the accelerator busy.
+which tells whether the data path could keep the accelerator busy. With the default settings it also
+measures (for each model, at the last batch size) training that decodes the PNG files every step instead
+of reading the cache, and the same training inside NVFlare rounds (simulator, one site): images/s over
+each round's wall time, so the overhead % is everything a round costs beyond the plain Lightning loop
+(validation of the received model, transport, aggregation, persisting).
 Goal on one H100: DenseNet-121 at 224 px >= 2,500 img/s including data loading.
 """
 
@@ -47,19 +51,41 @@ class StepTimer(L.Callback):
             self.elapsed = time.perf_counter() - self.t0
 
 
-def measure(recipe, manifests, model: str, batch: int, steps: int, warmup: int) -> dict:
+class PngImages:
+    """Array-like over image files that decodes and resizes on every access (no cache)."""
+
+    def __init__(self, paths: list[str], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from fedxr.imaging import load_for_model
+
+        return load_for_model(self.paths[i], self.size)
+
+
+def measure(recipe, manifests, model: str, batch: int, steps: int, warmup: int, from_png: bool = False) -> dict:
     recipe = recipe.model_copy(deep=True)
     recipe.data.batch_size = batch
     recipe.model.name = model
     dm = make_datamodule(recipe, manifests, model_name=model, progress=False)
     module = make_classifier(recipe, dm, model_name=model)
+    if from_png:
+        from fedxr.data.datamodule import XRayDataset
+
+        train = dm.rows[dm.rows["split"] == "train"]
+        cached = dm.datasets["train"]
+        dm.datasets["train"] = XRayDataset(PngImages(train["path"].tolist(), recipe.data.image_size), cached.labels,
+                                           cached.mean, cached.std, augment=True)
     timer = StepTimer(warmup)
     trainer = make_trainer(recipe, Path(tempfile.mkdtemp()), callbacks=[timer], max_epochs=-1, max_steps=warmup + steps,
                            progress=False, logger=False, enable_model_summary=False, limit_val_batches=0,
                            num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
     rate = batch * timer.timed / timer.elapsed if timer.timed else float("nan")
-    return {"model": model, "batch_size": batch, "precision": recipe.model.precision,
+    return {"model": model, "batch_size": batch, "precision": recipe.model.precision, "data": "png" if from_png else "cache",
             "channels_last": recipe.model.channels_last, "compile": recipe.model.compile,
             "timed_steps": timer.timed, "images_per_s": round(rate, 2)}
 
@@ -83,6 +109,32 @@ def loader_rate(recipe, manifests, batch: int, batches: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def in_nvflare(recipe, model: str, batch: int, rounds: int) -> dict:
+    """Train the same model on the same site inside NVFlare rounds (simulator); images/s per round."""
+    import json
+
+    from fedxr.federated.run import federate
+
+    r = recipe.model_copy(deep=True)
+    r.model.name, r.data.batch_size = model, batch
+    r.federated.rounds, r.federated.local_epochs, r.federated.cross_site_eval = rounds, 1, False
+    r.output.name = f"fl_{model}"
+    from fedxr.data.prepare import ensure_sites
+
+    ensure_sites(r)
+    summary = federate(r, "sim")
+    table = [x for x in json.loads(Path(summary["rounds"]).read_text()) if isinstance(x["round"], int)]
+    per_round = []
+    for row in table[1:]:  # round 0 includes the site's start-up (cache open, model build)
+        site = next(iter(row["sites"].values()))
+        images = site["steps"] * batch
+        per_round.append({"round": row["round"], "images": images, "wall_s": row["wall_s"], "train_s": site["train_s"],
+                          "images_per_s_round": round(images / row["wall_s"], 2),
+                          "images_per_s_training": round(images / site["train_s"], 2)})
+    return {"model": model, "batch_size": batch, "rounds": per_round,
+            "images_per_s": round(sum(x["images"] for x in per_round) / sum(x["wall_s"] for x in per_round), 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
@@ -91,6 +143,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--compile", action="store_true", help="also measure with torch.compile (GPU)")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--no-comparisons", action="store_true", help="skip the PNG and NVFlare comparisons")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
     size = 32 if args.smoke else 224
@@ -122,7 +175,23 @@ def main() -> None:
                           f"{res['images_per_s']:>9.1f} img/s", flush=True)
         loader = round(loader_rate(recipe, manifests, batches[-1], 3 if args.smoke else 20), 1)
         print(f"data loader alone: {loader:.1f} img/s ({workers} workers, batch {batches[-1]})")
+        png, federated = [], []
+        if not args.no_comparisons:
+            for model in models:
+                plain = next(r for r in results if r["model"] == model and r["batch_size"] == batches[-1] and not r["compile"])
+                res = measure(recipe, manifests, model, batches[-1], steps, warmup=1 if args.smoke else 3, from_png=True)
+                res["cache_speedup"] = round(plain["images_per_s"] / res["images_per_s"], 2)
+                png.append(res)
+                print(f"{model:<24} batch {batches[-1]:>4} from PNG  {res['images_per_s']:>9.1f} img/s "
+                      f"(cache is {res['cache_speedup']}x)", flush=True)
+                fl = in_nvflare(recipe, model, batches[-1], rounds=2 if args.smoke else 3)
+                fl["plain_images_per_s"] = plain["images_per_s"]
+                fl["overhead_pct"] = round(100 * (1 - fl["images_per_s"] / plain["images_per_s"]), 1)
+                federated.append(fl)
+                print(f"{model:<24} batch {batches[-1]:>4} in NVFlare {fl['images_per_s']:>9.1f} img/s "
+                      f"(overhead {fl['overhead_pct']} % vs plain Lightning)", flush=True)
     payload = {"image_size": size, "workers": workers, "results": results, "loader_images_per_s": loader,
+               "from_png": png, "in_nvflare": federated,
                "goal": "DenseNet-121 >= 2500 img/s at 224 px on one H100, data loading included"}
     print(f"wrote {write_result('train_throughput', payload, smoke=args.smoke)}")
 

@@ -10,7 +10,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["data_loading.py", "phantom_difficulty.py", "train_throughput.py", "federated_overhead.py", "edge_latency.py"])
+@pytest.mark.parametrize("script", ["data_loading.py", "phantom_difficulty.py", "train_throughput.py", "federated_overhead.py", "edge_latency.py",
+                                    "federated_accuracy.py"])
 def test_benchmark_smoke(script):
     proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -25,12 +26,21 @@ def test_benchmark_smoke(script):
     elif script == "train_throughput.py":
         assert all(r["images_per_s"] > 0 and r["timed_steps"] > 0 for r in result["results"])
         assert result["loader_images_per_s"] > 0
+        assert result["from_png"][0]["data"] == "png" and result["from_png"][0]["images_per_s"] > 0
+        fl = result["in_nvflare"][0]
+        assert fl["images_per_s"] > 0 and fl["rounds"] and fl["overhead_pct"] < 100
     elif script == "federated_overhead.py":
         r = result["results"][0]
         assert r["bytes_per_round"] == 4 * r["model_bytes"] > 0 and r["rounds"]
         assert all(x["wall_s"] > 0 and x["site_work_s"] > 0 for x in r["rounds"])
+    elif script == "federated_accuracy.py":
+        row = result["table"]["iid"]
+        assert set(row) == {"central", "fedavg", "local"}
+        assert len(row["local"]["per_model"]) == 2 and len(row["central"]["per_model"]) == 1
+        assert all(0 <= v <= 1 for r in row.values() for v in r["per_model"] if v is not None)
     elif script == "edge_latency.py":
         formats = {row["format"] for row in result["rows"]}
         assert formats == {"pytorch-eager", "onnx-fp32", "onnx-int8"}
         assert all(row["p50_ms"] > 0 and row["p50_ms"] <= row["p95_ms"] for row in result["rows"])
         assert result["goals"]["student_onnx_vs_eager_b1"] > 0
+        assert result["matmul_peak_gflops"]["1"] > 0 and all(r["gflops"] > 0 and r["share_of_peak"] > 0 for r in result["rows"])

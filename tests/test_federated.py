@@ -229,3 +229,10 @@ def test_fedbn_runs_rounds_with_local_batchnorm(tmp_path):
     s2 = torch.load(records / "site-2_round1.pt", weights_only=True)["state_dict"]
     bn = "model.features.1.running_mean"
     assert bn in s1 and not torch.equal(s1[bn], s2[bn])  # statistics stayed local to each hospital
+    # The learning-rate schedule spans both rounds: half-way through (end of round 0) the cosine is at
+    # about half the base rate, not already at zero; at the end of the last round it is near zero.
+    from fedxr.federated.outputs import read_records
+
+    lr = {(r["site"], r["round"]): r["lr_end"] for r in read_records(records)}
+    base = recipe.model.lr
+    assert 0.3 * base < lr[("site-1", 0)] < 0.8 * base and lr[("site-1", 1)] < 0.05 * base

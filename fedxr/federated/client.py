@@ -73,14 +73,18 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     fed = recipe.federated
     dm = make_datamodule(recipe, [manifest], progress=False)
+    # One learning-rate schedule over every round: NVFlare's patch restores the optimizer and scheduler
+    # state between rounds, and a schedule sized to one round would leave later rounds at zero rate.
+    schedule = ({"schedule_steps": fed.rounds * fed.local_steps} if fed.local_steps
+                else {"schedule_epochs": fed.rounds * fed.local_epochs})
     if args.distill:
         from fedxr.distill.module import DistillClassifier
 
         # The teacher is built with random weights here and overwritten by the frozen global teacher
         # that the server sends with the round-0 model.
-        module = make_classifier(recipe, dm, cls=DistillClassifier, **decode_json(args.distill))
+        module = make_classifier(recipe, dm, cls=DistillClassifier, **schedule, **decode_json(args.distill))
     else:
-        module = make_classifier(recipe, dm)
+        module = make_classifier(recipe, dm, **schedule)
     per_round = {"max_steps": fed.local_steps, "max_epochs": -1} if fed.local_steps else {"max_epochs": fed.local_epochs}
     trainer = make_trainer(recipe, work, progress=False, enable_model_summary=False,
                            logger=[ClientLogger()], num_sanity_val_steps=0, **per_round)
@@ -118,7 +122,8 @@ def main(argv=None) -> None:
             rec = {"site": site, "round": rnd, "val_auroc": float(result[0].get(VAL_AUROC, float("nan"))) if result else None,
                    "val_images": len(dm.datasets["val"]), "train_images": len(dm.datasets["train"]),
                    "steps": trainer.global_step - steps_before, "t_receive": t0, "t_validated": t1, "t_trained": t2,
-                   "validate_s": t1 - t0, "train_s": t2 - t1}
+                   "validate_s": t1 - t0, "train_s": t2 - t1,
+                   "lr_end": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None}
             with open(records, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
 

@@ -39,7 +39,8 @@ class XRayClassifier(L.LightningModule):
         self, model_name: str, pretrained: bool = False, lr: float = 1e-3, weight_decay: float = 1e-4,
         warmup_epochs: float = 0.0, pos_weight: list[float] | None = None, channels_last: bool = False,
         compile_model: bool = False, threshold_rule: str = "youden", image_size: int | None = None,
-        mean: float | None = None, std: float | None = None,
+        mean: float | None = None, std: float | None = None, schedule_epochs: int | None = None,
+        schedule_steps: int | None = None,
     ):
         super().__init__()
         spec = get_spec(model_name)
@@ -49,6 +50,9 @@ class XRayClassifier(L.LightningModule):
         self.model_name, self.pretrained, self.lr, self.weight_decay = model_name, pretrained, lr, weight_decay
         self.warmup_epochs, self.channels_last, self.compile_model = warmup_epochs, channels_last, compile_model
         self.threshold_rule = threshold_rule
+        # Length of the learning-rate schedule when it spans several fits (federated rounds): the
+        # whole federation, not one round, so later rounds do not train at a decayed-to-zero rate.
+        self.schedule_epochs, self.schedule_steps = schedule_epochs, schedule_steps
         self.image_size = image_size or spec.input_size
         self.mean = spec.mean if mean is None else mean
         self.std = spec.std if std is None else std
@@ -139,6 +143,10 @@ class XRayClassifier(L.LightningModule):
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        if self.schedule_steps:
+            total = self.schedule_steps
+        elif self.schedule_epochs:
+            total = per_epoch * self.schedule_epochs
         warmup = int(self.hparams.warmup_epochs * per_epoch)
 
         def factor(step: int) -> float:

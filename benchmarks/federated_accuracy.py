@@ -1,0 +1,180 @@
+"""Federated accuracy on phantom data: centralised vs FedAvg, FedProx, SCAFFOLD, FedAvg+FedBN, local-only.
+
+    python benchmarks/federated_accuracy.py                 # every split × method (tens of minutes on 2 cores)
+    python benchmarks/federated_accuracy.py --smoke         # one tiny split, three methods (CI)
+    python benchmarks/federated_accuracy.py --splits natural,dirichlet0.5 --methods central,fedavg,local
+
+Same data and the same total compute for every method: centralised training runs rounds × local_epochs
+epochs over the pooled training images; each federated site runs local_epochs per round; each local-only
+model trains rounds × local_epochs epochs on its own site. Every model is scored on the same pooled test
+split (each site's test patients) by macro AUROC. For per-site models (local-only, and FedBN, whose
+BatchNorm layers stay at each site) the row is the mean over sites of their pooled-test AUROC.
+Splits: iid, DirichletA (label skew, concentration A) and natural (one site per phantom hospital).
+Writes results/federated_accuracy.json and federated_accuracy.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_result  # noqa: E402
+
+from fedxr.config import load_recipe, recipe_from_dict  # noqa: E402
+from fedxr.data.manifest import site_manifest_paths  # noqa: E402
+from fedxr.data.prepare import ensure_dataset, ensure_sites  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "compare_fedavg_fedprox_scaffold.yaml"
+METHODS = ["central", "fedavg", "fedprox", "scaffold", "fedbn", "local"]
+SPLITS = ["iid", "dirichlet1.0", "dirichlet0.5", "dirichlet0.3", "natural"]
+
+
+def split_overrides(split: str) -> list[str]:
+    if split == "iid":
+        return ["data.scheme=iid"]
+    if split == "natural":
+        return ["data.scheme=column", "data.column=hospital"]
+    if split.startswith("dirichlet"):
+        return ["data.scheme=dirichlet", f"data.alpha={float(split.removeprefix('dirichlet'))}"]
+    raise SystemExit(f"unknown split {split!r}; use iid, natural or dirichletALPHA (e.g. dirichlet0.5)")
+
+
+def changed(recipe, section: str, **values):
+    data = recipe.resolved()
+    data[section].update(values)
+    return recipe_from_dict(data, f"{recipe.output.name} ({section} changed)")
+
+
+def pooled_test_auroc(ckpt: str | Path, recipe) -> float | None:
+    from fedxr.evaluation import evaluate_checkpoint
+
+    res = evaluate_checkpoint(ckpt, recipe.run_dir / "sites", split="test", out=Path(ckpt).parent / "eval_pooled_test",
+                              cache_dir=recipe.data.cache_dir, progress=False)
+    return res["macro_auroc"]
+
+
+def fedbn_site_models(recipe, summary: dict) -> list[Path]:
+    """Each site's personalised FedBN model: its weights as sent in the last round (global layers + its own BatchNorm)."""
+    import torch
+
+    from fedxr.models.checkpoint import save_checkpoint
+    from fedxr.models.registry import get_spec
+
+    records = recipe.run_dir / "federate" / "records"
+    last = recipe.federated.rounds - 1
+    spec = get_spec(recipe.model.name)
+    paths = []
+    for site in site_manifest_paths(recipe.run_dir / "sites"):
+        blob = torch.load(records / f"{site}_round{last}.pt", weights_only=True)["state_dict"]
+        net = {k.removeprefix("model."): v for k, v in blob.items() if k.startswith("model.")}
+        paths.append(save_checkpoint(recipe.run_dir / "fedbn_sites" / f"{site}.ckpt", model_name=recipe.model.name,
+                                     state_dict=net, image_size=recipe.data.image_size, mean=spec.mean, std=spec.std,
+                                     thresholds=blob["thresholds"], source="federate:fedbn"))
+    return paths
+
+
+def run_method(method: str, recipe) -> dict:
+    from fedxr.federated.run import federate
+    from fedxr.training import train
+
+    t0 = time.perf_counter()
+    fed = recipe.federated
+    epochs = fed.rounds * fed.local_epochs
+    if method == "central":
+        s = train(changed(recipe, "model", max_epochs=epochs), recipe.run_dir / "sites", mode="central", progress=False)
+        scores = [pooled_test_auroc(s["best"], recipe)]
+    elif method == "local":
+        local = changed(recipe, "model", max_epochs=epochs)
+        scores = [pooled_test_auroc(train(local, recipe.run_dir / "sites", mode="local", site=site, progress=False)["best"], recipe)
+                  for site in site_manifest_paths(recipe.run_dir / "sites")]
+    else:
+        algorithm = "fedavg" if method == "fedbn" else method
+        r = changed(recipe, "federated", algorithm=algorithm, fedbn=method == "fedbn", cross_site_eval=False)
+        summary = federate(r, "sim", extra_args="--save-updates" if method == "fedbn" else "")
+        if method == "fedbn":
+            scores = [pooled_test_auroc(p, r) for p in fedbn_site_models(r, summary)]
+        else:
+            ckpts = summary["checkpoints"]
+            scores = [pooled_test_auroc(ckpts.get("global_best") or ckpts["global_last"], r)]
+    valid = [s for s in scores if s is not None]
+    return {"method": method, "macro_auroc": sum(valid) / len(valid) if valid else None,
+            "per_model": scores, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def plot(table: dict, methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    splits = list(table)
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(2 + 2.2 * len(splits), 4.5))
+    for i, m in enumerate(methods):
+        vals = [table[s].get(m, {}).get("macro_auroc") or np.nan for s in splits]
+        ax.bar(np.arange(len(splits)) + i * width - 0.4 + width / 2, vals, width, label=m)
+    ax.set_xticks(range(len(splits)), splits)
+    ax.set_ylim(0.45, None)
+    ax.axhline(0.5, c="grey", lw=0.7, ls=":")
+    ax.set_ylabel("pooled test macro AUROC")
+    ax.set_title("federated accuracy on phantom data (same total compute)")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=str(RECIPE))
+    ap.add_argument("--splits", default=",".join(SPLITS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--workdir", default=str(ROOT / "runs" / "bench_federated_accuracy"))
+    ap.add_argument("--smoke", action="store_true", help="tiny data, one split, three methods, one round")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = ap.parse_args()
+    work = Path(args.workdir) / ("smoke" if args.smoke else "full")
+    splits, methods = args.splits.split(","), args.methods.split(",")
+    base = [f"data.root={work / 'phantom'}", f"data.cache_dir={work / 'cache'}", f"output.runs_dir={work / 'runs'}"]
+    if args.smoke:
+        splits, methods = ["iid"], ["central", "fedavg", "local"]
+        base += ["data.phantom.patients=40", "data.phantom.hospitals=2", "data.phantom.size=32", "data.image_size=32",
+                 "data.sites=2", "federated.min_clients=2", "federated.rounds=1", "data.batch_size=8"]
+    table: dict = {}
+    for split in splits:
+        recipe = load_recipe(args.recipe, base + split_overrides(split) + [f"output.name={split}"] + list(args.overrides))
+        ensure_dataset(recipe, progress=False)
+        ensure_sites(recipe, force=True)
+        table[split] = {}
+        for m in methods:
+            print(f"--- {split}: {m}", flush=True)
+            table[split][m] = run_method(m, recipe)
+            print(f"    macro AUROC {table[split][m]['macro_auroc']}  ({table[split][m]['wall_s']} s)", flush=True)
+    goals = {}
+    for split in ("dirichlet0.5", "natural"):
+        row = table.get(split, {})
+        fa, ce, lo = (row.get(k, {}).get("macro_auroc") for k in ("fedavg", "central", "local"))
+        if None not in (fa, ce, lo):
+            goals[split] = {"fedavg_minus_central": round(fa - ce, 4), "fedavg_ge_central_minus_0.02": fa >= ce - 0.02,
+                            "fedavg_minus_local_mean": round(fa - lo, 4), "fedavg_ge_local_plus_0.05": fa >= lo + 0.05}
+    recipe_used = load_recipe(args.recipe, base + list(args.overrides)).resolved()
+    path = write_result("federated_accuracy", {"table": table, "goals": goals, "recipe": recipe_used,
+                                               "splits": splits, "methods": methods}, smoke=args.smoke)
+    if not args.smoke:
+        plot(table, methods, RESULTS / "federated_accuracy.png")
+    header = "| split | " + " | ".join(methods) + " |"
+    print(header + "\n|" + "---|" * (len(methods) + 1))
+    for split, row in table.items():
+        print(f"| {split} | " + " | ".join(f"{row[m]['macro_auroc']:.4f}" if row[m]["macro_auroc"] is not None else "–"
+                                            for m in methods) + " |")
+    print(f"goals: {json.dumps(goals)}\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
