@@ -81,7 +81,7 @@ def plot_report(report: dict, path: Path) -> None:
         vals = [m["auroc"][c] if m["auroc"][c] is not None else np.nan for c in LABELS]
         ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=f"{label}: macro {_f(m['macro_auroc'], '.3f')}")
     ax.set_xticks(x, LABELS, rotation=45, ha="right", fontsize=8)
-    ax.set_ylim(0.3, 1.0)
+    ax.set_ylim(0.0, 1.0)
     ax.axhline(0.5, c="grey", lw=0.7, ls=":")
     ax.set_ylabel("test AUROC")
     ax.set_title("per-class AUROC, pooled test set")
