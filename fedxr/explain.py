@@ -169,11 +169,11 @@ def plot_grid(all_maps: dict, shown: list[int], path: Path) -> None:
                     ax.plot(px, py, "w+", ms=10, mew=2)
             x0, y0, x1, y1 = item["box_px"]
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.5))
-            title = f"{item['image']}\n{item['label']}" if key is None else key
+            title = f"{item['image']}\n{item['label']}" if key is None else key.replace(" (", "\n(")
             ax.set_title(title, fontsize=7)
             ax.axis("off")
     fig.suptitle("Grad-CAM for the boxed finding (green: ground-truth box, +: heatmap peak)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / len(shown)))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
