@@ -1,0 +1,39 @@
+"""Grad-CAM helpers: the layer choice for any CNN, box mapping, and the pointing game's arithmetic."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedxr.explain import _box_in_pixels, cam_layer, pointing_game
+from fedxr.models.registry import build_model
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "mobilenetv3_small_100", "resnet18"])
+def test_cam_layer_is_the_last_spatial_map(name):
+    model = build_model(name).eval()
+    layer = cam_layer(model, 64)
+    shapes = []
+    hook = layer.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 64, 64))
+    hook.remove()
+    assert len(shapes[-1]) == 4 and shapes[-1][-1] > 1  # not the pooled 1×1 head (MobileNetV3's conv_head)
+
+
+def test_boxes_map_from_the_1024_frame_and_clip():
+    assert _box_in_pixels(("Mass", 512, 256, 128, 64), 128) == (64, 32, 80, 40)
+    assert _box_in_pixels(("Mass", 1000, 1000, 100, 100), 64) == (62, 62, 64, 64)
+
+
+def test_pointing_game_scores_hits_misses_and_random_baseline():
+    hit = np.zeros((32, 32)); hit[10, 12] = 1.0           # peak at x=12, y=10
+    miss = np.zeros((32, 32)); miss[30, 30] = 1.0
+    flat = np.zeros((32, 32))                              # no evidence at all: a miss, not a peak at (0, 0)
+    box = (8, 8, 16, 16)                                   # x0, y0, x1, y1
+    items = [{"label": "Mass", "box_px": box}, {"label": "Mass", "box_px": box},
+             {"label": "Nodule", "box_px": (0, 0, 4, 4)}]
+    result = pointing_game(items, [hit, miss, flat])
+    assert result["per_class"]["Mass"]["score"] == 0.5
+    assert result["per_class"]["Nodule"]["score"] == 0.0
+    assert result["per_class"]["Mass"]["random"] == pytest.approx(64 / 1024)
+    assert result["boxes"] == 3 and result["overall"] == pytest.approx(1 / 3)
