@@ -58,7 +58,7 @@ def pooled_test_auroc(ckpt: str | Path, recipe) -> float | None:
     return res["macro_auroc"]
 
 
-def fedbn_site_models(recipe, summary: dict) -> list[Path]:
+def fedbn_site_models(recipe) -> list[Path]:
     """Each site's personalised FedBN model: its weights as sent in the last round (global layers + its own BatchNorm)."""
     import torch
 
@@ -97,7 +97,7 @@ def run_method(method: str, recipe) -> dict:
         r = changed(recipe, "federated", algorithm=algorithm, fedbn=method == "fedbn", cross_site_eval=False)
         summary = federate(r, "sim", extra_args="--save-updates" if method == "fedbn" else "")
         if method == "fedbn":
-            scores = [pooled_test_auroc(p, r) for p in fedbn_site_models(r, summary)]
+            scores = [pooled_test_auroc(p, r) for p in fedbn_site_models(r)]
         else:
             ckpts = summary["checkpoints"]
             scores = [pooled_test_auroc(ckpts.get("global_best") or ckpts["global_last"], r)]

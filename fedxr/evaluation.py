@@ -78,7 +78,8 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | Path, split: str = "t
     scores = multilabel_scores(probs, targets)
     thresholds = torch.tensor(ckpt["thresholds"])
     result = {
-        "checkpoint": str(ckpt_path), "model_name": ckpt["model_name"], "split": split, "data": str(data),
+        "checkpoint": str(ckpt_path), "model_name": ckpt["model_name"], "image_size": int(ckpt["image_size"]),
+        "split": split, "data": str(data),
         "images": scores["n"], "macro_auroc": scores["macro_auroc"], "macro_ap": scores["macro_ap"],
         "auroc": scores["auroc"], "ap": scores["ap"], "excluded": scores["excluded"], "note": scores["note"],
         "at_thresholds": sensitivity_specificity(probs, targets, thresholds),

@@ -81,20 +81,19 @@ def _box_in_pixels(box: tuple, size: int) -> tuple[int, int, int, int]:
             min(size, int(np.ceil((y + h) * s))))
 
 
-def heatmaps(ckpt_path: str | Path, items: list[dict]) -> tuple[dict, list[np.ndarray]]:
-    """Grad-CAM map (size × size, 0..1) of every (image, boxed label) pair, for one checkpoint."""
+def heatmaps(model: nn.Module, ckpt: dict, items: list[dict]) -> list[np.ndarray]:
+    """Grad-CAM map (size × size, 0..1) of every (image, boxed label) pair; each item's ``gray`` is the
+    image already decoded at the model's input size."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    model, ckpt = model_from_checkpoint(ckpt_path)
-    size = int(ckpt["image_size"])
-    layer = cam_layer(model, size)
+    layer = cam_layer(model, int(ckpt["image_size"]))
     maps = []
     with GradCAM(model=model, target_layers=[layer]) as cam:
         for item in items:
-            x = torch.from_numpy(model_input([load_for_model(item["path"], size)], ckpt["mean"], ckpt["std"]))
+            x = torch.from_numpy(model_input([item["gray"]], ckpt["mean"], ckpt["std"]))
             maps.append(cam(input_tensor=x, targets=[ClassifierOutputTarget(LABELS.index(item["label"]))])[0])
-    return ckpt, maps
+    return maps
 
 
 def pointing_game(items: list[dict], maps: list[np.ndarray]) -> dict:
@@ -124,12 +123,15 @@ def explain(checkpoints: list[str | Path], data: str | Path, out: str | Path, n:
     order = rng.permutation(len(images))
     pairs = [dict(image=images[i]["image"], path=images[i]["path"], label=b[0], box=b)
              for i in order for b in images[i]["boxes"]][:max_boxes]
-    results, all_maps = {}, {}
+    results, all_maps, decoded = {}, {}, {}
     for path in checkpoints:
-        ckpt = model_from_checkpoint(path)[1]
+        model, ckpt = model_from_checkpoint(path)
         size = int(ckpt["image_size"])
-        items = [dict(p, box_px=_box_in_pixels(p["box"], size)) for p in pairs]
-        ckpt, maps = heatmaps(path, items)
+        for p in pairs:  # each file decoded once per input size, for the maps and the grid alike
+            if (p["path"], size) not in decoded:
+                decoded[p["path"], size] = load_for_model(p["path"], size)
+        items = [dict(p, box_px=_box_in_pixels(p["box"], size), gray=decoded[p["path"], size]) for p in pairs]
+        maps = heatmaps(model, ckpt, items)
         key = f"{ckpt['model_name']} ({Path(path).parent.name}/{Path(path).stem})"
         results[key] = {"checkpoint": str(path), "model_name": ckpt["model_name"], **pointing_game(items, maps)}
         all_maps[key] = (items, maps, size)
@@ -161,7 +163,7 @@ def plot_grid(all_maps: dict, shown: list[int], path: Path) -> None:
             ax = axes[r, c]
             items, maps, size = all_maps[key or models[0]]
             item = items[idx]
-            ax.imshow(load_for_model(item["path"], size), cmap="gray")
+            ax.imshow(item["gray"], cmap="gray")
             if key is not None:
                 ax.imshow(maps[idx], cmap="jet", alpha=0.4, vmin=0, vmax=1)
                 if maps[idx].max() > 0:  # an all-zero map has no peak (and scores a miss)

@@ -129,7 +129,7 @@ def _evaluate(ctx: Context) -> dict:
         from fedxr.distill.report import build_report, format_report
 
         report = build_report(ctx.teacher(), ctx.students(), ctx.sites, recipe.run_dir / "distill",
-                              cache_dir=recipe.data.cache_dir, progress=ctx.progress)
+                              cache_dir=recipe.data.cache_dir, progress=ctx.progress, teacher_result=result)
         print(format_report(report))
         out["distill_report"] = str(recipe.run_dir / "distill" / "distill_report.json")
         out["outputs"].append(out["distill_report"])

@@ -47,6 +47,10 @@ def test_every_stage_ran_and_left_its_artifacts(first_run):
         assert manifest["ok"] and (tmp / "export" / name / manifest["recommended"]).is_file()
     for stage in STAGE_NAMES:
         assert (run / "logs" / f"{stage}.log").is_file()
+    # The evaluate stage scores the teacher once and the distillation report reuses that result.
+    report = json.loads((run / "distill" / "distill_report.json").read_text())
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert report["teacher"]["macro_auroc"] == metrics["macro_auroc"] and not (run / "distill" / "eval_teacher").exists()
     pg = json.loads((run / "explain" / "pointing_game.json").read_text())
     assert len(pg["models"]) == 2 and pg["boxes_scored"] > 0
     for m in pg["models"].values():

@@ -17,14 +17,15 @@ AUROC_MARGIN = 0.02
 MAC_RATIO_GOAL = 10.0
 
 
-def _score(ckpt_path: str, sites_dir: Path, out: Path, cache_dir: str, progress: bool) -> dict:
+def _score(ckpt_path: str, sites_dir: Path, out: Path, cache_dir: str, progress: bool,
+           result: dict | None = None) -> dict:
+    """Test metrics (``result``: an `evaluate_checkpoint` result already computed for it) + complexity."""
     from fedxr.evaluation import evaluate_checkpoint
     from fedxr.models.registry import complexity
 
-    result = evaluate_checkpoint(ckpt_path, sites_dir, split="test", out=out, cache_dir=cache_dir, progress=progress)
-    from fedxr.models.checkpoint import load_checkpoint
-
-    size = int(load_checkpoint(ckpt_path)["image_size"])
+    if result is None:
+        result = evaluate_checkpoint(ckpt_path, sites_dir, split="test", out=out, cache_dir=cache_dir, progress=progress)
+    size = result["image_size"]
     params, macs = complexity(result["model_name"], size)
     return {"checkpoint": str(ckpt_path), "model_name": result["model_name"], "image_size": size,
             "macro_auroc": result["macro_auroc"], "auroc": result["auroc"], "params": params, "macs": macs,
@@ -36,10 +37,11 @@ def _diff(a: float | None, b: float | None) -> float | None:
 
 
 def build_report(teacher_ckpt: str | Path, students: dict[str, dict[str, str]], sites_dir: Path, out: Path,
-                 cache_dir: str = ".cache/fedxr", progress: bool = True) -> dict:
-    """``students``: {name: {"kd": ckpt, "no_kd": ckpt (optional)}}. Writes the JSON and PNG into ``out``."""
+                 cache_dir: str = ".cache/fedxr", progress: bool = True, teacher_result: dict | None = None) -> dict:
+    """``students``: {name: {"kd": ckpt, "no_kd": ckpt (optional)}}. Writes the JSON and PNG into ``out``.
+    ``teacher_result``: the teacher's pooled-test `evaluate_checkpoint` result, when already computed."""
     out.mkdir(parents=True, exist_ok=True)
-    teacher = _score(str(teacher_ckpt), sites_dir, out / "eval_teacher", cache_dir, progress)
+    teacher = _score(str(teacher_ckpt), sites_dir, out / "eval_teacher", cache_dir, progress, teacher_result)
     rows = {}
     for name, ckpts in students.items():
         kd = _score(ckpts["kd"], sites_dir, out / f"eval_{name}", cache_dir, progress)
