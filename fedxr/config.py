@@ -75,7 +75,10 @@ class ModelConfig(_Section):
     devices: int | str = "auto"
     strategy: str = "auto"
     lr: float = Field(1e-3, gt=0)
+    seed: int = Field(0, description="training seed: initial weights, data order, augmentation and every site's "
+                                     "per-round seed (data.seed fixes the data and the split)")
     weight_decay: float = Field(1e-4, ge=0)
+    mixup: float = Field(0.0, ge=0, description="mixup of training images and labels with a Beta(a, a) weight; 0 = off")
     warmup_epochs: float = Field(0.0, ge=0)
     max_epochs: int = Field(5, ge=1)
     max_steps: int = Field(-1, ge=-1, description="-1 = limited by max_epochs only")
@@ -103,8 +106,13 @@ class DistillConfig(_Section):
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term")
     temperature: float = Field(2.0, gt=0)
     feature_weight: float = Field(0.0, ge=0)
+    mixup: float = Field(0.0, ge=0, description="mixup for the students (with and without the teacher alike): "
+                                                "the teacher labels the mixed images; 0 = off")
     rounds: int = Field(3, ge=1)
     local_epochs: int = Field(1, ge=1)
+    lr: Optional[float] = Field(None, gt=0, description="students' learning rate; default model.lr")
+    image_size: Optional[int] = Field(None, ge=16, le=1024, description="students' input size in pixels; default "
+                                      "data.image_size (the teacher sees each batch at its own size)")
     ablation_no_teacher: bool = True
 
 

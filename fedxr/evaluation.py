@@ -15,7 +15,12 @@ from fedxr.data.manifest import site_manifest_paths
 from fedxr.errors import FedxrError
 from fedxr.labels import LABELS
 from fedxr.models.checkpoint import model_from_checkpoint
-from fedxr.models.metrics import multilabel_scores, sensitivity_specificity
+from fedxr.models.metrics import (MIN_TEST_POSITIVES, bootstrap_macro_auroc, interval, multilabel_scores,
+                                  sensitivity_specificity)
+
+#: Bootstrap resamples of the images for the 95 % interval of a macro AUROC (seeded: same interval every run).
+BOOTSTRAP_RESAMPLES = 1000
+PREDICTIONS_FILE = "predictions.npz"
 
 
 @torch.no_grad()
@@ -52,7 +57,13 @@ def plot_roc(probs: torch.Tensor, targets: torch.Tensor, scores: dict, path: Pat
             fpr, tpr, _ = binary_roc(probs[:, c], targets[:, c].int())
             ax.plot(fpr.numpy(), tpr.numpy(), lw=1.5)
         ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-        ax.set_title(f"{name}\nAUROC {auc:.3f}" if auc is not None else f"{name}\n(no positives)", fontsize=9)
+        if auc is None:
+            title = f"{name}\n(no positives)"
+        elif name in scores["counted"]:
+            title = f"{name}\nAUROC {auc:.3f}"
+        else:
+            title = f"{name}\n{scores['positives'][name]} positives: too few"
+        ax.set_title(title, fontsize=9)
         ax.set_xticks([0, 0.5, 1])
         ax.set_yticks([0, 0.5, 1])
     for ax in list(axes.flat)[len(LABELS):]:
@@ -75,12 +86,16 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | Path, split: str = "t
     if loader is None:
         raise FedxrError(f"unknown --split {split!r}; use train, val or test")
     probs, targets = predict(model, loader())
-    scores = multilabel_scores(probs, targets)
+    scores = multilabel_scores(probs, targets, min_positives=MIN_TEST_POSITIVES)
     thresholds = torch.tensor(ckpt["thresholds"])
+    samples = bootstrap_macro_auroc([probs.numpy()], targets.numpy(), scores["counted"], BOOTSTRAP_RESAMPLES)[0]
     result = {
         "checkpoint": str(ckpt_path), "model_name": ckpt["model_name"], "image_size": int(ckpt["image_size"]),
         "split": split, "data": str(data),
-        "images": scores["n"], "macro_auroc": scores["macro_auroc"], "macro_ap": scores["macro_ap"],
+        "images": scores["n"], "macro_auroc": scores["macro_auroc"], "macro_auroc_ci95": interval(samples),
+        "macro_auroc_all": scores["macro_auroc_all"], "macro_ap": scores["macro_ap"],
+        "counted": scores["counted"], "min_positives": MIN_TEST_POSITIVES, "positives": scores["positives"],
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": 0, "unit": "image"},
         "auroc": scores["auroc"], "ap": scores["ap"], "excluded": scores["excluded"], "note": scores["note"],
         "at_thresholds": sensitivity_specificity(probs, targets, thresholds),
         "prevalence": dict(zip(LABELS, np.round(targets.mean(0).numpy(), 4).tolist())),
@@ -88,18 +103,25 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | Path, split: str = "t
     out = Path(out) if out else Path(ckpt_path).parent / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    # Kept for paired comparisons between models scored on the same images (KD gain, student vs teacher).
+    np.savez_compressed(out / PREDICTIONS_FILE, probs=probs.numpy(), targets=targets.numpy())
     plot_roc(probs, targets, scores, out / "roc_curves.png", f"{ckpt['model_name']} on {split}")
     result["out"] = str(out)
     return result
 
 
 def format_result(result: dict) -> str:
+    lo, hi = result["macro_auroc_ci95"]
     lines = [f"{result['model_name']} on {result['split']} ({result['images']} images): "
-             f"macro AUROC {result['macro_auroc']:.4f}, macro AP {result['macro_ap']:.4f}",
+             f"macro AUROC {result['macro_auroc']:.4f} (95 % CI {lo:.3f}-{hi:.3f}, {len(result['counted'])} classes "
+             f"with >= {result['min_positives']} positives), macro AP {result['macro_ap']:.4f}",
              f"{'finding':<20}{'AUROC':>8}{'AP':>8}{'thresh':>8}{'sens':>7}{'spec':>7}{'pos':>6}"]
     fmt = lambda v: f"{v:.3f}" if v is not None else "  -  "  # noqa: E731
     for name in LABELS:
         t = result["at_thresholds"][name]
+        if name not in result["counted"]:
+            lines.append(f"{name:<20}{'too few positives':>31}{t['positives']:>21}")
+            continue
         lines.append(f"{name:<20}{fmt(result['auroc'][name]):>8}{fmt(result['ap'][name]):>8}{t['threshold']:>8.3f}"
                      f"{fmt(t['sensitivity']):>7}{fmt(t['specificity']):>7}{t['positives']:>6}")
     if result["note"]:

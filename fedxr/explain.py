@@ -26,9 +26,16 @@ from fedxr.models.checkpoint import model_from_checkpoint
 NIH_BOX_SPACE = 1024
 
 
+#: A Grad-CAM map coarser than this many cells a side cannot point at a finding: at 96 px a ResNet's last
+#: stage is 3 x 3, so the heatmap's peak can only be one of nine places.
+MIN_CAM_CELLS = 6
+
+
 def cam_layer(model: nn.Module, size: int) -> nn.Module:
-    """The last module (in execution order) whose output is still a spatial map: the usual Grad-CAM
-    layer for any CNN, found by running one dummy image (the final conv before global pooling)."""
+    """The Grad-CAM layer for any CNN, found by running one dummy image: the last module (in execution
+    order) whose output is a spatial map of at least MIN_CAM_CELLS cells a side — the final conv before
+    global pooling at the usual input sizes (7 x 7 for a ResNet at 224 px), an earlier stage for small
+    inputs — or, if no map is that fine, the last spatial one."""
     order: list[tuple[nn.Module, tuple]] = []
     hooks = [m.register_forward_hook(lambda mod, _i, out: order.append((mod, tuple(out.shape))
                                                                        if isinstance(out, torch.Tensor) else None))
@@ -39,10 +46,11 @@ def cam_layer(model: nn.Module, size: int) -> nn.Module:
     finally:
         for h in hooks:
             h.remove()
-    spatial = [m for m, shape in order if len(shape) == 4 and shape[-1] > 1 and shape[-2] > 1]
+    spatial = [(m, shape) for m, shape in order if len(shape) == 4 and shape[-1] > 1 and shape[-2] > 1]
     if not spatial:
         raise FedxrError("the model has no spatial feature map for Grad-CAM")
-    return spatial[-1]
+    fine = [m for m, shape in spatial if min(shape[-2:]) >= MIN_CAM_CELLS]
+    return fine[-1] if fine else spatial[-1][0]
 
 
 def boxed_test_images(data: Path, boxes_csv: Path | None = None, split: str = "test") -> list[dict]:

@@ -20,6 +20,10 @@ def _f(v, spec=".3f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _ci(pair, spec=".3f") -> str:
+    return "–" if not pair else f"{format(pair[0], spec)} to {format(pair[1], spec)}"
+
+
 def _rel(path: str | Path, base: Path) -> str:
     return os.path.relpath(Path(path).resolve(), base.resolve())
 
@@ -99,27 +103,35 @@ def _evaluate_section(run: Path, results: dict, out: list[str]) -> None:
     if not ev:
         return
     m = json.loads(Path(ev["metrics"]).read_text())
+    counted = m.get("counted", LABELS)
     out += ["## Teacher on the pooled test set", "",
-            f"{m['images']} test images from every site: macro AUROC **{_f(m['macro_auroc'])}**, macro AP {_f(m['macro_ap'])}."
-            + (f" {m['note']}" if m.get("note") else ""), ""]
+            f"{m['images']} test images from every site: macro AUROC **{_f(m['macro_auroc'])}** "
+            f"(95 % CI {_ci(m.get('macro_auroc_ci95'))}, bootstrap over images), macro AP {_f(m['macro_ap'])}. "
+            f"The macro averages the {len(counted)} findings with at least {m.get('min_positives', 1)} test positives; "
+            "the others are shown as \"too few\"." + (f" {m['note']}." if m.get("note") else ""), ""]
+    shown = lambda c, v: _f(v) if c in counted else "too few"  # noqa: E731
     out += _table(["finding", "AUROC", "AP", "threshold", "sensitivity", "specificity", "positives"],
-                  [[c, _f(m["auroc"][c]), _f(m["ap"][c]), _f(m["at_thresholds"][c]["threshold"]),
-                    _f(m["at_thresholds"][c]["sensitivity"]), _f(m["at_thresholds"][c]["specificity"]),
+                  [[c, shown(c, m["auroc"][c]), shown(c, m["ap"][c]), _f(m["at_thresholds"][c]["threshold"]),
+                    shown(c, m["at_thresholds"][c]["sensitivity"]), shown(c, m["at_thresholds"][c]["specificity"]),
                     m["at_thresholds"][c]["positives"]] for c in LABELS])
     out += ["", f"![ROC curves]({_rel(Path(ev['metrics']).parent / 'roc_curves.png', run)})", ""]
     if ev.get("distill_report"):
         rep = json.loads(Path(ev["distill_report"]).read_text())
         t = rep["teacher"]
-        rows = [[f"teacher {t['model_name']}", _f(t["macro_auroc"]), f"{t['params'] / 1e6:.2f}M", f"{t['macs'] / 1e6:.1f}", "1.0", "", ""]]
+        with_ci = lambda r: f"{_f(r['macro_auroc'])} ({_ci(r.get('macro_auroc_ci95'))})"  # noqa: E731
+        paired = lambda v, p: f"{_f(v, '+.3f')} ({_ci(p['ci95'], '+.3f')})" if p else _f(v, "+.3f")  # noqa: E731
+        rows = [[f"teacher {t['model_name']}", with_ci(t), f"{t['params'] / 1e6:.2f}M", f"{t['macs'] / 1e6:.1f}", "1.0", "", ""]]
         for name, r in rep["students"].items():
-            rows.append([f"{name} (KD)", _f(r["macro_auroc"]), f"{r['params'] / 1e6:.2f}M", f"{r['macs'] / 1e6:.1f}",
-                         f"{r['mac_ratio']:.1f}×", _f(r.get("auroc_vs_teacher"), "+.3f"), _f(r.get("kd_gain"), "+.3f")])
+            rows.append([f"{name} (KD)", with_ci(r), f"{r['params'] / 1e6:.2f}M", f"{r['macs'] / 1e6:.1f}",
+                         f"{r['mac_ratio']:.1f}×", paired(r.get("auroc_vs_teacher"), r.get("vs_teacher_paired")),
+                         paired(r.get("kd_gain"), r.get("kd_gain_paired"))])
             if "no_kd" in r:
-                rows.append([f"{name} (no KD, ablation)", _f(r["no_kd"]["macro_auroc"]), "", "", "", "", ""])
+                rows.append([f"{name} (no KD, ablation)", with_ci(r["no_kd"]), "", "", "", "", ""])
         out += ["## Teacher vs students", "",
-                "Same pooled test set. Goals: student ≥ teacher − 0.02 macro AUROC with ≥ 10× fewer MACs; "
-                "distilled student better than the same student trained without the teacher.", ""]
-        out += _table(["model", "macro AUROC", "params", "MMACs", "MAC ratio", "vs teacher", "KD gain"], rows)
+                "Same pooled test set; 95 % intervals from a bootstrap over the test images, paired (the same "
+                "resamples for every model) for the differences. Goals: student ≥ teacher − 0.02 macro AUROC "
+                "with ≥ 10× fewer MACs; distilled student better than the same student trained without the teacher.", ""]
+        out += _table(["model", "macro AUROC (95 % CI)", "params", "MMACs", "MAC ratio", "vs teacher", "KD gain"], rows)
         out += ["", f"![teacher vs students]({_rel(Path(ev['distill_report']).parent / 'distill_report.png', run)})", ""]
 
 

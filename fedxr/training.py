@@ -70,14 +70,14 @@ def make_classifier(recipe: Recipe, dm: SiteDataModule, model_name: str | None =
         model_name or m.name, pretrained=m.pretrained, lr=m.lr, weight_decay=m.weight_decay,
         warmup_epochs=m.warmup_epochs, pos_weight=pos_weight_from_labels(dm.split_labels("train"), m.pos_weight_cap),
         channels_last=m.channels_last, compile_model=m.compile, threshold_rule=m.threshold_rule,
-        image_size=recipe.data.image_size, **extra,
+        image_size=recipe.data.image_size, init_seed=m.seed, mixup=m.mixup, **extra,
     )
 
 
 def train(recipe: Recipe, sites_folder: Path, mode: str = "central", site: str | None = None,
           progress: bool = True) -> dict:
     """Train on all sites pooled (``central``) or on one site (``local``). Returns a summary dict."""
-    L.seed_everything(recipe.data.seed, workers=True, verbose=False)
+    L.seed_everything(recipe.model.seed, workers=True, verbose=False)
     paths = site_manifest_paths(sites_folder)
     if mode == "central":
         manifests, tag = list(paths.values()), "central"

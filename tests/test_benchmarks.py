@@ -11,7 +11,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.parametrize("script", ["data_loading.py", "phantom_difficulty.py", "train_throughput.py", "federated_overhead.py", "edge_latency.py",
-                                    "federated_accuracy.py"])
+                                    "federated_accuracy.py", "distill_gain.py"])
 def test_benchmark_smoke(script):
     proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -36,8 +36,15 @@ def test_benchmark_smoke(script):
     elif script == "federated_accuracy.py":
         row = result["table"]["iid"]
         assert set(row) == {"central", "fedavg", "local"}
-        assert len(row["local"]["per_model"]) == 2 and len(row["central"]["per_model"]) == 1
-        assert all(0 <= v <= 1 for r in row.values() for v in r["per_model"] if v is not None)
+        assert len(row["local"]["runs"][0]["per_model"]) == 2
+        assert len(row["central"]["runs"][0]["per_model"]) == 1
+        assert all(0 <= v <= 1 for r in row.values() for v in r["per_seed"] if v is not None)
+        assert row["central"]["per_seed"] == [row["central"]["macro_auroc"]]
+    elif script == "distill_gain.py":
+        assert [r["seed"] for r in result["rows"]] == [0, 1]
+        assert all(r["kd_gain"] == pytest.approx(r["kd"] - r["no_kd"]) for r in result["rows"])
+        assert result["summary"]["kd_gain"]["sd"] is not None
+        assert all(lo <= hi for lo, hi in (r["kd_gain_ci95"] for r in result["rows"]))
     elif script == "edge_latency.py":
         formats = {row["format"] for row in result["rows"]}
         assert formats == {"pytorch-eager", "onnx-fp32", "onnx-int8"}

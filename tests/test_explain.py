@@ -20,6 +20,19 @@ def test_cam_layer_is_the_last_spatial_map(name):
     assert len(shapes[-1]) == 4 and shapes[-1][-1] > 1  # not the pooled 1×1 head (MobileNetV3's conv_head)
 
 
+@pytest.mark.parametrize("size,cells", [(224, 7), (96, 6), (128, 8)])
+def test_cam_layer_is_fine_enough_to_point(size, cells):
+    # ResNet-18's last stage is 7 x 7 at 224 px, but only 3 x 3 at 96 px and 4 x 4 at 128 px: there the
+    # map of the stage before (6 x 6, 8 x 8) is used.
+    model = build_model("resnet18").eval()
+    shapes = []
+    hook = cam_layer(model, size).register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    with torch.no_grad():
+        model(torch.zeros(1, 1, size, size))
+    hook.remove()
+    assert shapes[-1][-2:] == (cells, cells)
+
+
 def test_boxes_map_from_the_1024_frame_and_clip():
     assert _box_in_pixels(("Mass", 512, 256, 128, 64), 128) == (64, 32, 80, 40)
     assert _box_in_pixels(("Mass", 1000, 1000, 100, 100), 64) == (62, 62, 64, 64)

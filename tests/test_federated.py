@@ -32,9 +32,14 @@ def two_site_recipe(tmp, rounds=1, extra=()):
 @pytest.fixture(scope="module")
 def sim_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sim")
-    recipe, ov = two_site_recipe(tmp)
+    recipe, ov = two_site_recipe(tmp, rounds=2)
     summary = federate(recipe, "sim", extra_args="--save-updates")
     return recipe, ov, summary
+
+
+def server_model(recipe, name="FL_global_model.pt") -> dict:
+    path = next((recipe.run_dir / "federate" / "nvflare").rglob(f"app_server/{name}"))
+    return torch.load(path, weights_only=False)["model"]
 
 
 def test_sim_outputs(sim_run, tmp_path, capsys):
@@ -59,14 +64,14 @@ def test_sim_outputs(sim_run, tmp_path, capsys):
 
 
 def test_global_model_is_step_weighted_mean(sim_run):
-    """FedAvg check computed independently: global = Σ steps_i · θ_i / Σ steps_i after one round."""
+    """FedAvg check computed independently: global = Σ steps_i · θ_i / Σ steps_i after the last round."""
     recipe, _, summary = sim_run
     records = recipe.run_dir / "federate" / "records"
-    sent = [torch.load(records / f"site-{i}_round0.pt", weights_only=True) for i in (1, 2)]
+    sent = [torch.load(records / f"site-{i}_round1.pt", weights_only=True) for i in (1, 2)]
     steps = [s["steps"] for s in sent]
-    assert steps[0] != steps[1] and min(steps) > 0, steps  # unequal work, so weighting matters
-    server = next((recipe.run_dir / "federate" / "nvflare").rglob("app_server/FL_global_model.pt"))
-    global_state = torch.load(server, weights_only=False)["model"]
+    assert steps[0] != steps[1], steps  # unequal work, so weighting matters
+    assert min(steps) > 0, steps
+    global_state = server_model(recipe)
     checked = 0
     for key, value in global_state.items():
         if not torch.is_floating_point(sent[0]["state_dict"][key]):
@@ -75,6 +80,50 @@ def test_global_model_is_step_weighted_mean(sim_run):
         torch.testing.assert_close(torch.as_tensor(value).double(), expected, rtol=0, atol=1e-6)
         checked += 1
     assert checked >= 10
+
+
+def test_same_recipe_and_seed_give_the_same_model(sim_run, tmp_path_factory):
+    """Two simulator runs of one recipe give bit-identical global models: the server's round-0 model is
+    seeded, each site seeds every round from (seed, site, round), and the sites' weights are summed in
+    site order rather than in the order they happen to arrive."""
+    recipe, ov, _ = sim_run
+    again = load_recipe(QUICKSTART, ov + [f"output.runs_dir={tmp_path_factory.mktemp('again') / 'runs'}"])
+    ensure_sites(again)
+    federate(again, "sim")
+    first, second = server_model(recipe), server_model(again)
+    assert first.keys() == second.keys()
+    different = [k for k in first if not torch.equal(torch.as_tensor(first[k]), torch.as_tensor(second[k]))]
+    assert different == []
+
+
+def test_global_best_is_the_model_its_score_belongs_to(sim_run, tmp_path):
+    """Each round the sites score the global model they receive; that score must select that model, not
+    the one aggregated after it. (1) NVFlare's in-round best, re-scored by cross-site evaluation on every
+    site's validation split, has exactly the per-site scores of the round its selector chose (step-weighted
+    mean). (2) fedxr's global_best.ckpt — that model or the last one, whichever validates better —
+    re-scored here reproduces the cross-site scores of the model it says it is."""
+    from fedxr.data.manifest import site_manifest_paths
+    from fedxr.evaluation import evaluate_checkpoint
+    from fedxr.federated.outputs import read_records
+
+    recipe, _, summary = sim_run
+    by_round: dict[int, dict[str, dict]] = {}
+    for r in read_records(recipe.run_dir / "federate" / "records"):
+        by_round.setdefault(r["round"], {})[r["site"]] = r
+    weighted = {rnd: sum(s["val_auroc"] * s["steps"] for s in sites.values()) / sum(s["steps"] for s in sites.values())
+                for rnd, sites in by_round.items()}
+    chosen_round = max(weighted, key=weighted.get)
+    cross = json.loads((recipe.run_dir / "federate" / "cross_site.json").read_text())["by_data_site"]
+    nvflare_best = {site: scores["global (best)"] for site, scores in cross.items()}
+    assert nvflare_best == pytest.approx({s: r["val_auroc"] for s, r in by_round[chosen_round].items()}, abs=1e-4), weighted
+    best = summary["checkpoints"]["global_best"]
+    selection = load_checkpoint(best)["metrics"]["selection"]
+    assert selection["chosen"] in ("global (best)", "global (last)")
+    assert selection["val_auroc"][selection["chosen"]] == max(selection["val_auroc"].values())
+    rescored = {site: evaluate_checkpoint(best, path, split="val", out=tmp_path / site, cache_dir=recipe.data.cache_dir,
+                                          progress=False)["macro_auroc_all"]
+                for site, path in site_manifest_paths(recipe.run_dir / "sites").items()}
+    assert rescored == pytest.approx({site: scores[selection["chosen"]] for site, scores in cross.items()}, abs=1e-4)
 
 
 def test_export_job(tmp_path, capsys):

@@ -9,6 +9,7 @@ import torch
 
 from fedxr.cli import main
 from fedxr.config import RecipeError, load_recipe
+from fedxr.labels import LABELS
 from fedxr.models.checkpoint import load_checkpoint, model_from_checkpoint
 from fedxr.models.classifier import XRayClassifier, pos_weight_from_labels
 from fedxr.models.metrics import choose_thresholds, multilabel_scores
@@ -148,3 +149,114 @@ def test_train_errors(trained, capsys, tmp_path):
     fresh = tiny_recipe_overrides(tmp_path)
     assert main(["train", str(QUICKSTART), *fresh]) == 1
     assert "fedxr data prepare" in capsys.readouterr().err
+
+
+def test_batched_auroc_matches_torchmetrics_with_ties():
+    from torchmetrics.functional.classification import binary_auroc
+
+    from fedxr.models.metrics import batched_auroc
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random((4, 300)) < 0.2).astype(np.int64)
+    scores = np.round(rng.random((4, 300)) + 0.4 * labels, 1)  # rounding makes many ties
+    got = batched_auroc(scores, labels)
+    for b in range(4):
+        expected = binary_auroc(torch.tensor(scores[b], dtype=torch.float32), torch.tensor(labels[b]))  # as models output
+        assert got[b] == pytest.approx(float(expected), abs=1e-6)
+    assert np.isnan(batched_auroc(scores[:1], np.zeros((1, 300))))[0]
+
+
+def test_macro_counts_only_classes_with_enough_positives():
+    from fedxr.models.metrics import multilabel_scores
+
+    g = torch.Generator().manual_seed(1)
+    targets = torch.zeros(200, 14)
+    targets[:40, 0] = 1  # 40 positives: counted
+    targets[:3, 1] = 1   # 3 positives: too few
+    probs = torch.rand(200, 14, generator=g) * 0.5 + targets * 0.4
+    s = multilabel_scores(probs, targets, min_positives=10)
+    assert s["counted"] == [LABELS[0]]
+    assert s["macro_auroc"] == pytest.approx(s["auroc"][LABELS[0]])
+    assert s["macro_auroc_all"] == pytest.approx((s["auroc"][LABELS[0]] + s["auroc"][LABELS[1]]) / 2)
+    assert "too few positives (< 10)" in s["note"]
+    assert LABELS[1] in s["note"]
+    # A toy split where no class reaches the minimum still gets a macro, flagged as unstable.
+    toy = multilabel_scores(probs, targets, min_positives=100)
+    assert toy["counted"] == [LABELS[0], LABELS[1]]
+    assert "unstable" in toy["note"]
+
+
+def test_bootstrap_interval_and_paired_difference():
+    from fedxr.models.metrics import bootstrap_macro_auroc, interval
+
+    rng = np.random.default_rng(0)
+    targets = (rng.random((500, 14)) < 0.15).astype(np.float32)
+    good = rng.random((500, 14)) * 0.6 + targets * 0.5
+    worse = rng.random((500, 14)) * 0.6 + targets * 0.2
+    classes = list(LABELS[:5])
+    samples = bootstrap_macro_auroc([good, worse, good], targets, classes, resamples=200, seed=4)
+    assert samples.shape == (3, 200)
+    point = float(np.mean([float(binary_auroc_np(good[:, i], targets[:, i])) for i in range(5)]))
+    lo, hi = interval(samples[0])
+    assert lo < point < hi
+    assert hi - lo < 0.1
+    assert np.array_equal(samples[0], samples[2])  # same resamples for every model: differences are paired
+    diff_lo, _ = interval(samples[0] - samples[1])
+    assert diff_lo > 0  # the better model is better on (nearly) every resample
+    again = bootstrap_macro_auroc([good], targets, classes, resamples=200, seed=4)
+    assert np.array_equal(again[0], samples[0])  # seeded
+
+
+def binary_auroc_np(scores, labels):
+    from torchmetrics.functional.classification import binary_auroc
+
+    return binary_auroc(torch.tensor(scores), torch.tensor(labels).int())
+
+
+def test_seeded_initialisation_is_reproducible_and_leaves_global_rng_alone():
+    from fedxr.models.classifier import XRayClassifier
+
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = XRayClassifier("tiny_cnn", init_seed=5)
+    assert torch.equal(torch.rand(1), before)  # the caller's random stream is untouched
+    b = XRayClassifier("tiny_cnn", init_seed=5)
+    c = XRayClassifier("tiny_cnn", init_seed=6)
+    key = "model.features.0.weight"
+    assert torch.equal(a.state_dict()[key], b.state_dict()[key])
+    assert not torch.equal(a.state_dict()[key], c.state_dict()[key])
+
+
+def test_mixup_blends_images_and_labels_of_one_batch():
+    from fedxr.models.classifier import XRayClassifier
+
+    x = torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)])
+    y = torch.tensor([[0.0] * 14, [1.0] * 14])
+    plain = XRayClassifier("tiny_cnn")
+    assert plain.mix(x, y)[0] is x  # off by default
+    torch.manual_seed(0)
+    mx, my = XRayClassifier("tiny_cnn", mixup=0.4).mix(x, y)
+    # Every mixed image is a convex blend, and its label is the same blend of the labels.
+    assert torch.allclose(mx.mean(dim=(1, 2, 3)), my.mean(1))
+    assert ((mx >= 0) & (mx <= 1)).all()
+
+
+def test_site_round_seeds_are_stable_and_distinct():
+    from fedxr.federated.client import site_round_seed
+
+    assert site_round_seed(0, "site-1", 3) == site_round_seed(0, "site-1", 3)
+    seeds = {site_round_seed(s, site, r) for s in (0, 1) for site in ("site-1", "site-2") for r in (None, 0, 1)}
+    assert len(seeds) == 12
+
+
+@pytest.mark.parametrize("name,ratio", [("resnet18_quarter", 10), ("resnet18_eighth", 20)])
+def test_slim_resnet18_students(name, ratio):
+    # The quickstart's student must have at least 10x fewer MACs than its ResNet-18 teacher at 96 px.
+    assert complexity("resnet18", 96)[1] >= ratio * complexity(name, 96)[1]
+    from fedxr.models.registry import build_model
+
+    model = build_model(name).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 96, 96)).shape == (2, 14)
+    assert get_spec(name).role == "student"

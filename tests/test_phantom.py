@@ -136,3 +136,23 @@ def test_labels_from_real_csv(tmp_path):
     ds = load_dataset(out)
     assert ds.table["patient_id"].nunique() == 30
     assert ds.table[list(LABELS)].to_numpy().sum() > 0
+
+
+def test_prepare_regenerates_a_phantom_made_with_other_settings(tmp_path, capsys):
+    from fedxr.config import load_recipe
+    from fedxr.data.prepare import ensure_dataset
+
+    from conftest import ROOT, tiny_recipe_overrides
+
+    quickstart = ROOT / "recipes" / "quickstart.yaml"
+    recipe = load_recipe(quickstart, tiny_recipe_overrides(tmp_path, patients=12))
+    assert ensure_dataset(recipe, progress=False)[1]
+    assert not ensure_dataset(recipe, progress=False)[1]  # same settings: kept
+    bigger = load_recipe(quickstart, tiny_recipe_overrides(tmp_path, patients=16))
+    root, made = ensure_dataset(bigger, progress=False)
+    assert made
+    assert "patients 12 → 16" in capsys.readouterr().out
+    assert json.loads((root / "phantom.json").read_text())["settings"]["patients"] == 16
+    # Without fedxr's marker the folder is somebody's data: never replaced.
+    (root / "phantom.json").unlink()
+    assert not ensure_dataset(load_recipe(quickstart, tiny_recipe_overrides(tmp_path, patients=20)), progress=False)[1]

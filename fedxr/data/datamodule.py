@@ -20,6 +20,8 @@ from fedxr.labels import LABELS
 
 #: Used when the model's registry entry gives no normalisation (gray radiographs, 0..1 scale).
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
+#: Training-time intensity augmentation: gamma in [e^-r, e^r] (0.74-1.35), contrast ±20 %, brightness ±8 %.
+GAMMA_LOG_RANGE, CONTRAST_RANGE, BRIGHTNESS_RANGE = 0.3, 0.2, 0.08
 
 
 class XRayDataset(Dataset):
@@ -41,8 +43,13 @@ class XRayDataset(Dataset):
         unit = to_unit(self.images[i])
         if self.augment:
             x = self.affine(torch.from_numpy(unit).unsqueeze(0))
-            contrast = 1.0 + (torch.rand(()) - 0.5) * 0.2
-            brightness = (torch.rand(()) - 0.5) * 0.1
+            # Intensity jitter over the range hospitals' detectors and processing differ by (gamma, window,
+            # level): a site's model then also fits the other sites' images, which keeps federated
+            # averaging from pulling apart per-hospital intensity statistics.
+            gamma = torch.exp((torch.rand(()) - 0.5) * 2 * GAMMA_LOG_RANGE)
+            x = x.clamp(0, 1) ** gamma
+            contrast = 1.0 + (torch.rand(()) - 0.5) * 2 * CONTRAST_RANGE
+            brightness = (torch.rand(()) - 0.5) * 2 * BRIGHTNESS_RANGE
             unit = ((x - x.mean()) * contrast + x.mean() + brightness).clamp_(0, 1)[0].numpy()
         x = torch.from_numpy(standardize(unit, self.mean, self.std)).unsqueeze(0)
         return x, torch.from_numpy(self.labels[i])

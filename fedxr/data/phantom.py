@@ -40,6 +40,8 @@ BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 _DETECTORS = ((0.143, 2500, 3056), (0.139, 2021, 2021), (0.168, 2048, 2500), (0.171, 2992, 2991))
 TEST_PATIENT_FRACTION = 0.2
 MARKER_FILE = "phantom.json"
+#: Bumped whenever the same settings would draw different images (v2: more conspicuous findings).
+GENERATOR = "fedxr phantom v2"
 
 
 def _render_patient(job: tuple[list[ImageCase], list[HospitalProfile], int, str]) -> list[tuple]:
@@ -171,7 +173,7 @@ def generate_phantom(
         examples = [(render(c, profiles[c.hospital], size)[0], c, b) for c, b in picked]
         contact_sheet(examples, tmp / "contact_sheet.png")
         summary = {
-            "generator": "fedxr phantom v1",
+            "generator": GENERATOR,
             "settings": {"patients": patients, "hospitals": hospitals, "size": size, "seed": seed,
                          "labels_from": str(labels_from) if labels_from else None, "label_noise": label_noise},
             "images": n_images,

@@ -12,6 +12,7 @@ from pathlib import Path
 from fedxr.config import Recipe
 from fedxr.data.manifest import SUMMARY_FILE, build_site_manifests, format_summary, summarise, write_manifests
 from fedxr.data.nih import load_dataset
+from fedxr.data.phantom import MARKER_FILE
 from fedxr.errors import DataError
 
 
@@ -30,16 +31,43 @@ def split_settings(recipe: Recipe) -> dict:
 def ensure_dataset(recipe: Recipe, progress: bool = True) -> tuple[Path, bool]:
     """Generate the phantom data set when the recipe asks for it and it is absent. Returns (root, made)."""
     root = Path(recipe.data.root)
+    if recipe.data.source == "phantom" and (root / MARKER_FILE).is_file():
+        stale = _stale_phantom(root, recipe)
+        if not stale:
+            return root, False
+        # fedxr made this folder (its marker file says so), so it may replace it; real data is never touched.
+        print(f"{root}: phantom data made with other settings ({stale}); generating it again")
+        _generate(recipe, root, progress, force=True)
+        return root, True
     if (root / "Data_Entry_2017.csv").is_file() or any(root.glob("Data_Entry_2017*")) or (root / "sample_labels.csv").is_file():
         return root, False
     if recipe.data.source != "phantom":
         raise DataError(f"{root}: no NIH label file; put ChestX-ray14 there (see README, 'Using real NIH data') "
                         "or set data.root=... to where it is")
+    _generate(recipe, root, progress)
+    return root, True
+
+
+def _generate(recipe: Recipe, root: Path, progress: bool, force: bool = False) -> None:
     from fedxr.data.phantom import generate_phantom
 
     ph = recipe.data.phantom
-    generate_phantom(root, patients=ph.patients, hospitals=ph.hospitals, size=ph.size, seed=ph.seed, progress=progress)
-    return root, True
+    generate_phantom(root, patients=ph.patients, hospitals=ph.hospitals, size=ph.size, seed=ph.seed,
+                     progress=progress, force=force)
+
+
+def _stale_phantom(root: Path, recipe: Recipe) -> str:
+    """What differs between the phantom set in ``root`` and the recipe's (empty: nothing)."""
+    from fedxr.data.phantom import GENERATOR
+
+    try:
+        made = json.loads((root / MARKER_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"unreadable {MARKER_FILE}"
+    if made.get("generator") != GENERATOR:
+        return f"generator {made.get('generator')!r}, now {GENERATOR!r}"
+    have, want = made.get("settings", {}), recipe.data.phantom.model_dump()
+    return ", ".join(f"{k} {have.get(k)} → {v}" for k, v in want.items() if have.get(k) != v)
 
 
 def ensure_sites(recipe: Recipe, force: bool = False) -> tuple[Path, bool]:

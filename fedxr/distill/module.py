@@ -62,7 +62,7 @@ class DistillClassifier(XRayClassifier):
         return self.teacher(self.teacher_input(x))
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = self.mix(*batch)  # with mixup on, the teacher labels the mixed images
         total, task, kd = distillation_loss(self(x), self.teacher_logits(x), y, self.alpha, self.temperature,
                                             pos_weight=self._pos_weight.to(x.device))
         n = len(x)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedxr.evaluation import BOOTSTRAP_RESAMPLES, PREDICTIONS_FILE
 from fedxr.labels import LABELS
 
 AUROC_MARGIN = 0.02
@@ -28,8 +29,24 @@ def _score(ckpt_path: str, sites_dir: Path, out: Path, cache_dir: str, progress:
     size = result["image_size"]
     params, macs = complexity(result["model_name"], size)
     return {"checkpoint": str(ckpt_path), "model_name": result["model_name"], "image_size": size,
-            "macro_auroc": result["macro_auroc"], "auroc": result["auroc"], "params": params, "macs": macs,
-            "test_images": result["images"]}
+            "macro_auroc": result["macro_auroc"], "macro_auroc_ci95": result.get("macro_auroc_ci95"),
+            "counted": result.get("counted"), "auroc": result["auroc"], "params": params, "macs": macs,
+            "test_images": result["images"], "predictions": str(Path(result["out"]) / PREDICTIONS_FILE)}
+
+
+def paired_differences(first: dict, second: dict, classes: list[str]) -> dict:
+    """``first`` − ``second`` macro AUROC on the same bootstrap resamples of the same test images:
+    the 95 % interval and the share of resamples in which ``first`` is not better."""
+    import numpy as np
+
+    from fedxr.models.metrics import bootstrap_macro_auroc, interval
+
+    a, b = (np.load(m["predictions"]) for m in (first, second))
+    if not np.array_equal(a["targets"], b["targets"]):
+        raise ValueError(f"{first['checkpoint']} and {second['checkpoint']} were not scored on the same images")
+    samples = bootstrap_macro_auroc([a["probs"], b["probs"]], a["targets"], classes, BOOTSTRAP_RESAMPLES)
+    diff = samples[0] - samples[1]
+    return {"ci95": interval(diff), "share_not_better": float((diff <= 0).mean())}
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
@@ -49,10 +66,13 @@ def build_report(teacher_ckpt: str | Path, students: dict[str, dict[str, str]], 
         kd["auroc_vs_teacher"] = _diff(kd["macro_auroc"], teacher["macro_auroc"])
         kd["goal_auroc_within_0.02"] = kd["auroc_vs_teacher"] is not None and kd["auroc_vs_teacher"] >= -AUROC_MARGIN
         kd["goal_10x_fewer_macs"] = kd["mac_ratio"] >= MAC_RATIO_GOAL
+        classes = teacher["counted"]
+        kd["vs_teacher_paired"] = paired_differences(kd, teacher, classes)
         if ckpts.get("no_kd"):
             ablation = _score(ckpts["no_kd"], sites_dir, out / f"eval_{name}_no_kd", cache_dir, progress)
             kd["no_kd"] = ablation
             kd["kd_gain"] = _diff(kd["macro_auroc"], ablation["macro_auroc"])
+            kd["kd_gain_paired"] = paired_differences(kd, ablation, classes)
             kd["goal_kd_beats_no_kd"] = kd["kd_gain"] is not None and kd["kd_gain"] > 0
         rows[name] = kd
     report = {"test_set": str(sites_dir), "split": "test (every site's test split, pooled)", "teacher": teacher,
@@ -109,14 +129,21 @@ def _f(value, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _ci(pair) -> str:
+    return "n/a" if not pair else f"{pair[0]:+.3f} to {pair[1]:+.3f}"
+
+
 def format_report(report: dict) -> str:
     t = report["teacher"]
     lines = [f"{'model':<34}{'macro AUROC':>12}{'params':>10}{'MMACs':>10}{'MAC ratio':>10}",
              f"{'teacher ' + t['model_name']:<34}{_f(t['macro_auroc']):>12}{t['params'] / 1e6:>9.2f}M{t['macs'] / 1e6:>10.1f}{'1.0':>10}"]
     for name, r in report["students"].items():
         lines.append(f"{name + ' (KD)':<34}{_f(r['macro_auroc']):>12}{r['params'] / 1e6:>9.2f}M{r['macs'] / 1e6:>10.1f}"
-                     f"{r['mac_ratio']:>9.1f}×")
+                     f"{r['mac_ratio']:>9.1f}×   vs teacher {_f(r['auroc_vs_teacher'], '+.4f')} "
+                     f"(95 % CI {_ci(r['vs_teacher_paired']['ci95'])})")
         if "no_kd" in r:
-            lines.append(f"{name + ' (no KD)':<34}{_f(r['no_kd']['macro_auroc']):>12}   KD gain {_f(r['kd_gain'], '+.4f')}")
+            lines.append(f"{name + ' (no KD)':<34}{_f(r['no_kd']['macro_auroc']):>12}   KD gain {_f(r['kd_gain'], '+.4f')} "
+                         f"(95 % CI {_ci(r['kd_gain_paired']['ci95'])}; not positive in "
+                         f"{r['kd_gain_paired']['share_not_better']:.1%} of resamples)")
     lines.append(f"wrote {report['out']}/distill_report.json and distill_report.png")
     return "\n".join(lines)

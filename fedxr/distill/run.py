@@ -55,6 +55,9 @@ def student_recipe(recipe: Recipe, student: str) -> Recipe:
     plain FedAvg (the students are averaged), final global evaluation instead of cross-site."""
     data = recipe.resolved()
     data["model"]["name"] = student
+    data["model"]["mixup"] = recipe.distill.mixup  # the KD student and its no-teacher ablation alike
+    data["model"]["lr"] = recipe.distill.lr or recipe.model.lr
+    data["data"]["image_size"] = recipe.distill.image_size or recipe.data.image_size
     data["federated"].update(rounds=recipe.distill.rounds, local_epochs=recipe.distill.local_epochs,
                              algorithm="fedavg", fedbn=False, cross_site_eval=False)
     from fedxr.config import recipe_from_dict
@@ -74,8 +77,9 @@ def initial_model(recipe: Recipe, teacher: dict, path: Path) -> Path:
     """Round-0 weights of the federated job: a seeded student and the teacher's weights."""
     from fedxr.distill.module import DistillClassifier
 
-    L.seed_everything(recipe.data.seed, verbose=False)
-    module = DistillClassifier(recipe.model.name, image_size=recipe.data.image_size, **distill_arguments(recipe, teacher))
+    L.seed_everything(recipe.model.seed, verbose=False)
+    module = DistillClassifier(recipe.model.name, image_size=recipe.data.image_size, init_seed=recipe.model.seed,
+                               **distill_arguments(recipe, teacher))
     module.teacher.load_state_dict(teacher["state_dict"])
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(module.state_dict(), path)
@@ -117,7 +121,7 @@ def distill_central(recipe: Recipe, teacher_path: Path, teacher: dict, student: 
     tag = f"distill/{student}" if with_teacher else f"distill/{student}_no_kd"
     folder = srecipe.run_dir / tag
     folder.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(srecipe.data.seed, workers=True, verbose=False)
+    L.seed_everything(srecipe.model.seed, workers=True, verbose=False)
     dm = make_datamodule(srecipe, [paths[site]], progress=progress)
     if with_teacher:
         module = make_classifier(srecipe, dm, cls=DistillClassifier, teacher_checkpoint=str(teacher_path),

@@ -39,6 +39,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def site_round_seed(seed: int, site: str, rnd: int | None) -> int:
+    """A 32-bit seed from the recipe's training seed, the site's name and the round (stable across runs
+    and machines: no Python hash randomisation)."""
+    import zlib
+
+    import numpy as np
+
+    parts = [seed & 0xFFFFFFFF, zlib.crc32(site.encode()), (rnd if rnd is not None else -1) + 1]
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+
+
 def _should_fail(site: str, current_round: int | None) -> bool:
     spec = os.environ.get(FAIL_ENV, "")
     if not spec or current_round is None:
@@ -68,7 +79,7 @@ def main(argv=None) -> None:
     site = flare.get_site_name()
     recipe = decode_recipe(args.recipe_b64)
     manifest = resolve_site_manifest(site, args.sites_dir)
-    L.seed_everything(recipe.data.seed, workers=True, verbose=False)
+    L.seed_everything(site_round_seed(recipe.model.seed, site, -1), workers=True, verbose=False)
     work = Path(args.records or ".") / site
     work.mkdir(parents=True, exist_ok=True)
     fed = recipe.federated
@@ -104,6 +115,9 @@ def main(argv=None) -> None:
             continue
         if not evaluate_only and _should_fail(site, rnd):
             raise RuntimeError(f"{site}: injected failure at round {rnd} ({FAIL_ENV})")
+        # Every round starts from a seed of its own (recipe seed, site, round): data order and
+        # augmentation do not depend on what ran before in this process.
+        L.seed_everything(site_round_seed(recipe.model.seed, site, rnd), workers=True, verbose=False)
         t0 = time.time()
         result = trainer.validate(module, datamodule=dm, verbose=False)
         t1 = time.time()

@@ -87,7 +87,8 @@ def model_config(recipe: Recipe) -> dict:
     name = recipe.model.name
     spec = get_spec(name)
     return {"class_path": CLASSIFIER_CLASS,
-            "args": {"model_name": name, "image_size": recipe.data.image_size, "mean": spec.mean, "std": spec.std}}
+            "args": {"model_name": name, "image_size": recipe.data.image_size, "mean": spec.mean, "std": spec.std,
+                     "init_seed": recipe.model.seed}}
 
 
 def batchnorm_exclude_pattern(recipe: Recipe) -> str:
@@ -192,7 +193,10 @@ def _make_job(fed, common: dict, selection: dict, exclude: str | None, sites: in
 
     FedAvgRecipe, FedProxRecipe = _resilient(_FedAvg), _resilient(_FedProx)
 
-    every_site = dict(clients_per_round=sites)
+    from fedxr.federated.aggregator import SiteOrderedFedAvg
+
+    # Sum the sites' weights in site order, not arrival order: the same job gives the same model.
+    every_site = dict(clients_per_round=sites, aggregator=SiteOrderedFedAvg(exclude_vars=exclude))
     if fed.algorithm == "fedavg":
         job = FedAvgRecipe(**common, **selection, **every_site, exclude_vars=exclude)
     elif fed.algorithm == "fedprox":

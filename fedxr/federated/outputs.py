@@ -149,6 +149,26 @@ def plot_rounds(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def choose_global(cross: dict | None, rows: list[dict]) -> dict | None:
+    """Which global model fedxr calls best. NVFlare's in-round selection only ever sees the models it sends
+    out (each site scores the model it receives), so the model after the last round is never a
+    candidate. Cross-site evaluation scores both that and NVFlare's best on every site's validation split;
+    the one with the higher validation-size-weighted mean wins (ties: the last, trained longer)."""
+    if not cross:
+        return None
+    sizes = {r["site"]: r["val_images"] for r in rows if r.get("val_images")}
+    scores = {}
+    for label in ("global (best)", "global (last)"):
+        per_site = {s: v.get(label) for s, v in cross["by_data_site"].items() if v.get(label) is not None}
+        if per_site:
+            weight = {s: sizes.get(s, 1) for s in per_site}
+            scores[label] = sum(per_site[s] * weight[s] for s in per_site) / sum(weight.values())
+    if len(scores) < 2:
+        return None
+    chosen = "global (last)" if scores["global (last)"] >= scores["global (best)"] else "global (best)"
+    return {"chosen": chosen, "val_auroc": scores, "weighting": "validation images per site"}
+
+
 def collect(recipe: Recipe, server_dir: Path, out: Path, records: Path | None, workspace: Path,
             model_name: str | None = None, source: str = "federate") -> dict:
     """Write fedxr's federated outputs into ``out`` from the server's run folder ``server_dir``."""
@@ -160,12 +180,19 @@ def collect(recipe: Recipe, server_dir: Path, out: Path, records: Path | None, w
     table = round_table(rows, cross) if rows else []
     summary: dict = {"workspace": str(workspace), "server_run": str(server_dir),
                      "tensorboard": str(server_dir / "tb_events"), "checkpoints": {}}
+    selection = choose_global(cross, rows)
     for nv_name, ours in GLOBAL_MODELS.items():
+        label = SERVER_MODEL_LABELS[f"SRV_{nv_name}"]
+        if ours == "global_best.ckpt" and selection and selection["chosen"] == "global (last)":
+            nv_name = "FL_global_model.pt"  # the last model validated better than the in-round best
         if (app / nv_name).is_file():
-            label = SERVER_MODEL_LABELS[f"SRV_{nv_name}"]
             metrics = {"cross_site_val_auroc": {s: v.get(label) for s, v in cross["by_data_site"].items()}} if cross else {}
+            if ours == "global_best.ckpt" and selection:
+                metrics["selection"] = selection
             nvflare_to_checkpoint(app / nv_name, out / ours, recipe, metrics, model_name, source)
             summary["checkpoints"][ours.removesuffix(".ckpt")] = str(out / ours)
+    if selection:
+        summary["selection"] = selection
     if table:
         (out / "rounds.json").write_text(json.dumps(table, indent=2))
         plot_rounds(table, out / "rounds.png")

@@ -40,7 +40,7 @@ class XRayClassifier(L.LightningModule):
         warmup_epochs: float = 0.0, pos_weight: list[float] | None = None, channels_last: bool = False,
         compile_model: bool = False, threshold_rule: str = "youden", image_size: int | None = None,
         mean: float | None = None, std: float | None = None, schedule_epochs: int | None = None,
-        schedule_steps: int | None = None,
+        schedule_steps: int | None = None, init_seed: int | None = None, mixup: float = 0.0,
     ):
         super().__init__()
         spec = get_spec(model_name)
@@ -56,7 +56,13 @@ class XRayClassifier(L.LightningModule):
         self.image_size = image_size or spec.input_size
         self.mean = spec.mean if mean is None else mean
         self.std = spec.std if std is None else std
-        self.model = build_model(model_name, pretrained=pretrained)
+        self.init_seed, self.mixup = init_seed, mixup
+        # A seeded initialisation that leaves the caller's random state alone: the NVFlare server builds
+        # the round-0 model from this class, and an unseeded server would start every run elsewhere.
+        with torch.random.fork_rng(devices=[]):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            self.model = build_model(model_name, pretrained=pretrained)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Kept out of the module tree (plain __dict__ entry) so state_dict keys stay `model.*` only.
@@ -77,8 +83,17 @@ class XRayClassifier(L.LightningModule):
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=self._pos_weight.to(logits.device))
 
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup (Zhang et al., 2018): each image blended with another of the batch, labels alike, with a
+        Beta(a, a) weight drawn from torch's (seeded) generator. Identity when ``mixup`` is 0."""
+        if not self.mixup or len(x) < 2:
+            return x, y
+        lam = torch.distributions.Beta(self.mixup, self.mixup).sample().to(x.device)
+        perm = torch.randperm(len(x), device=x.device)
+        return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = self.mix(*batch)
         loss = self._loss(self(x), y)
         self.log(TRAIN_LOSS, loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
         return loss

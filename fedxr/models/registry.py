@@ -43,9 +43,15 @@ _SPECS = (
     ModelSpec("mobilenetv3_large_100", "student", "mobilenetv3_large_100", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "MobileNetV3-Large"),
     ModelSpec("efficientnet_lite0", "student", "efficientnet_lite0", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "EfficientNet-Lite0 (edge-friendly ops)"),
     ModelSpec("resnet18", "student", "resnet18", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "ResNet-18"),
+    ModelSpec("resnet18_quarter", "student", None, 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD,
+              "ResNet-18 at 1/4 width (16-128 channels): 10x fewer MACs"),
+    ModelSpec("resnet18_eighth", "student", None, 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD,
+              "ResNet-18 at 1/8 width (8-64 channels): 22x fewer MACs, 0.18M parameters"),
     ModelSpec("tiny_cnn", "test", None, 64, 0.5, 0.25, "4-block CNN for tests and CPU demos"),
 )
 REGISTRY: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
+#: Narrow ResNet-18 students: registry name → width of the stem and first stage (ResNet-18 itself: 64).
+SLIM_RESNET18 = {"resnet18_quarter": 16, "resnet18_eighth": 8}
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -61,10 +67,18 @@ def build_model(name: str, pretrained: bool = False, num_classes: int = NUM_LABE
     """Build a registry model (a torch ``nn.Module``) with one input channel and ``num_classes`` logits."""
     spec = get_spec(name)
     if spec.timm_name is None:
-        from fedxr.models.tiny import TinyCNN
-
         if pretrained:
             raise FedxrError(f"model {name!r} has no pretrained weights; set model.pretrained: false")
+        if name in SLIM_RESNET18:
+            from timm.models.resnet import BasicBlock, ResNet
+
+            # timm's ResNet-18 with the stem and every stage narrowed: plain 3x3 convolutions and ReLU, which
+            # edge CPUs, NPUs and INT8 kernels run well, and the teacher's own layout, which helps distillation.
+            width = SLIM_RESNET18[name]
+            return ResNet(BasicBlock, [2, 2, 2, 2], in_chans=1, num_classes=num_classes,
+                          channels=tuple(width * 2**i for i in range(4)), stem_width=width)
+        from fedxr.models.tiny import TinyCNN
+
         return TinyCNN(num_classes)
     import timm
 
