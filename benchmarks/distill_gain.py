@@ -54,6 +54,14 @@ def run_seed(recipe, teacher: Path, seed: int) -> dict:
             "mac_ratio": row["mac_ratio"]}
 
 
+def default_teacher(recipe) -> Path:
+    """The run's federated teacher as `fedxr run` picks it: global_best, else global_last (a toy run whose
+    validation splits score no class has no best)."""
+    folder = recipe.run_dir / "federate"
+    best = folder / "global_best.ckpt"
+    return best if best.is_file() else folder / "global_last.ckpt"
+
+
 def mean_sd(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else None}
 
@@ -76,14 +84,14 @@ def main() -> None:
                      "distill.students=[tiny_cnn]", "distill.rounds=1", *overrides]
         args.seeds = 2
     recipe = load_recipe(args.recipe, overrides)
-    teacher = Path(args.teacher) if args.teacher else recipe.run_dir / "federate" / "global_best.ckpt"
-    if args.smoke and not teacher.is_file():
+    if args.smoke and not args.teacher and not (recipe.run_dir / "federate" / "global_last.ckpt").is_file():
         from fedxr.data.prepare import ensure_dataset, ensure_sites
         from fedxr.federated.run import federate
 
         ensure_dataset(recipe, progress=False)
         ensure_sites(recipe)
         federate(recipe, "sim")
+    teacher = Path(args.teacher) if args.teacher else default_teacher(recipe)
     if not teacher.is_file():
         raise SystemExit(f"no teacher at {teacher}: run `make demo` (or `fedxr run {args.recipe}`) first, or pass --teacher")
     rows = []

@@ -124,7 +124,7 @@ def main() -> None:
     if args.smoke:
         sizes, pool, size, epochs = [16, 32], 48, 48, 1
     else:
-        sizes, pool, size, epochs = sorted({150, 300, 1200, 2400, default_n}), 4500, 128, args.epochs
+        sizes, pool, size, epochs = sorted({150, 300, 1200, default_n}), 4500, 128, args.epochs
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         generate_phantom(tmp / "phantom", patients=pool, hospitals=3, size=size, seed=123, progress=not args.smoke)
