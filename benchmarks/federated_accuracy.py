@@ -111,6 +111,14 @@ def run_method(method: str, recipe) -> dict:
             "per_model": scores, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
+def save(args, base: list[str], table: dict, splits: list[str], methods: list[str], complete: bool) -> Path:
+    goals = {split: split_goals(table[split]) for split in ("dirichlet0.5", "natural") if split in table}
+    recipe_used = load_recipe(args.recipe, base + list(args.overrides)).resolved()
+    return write_result("federated_accuracy", {"table": table, "goals": {k: v for k, v in goals.items() if v},
+                                               "recipe": recipe_used, "splits": splits, "methods": methods,
+                                               "seeds": args.seeds, "complete": complete}, smoke=args.smoke)
+
+
 def summarise_seeds(runs: list[dict]) -> dict:
     """Mean ± sample standard deviation of the macro AUROC over the seeds' runs."""
     import numpy as np
@@ -173,6 +181,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "bench_federated_accuracy"))
     ap.add_argument("--smoke", action="store_true", help="tiny data, one split, three methods, one round")
     ap.add_argument("--seeds", type=int, default=1, help="training seeds per cell (model.seed = 0..N-1)")
+    ap.add_argument("--merge", action="store_true",
+                    help="add these splits to the table in results/federated_accuracy.json (same settings) instead of replacing it")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = ap.parse_args()
     work = Path(args.workdir) / ("smoke" if args.smoke else "full")
@@ -183,7 +193,11 @@ def main() -> None:
         base += ["data.phantom.patients=40", "data.phantom.hospitals=2", "data.phantom.size=32", "data.image_size=32",
                  "data.sites=2", "federated.min_clients=2", "federated.rounds=1", "data.batch_size=8"]
     table: dict = {}
-    for split in splits:
+    if args.merge and (RESULTS / "federated_accuracy.json").is_file():
+        earlier = json.loads((RESULTS / "federated_accuracy.json").read_text())
+        table = {k: v for k, v in earlier["table"].items() if k not in splits}
+        splits = list(table) + splits
+    for split in [s for s in splits if s not in table]:
         recipe = load_recipe(args.recipe, base + split_overrides(split) + [f"output.name={split}"] + list(args.overrides))
         ensure_dataset(recipe, progress=False)
         ensure_sites(recipe, force=True)
@@ -195,11 +209,10 @@ def main() -> None:
                 runs.append(run_method(m, changed(recipe, "model", seed=seed)))
                 print(f"    macro AUROC {runs[-1]['macro_auroc']}  ({runs[-1]['wall_s']} s)", flush=True)
             table[split][m] = summarise_seeds(runs)
-    goals = {split: split_goals(table[split]) for split in ("dirichlet0.5", "natural") if split in table}
-    goals = {k: v for k, v in goals.items() if v}
-    recipe_used = load_recipe(args.recipe, base + list(args.overrides)).resolved()
-    path = write_result("federated_accuracy", {"table": table, "goals": goals, "recipe": recipe_used,
-                                               "splits": splits, "methods": methods}, smoke=args.smoke)
+            # Written after every cell: a run stopped part-way keeps what it measured ("complete": false).
+            path = save(args, base, table, splits, methods, complete=False)
+    path = save(args, base, table, splits, methods, complete=True)
+    goals = json.loads(path.read_text())["goals"]
     if not args.smoke:
         plot(table, methods, RESULTS / "federated_accuracy.png")
     header = "| split | " + " | ".join(methods) + " |"
