@@ -24,7 +24,8 @@ def test_every_shipped_recipe_loads(path, capsys):
 
 def test_defaults_load_without_a_file():
     r = load_recipe(None)
-    assert r.federated.algorithm == "fedavg" and r.data.sites >= r.federated.min_clients
+    assert r.federated.algorithm == "fedavg"
+    assert r.data.sites >= r.federated.min_clients
 
 
 def test_all_problems_reported_at_once(tmp_path):
@@ -39,7 +40,9 @@ def test_all_problems_reported_at_once(tmp_path):
     assert len(problems) == 5, problems
     assert "data.sitess: unknown key; did you mean 'data.sites'?" in text
     assert "modell: unknown key; did you mean 'model'?" in text
-    assert "federated.rounds" in text and "federated.algorithm" in text and "data.image_size" in text
+    assert "federated.rounds" in text
+    assert "federated.algorithm" in text
+    assert "data.image_size" in text
 
 
 def test_cross_section_checks(tmp_path):
@@ -49,7 +52,8 @@ def test_cross_section_checks(tmp_path):
 
 def test_overrides_are_typed_and_applied():
     r = load_recipe(None, ["federated.rounds=7", "model.channels_last=true", "distill.students=[resnet18, tiny_cnn]"])
-    assert r.federated.rounds == 7 and r.model.channels_last is True
+    assert r.federated.rounds == 7
+    assert r.model.channels_last is True
     assert r.distill.students == ["resnet18", "tiny_cnn"]
     with pytest.raises(RecipeError, match="section.key=value"):
         load_recipe(None, ["rounds"])
@@ -68,12 +72,15 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_check_command(tmp_path, capsys):
     assert main(["check", str(RECIPES[0]), "federated.rounds=2"]) == 0
     out = capsys.readouterr().out
-    assert "rounds: 2" in out and "OK" in out
+    assert "rounds: 2" in out
+    assert "OK" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text("federated:\n  rounds: -1\n  min_clients: 0\n")
     assert main(["check", str(bad)]) == 1
     err = capsys.readouterr().err
-    assert "2 problem(s)" in err and "federated.rounds" in err and "federated.min_clients" in err
+    assert "2 problem(s)" in err
+    assert "federated.rounds" in err
+    assert "federated.min_clients" in err
 
 
 def test_resolved_config_round_trips():

@@ -12,7 +12,7 @@ from fedxr.data.prepare import ensure_dataset, ensure_sites
 from fedxr.models.checkpoint import load_checkpoint, save_checkpoint
 from fedxr.models.registry import build_model
 
-from conftest import ROOT, tiny_recipe_overrides
+from helpers import ROOT, tiny_recipe_overrides
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 pytestmark = pytest.mark.slow
@@ -48,13 +48,17 @@ def test_student_checkpoint_trained_and_evaluable(distilled, tmp_path, capsys):
     recipe, _, _ = distilled
     out = recipe.run_dir / "distill" / "tiny_cnn"
     ckpt = load_checkpoint(out / "global_last.ckpt")
-    assert ckpt["model_name"] == "tiny_cnn" and ckpt["source"] == "distill" and ckpt["image_size"] == 32
+    assert ckpt["model_name"] == "tiny_cnn"
+    assert ckpt["source"] == "distill"
+    assert ckpt["image_size"] == 32
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])  # the student alone
     init = torch.load(out / "initial_model.pt", weights_only=True)
     changed = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not torch.equal(v, init[f"model.{k}"])]
-    assert "head.weight" in changed and len(changed) > 5
+    assert "head.weight" in changed
+    assert len(changed) > 5
     rounds = json.loads((out / "rounds.json").read_text())
-    assert set(rounds[0]["sites"]) == {"site-1", "site-2"} and all(s["steps"] > 0 for s in rounds[0]["sites"].values())
+    assert set(rounds[0]["sites"]) == {"site-1", "site-2"}
+    assert all(s["steps"] > 0 for s in rounds[0]["sites"].values())
     capsys.readouterr()
     assert main(["evaluate", str(out / "global_last.ckpt"), "--data", str(recipe.run_dir / "sites"), "--json",
                  "--out", str(tmp_path / "ev"), "--cache-dir", recipe.data.cache_dir]) == 0
@@ -85,8 +89,10 @@ def test_report_compares_teacher_students_and_ablation(distilled):
     row = report["students"]["tiny_cnn"]
     assert report["teacher"]["macs"] > row["macs"] > 0  # teacher at 48 px, student at 32 px
     assert row["mac_ratio"] == pytest.approx(report["teacher"]["macs"] / row["macs"])
-    assert set(row["auroc"]) == set(report["teacher"]["auroc"]) and len(row["auroc"]) == 14
-    assert "no_kd" in row and "/tiny_cnn_no_kd/global_" in row["no_kd"]["checkpoint"]
+    assert set(row["auroc"]) == set(report["teacher"]["auroc"])
+    assert len(row["auroc"]) == 14
+    assert "no_kd" in row
+    assert "/tiny_cnn_no_kd/global_" in row["no_kd"]["checkpoint"]
     assert row["kd_gain"] == pytest.approx(row["macro_auroc"] - row["no_kd"]["macro_auroc"])
     assert row["goal_kd_beats_no_kd"] == (row["kd_gain"] > 0)
     assert (folder / "distill_report.png").stat().st_size > 10_000
@@ -118,7 +124,8 @@ def test_bad_teacher_fails_before_any_job(tmp_path, capsys):
     torch.save(blob, bad)
     assert main(["distill", str(QUICKSTART), *ov, "--teacher", str(bad)]) != 0
     err = capsys.readouterr().err
-    assert "bad.ckpt" in err and "labels" in err
+    assert "bad.ckpt" in err
+    assert "labels" in err
     # no teacher at all (no federate run yet)
     assert main(["distill", str(QUICKSTART), *ov]) != 0
     assert "run `fedxr federate RECIPE` first or pass --teacher" in capsys.readouterr().err

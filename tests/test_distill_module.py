@@ -19,7 +19,8 @@ def test_teacher_frozen_and_loaded(tmp_path):
     m = DistillClassifier("tiny_cnn", "tiny_cnn", teacher_image_size=48, teacher_checkpoint=str(path), image_size=32)
     assert all(not p.requires_grad for p in m.teacher.parameters())
     m.train()
-    assert m.training and not m.teacher.training  # train() never wakes the teacher
+    assert m.training
+    assert not m.teacher.training  # train() never wakes the teacher
     torch.testing.assert_close(m.teacher.state_dict()["head.weight"], teacher.state_dict()["head.weight"])
     assert any(k.startswith("teacher.") for k in m.state_dict())  # travels with the global model
 
@@ -62,7 +63,8 @@ def test_distillation_steps_change_only_the_student(tmp_path):
         torch.testing.assert_close(v, teacher_before[k])  # the teacher does not move
     ckpt_path = m.save_fedxr_checkpoint(tmp_path / "student.ckpt")
     student, ckpt = model_from_checkpoint(ckpt_path)
-    assert ckpt["model_name"] == "tiny_cnn" and not any(k.startswith("teacher") for k in ckpt["state_dict"])
+    assert ckpt["model_name"] == "tiny_cnn"
+    assert not any(k.startswith("teacher") for k in ckpt["state_dict"])
 
 
 def test_trainer_logs_task_and_distillation_losses_separately(tmp_path):
@@ -79,4 +81,5 @@ def test_trainer_logs_task_and_distillation_losses_separately(tmp_path):
 
     metrics = trainer.callback_metrics
     assert {TRAIN_TASK_LOSS, TRAIN_KD_LOSS, "train_loss_epoch"} <= set(metrics)
-    assert float(metrics[TRAIN_KD_LOSS]) > 0 and float(metrics[TRAIN_TASK_LOSS]) > 0
+    assert float(metrics[TRAIN_KD_LOSS]) > 0
+    assert float(metrics[TRAIN_TASK_LOSS]) > 0

@@ -17,7 +17,8 @@ def test_cam_layer_is_the_last_spatial_map(name):
     with torch.no_grad():
         model(torch.zeros(1, 1, 64, 64))
     hook.remove()
-    assert len(shapes[-1]) == 4 and shapes[-1][-1] > 1  # not the pooled 1×1 head (MobileNetV3's conv_head)
+    assert len(shapes[-1]) == 4
+    assert shapes[-1][-1] > 1  # not the pooled 1×1 head (MobileNetV3's conv_head)
 
 
 @pytest.mark.parametrize("size,cells", [(224, 7), (96, 6), (128, 8)])
@@ -49,4 +50,5 @@ def test_pointing_game_scores_hits_misses_and_random_baseline():
     assert result["per_class"]["Mass"]["score"] == 0.5
     assert result["per_class"]["Nodule"]["score"] == 0.0
     assert result["per_class"]["Mass"]["random"] == pytest.approx(64 / 1024)
-    assert result["boxes"] == 3 and result["overall"] == pytest.approx(1 / 3)
+    assert result["boxes"] == 3
+    assert result["overall"] == pytest.approx(1 / 3)

@@ -16,8 +16,7 @@ from fedxr.edge.cli import main as edge_main
 from fedxr.errors import FedxrError
 from fedxr.export.__main__ import main as export_main
 
-from conftest import ROOT, SHARED_NIH, needs_shared, tiny_recipe_overrides
-from test_imaging import GRADIENT, _dicom
+from helpers import GRADIENT, ROOT, SHARED_NIH, needs_shared, tiny_recipe_overrides, write_dicom
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
@@ -37,26 +36,35 @@ def exported(tmp_path_factory):
 def test_export_files_metadata_and_manifest(exported):
     tmp, ckpt, out = exported
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["ok"] and {f["format"] for f in manifest["files"]} == {"onnx-fp32", "onnx-int8-qdq"}
+    assert manifest["ok"]
+    assert {f["format"] for f in manifest["files"]} == {"onnx-fp32", "onnx-int8-qdq"}
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tiny_cnn_fp32.onnx", "tiny_cnn_int8.onnx"]  # no side files
     fp32 = next(f for f in manifest["files"] if f["format"] == "onnx-fp32")
-    assert fp32["parity_max_abs_logit"] <= 1e-4 and fp32["parity_ok"]
+    assert fp32["parity_max_abs_logit"] <= 1e-4
+    assert fp32["parity_ok"]
     import hashlib
 
     for f in manifest["files"]:
         path = out / f["file"]
-        assert f["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and f["size_bytes"] == path.stat().st_size
-        assert f["opset"] == 18 and f["latency_ms_b1_p50"] > 0 and 0 <= f["val_auroc"] <= 1
+        assert f["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert f["size_bytes"] == path.stat().st_size
+        assert f["opset"] == 18
+        assert f["latency_ms_b1_p50"] > 0
+        assert 0 <= f["val_auroc"] <= 1
     assert set(manifest["runtime"]) >= {"onnx", "onnxruntime", "torch"}
     model = onnx.load(str(out / "tiny_cnn_fp32.onnx"))
     onnx.checker.check_model(model, full_check=True)
     props = {p.key: json.loads(p.value) for p in model.metadata_props if p.key.startswith("fedxr.")}
-    assert props["fedxr.labels"][0] == "Atelectasis" and len(props["fedxr.thresholds"]) == 14
-    assert props["fedxr.input_size"] == 32 and props["fedxr.model_name"] == "tiny_cnn"
+    assert props["fedxr.labels"][0] == "Atelectasis"
+    assert len(props["fedxr.thresholds"]) == 14
+    assert props["fedxr.input_size"] == 32
+    assert props["fedxr.model_name"] == "tiny_cnn"
     assert props["fedxr.checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    assert "resize" in props["fedxr.preprocessing"] and props["fedxr.val_auroc"] == fp32["val_auroc"]
+    assert "resize" in props["fedxr.preprocessing"]
+    assert props["fedxr.val_auroc"] == fp32["val_auroc"]
     dims = model.graph.input[0].type.tensor_type.shape.dim
-    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 32, 32]  # dynamic batch
+    assert dims[0].dim_param  # dynamic batch
+    assert [d.dim_value for d in dims[1:]] == [1, 32, 32]
 
 
 def test_int8_auto_records_its_decision(exported, tmp_path):
@@ -64,7 +72,8 @@ def test_int8_auto_records_its_decision(exported, tmp_path):
     assert export_main([str(ckpt), "--out", str(tmp_path / "auto"), "--data", str(tmp / "runs" / "t" / "sites")]) == 0
     manifest = json.loads((tmp_path / "auto" / "manifest.json").read_text())
     q = next(f for f in manifest["files"] if f["format"] == "onnx-int8-qdq")
-    assert "faster than FP32" in manifest["int8_decision"] and "AUROC" in manifest["int8_decision"]
+    assert "faster than FP32" in manifest["int8_decision"]
+    assert "AUROC" in manifest["int8_decision"]
     assert (tmp_path / "auto" / q["file"]).exists() == q["kept"]
 
 
@@ -92,7 +101,7 @@ def test_predict_formats_and_bad_inputs(exported, tmp_path, capsys):
     real = SHARED_NIH / "00000001_000.png"
     Image.open(real).convert("RGB").save(tmp_path / "photo.jpg")           # a colour photo: converted, works
     Image.fromarray((GRADIENT.astype(np.uint16) * 257)).save(tmp_path / "sixteen.png")
-    _dicom(tmp_path / "study.dcm", GRADIENT.astype(np.uint16) * 16, photometric="MONOCHROME1", window=(2000, 1000))
+    write_dicom(tmp_path / "study.dcm", GRADIENT.astype(np.uint16) * 16, photometric="MONOCHROME1", window=(2000, 1000))
     (tmp_path / "notes.png").write_text("this is text, not an image")
     (tmp_path / "cut.png").write_bytes(real.read_bytes()[:200])
     import pydicom
@@ -111,8 +120,10 @@ def test_predict_formats_and_bad_inputs(exported, tmp_path, capsys):
     assert rc == 2  # some inputs failed, the rest were processed
     results = {r["input"].split("/")[-1]: r for r in json.loads(capsys.readouterr().out)}
     for good in ("00000001_000.png", "photo.jpg", "sixteen.png", "study.dcm"):
-        assert results[good]["error"] is None and len(results[good]["probabilities"]) == 14, good
-    assert "notes.png" in results["notes.png"]["error"] and "cut.png" in results["cut.png"]["error"]
+        assert results[good]["error"] is None, good
+        assert len(results[good]["probabilities"]) == 14, good
+    assert "notes.png" in results["notes.png"]["error"]
+    assert "cut.png" in results["cut.png"]["error"]
     assert "nopixels.dcm: not a readable DICOM" in results["nopixels.dcm"]["error"]
     assert edge_main(["predict", str(out), str(real), "--csv"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("input,error,Atelectasis")
@@ -183,8 +194,11 @@ def test_bench_reports_latency_memory_and_provider(exported, capsys):
     _, _, out = exported
     assert edge_main(["bench", str(out), "--threads", "1", "--batch", "2", "--runs", "5", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["provider"] == "CPUExecutionProvider" and r["batch"] == 2
-    assert 0 < r["p50_ms"] <= r["p95_ms"] and r["images_per_s"] > 0 and r["peak_rss_mb"] > 0
+    assert r["provider"] == "CPUExecutionProvider"
+    assert r["batch"] == 2
+    assert 0 < r["p50_ms"] <= r["p95_ms"]
+    assert r["images_per_s"] > 0
+    assert r["peak_rss_mb"] > 0
 
 
 def test_fp16_export(exported, tmp_path):
@@ -193,6 +207,7 @@ def test_fp16_export(exported, tmp_path):
                         "--data", str(tmp / "runs" / "t" / "sites")]) == 0
     manifest = json.loads((tmp_path / "h" / "manifest.json").read_text())
     h = next(f for f in manifest["files"] if f["format"] == "onnx-fp16")
-    assert h["parity_max_abs_logit"] < 0.05 and (tmp_path / "h" / h["file"]).stat().st_size < \
-        (tmp_path / "h" / "tiny_cnn_fp32.onnx").stat().st_size
+    assert h["parity_max_abs_logit"] < 0.05
+    assert ((tmp_path / "h" / h["file"]).stat().st_size < \
+        (tmp_path / "h" / "tiny_cnn_fp32.onnx").stat().st_size)
     assert len(load_model(tmp_path / "h" / h["file"]).predict([GRADIENT])[0].probabilities) == 14

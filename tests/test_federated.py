@@ -12,7 +12,7 @@ from fedxr.data.prepare import ensure_dataset, ensure_sites
 from fedxr.federated.run import federate, processes_using
 from fedxr.models.checkpoint import load_checkpoint
 
-from conftest import ROOT, tiny_recipe_overrides
+from helpers import ROOT, tiny_recipe_overrides
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 pytestmark = pytest.mark.slow
@@ -46,11 +46,15 @@ def test_sim_outputs(sim_run, tmp_path, capsys):
     recipe, ov, summary = sim_run
     out = recipe.run_dir / "federate"
     ckpt = load_checkpoint(out / "global_last.ckpt")
-    assert ckpt["model_name"] == "tiny_cnn" and ckpt["source"] == "federate" and len(ckpt["thresholds"]) == 14
+    assert ckpt["model_name"] == "tiny_cnn"
+    assert ckpt["source"] == "federate"
+    assert len(ckpt["thresholds"]) == 14
     rounds = json.loads((out / "rounds.json").read_text())
-    assert rounds[0]["round"] == 0 and set(rounds[0]["sites"]) == {"site-1", "site-2"}
+    assert rounds[0]["round"] == 0
+    assert set(rounds[0]["sites"]) == {"site-1", "site-2"}
     assert all(v["train_s"] > 0 and v["steps"] > 0 for v in rounds[0]["sites"].values())
-    assert 0 <= rounds[0]["aggregate_val_auroc"] <= 1 and rounds[-1]["round"] == "final"
+    assert 0 <= rounds[0]["aggregate_val_auroc"] <= 1
+    assert rounds[-1]["round"] == "final"
     cross = json.loads((out / "cross_site.json").read_text())
     assert set(cross["sites"]) == {"site-1", "site-2"}
     assert {"global (last)", "site-1 (local)", "site-2 (local)"} <= set(cross["models"])
@@ -133,7 +137,8 @@ def test_export_job(tmp_path, capsys):
     meta = json.loads(next((tmp_path / "job").rglob("meta.json")).read_text())
     assert meta["min_clients"] == 2
     client_cfg = next((tmp_path / "job").rglob("config_fed_client.json")).read_text()
-    assert "--recipe-b64" in client_cfg and "--sites-dir" not in client_cfg  # data paths stay site facts
+    assert "--recipe-b64" in client_cfg
+    assert "--sites-dir" not in client_cfg  # data paths stay site facts
 
 
 def test_bad_recipe_values_fail_before_start(tmp_path):
@@ -141,7 +146,8 @@ def test_bad_recipe_values_fail_before_start(tmp_path):
     with pytest.raises(RecipeError) as err:
         load_recipe(QUICKSTART, base + ["federated.rounds=0", "federated.min_clients=5", "federated.algorithm=fedsgd"])
     text = str(err.value)
-    assert "federated.rounds" in text and "federated.algorithm" in text
+    assert "federated.rounds" in text
+    assert "federated.algorithm" in text
     with pytest.raises(RecipeError, match="min_clients: 5 is more than data.sites"):
         load_recipe(QUICKSTART, base + ["federated.min_clients=5"])
 
@@ -233,8 +239,10 @@ def test_fedbn_keeps_batchnorm_local(tmp_path):
     bn_keys = {f"{name}.{k}" for name, mod in module.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)
                for k in list(dict(mod.named_parameters(recurse=False))) + list(dict(mod.named_buffers(recurse=False)))}
     excluded = {k for k in module.state_dict() if pattern.match(k)}
-    assert excluded == bn_keys and len(bn_keys) == 5 * 5  # 5 BatchNorms × weight, bias, mean, var, count
-    assert "model.features.0.weight" not in excluded and "model.head.weight" not in excluded
+    assert excluded == bn_keys
+    assert len(bn_keys) == 5 * 5  # 5 BatchNorms × weight, bias, mean, var, count
+    assert "model.features.0.weight" not in excluded
+    assert "model.head.weight" not in excluded
     job = build_job(recipe, tmp_path / "f", "prod")
     job.export(str(tmp_path / "job"))
     assert "exclude_vars" in next((tmp_path / "job").rglob("config_fed_server.json")).read_text()
@@ -277,11 +285,13 @@ def test_fedbn_runs_rounds_with_local_batchnorm(tmp_path):
     s1 = torch.load(records / "site-1_round1.pt", weights_only=True)["state_dict"]
     s2 = torch.load(records / "site-2_round1.pt", weights_only=True)["state_dict"]
     bn = "model.features.1.running_mean"
-    assert bn in s1 and not torch.equal(s1[bn], s2[bn])  # statistics stayed local to each hospital
+    assert bn in s1
+    assert not torch.equal(s1[bn], s2[bn])  # statistics stayed local to each hospital
     # The learning-rate schedule spans both rounds: half-way through (end of round 0) the cosine is at
     # about half the base rate, not already at zero; at the end of the last round it is near zero.
     from fedxr.federated.outputs import read_records
 
     lr = {(r["site"], r["round"]): r["lr_end"] for r in read_records(records)}
     base = recipe.model.lr
-    assert 0.3 * base < lr[("site-1", 0)] < 0.8 * base and lr[("site-1", 1)] < 0.05 * base
+    assert 0.3 * base < lr[("site-1", 0)] < 0.8 * base
+    assert lr[("site-1", 1)] < 0.05 * base

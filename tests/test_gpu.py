@@ -8,7 +8,7 @@ from fedxr.data.prepare import ensure_dataset, ensure_sites
 from fedxr.data.manifest import site_manifest_paths
 from fedxr.training import make_classifier, make_datamodule, make_trainer
 
-from conftest import ROOT, tiny_recipe_overrides
+from helpers import ROOT, tiny_recipe_overrides
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -6,15 +6,13 @@ from PIL import Image
 
 from fedxr.imaging import ImageReadError, load_for_model, read_gray, resize_square
 
-from conftest import SHARED_NIH, needs_shared
-
-GRADIENT = np.tile(np.linspace(0, 255, 48).astype(np.uint8), (40, 1))
-
+from helpers import GRADIENT, SHARED_NIH, needs_shared, write_dicom
 
 def test_8bit_gray_png(tmp_path):
     Image.fromarray(GRADIENT).save(tmp_path / "a.png")
     out = read_gray(tmp_path / "a.png")
-    assert out.dtype == np.uint8 and out.shape == (40, 48)
+    assert out.dtype == np.uint8
+    assert out.shape == (40, 48)
     np.testing.assert_array_equal(out, GRADIENT)
 
 
@@ -22,7 +20,9 @@ def test_16bit_png_12bit_and_full_range(tmp_path):
     twelve = (GRADIENT.astype(np.uint16) * 16)  # max 4080: 12-bit detector data
     Image.fromarray(twelve).save(tmp_path / "b.png")
     out = read_gray(tmp_path / "b.png")
-    assert out.dtype == np.uint8 and abs(int(out.max()) - 254) <= 1 and out.min() == 0
+    assert out.dtype == np.uint8
+    assert abs(int(out.max()) - 254) <= 1
+    assert out.min() == 0
     full = GRADIENT.astype(np.uint16) * 257
     Image.fromarray(full).save(tmp_path / "c.png")
     np.testing.assert_allclose(read_gray(tmp_path / "c.png"), GRADIENT, atol=1)
@@ -32,7 +32,8 @@ def test_16bit_png_12bit_and_full_range(tmp_path):
 def test_colour_modes(tmp_path, mode):
     Image.fromarray(GRADIENT).convert(mode).save(tmp_path / "x.png")
     out = read_gray(tmp_path / "x.png")
-    assert out.shape == GRADIENT.shape and out.dtype == np.uint8
+    assert out.shape == GRADIENT.shape
+    assert out.dtype == np.uint8
     np.testing.assert_allclose(out.astype(int), GRADIENT.astype(int), atol=2)
 
 
@@ -41,44 +42,25 @@ def test_jpeg(tmp_path):
     np.testing.assert_allclose(read_gray(tmp_path / "x.jpg").astype(int), GRADIENT.astype(int), atol=6)
 
 
-def _dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.0, window=None):
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    assert pydicom.dcmread(str(path)).Rows == pixels.shape[0]
-
-
 def test_dicom_monochrome2_rescale(tmp_path):
     raw = (GRADIENT.astype(np.uint16) * 16)
-    _dicom(tmp_path / "a.dcm", raw, slope=2.0, intercept=-100.0)
+    write_dicom(tmp_path / "a.dcm", raw, slope=2.0, intercept=-100.0)
     out = read_gray(tmp_path / "a.dcm")
-    assert out.dtype == np.uint8 and out[:, 0].max() == 0 and out[:, -1].min() == 255
+    assert out.dtype == np.uint8
+    assert out[:, 0].max() == 0
+    assert out[:, -1].min() == 255
     assert np.all(np.diff(out[0].astype(int)) >= 0)  # a rising ramp stays rising
 
 
 def test_dicom_monochrome1_is_inverted_and_windowed(tmp_path):
     raw = (GRADIENT.astype(np.uint16) * 16)
-    _dicom(tmp_path / "m1", raw, photometric="MONOCHROME1", window=(2000, 1000))  # no suffix: detected by DICM
+    write_dicom(tmp_path / "m1", raw, photometric="MONOCHROME1", window=(2000, 1000))  # no suffix: detected by DICM
     out = read_gray(tmp_path / "m1")
     # MONOCHROME1: high values are dark, so the ramp falls; the window saturates both ends.
-    assert out[0, 0] == 255 and out[0, -1] == 0
-    assert (out[0] == 255).sum() > 5 and (out[0] == 0).sum() > 5
+    assert out[0, 0] == 255
+    assert out[0, -1] == 0
+    assert (out[0] == 255).sum() > 5
+    assert (out[0] == 0).sum() > 5
 
 
 def test_corrupt_and_empty_files_name_the_file(tmp_path):
@@ -102,7 +84,9 @@ def test_corrupt_and_empty_files_name_the_file(tmp_path):
 @needs_shared
 def test_real_nih_image():
     img = read_gray(SHARED_NIH / "00000001_000.png")
-    assert img.shape == (512, 512) and img.dtype == np.uint8 and img.std() > 20
+    assert img.shape == (512, 512)
+    assert img.dtype == np.uint8
+    assert img.std() > 20
     small = load_for_model(SHARED_NIH / "00000001_000.png", 64)
     assert small.shape == (64, 64)
     assert abs(float(small.mean()) - float(img.mean())) < 3  # antialiased resize keeps brightness
@@ -112,5 +96,6 @@ def test_resize_square_identity_and_shape():
     square = GRADIENT[:40, :40]
     assert resize_square(square, 40) is square  # already the right size: untouched
     small = resize_square(GRADIENT, 32)
-    assert small.shape == (32, 32) and small.dtype == np.uint8
+    assert small.shape == (32, 32)
+    assert small.dtype == np.uint8
     assert small[:, 0].mean() < small[:, -1].mean()  # the ramp survives the resize

@@ -6,14 +6,17 @@ from fedxr import labels as L
 
 def test_canonical_order_and_count():
     assert L.NUM_LABELS == 14
-    assert L.LABELS[0] == "Atelectasis" and L.LABELS[-1] == "Hernia"
+    assert L.LABELS[0] == "Atelectasis"
+    assert L.LABELS[-1] == "Hernia"
     assert L.NO_FINDING not in L.LABELS
 
 
 def test_encode_decode_round_trip():
     vec = L.encode_findings("Effusion|Cardiomegaly")
-    assert vec.dtype == np.uint8 and vec.sum() == 2
-    assert vec[L.LABEL_INDEX["Effusion"]] == 1 and vec[L.LABEL_INDEX["Cardiomegaly"]] == 1
+    assert vec.dtype == np.uint8
+    assert vec.sum() == 2
+    assert vec[L.LABEL_INDEX["Effusion"]] == 1
+    assert vec[L.LABEL_INDEX["Cardiomegaly"]] == 1
     assert L.decode_findings(vec) == "Cardiomegaly|Effusion"
     assert L.encode_findings("No Finding").sum() == 0
     assert L.decode_findings(np.zeros(14)) == "No Finding"

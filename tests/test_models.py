@@ -15,7 +15,7 @@ from fedxr.models.classifier import XRayClassifier, pos_weight_from_labels
 from fedxr.models.metrics import choose_thresholds, multilabel_scores
 from fedxr.models.registry import REGISTRY, UnknownModelError, complexity, get_spec
 
-from conftest import ROOT, tiny_recipe_overrides
+from helpers import ROOT, tiny_recipe_overrides
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
@@ -27,9 +27,11 @@ def test_every_registry_entry_builds_and_runs(name):
     model = build_model(name).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 1, 64, 64))
-    assert out.shape == (2, 14) and torch.isfinite(out).all()
+    assert out.shape == (2, 14)
+    assert torch.isfinite(out).all()
     params, macs = complexity(name)
-    assert params == sum(p.numel() for p in model.parameters()) and macs > 0
+    assert params == sum(p.numel() for p in model.parameters())
+    assert macs > 0
 
 
 def test_complexity_ordering():
@@ -46,7 +48,9 @@ def test_unknown_model_did_you_mean():
 def test_models_list_command(capsys):
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
-    assert "densenet121" in out and "teacher" in out and "2.754G" in out
+    assert "densenet121" in out
+    assert "teacher" in out
+    assert "2.754G" in out
 
 
 def test_pos_weight_capped_and_safe():
@@ -54,7 +58,9 @@ def test_pos_weight_capped_and_safe():
     labels[:50, 0] = 1
     labels[:1, 1] = 1
     w = pos_weight_from_labels(labels, cap=10)
-    assert w[0] == 1.0 and w[1] == 10.0 and w[2] == 1.0
+    assert w[0] == 1.0
+    assert w[1] == 10.0
+    assert w[2] == 1.0
 
 
 def test_metrics_exclude_absent_class():
@@ -63,10 +69,14 @@ def test_metrics_exclude_absent_class():
     targets[:, 13] = 0
     probs = (targets * 0.6 + torch.rand(50, 14, generator=g) * 0.4)
     s = multilabel_scores(probs, targets)
-    assert s["auroc"]["Hernia"] is None and "Hernia" in s["note"] and s["excluded"] == ["Hernia"]
-    assert math.isfinite(s["macro_auroc"]) and s["macro_auroc"] > 0.9
+    assert s["auroc"]["Hernia"] is None
+    assert "Hernia" in s["note"]
+    assert s["excluded"] == ["Hernia"]
+    assert math.isfinite(s["macro_auroc"])
+    assert s["macro_auroc"] > 0.9
     thr = choose_thresholds(probs, targets)
-    assert thr[13] == 0.5 and (thr[:13] > 0).all()
+    assert thr[13] == 0.5
+    assert (thr[:13] > 0).all()
 
 
 def test_training_lowers_the_loss():
@@ -106,9 +116,13 @@ def test_train_central_writes_checkpoints(trained):
     tmp, _ = trained
     folder = tmp / "runs" / "t" / "train_central"
     ckpt = load_checkpoint(folder / "best.ckpt")
-    assert ckpt["model_name"] == "tiny_cnn" and ckpt["image_size"] == 32 and len(ckpt["thresholds"]) == 14
-    assert ckpt["recipe"]["model"]["name"] == "tiny_cnn" and "val" in ckpt["metrics"]
-    assert (folder / "last.ckpt").is_file() and (folder / "recipe.yaml").is_file()
+    assert ckpt["model_name"] == "tiny_cnn"
+    assert ckpt["image_size"] == 32
+    assert len(ckpt["thresholds"]) == 14
+    assert ckpt["recipe"]["model"]["name"] == "tiny_cnn"
+    assert "val" in ckpt["metrics"]
+    assert (folder / "last.ckpt").is_file()
+    assert (folder / "recipe.yaml").is_file()
     assert json.loads((folder / "summary.json").read_text())["best_val_auroc"] > 0
 
 
@@ -134,10 +148,12 @@ def test_train_local_and_evaluate(trained, capsys):
     assert main(["evaluate", str(ckpt), "--data", str(tmp / "runs" / "t" / "sites" / "site-2.csv"),
                  "--split", "test", "--json", "--cache-dir", str(tmp / "cache")]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["excluded"] and math.isfinite(result["macro_auroc"])
+    assert result["excluded"]
+    assert math.isfinite(result["macro_auroc"])
     assert set(result["at_thresholds"]["Effusion"]) >= {"sensitivity", "specificity", "threshold"}
     out = tmp / "runs" / "t" / "train_local_site-2" / "eval_test"
-    assert (out / "metrics.json").is_file() and (out / "roc_curves.png").stat().st_size > 5000
+    assert (out / "metrics.json").is_file()
+    assert (out / "roc_curves.png").stat().st_size > 5000
 
 
 def test_train_errors(trained, capsys, tmp_path):

@@ -11,7 +11,7 @@ from fedxr.data.nih import load_dataset, parse_age, read_bbox_list, read_data_en
 from fedxr.errors import DataError
 from fedxr.labels import LABELS
 
-from conftest import BBOX, V2020, needs_shared, real_rows
+from helpers import BBOX, V2020, needs_shared, real_rows
 
 
 @needs_shared
@@ -25,9 +25,11 @@ def test_inspect_real_v2020_counts(capsys):
     assert stats["label_counts"]["Effusion"] == 13_317
     assert stats["label_counts"]["Hernia"] == 227
     assert stats["views"] == {"PA": 67_310, "AP": 44_810}
-    assert stats["boxes"] == 984 and stats["boxed_images"] == 880
+    assert stats["boxes"] == 984
+    assert stats["boxed_images"] == 880
     # The two real images beside the metadata are found on disk; the rest are reported missing.
-    assert stats["images_on_disk"] == 2 and stats["images_missing"] == 112_118
+    assert stats["images_on_disk"] == 2
+    assert stats["images_missing"] == 112_118
 
 
 @needs_shared
@@ -36,11 +38,16 @@ def test_inspect_real_bbox_file(capsys):
     out = capsys.readouterr().out
     assert "984 on 880 images" in out
     boxes = read_bbox_list(BBOX)
-    assert len(boxes) == 984 and boxes["image"].nunique() == 880
+    assert len(boxes) == 984
+    assert boxes["image"].nunique() == 880
     counts = boxes["label"].value_counts().to_dict()
-    assert counts["Infiltration"] == 123 and "Infiltrate" not in counts and len(counts) == 8
-    assert counts["Atelectasis"] == 180 and counts["Nodule"] == 79
-    assert (boxes[["x", "y"]] >= 0).all().all() and (boxes["x"] + boxes["w"] <= 1024 + 1).all()
+    assert counts["Infiltration"] == 123
+    assert "Infiltrate" not in counts
+    assert len(counts) == 8
+    assert counts["Atelectasis"] == 180
+    assert counts["Nodule"] == 79
+    assert (boxes[["x", "y"]] >= 0).all().all()
+    assert (boxes["x"] + boxes["w"] <= 1024 + 1).all()
 
 
 def _variants(tmp_path, n=400):
@@ -66,7 +73,8 @@ def _variants(tmp_path, n=400):
 def test_three_layouts_give_the_same_table(tmp_path):
     tables = [read_data_entry(p) for p in _variants(tmp_path)]
     ref = tables[0]
-    assert ref.shape[0] == 400 and ref["orig_width"].notna().all()
+    assert ref.shape[0] == 400
+    assert ref["orig_width"].notna().all()
     for t in tables[1:]:
         np.testing.assert_array_equal(t[list(LABELS)].to_numpy(), ref[list(LABELS)].to_numpy())
         assert t["image"].tolist() == ref["image"].tolist()
@@ -77,7 +85,9 @@ def test_three_layouts_give_the_same_table(tmp_path):
 
 
 def test_parse_age():
-    assert parse_age("57") == 57 and parse_age("058Y") == 58 and parse_age("006M") == 0.5
+    assert parse_age("57") == 57
+    assert parse_age("058Y") == 58
+    assert parse_age("006M") == 0.5
     assert np.isnan(parse_age(""))
     with pytest.raises(ValueError):
         parse_age("old")
@@ -120,12 +130,15 @@ def test_listed_image_absent_error_or_drop(mini_nih, tmp_path):
     with pytest.raises(DataError, match=rf"1 of 120 listed images are not on disk \(first: {victim.name}\).*--missing drop"):
         load_dataset(root)
     ds = load_dataset(root, missing="drop")
-    assert ds.dropped == 1 and len(ds.table) == 119 and victim.name not in set(ds.table["image"])
+    assert ds.dropped == 1
+    assert len(ds.table) == 119
+    assert victim.name not in set(ds.table["image"])
 
 
 def test_images_found_anywhere_under_root(mini_nih):
     ds = load_dataset(mini_nih)
-    assert len(ds.table) == 120 and (ds.table["path"].str.contains("images_001/images/")).all()
+    assert len(ds.table) == 120
+    assert (ds.table["path"].str.contains("images_001/images/")).all()
 
 
 def test_overlapping_patients_in_official_lists(mini_nih, tmp_path):

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import tomllib
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_base_dependencies_are_edge_only():
@@ -25,4 +25,6 @@ def test_torch_free_modules_do_not_import_torch():
 
 def test_console_script_help():
     proc = subprocess.run([sys.executable, "-m", "fedxr", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "federate" in proc.stdout and "data" in proc.stdout
+    assert proc.returncode == 0
+    assert "federate" in proc.stdout
+    assert "data" in proc.stdout

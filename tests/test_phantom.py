@@ -15,7 +15,7 @@ from fedxr.errors import FedxrError
 from fedxr.imaging import read_gray
 from fedxr.labels import LABELS
 
-from conftest import V2020, needs_shared
+from helpers import V2020, needs_shared
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +29,23 @@ def phantom(tmp_path_factory):
 def test_reader_round_trip(phantom):
     ds = load_dataset(phantom)  # the NIH reader, no special case
     t = ds.table
-    assert t["patient_id"].nunique() == 60 and len(t) >= 60
-    assert set(t["view"]) <= {"AP", "PA"} and set(t["sex"]) <= {"M", "F"}
-    assert (t["path"] != "").all() and t["orig_width"].notna().all() and t["spacing_x"].notna().all()
+    assert t["patient_id"].nunique() == 60
+    assert len(t) >= 60
+    assert set(t["view"]) <= {"AP", "PA"}
+    assert set(t["sex"]) <= {"M", "F"}
+    assert (t["path"] != "").all()
+    assert t["orig_width"].notna().all()
+    assert t["spacing_x"].notna().all()
     assert set(t["official_split"]) == {"train_val", "test"}
     assert set(t["hospital"]) == {"H1", "H2", "H3"}
     assert t["image"].str.match(r"^\d{8}_\d{3}\.png$").all()
     img = read_gray(t["path"].iloc[0])
-    assert img.shape == (64, 64) and img.dtype == np.uint8
+    assert img.shape == (64, 64)
+    assert img.dtype == np.uint8
     header = (phantom / "Data_Entry_2017.csv").read_text().splitlines()[0]
     assert header.endswith("OriginalImagePixelSpacing[x,y],")  # the original NIH file's trailing comma
-    assert ds.boxes is not None and len(ds.boxes) > 0
+    assert ds.boxes is not None
+    assert len(ds.boxes) > 0
     assert json.loads((phantom / "phantom.json").read_text())["settings"]["patients"] == 60
     assert (phantom / "contact_sheet.png").stat().st_size > 10_000
 
@@ -62,8 +68,10 @@ def test_boxes_inside_image_and_over_the_finding(tmp_path):
     generate_phantom(out, patients=120, hospitals=2, size=128, seed=1, progress=False, label_noise=0.0)
     ds = load_dataset(out)
     boxes = ds.boxes
-    assert ((boxes[["x", "y"]] >= 0).all().all() and (boxes["x"] + boxes["w"] <= 1024).all()
-            and (boxes["y"] + boxes["h"] <= 1024).all() and (boxes[["w", "h"]] > 0).all().all())
+    assert (boxes[["x", "y"]] >= 0).all().all()
+    assert (boxes["x"] + boxes["w"] <= 1024).all()
+    assert (boxes["y"] + boxes["h"] <= 1024).all()
+    assert (boxes[["w", "h"]] > 0).all().all()
     # Opacities are brighter inside their box than in the same place on normal images of the set.
     normal = np.stack([read_gray(p) for p in ds.table.loc[ds.table["findings"] == "No Finding", "path"]]).astype(float)
     mean_normal = normal.mean(0)
@@ -74,7 +82,8 @@ def test_boxes_inside_image_and_over_the_finding(tmp_path):
         x0, y0 = int(b["x"] / 8), int(b["y"] / 8)
         x1, y1 = max(x0 + 1, int((b["x"] + b["w"]) / 8)), max(y0 + 1, int((b["y"] + b["h"]) / 8))
         diffs.append(img[y0:y1, x0:x1].mean() - mean_normal[y0:y1, x0:x1].mean())
-    assert len(diffs) >= 5 and np.median(diffs) > 5, diffs
+    assert len(diffs) >= 5, diffs
+    assert np.median(diffs) > 5, diffs
 
 
 def test_prevalence_close_to_target():
@@ -126,7 +135,8 @@ def test_bad_arguments(tmp_path, capsys):
     (full / "keep.txt").write_text("mine")
     with pytest.raises(FedxrError, match="--force"):
         generate_phantom(full, patients=4, hospitals=1, size=32, progress=False)
-    assert (full / "keep.txt").read_text() == "mine" and not (tmp_path / "x").exists()
+    assert (full / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "x").exists()
 
 
 @needs_shared
@@ -142,7 +152,7 @@ def test_prepare_regenerates_a_phantom_made_with_other_settings(tmp_path, capsys
     from fedxr.config import load_recipe
     from fedxr.data.prepare import ensure_dataset
 
-    from conftest import ROOT, tiny_recipe_overrides
+    from helpers import ROOT, tiny_recipe_overrides
 
     quickstart = ROOT / "recipes" / "quickstart.yaml"
     recipe = load_recipe(quickstart, tiny_recipe_overrides(tmp_path, patients=12))

@@ -10,7 +10,7 @@ from fedxr.cli import main
 from fedxr.config import load_recipe
 from fedxr.pipeline import STAGE_NAMES, run_pipeline
 
-from conftest import ROOT, tiny_recipe_overrides
+from helpers import ROOT, tiny_recipe_overrides
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 pytestmark = pytest.mark.slow
@@ -44,17 +44,21 @@ def test_every_stage_ran_and_left_its_artifacts(first_run):
         assert (run / path).is_file(), path
     for name in ("t_tiny_cnn", "t_student_mobilenetv3_small_100"):
         manifest = json.loads((tmp / "export" / name / "manifest.json").read_text())
-        assert manifest["ok"] and (tmp / "export" / name / manifest["recommended"]).is_file()
+        assert manifest["ok"]
+        assert (tmp / "export" / name / manifest["recommended"]).is_file()
     for stage in STAGE_NAMES:
         assert (run / "logs" / f"{stage}.log").is_file()
     # The evaluate stage scores the teacher once and the distillation report reuses that result.
     report = json.loads((run / "distill" / "distill_report.json").read_text())
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
-    assert report["teacher"]["macro_auroc"] == metrics["macro_auroc"] and not (run / "distill" / "eval_teacher").exists()
+    assert report["teacher"]["macro_auroc"] == metrics["macro_auroc"]
+    assert not (run / "distill" / "eval_teacher").exists()
     pg = json.loads((run / "explain" / "pointing_game.json").read_text())
-    assert len(pg["models"]) == 2 and pg["boxes_scored"] > 0
+    assert len(pg["models"]) == 2
+    assert pg["boxes_scored"] > 0
     for m in pg["models"].values():
-        assert 0 <= m["overall"] <= 1 and 0 < m["random_overall"] < 1
+        assert 0 <= m["overall"] <= 1
+        assert 0 < m["random_overall"] < 1
 
 
 def test_report_references_only_files_that_exist(first_run):
@@ -66,7 +70,8 @@ def test_report_references_only_files_that_exist(first_run):
         assert heading in text
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     files = re.findall(r"`([^`\s]+\.(?:ckpt|onnx))`", text)
-    assert len(images) >= 5 and files
+    assert len(images) >= 5
+    assert files
     for ref in images + files:
         assert (run / ref).exists(), f"report.md links {ref}, which does not exist"
 
@@ -90,14 +95,18 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(first_run):
     tmp, ov = first_run
     recipe = load_recipe(QUICKSTART, ov + ["explain.images=2"])
     result = run_pipeline(recipe, QUICKSTART, progress=False)
-    assert result["stages"]["teacher"] == "skipped" and result["stages"]["export"] == "skipped"
-    assert result["stages"]["explain"] == "ran" and result["stages"]["report"] == "ran"
+    assert result["stages"]["teacher"] == "skipped"
+    assert result["stages"]["export"] == "skipped"
+    assert result["stages"]["explain"] == "ran"
+    assert result["stages"]["report"] == "ran"
 
 
 def test_a_failing_stage_is_named_with_its_log(tmp_path, capsys):
     ov = _overrides(tmp_path) + ["data.source=nih", f"data.root={tmp_path / 'no_such_data'}"]
     assert main(["run", str(QUICKSTART), *ov]) != 0
     err = capsys.readouterr().err
-    assert "stage 'data' failed" in err and "logs/data.log" in err and "no NIH label file" in err
+    assert "stage 'data' failed" in err
+    assert "logs/data.log" in err
+    assert "no NIH label file" in err
     with pytest.raises(SystemExit):
         main(["run", str(QUICKSTART), "--from", "nonsense"])

@@ -24,7 +24,8 @@ def _schemes():
 def test_complete_deterministic_order_independent(scheme):
     fn = _schemes()[scheme]
     a = fn(IDS, LABELS, 7)
-    assert a.shape == (N,) and set(np.unique(a)) == {0, 1, 2, 3}
+    assert a.shape == (N,)
+    assert set(np.unique(a)) == {0, 1, 2, 3}
     assert np.bincount(a).min() >= 5
     np.testing.assert_array_equal(a, fn(IDS, LABELS, 7))
     perm = np.random.default_rng(1).permutation(N)
@@ -63,7 +64,8 @@ def test_primary_label_is_rarest_positive():
 
 def test_quantity_skews_sizes():
     sizes = np.bincount(S.partition_quantity(IDS, 4, 3, alpha=0.3, min_size=2), minlength=4)
-    assert sizes.sum() == N and sizes.max() > 2 * sizes.min()
+    assert sizes.sum() == N
+    assert sizes.max() > 2 * sizes.min()
 
 
 def test_minimum_size_impossible():
@@ -78,7 +80,8 @@ def test_column_grouping_and_too_few_values():
     ids = np.arange(len(vals))
     assign, groups = S.partition_column(ids, vals, 2)
     assert sorted(sum(groups, [])) == ["A", "B", "C", "D"]
-    assert groups == [["A", "D"], ["B", "C"]] and np.bincount(assign).tolist() == [70, 50]  # greedy: largest first onto the lightest site
+    assert groups == [["A", "D"], ["B", "C"]]
+    assert np.bincount(assign).tolist() == [70, 50]  # greedy: largest first onto the lightest site
     with pytest.raises(S.PartitionError, match="only 4 distinct value"):
         S.partition_column(ids, vals, 5)
 

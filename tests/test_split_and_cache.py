@@ -30,7 +30,8 @@ def test_split_writes_patient_disjoint_manifests(manifests, mini_nih, capsys):
     assert list(paths) == ["site-1", "site-2"]
     frames = {k: read_manifest(p) for k, p in paths.items()}
     allrows = pd.concat(frames.values())
-    assert len(allrows) == 120 and allrows["image"].is_unique
+    assert len(allrows) == 120
+    assert allrows["image"].is_unique
     site_of = {pid: s for s, f in frames.items() for pid in f["patient_id"]}
     assert sum(len(set(f["patient_id"])) for f in frames.values()) == len(site_of)  # no patient at two sites
     assert (allrows.groupby("patient_id")["split"].nunique() == 1).all()  # no patient in two splits
@@ -38,7 +39,8 @@ def test_split_writes_patient_disjoint_manifests(manifests, mini_nih, capsys):
         assert set(f["split"]) == {"train", "val", "test"}
         assert all(os.path.isabs(p) and os.path.exists(p) for p in f["path"])
     summary = json.loads((manifests / "sites.json").read_text())
-    assert summary["settings"]["scheme"] == "iid" and len(summary["sites"]) == 2
+    assert summary["settings"]["scheme"] == "iid"
+    assert len(summary["sites"]) == 2
 
 
 def test_split_is_deterministic(mini_nih, manifests, tmp_path):
@@ -54,7 +56,8 @@ def test_split_empty_site_fails_cleanly(mini_nih, tmp_path, capsys):
     assert main(["data", "split", str(mini_nih), "--sites", "3", "--scheme", "column", "--column", "view",
                  "--out", str(out)]) == 1
     assert "only 2 distinct value(s)" in capsys.readouterr().err
-    assert not out.exists() and not list(tmp_path.glob(".sites*"))  # nothing half-written
+    assert not out.exists()
+    assert not list(tmp_path.glob(".sites*"))  # nothing half-written
     assert main(["data", "split", str(mini_nih), "--sites", "500", "--out", str(out)]) == 1
     assert "cannot make 500 sites" in capsys.readouterr().err
 
@@ -64,19 +67,23 @@ def test_split_refuses_to_overwrite_foreign_folder(mini_nih, tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     assert main(["data", "split", str(mini_nih), "--sites", "2", "--out", str(out)]) == 1
-    assert "--force" in capsys.readouterr().err and (out / "notes.txt").read_text() == "keep me"
+    assert "--force" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
 
 
 def test_cache_built_once_and_rebuilt_on_change(manifests, tmp_path):
     paths = read_manifest(manifests / "site-1.csv")["path"].tolist()[:10]
     arr = build_cache(paths, 32, tmp_path, progress=False)
-    assert arr.shape == (10, 32, 32) and arr.dtype == np.uint8 and arr.std() > 10
+    assert arr.shape == (10, 32, 32)
+    assert arr.dtype == np.uint8
+    assert arr.std() > 10
     target = cache_path(paths, 32, tmp_path)
     stamp = target.stat().st_mtime_ns
     again = build_cache(paths, 32, tmp_path, progress=False)
     assert target.stat().st_mtime_ns == stamp  # reused, not rebuilt
     np.testing.assert_array_equal(arr, again)
-    assert cache_path(paths, 48, tmp_path) != target and cache_path(paths[:9], 32, tmp_path) != target
+    assert cache_path(paths, 48, tmp_path) != target
+    assert cache_path(paths[:9], 32, tmp_path) != target
 
 
 def test_cache_corrupt_image_names_file_and_leaves_nothing(tmp_path):
@@ -96,7 +103,9 @@ def test_datamodule_batches(manifests, tmp_path):
                         mean=0.5, std=0.25, augment=True, cache_dir=tmp_path, progress=False)
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (4, 1, 32, 32) and x.dtype == torch.float32 and y.shape == (4, 14)
+    assert x.shape == (4, 1, 32, 32)
+    assert x.dtype == torch.float32
+    assert y.shape == (4, 14)
     vx, _ = next(iter(dm.val_dataloader()))
     raw = dm.datasets["val"].images[0].astype(np.float32) / 255
     np.testing.assert_allclose(vx[0, 0].numpy(), (raw - 0.5) / 0.25, atol=1e-5)  # no augmentation at val

@@ -1,0 +1,71 @@
+"""Helpers shared by the tests (paths, data builders, recipe overrides). Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_NIH = (ROOT / ".." / "shared" / "data" / "nih").resolve()
+V2020 = SHARED_NIH / "Data_Entry_2017_v2020.csv.gz"
+BBOX = SHARED_NIH / "BBox_List_2017.csv.gz"
+
+needs_shared = pytest.mark.skipif(
+    not V2020.is_file(), reason=f"real NIH metadata not found at {SHARED_NIH} (the shared/ folder beside the project)"
+)
+
+#: A 40 x 48 horizontal ramp 0..255: every image reader must return it unchanged (up to codec loss).
+GRADIENT = np.tile(np.linspace(0, 255, 48).astype(np.uint8), (40, 1))
+
+
+def real_rows(n: int) -> tuple[str, list[str]]:
+    """The real v2020 header line and its first ``n`` data lines."""
+    with gzip.open(V2020, "rt") as fh:
+        lines = fh.read().splitlines()
+    return lines[0], lines[1 : n + 1]
+
+def write_nih_images(root: Path, names: list[str], size: int = 64) -> None:
+    """Write one PNG per name under root/images_001/images/, each a real NIH image (resized) plus a
+    little name-seeded noise so that no two files are identical."""
+    base = np.asarray(Image.open(SHARED_NIH / "00000001_000.png").convert("L").resize((size, size)), dtype=np.int16)
+    folder = root / "images_001" / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        noise = np.random.default_rng(i).integers(-8, 9, size=base.shape)
+        Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(folder / name)
+
+def tiny_recipe_overrides(tmp: Path, patients: int = 60, extra: tuple[str, ...] = ()) -> list[str]:
+    """Overrides that shrink the quickstart recipe to test size (phantom at 48 px, 32 px training)."""
+    return [
+        f"data.root={tmp / 'phantom'}", f"data.phantom.patients={patients}", "data.phantom.size=48",
+        "data.image_size=32", "data.batch_size=16", "data.num_workers=0", f"data.cache_dir={tmp / 'cache'}",
+        "model.name=tiny_cnn", "model.max_epochs=1", f"output.runs_dir={tmp / 'runs'}", "output.name=t",
+        *extra,
+    ]
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.0, window=None):
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    assert pydicom.dcmread(str(path)).Rows == pixels.shape[0]
