@@ -27,6 +27,7 @@ from common import write_result  # noqa: E402
 
 from fedxr.data.cache import build_cache  # noqa: E402
 from fedxr.data.datamodule import XRayDataset  # noqa: E402
+from fedxr.preprocessing import Preprocessing  # noqa: E402
 from fedxr.imaging import load_for_model  # noqa: E402
 
 SHARED_IMAGE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nih" / "00000001_000.png"
@@ -65,7 +66,7 @@ def main() -> None:
         tmp = Path(tmp)
         paths = sorted(args.images.rglob("*.png"))[:n] if args.images else make_images(tmp, n, src)
         n = len(paths)
-        to_tensor = XRayDataset(np.zeros((1, args.size, args.size), np.uint8), np.zeros((1, 14)), 0.5, 0.25, False)
+        to_tensor = XRayDataset(np.zeros((1, args.size, args.size), np.uint8), np.zeros((1, 14)), Preprocessing(args.size), False)
 
         def from_png(i: int):
             to_tensor.images = load_for_model(paths[i], args.size)[None]
@@ -74,7 +75,7 @@ def main() -> None:
         t = time.perf_counter()
         cache = build_cache(paths, args.size, tmp / "cache", workers=1, progress=False)
         build_s = time.perf_counter() - t
-        ds = XRayDataset(cache, np.zeros((n, 14)), 0.5, 0.25, False)
+        ds = XRayDataset(cache, np.zeros((n, 14)), Preprocessing(args.size), False)
         png_rate = rate(from_png, n)
         cache_rate = max(rate(lambda i: ds[i], n) for _ in range(3))
     speedup = cache_rate / png_rate

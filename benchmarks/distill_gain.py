@@ -20,46 +20,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
-from fedxr.config import load_recipe, recipe_from_dict  # noqa: E402
+from fedxr.config import load_recipe  # noqa: E402
+from fedxr.errors import FedxrError  # noqa: E402
+from fedxr.layout import GLOBAL_LAST, chosen_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def with_seed(recipe, seed: int, name: str):
-    data = recipe.resolved()
-    data["model"]["seed"] = seed
-    data["output"]["name"] = name
-    return recipe_from_dict(data, f"{name} (seed {seed})")
 
 
 def run_seed(recipe, teacher: Path, seed: int) -> dict:
     import shutil
 
-    from fedxr.distill.report import build_report
-    from fedxr.distill.run import distill, student_checkpoint
+    from fedxr.distill.report import compare_students
+    from fedxr.distill.run import distill
 
-    seeded = with_seed(recipe, seed, f"{recipe.output.name}_kdseed{seed}")
-    sites = seeded.run_dir / "sites"
-    if not sites.exists():
-        shutil.copytree(recipe.run_dir / "sites", sites)  # the same site manifests as the teacher's run
-    res = distill(seeded, teacher, progress=False)
-    student, entry = next(iter(res["students"].items()))
-    ckpts = {student: {"kd": student_checkpoint(entry["kd"]), "no_kd": student_checkpoint(entry["no_kd"])}}
-    report = build_report(teacher, ckpts, sites, seeded.run_dir / "distill", cache_dir=seeded.data.cache_dir,
-                          progress=False)
+    seeded = recipe.changed(f"seed {seed}", model={"seed": seed}, output={"name": f"{recipe.output.name}_kdseed{seed}"})
+    if not seeded.layout.sites.exists():
+        shutil.copytree(recipe.layout.sites, seeded.layout.sites)  # the same site manifests as the teacher's run
+    distilled = distill(seeded, teacher, progress=False)
+    report = compare_students(seeded, distilled, progress=False)
+    student = next(iter(distilled.students))
     row = report["students"][student]
     return {"seed": seed, "student": student, "kd": row["macro_auroc"], "no_kd": row["no_kd"]["macro_auroc"],
             "teacher": report["teacher"]["macro_auroc"], "kd_gain": row["kd_gain"],
             "kd_gain_ci95": row["kd_gain_paired"]["ci95"], "vs_teacher": row["auroc_vs_teacher"],
             "mac_ratio": row["mac_ratio"]}
-
-
-def default_teacher(recipe) -> Path:
-    """The run's federated teacher as `fedxr run` picks it: global_best, else global_last (a toy run whose
-    validation splits score no class has no best)."""
-    folder = recipe.run_dir / "federate"
-    best = folder / "global_best.ckpt"
-    return best if best.is_file() else folder / "global_last.ckpt"
 
 
 def mean_sd(values: list[float]) -> dict:
@@ -84,16 +68,18 @@ def main() -> None:
                      "distill.students=[tiny_cnn]", "distill.rounds=1", *overrides]
         args.seeds = 2
     recipe = load_recipe(args.recipe, overrides)
-    if args.smoke and not args.teacher and not (recipe.run_dir / "federate" / "global_last.ckpt").is_file():
+    if args.smoke and not args.teacher and not (recipe.layout.federate / GLOBAL_LAST).is_file():
         from fedxr.data.prepare import ensure_dataset, ensure_sites
         from fedxr.federated.run import federate
 
         ensure_dataset(recipe, progress=False)
         ensure_sites(recipe)
         federate(recipe, "sim")
-    teacher = Path(args.teacher) if args.teacher else default_teacher(recipe)
-    if not teacher.is_file():
-        raise SystemExit(f"no teacher at {teacher}: run `make demo` (or `fedxr run {args.recipe}`) first, or pass --teacher")
+    try:  # the run's federated teacher as `fedxr run` picks it
+        teacher = Path(args.teacher) if args.teacher else chosen_checkpoint(recipe.layout.federate)
+    except FedxrError:
+        raise SystemExit(f"no teacher in {recipe.layout.federate}: run `make demo` (or `fedxr run {args.recipe}`) "
+                         "first, or pass --teacher") from None
     rows = []
     for seed in range(args.seeds):
         print(f"--- seed {seed}", flush=True)

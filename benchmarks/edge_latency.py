@@ -32,8 +32,6 @@ from fedxr.config import load_recipe  # noqa: E402
 from fedxr.data.manifest import site_manifest_paths  # noqa: E402
 from fedxr.data.prepare import ensure_dataset, ensure_sites  # noqa: E402
 from fedxr.export.exporter import export_checkpoint, validation_images  # noqa: E402
-from fedxr.imaging import model_input  # noqa: E402
-from fedxr.labels import LABELS  # noqa: E402
 from fedxr.models.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from fedxr.models.metrics import multilabel_scores  # noqa: E402
 from fedxr.training import make_classifier, make_datamodule, make_trainer  # noqa: E402
@@ -96,15 +94,16 @@ def main() -> None:
         manifests = list(site_manifest_paths(sites).values())
         for role, name in models.items():
             L.seed_everything(0, verbose=False)
-            dm = make_datamodule(recipe, manifests, model_name=name, progress=False)
-            module = make_classifier(recipe, dm, model_name=name)
-            make_trainer(recipe, tmp / name, progress=False, logger=False, enable_model_summary=False).fit(module, datamodule=dm)
+            r = recipe.changed(role, model={"name": name})
+            dm = make_datamodule(r, manifests, progress=False)
+            module = make_classifier(r, dm)
+            make_trainer(r, tmp / name, progress=False, logger=False, enable_model_summary=False).fit(module, datamodule=dm)
             ckpt_path = module.save_fedxr_checkpoint(tmp / f"{role}.ckpt")
             out = tmp / f"export_{role}"
             export_checkpoint(ckpt_path, out, int8="on", data=sites, calibration_images=100)
             model, ckpt = model_from_checkpoint(load_checkpoint(ckpt_path))
-            images, y = validation_images(ckpt, sites, size, 200)
-            x = model_input(images, ckpt["mean"], ckpt["std"])
+            images, y = validation_images(ckpt, sites, 200)
+            x = ckpt["preprocessing"].batch(images)
             torch_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
             with torch.no_grad():
                 eager_logits = np.concatenate([model(torch.from_numpy(x[i:i + 16])).numpy() for i in range(0, len(x), 16)])

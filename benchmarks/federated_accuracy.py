@@ -28,9 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result  # noqa: E402
 
-from fedxr.config import load_recipe, recipe_from_dict  # noqa: E402
+from fedxr.config import load_recipe  # noqa: E402
 from fedxr.data.manifest import site_manifest_paths  # noqa: E402
 from fedxr.data.prepare import ensure_dataset, ensure_sites  # noqa: E402
+from fedxr.plots import saved_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "compare_fedavg_fedprox_scaffold.yaml"
@@ -49,16 +50,10 @@ def split_overrides(split: str) -> list[str]:
     raise SystemExit(f"unknown split {split!r}; use iid, natural or dirichletALPHA (e.g. dirichlet0.5)")
 
 
-def changed(recipe, section: str, **values):
-    data = recipe.resolved()
-    data[section].update(values)
-    return recipe_from_dict(data, f"{recipe.output.name} ({section} changed)")
-
-
 def pooled_test_auroc(ckpt: str | Path, recipe) -> float | None:
     from fedxr.evaluation import evaluate_checkpoint
 
-    res = evaluate_checkpoint(ckpt, recipe.run_dir / "sites", split="test", out=Path(ckpt).parent / "eval_pooled_test",
+    res = evaluate_checkpoint(ckpt, recipe.layout.sites, split="test", out=Path(ckpt).parent / "eval_pooled_test",
                               cache_dir=recipe.data.cache_dir, progress=False)
     return res["macro_auroc"]
 
@@ -68,17 +63,15 @@ def fedbn_site_models(recipe) -> list[Path]:
     import torch
 
     from fedxr.models.checkpoint import save_checkpoint
-    from fedxr.models.registry import get_spec
 
-    records = recipe.run_dir / "federate" / "records"
+    records = recipe.layout.federate / "records"
     last = recipe.federated.rounds - 1
-    spec = get_spec(recipe.model.name)
     paths = []
-    for site in site_manifest_paths(recipe.run_dir / "sites"):
+    for site in site_manifest_paths(recipe.layout.sites):
         blob = torch.load(records / f"{site}_round{last}.pt", weights_only=True)["state_dict"]
         net = {k.removeprefix("model."): v for k, v in blob.items() if k.startswith("model.")}
-        paths.append(save_checkpoint(recipe.run_dir / "fedbn_sites" / f"{site}.ckpt", model_name=recipe.model.name,
-                                     state_dict=net, image_size=recipe.data.image_size, mean=spec.mean, std=spec.std,
+        paths.append(save_checkpoint(recipe.layout.root / "fedbn_sites" / f"{site}.ckpt", model_name=recipe.model.name,
+                                     state_dict=net, preprocessing=recipe.preprocessing,
                                      thresholds=blob["thresholds"], source="federate:fedbn"))
     return paths
 
@@ -90,22 +83,22 @@ def run_method(method: str, recipe) -> dict:
     t0 = time.perf_counter()
     fed = recipe.federated
     epochs = fed.rounds * fed.local_epochs
+    baseline = recipe.changed("baseline epochs", model={"max_epochs": epochs})  # the federation's local work
     if method == "central":
-        s = train(changed(recipe, "model", max_epochs=epochs), recipe.run_dir / "sites", mode="central", progress=False)
+        s = train(baseline, recipe.layout.sites, mode="central", progress=False)
         scores = [pooled_test_auroc(s["best"], recipe)]
     elif method == "local":
-        local = changed(recipe, "model", max_epochs=epochs)
-        scores = [pooled_test_auroc(train(local, recipe.run_dir / "sites", mode="local", site=site, progress=False)["best"], recipe)
-                  for site in site_manifest_paths(recipe.run_dir / "sites")]
+        scores = [pooled_test_auroc(train(baseline, recipe.layout.sites, mode="local", site=site, progress=False)["best"],
+                                    recipe) for site in site_manifest_paths(recipe.layout.sites)]
     else:
         algorithm = "fedavg" if method == "fedbn" else method
-        r = changed(recipe, "federated", algorithm=algorithm, fedbn=method == "fedbn", cross_site_eval=False)
+        r = recipe.changed(method, federated={"algorithm": algorithm, "fedbn": method == "fedbn",
+                                           "cross_site_eval": False})
         summary = federate(r, "sim", extra_args="--save-updates" if method == "fedbn" else "")
         if method == "fedbn":
             scores = [pooled_test_auroc(p, r) for p in fedbn_site_models(r)]
         else:
-            ckpts = summary["checkpoints"]
-            scores = [pooled_test_auroc(ckpts.get("global_best") or ckpts["global_last"], r)]
+            scores = [pooled_test_auroc(summary["checkpoint"], r)]
     valid = [s for s in scores if s is not None]
     return {"method": method, "macro_auroc": sum(valid) / len(valid) if valid else None,
             "per_model": scores, "wall_s": round(time.perf_counter() - t0, 1)}
@@ -149,28 +142,21 @@ def cell(entry: dict) -> str:
 
 
 def plot(table: dict, methods: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     splits = list(table)
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(2 + 2.2 * len(splits), 4.5))
-    for i, m in enumerate(methods):
-        vals = [table[s].get(m, {}).get("macro_auroc") or np.nan for s in splits]
-        err = [table[s].get(m, {}).get("sd") or 0.0 for s in splits]
-        ax.bar(np.arange(len(splits)) + i * width - 0.4 + width / 2, vals, width, yerr=err, capsize=2, label=m)
-    ax.set_xticks(range(len(splits)), splits)
-    ax.set_ylim(0.45, None)
-    ax.axhline(0.5, c="grey", lw=0.7, ls=":")
-    ax.set_ylabel("pooled test macro AUROC")
-    ax.set_title("federated accuracy on phantom data (same total compute; mean ± sd over seeds)")
-    ax.legend(fontsize=8, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with saved_figure(path, dpi=100, figsize=(2 + 2.2 * len(splits), 4.5)) as (fig, ax):
+        for i, m in enumerate(methods):
+            vals = [table[s].get(m, {}).get("macro_auroc") or np.nan for s in splits]
+            err = [table[s].get(m, {}).get("sd") or 0.0 for s in splits]
+            ax.bar(np.arange(len(splits)) + i * width - 0.4 + width / 2, vals, width, yerr=err, capsize=2, label=m)
+        ax.set_xticks(range(len(splits)), splits)
+        ax.set_ylim(0.45, None)
+        ax.axhline(0.5, c="grey", lw=0.7, ls=":")
+        ax.set_ylabel("pooled test macro AUROC")
+        ax.set_title("federated accuracy on phantom data (same total compute; mean ± sd over seeds)")
+        ax.legend(fontsize=8, ncol=3)
 
 
 def main() -> None:
@@ -206,7 +192,7 @@ def main() -> None:
             runs = []
             for seed in range(args.seeds):
                 print(f"--- {split}: {m}, seed {seed}", flush=True)
-                runs.append(run_method(m, changed(recipe, "model", seed=seed)))
+                runs.append(run_method(m, recipe.changed(f"seed {seed}", model={"seed": seed})))
                 print(f"    macro AUROC {runs[-1]['macro_auroc']}  ({runs[-1]['wall_s']} s)", flush=True)
             table[split][m] = summarise_seeds(runs)
             # Written after every cell: a run stopped part-way keeps what it measured ("complete": false).

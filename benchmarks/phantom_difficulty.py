@@ -36,6 +36,7 @@ from fedxr.evaluation import predict  # noqa: E402
 from fedxr.labels import LABELS  # noqa: E402
 from fedxr.models.metrics import multilabel_scores  # noqa: E402
 from fedxr.training import make_classifier, make_datamodule, make_trainer  # noqa: E402
+from fedxr.plots import saved_figure  # noqa: E402
 
 MIN_POSITIVES = 15
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
@@ -80,35 +81,27 @@ def previous_curve(args) -> list[dict]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
-    curve = result["learning_curve"]
-    a.plot([c["patients"] for c in curve], [c["macro_auroc"] for c in curve], "o-")
-    a.axhline(0.5, c="grey", ls="--", lw=0.8)
-    hosp = result["hospital"]
-    a.scatter([hosp["patients_one_hospital"]], [hosp["one_hospital"]["macro_auroc"]], c="red", zorder=3,
-              label=f"one hospital alone ({hosp['patients_one_hospital']} of {hosp['patients_pooled']} patients)")
-    a.scatter([hosp["patients_pooled"]], [hosp["pooled_macro_auroc"]], marker="*", s=160, c="green", zorder=3,
-              label=f"all hospitals ({hosp['patients_pooled']} patients)")
-    a.set_xscale("log")
-    a.set_xlabel("training patients")
-    a.set_ylabel("macro AUROC (fixed test set)")
-    a.set_title("phantom learning curve (tiny_cnn, 128 px)")
-    a.legend()
-    last = curve[-1]["auroc"]
-    names = [n for n in LABELS if last[n] is not None]
-    b.bar(range(len(names)), [last[n] for n in names])
-    b.axhline(0.5, c="grey", ls="--", lw=0.8)
-    b.set_xticks(range(len(names)), [n[:9] for n in names], rotation=60)
-    b.set_ylim(0.3, 1)
-    b.set_title(f"per-class AUROC at {curve[-1]['patients']} patients")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    with saved_figure(path, dpi=90, ncols=2, figsize=(13, 4.5)) as (fig, (a, b)):
+        curve = result["learning_curve"]
+        a.plot([c["patients"] for c in curve], [c["macro_auroc"] for c in curve], "o-")
+        a.axhline(0.5, c="grey", ls="--", lw=0.8)
+        hosp = result["hospital"]
+        a.scatter([hosp["patients_one_hospital"]], [hosp["one_hospital"]["macro_auroc"]], c="red", zorder=3,
+                  label=f"one hospital alone ({hosp['patients_one_hospital']} of {hosp['patients_pooled']} patients)")
+        a.scatter([hosp["patients_pooled"]], [hosp["pooled_macro_auroc"]], marker="*", s=160, c="green", zorder=3,
+                  label=f"all hospitals ({hosp['patients_pooled']} patients)")
+        a.set_xscale("log")
+        a.set_xlabel("training patients")
+        a.set_ylabel("macro AUROC (fixed test set)")
+        a.set_title("phantom learning curve (tiny_cnn, 128 px)")
+        a.legend()
+        last = curve[-1]["auroc"]
+        names = [n for n in LABELS if last[n] is not None]
+        b.bar(range(len(names)), [last[n] for n in names])
+        b.axhline(0.5, c="grey", ls="--", lw=0.8)
+        b.set_xticks(range(len(names)), [n[:9] for n in names], rotation=60)
+        b.set_ylim(0.3, 1)
+        b.set_title(f"per-class AUROC at {curve[-1]['patients']} patients")
 
 
 def main() -> None:

@@ -67,18 +67,16 @@ class PngImages:
 
 
 def measure(recipe, manifests, model: str, batch: int, steps: int, warmup: int, from_png: bool = False) -> dict:
-    recipe = recipe.model_copy(deep=True)
-    recipe.data.batch_size = batch
-    recipe.model.name = model
-    dm = make_datamodule(recipe, manifests, model_name=model, progress=False)
-    module = make_classifier(recipe, dm, model_name=model)
+    recipe = recipe.changed(f"{model} batch {batch}", data={"batch_size": batch}, model={"name": model})
+    dm = make_datamodule(recipe, manifests, progress=False)
+    module = make_classifier(recipe, dm)
     if from_png:
         from fedxr.data.datamodule import XRayDataset
 
         train = dm.rows[dm.rows["split"] == "train"]
         cached = dm.datasets["train"]
-        dm.datasets["train"] = XRayDataset(PngImages(train["path"].tolist(), recipe.data.image_size), cached.labels,
-                                           cached.mean, cached.std, augment=True)
+        dm.datasets["train"] = XRayDataset(PngImages(train["path"].tolist(), dm.preprocessing.size), cached.labels,
+                                           dm.preprocessing, augment=True)
     timer = StepTimer(warmup)
     trainer = make_trainer(recipe, Path(tempfile.mkdtemp()), callbacks=[timer], max_epochs=-1, max_steps=warmup + steps,
                            progress=False, logger=False, enable_model_summary=False, limit_val_batches=0,

@@ -1,7 +1,8 @@
 """The `fedxr` console script: thin subcommands that parse arguments and call one function each.
 
-Heavy imports (pandas, torch, NVFlare) happen inside the command functions so that `fedxr --help` is
-instant and each command loads only what it needs.
+Heavy imports (pydantic, pandas, torch, NVFlare) happen inside the command functions so that `fedxr --help`
+and `fedxr --version` are instant and work in an edge-only install (`pip install fedxr`); each command
+loads only what it needs. Errors and exit codes follow :func:`fedxr.errors.run_command`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import sys
 from pathlib import Path
 
 from fedxr import __version__
-from fedxr.errors import FedxrError
+from fedxr.errors import FedxrError, run_command
+from fedxr.export.cli import DESCRIPTION as EXPORT_DESCRIPTION
+from fedxr.export.cli import add_arguments as add_export_arguments
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -97,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise FedxrError("--mode local needs --site NAME (e.g. --site site-1)")
     summary = train(recipe, require_sites(recipe, args.recipe), mode=args.mode, site=args.site)
     print(f"best val_auroc {summary['best_val_auroc']:.4f}; checkpoints in {summary['folder']}/ (best.ckpt, last.ckpt)")
-    print(f"next: fedxr evaluate {summary['best']} --data {recipe.run_dir / 'sites'} --split test")
+    print(f"next: fedxr evaluate {summary['best']} --data {recipe.layout.sites} --split test")
     return 0
 
 
@@ -123,23 +126,18 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from fedxr.config import load_recipe
-    from fedxr.distill.report import build_report, format_report
-    from fedxr.distill.run import distill, student_checkpoint
+    from fedxr.distill.run import distill
 
     recipe = load_recipe(args.recipe, args.overrides)
     env = args.env or recipe.federated.env
-    results = distill(recipe, args.teacher, mode=args.mode, env=env, site=args.site, recipe_path=args.recipe,
-                      startup_kit=args.startup_kit)
-    for name, entry in results["students"].items():
-        print(f"student {name}: {student_checkpoint(entry['kd'])}")
+    distilled = distill(recipe, args.teacher, mode=args.mode, env=env, site=args.site, recipe_path=args.recipe,
+                        startup_kit=args.startup_kit)
     if env == "prod" and (args.mode or recipe.distill.mode) == "federated":
         print("production run: score the students on a site with `fedxr evaluate CKPT --data SITE_MANIFESTS`")
         return 0
-    students = {name: {"kd": student_checkpoint(e["kd"]), "no_kd": student_checkpoint(e["no_kd"]) if "no_kd" in e else None}
-                for name, e in results["students"].items()}
-    report = build_report(results["teacher"], students, recipe.run_dir / "sites", recipe.run_dir / "distill",
-                          cache_dir=recipe.data.cache_dir)
-    print(format_report(report))
+    from fedxr.distill.report import compare_students
+
+    compare_students(recipe, distilled)  # what `fedxr run` shows in its evaluate stage
     return 0
 
 
@@ -256,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: explain/ beside the first checkpoint)")
     p.set_defaults(func=cmd_explain)
 
+    add_export_arguments(sub.add_parser("export", help="a checkpoint → verified ONNX files and manifest.json "
+                                        "(also: python -m fedxr.export)", description=EXPORT_DESCRIPTION))
+
     p = sub.add_parser("evaluate", help="score a checkpoint: per-class AUROC/AP, sensitivity/specificity")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="site manifest folder or one site-N.csv")
@@ -277,14 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    try:
-        return int(args.func(args) or 0)
-    except FedxrError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

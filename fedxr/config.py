@@ -9,13 +9,18 @@ and the fix. Site facts (where a hospital's images live) are not recipe keys: th
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedxr.errors import FedxrError
+from fedxr.layout import RunLayout
+
+if TYPE_CHECKING:
+    from fedxr.preprocessing import Preprocessing
 
 
 _PROBLEM_SEP = "\n"
@@ -99,13 +104,28 @@ class FederatedConfig(_Section):
     timeout_s: int = Field(3600, ge=10, description="how long the server waits for a site before giving up on it")
 
 
+#: Keys recipes once had, with what to do instead: accepted with a FutureWarning and otherwise ignored, so
+#: recipes (and the resolved recipes saved beside every run) written by earlier versions keep loading.
+DEPRECATED_KEYS = {
+    ("distill", "feature_weight"): "fedxr distils the teacher's outputs only and never used it; remove the key",
+}
+
+
+def _drop_deprecated(data: dict[str, Any], source: str) -> dict[str, Any]:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for (section, key), fix in DEPRECATED_KEYS.items():
+        if isinstance(data.get(section), dict) and key in data[section]:
+            del data[section][key]
+            warnings.warn(f"{source}: {section}.{key} is deprecated and ignored: {fix}", FutureWarning, stacklevel=3)
+    return data
+
+
 class DistillConfig(_Section):
     students: list[str] = Field(default_factory=lambda: ["mobilenetv3_small_100"],
                                 description="small models to distil the teacher into; [] skips distillation")
     mode: Literal["federated", "central"] = "federated"
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term")
     temperature: float = Field(2.0, gt=0)
-    feature_weight: float = Field(0.0, ge=0)
     mixup: float = Field(0.0, ge=0, description="mixup for the students (with and without the teacher alike): "
                                                 "the teacher labels the mixed images; 0 = off")
     rounds: int = Field(3, ge=1)
@@ -169,8 +189,22 @@ class Recipe(_Section):
         return self
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.output.runs_dir) / self.output.name
+    def layout(self) -> RunLayout:
+        """The paths of this recipe's run (``output.runs_dir / output.name``) and of its exports."""
+        return RunLayout.of(self)
+
+    @property
+    def preprocessing(self) -> "Preprocessing":
+        """The model's input, resolved once: ``data.image_size`` pixels with the registry normalisation of
+        ``model.name``. It is stored with the model from here on and read back by every later stage."""
+        from fedxr.models.registry import get_spec
+
+        return get_spec(self.model.name).preprocessing(self.data.image_size)
+
+    def changed(self, label: str, **sections: dict[str, Any]) -> "Recipe":
+        """A validated copy with some values replaced: ``recipe.changed("seed 1", model={"seed": 1})``.
+        ``label`` names the copy in error messages."""
+        return recipe_from_dict(_deep_merge(self.resolved(), sections), f"{self.output.name} ({label})")
 
     def resolved(self) -> dict[str, Any]:
         """The full config with every default filled in, as plain data (saved with every artifact)."""
@@ -235,11 +269,36 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _without(data: dict[str, Any], locations: list[tuple]) -> dict[str, Any]:
+    """``data`` with the keys at ``locations`` removed (their defaults apply); a list item removes its list."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for loc in locations:
+        keys = [k for k in loc if isinstance(k, str)]
+        node = data
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and keys:
+            node.pop(keys[-1], None)
+    return data
+
+
 def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
+    """Validate a recipe. Every problem is reported at once: when fields fail, the cross-section and
+    registry checks still run, on the recipe with those fields at their defaults."""
+    data = _drop_deprecated(data, source)
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(source, _format_errors(err)) from None
+        problems = _format_errors(err)
+        failed = [tuple(e["loc"]) for e in err.errors() if e["loc"]]
+        if failed:
+            try:
+                Recipe.model_validate(_without(data, failed))
+            except ValidationError as again:
+                problems += [p for p in _format_errors(again) if p not in problems]
+        raise RecipeError(source, problems) from None
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
@@ -250,7 +309,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         source = str(path)
         if not path.is_file():
-            raise RecipeError(source, [f"file not found; recipes live under recipes/ (e.g. recipes/quickstart.yaml)"])
+            raise RecipeError(source, ["file not found; recipes live under recipes/ (e.g. recipes/quickstart.yaml)"])
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:

@@ -17,6 +17,7 @@ from fedxr.labels import LABELS
 from fedxr.models.checkpoint import model_from_checkpoint
 from fedxr.models.metrics import (MIN_TEST_POSITIVES, bootstrap_macro_auroc, interval, multilabel_scores,
                                   sensitivity_specificity)
+from fedxr.plots import saved_figure
 
 #: Bootstrap resamples of the images for the 95 % interval of a macro AUROC (seeded: same interval every run).
 BOOTSTRAP_RESAMPLES = 1000
@@ -44,34 +45,27 @@ def manifests_of(data: str | Path) -> list[Path]:
 
 
 def plot_roc(probs: torch.Tensor, targets: torch.Tensor, scores: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from torchmetrics.functional.classification import binary_roc
 
-    fig, axes = plt.subplots(4, 4, figsize=(12, 12))
-    for c, (ax, name) in enumerate(zip(axes.flat, LABELS)):
-        auc = scores["auroc"][name]
-        if auc is not None:
-            fpr, tpr, _ = binary_roc(probs[:, c], targets[:, c].int())
-            ax.plot(fpr.numpy(), tpr.numpy(), lw=1.5)
-        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-        if auc is None:
-            title = f"{name}\n(no positives)"
-        elif name in scores["counted"]:
-            title = f"{name}\nAUROC {auc:.3f}"
-        else:
-            title = f"{name}\n{scores['positives'][name]} positives: too few"
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([0, 0.5, 1])
-        ax.set_yticks([0, 0.5, 1])
-    for ax in list(axes.flat)[len(LABELS):]:
-        ax.axis("off")
-    fig.suptitle(f"{title} — macro AUROC {scores['macro_auroc']:.3f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    with saved_figure(path, dpi=90, nrows=4, ncols=4, figsize=(12, 12)) as (fig, axes):
+        for c, (ax, name) in enumerate(zip(axes.flat, LABELS)):
+            auc = scores["auroc"][name]
+            if auc is not None:
+                fpr, tpr, _ = binary_roc(probs[:, c], targets[:, c].int())
+                ax.plot(fpr.numpy(), tpr.numpy(), lw=1.5)
+            ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+            if auc is None:
+                heading = f"{name}\n(no positives)"
+            elif name in scores["counted"]:
+                heading = f"{name}\nAUROC {auc:.3f}"
+            else:
+                heading = f"{name}\n{scores['positives'][name]} positives: too few"
+            ax.set_title(heading, fontsize=9)
+            ax.set_xticks([0, 0.5, 1])
+            ax.set_yticks([0, 0.5, 1])
+        for ax in list(axes.flat)[len(LABELS):]:
+            ax.axis("off")
+        fig.suptitle(f"{title} — macro AUROC {scores['macro_auroc']:.3f}")
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
@@ -79,9 +73,8 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | Path, split: str = "t
                         progress: bool = True) -> dict:
     """Per-class AUROC/AP, macro AUROC and sensitivity/specificity at the checkpoint's thresholds."""
     model, ckpt = model_from_checkpoint(ckpt_path)
-    dm = SiteDataModule(manifests_of(data), image_size=ckpt["image_size"], batch_size=batch_size,
-                        num_workers=num_workers, mean=ckpt["mean"], std=ckpt["std"], augment=False,
-                        cache_dir=cache_dir, progress=progress)
+    dm = SiteDataModule(manifests_of(data), ckpt["preprocessing"], batch_size=batch_size, num_workers=num_workers,
+                        augment=False, cache_dir=cache_dir, progress=progress)
     loader = {"train": dm.train_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}.get(split)
     if loader is None:
         raise FedxrError(f"unknown --split {split!r}; use train, val or test")
@@ -90,7 +83,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | Path, split: str = "t
     thresholds = torch.tensor(ckpt["thresholds"])
     samples = bootstrap_macro_auroc([probs.numpy()], targets.numpy(), scores["counted"], BOOTSTRAP_RESAMPLES)[0]
     result = {
-        "checkpoint": str(ckpt_path), "model_name": ckpt["model_name"], "image_size": int(ckpt["image_size"]),
+        "checkpoint": str(ckpt_path), "model_name": ckpt["model_name"], "image_size": ckpt["preprocessing"].size,
         "split": split, "data": str(data),
         "images": scores["n"], "macro_auroc": scores["macro_auroc"], "macro_auroc_ci95": interval(samples),
         "macro_auroc_all": scores["macro_auroc_all"], "macro_ap": scores["macro_ap"],

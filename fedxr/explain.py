@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from fedxr.errors import FedxrError
-from fedxr.imaging import load_for_model, model_input
 from fedxr.labels import LABELS
 from fedxr.models.checkpoint import model_from_checkpoint
+from fedxr.plots import saved_figure
 
 #: NIH box coordinates are pixels of the released 1024 × 1024 PNGs (the phantom writes the same frame).
 NIH_BOX_SPACE = 1024
@@ -57,15 +57,15 @@ def boxed_test_images(data: Path, boxes_csv: Path | None = None, split: str = "t
     """Rows of the split's images that have at least one box: {image, path, boxes: [(label, x, y, w, h)]}."""
     import pandas as pd
 
-    from fedxr.data.manifest import read_manifest
+    from fedxr.data.manifest import SUMMARY_FILE, read_manifest, read_summary
     from fedxr.data.nih import BBOX_FILES, read_bbox_list
     from fedxr.evaluation import manifests_of
 
     rows = pd.concat([read_manifest(m) for m in manifests_of(data)], ignore_index=True)
     rows = rows[rows["split"] == split]
     if boxes_csv is None:
-        settings = Path(data) / "sites.json" if Path(data).is_dir() else Path(data).parent / "sites.json"
-        root = Path(json.loads(settings.read_text())["settings"]["root"]) if settings.is_file() else None
+        folder = Path(data) if Path(data).is_dir() else Path(data).parent
+        root = Path(read_summary(folder)["settings"]["root"]) if (folder / SUMMARY_FILE).is_file() else None
         boxes_csv = next((root / n for n in BBOX_FILES if root and (root / n).is_file()), None)
     if boxes_csv is None or not Path(boxes_csv).is_file():
         raise FedxrError(f"no ground-truth boxes for {data}: pass --boxes BBox_List_2017.csv (NIH ships one; "
@@ -95,11 +95,12 @@ def heatmaps(model: nn.Module, ckpt: dict, items: list[dict]) -> list[np.ndarray
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    layer = cam_layer(model, int(ckpt["image_size"]))
+    prep = ckpt["preprocessing"]
+    layer = cam_layer(model, prep.size)
     maps = []
     with GradCAM(model=model, target_layers=[layer]) as cam:
         for item in items:
-            x = torch.from_numpy(model_input([item["gray"]], ckpt["mean"], ckpt["std"]))
+            x = torch.from_numpy(prep.batch([item["gray"]]))
             maps.append(cam(input_tensor=x, targets=[ClassifierOutputTarget(LABELS.index(item["label"]))])[0])
     return maps
 
@@ -134,10 +135,11 @@ def explain(checkpoints: list[str | Path], data: str | Path, out: str | Path, n:
     results, all_maps, decoded = {}, {}, {}
     for path in checkpoints:
         model, ckpt = model_from_checkpoint(path)
-        size = int(ckpt["image_size"])
+        prep = ckpt["preprocessing"]
+        size = prep.size
         for p in pairs:  # each file decoded once per input size, for the maps and the grid alike
             if (p["path"], size) not in decoded:
-                decoded[p["path"], size] = load_for_model(p["path"], size)
+                decoded[p["path"], size] = prep.load(p["path"])
         items = [dict(p, box_px=_box_in_pixels(p["box"], size), gray=decoded[p["path"], size]) for p in pairs]
         maps = heatmaps(model, ckpt, items)
         key = f"{ckpt['model_name']} ({Path(path).parent.name}/{Path(path).stem})"
@@ -157,35 +159,29 @@ def explain(checkpoints: list[str | Path], data: str | Path, out: str | Path, n:
 
 
 def plot_grid(all_maps: dict, shown: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     models = list(all_maps)
-    fig, axes = plt.subplots(len(shown), len(models) + 1, figsize=(2.6 * (len(models) + 1), 2.6 * len(shown)),
-                             squeeze=False)
-    for r, idx in enumerate(shown):
-        for c, key in enumerate([None] + models):
-            ax = axes[r, c]
-            items, maps, size = all_maps[key or models[0]]
-            item = items[idx]
-            ax.imshow(item["gray"], cmap="gray")
-            if key is not None:
-                ax.imshow(maps[idx], cmap="jet", alpha=0.4, vmin=0, vmax=1)
-                if maps[idx].max() > 0:  # an all-zero map has no peak (and scores a miss)
-                    py, px = np.unravel_index(int(np.argmax(maps[idx])), maps[idx].shape)
-                    ax.plot(px, py, "w+", ms=10, mew=2)
-            x0, y0, x1, y1 = item["box_px"]
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.5))
-            title = f"{item['image']}\n{item['label']}" if key is None else key.replace(" (", "\n(")
-            ax.set_title(title, fontsize=7)
-            ax.axis("off")
-    fig.suptitle("Grad-CAM for the boxed finding (green: ground-truth box, +: heatmap peak)", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / len(shown)))
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    with saved_figure(path, dpi=80, layout_rect=(0, 0, 1, 1 - 0.25 / len(shown)), nrows=len(shown),
+                      ncols=len(models) + 1, figsize=(2.6 * (len(models) + 1), 2.6 * len(shown)),
+                      squeeze=False) as (fig, axes):
+        for r, idx in enumerate(shown):
+            for c, key in enumerate([None] + models):
+                ax = axes[r, c]
+                items, maps, size = all_maps[key or models[0]]
+                item = items[idx]
+                ax.imshow(item["gray"], cmap="gray")
+                if key is not None:
+                    ax.imshow(maps[idx], cmap="jet", alpha=0.4, vmin=0, vmax=1)
+                    if maps[idx].max() > 0:  # an all-zero map has no peak (and scores a miss)
+                        py, px = np.unravel_index(int(np.argmax(maps[idx])), maps[idx].shape)
+                        ax.plot(px, py, "w+", ms=10, mew=2)
+                x0, y0, x1, y1 = item["box_px"]
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.5))
+                title = f"{item['image']}\n{item['label']}" if key is None else key.replace(" (", "\n(")
+                ax.set_title(title, fontsize=7)
+                ax.axis("off")
+        fig.suptitle("Grad-CAM for the boxed finding (green: ground-truth box, +: heatmap peak)", fontsize=9)
 
 
 def format_explain(report: dict) -> str:

@@ -120,12 +120,6 @@ def load_for_model(path: str | Path, size: int) -> np.ndarray:
     return resize_square(read_gray(path), size)
 
 
-#: The preprocessing recipe, stored in every exported model so that a reader of the .onnx file alone
-#: can reproduce it.
-PREPROCESSING = ("decode to 8-bit gray (fedxr.imaging.read_gray rules) -> resize to SxS, bilinear, antialiased, "
-                 "aspect not kept -> x/255 -> (x - mean)/std -> NCHW float32 with C=1")
-
-
 def to_unit(gray: np.ndarray) -> np.ndarray:
     """uint8 (..., H, W) → float32 in [0, 1]."""
     return np.asarray(gray, dtype=np.float32) / np.float32(255.0)

@@ -13,7 +13,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fedxr.config import Recipe
+from fedxr.data.manifest import read_summary
 from fedxr.labels import LABELS
+from fedxr.layout import RunLayout
+from fedxr.plots import saved_figure
+from fedxr.results import RunResults
 
 
 def _f(v, spec=".3f") -> str:
@@ -33,30 +37,24 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def plot_prevalence(sites: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     grid = np.array([[s["prevalence"].get(c, 0.0) for c in LABELS] for s in sites])
-    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.45 * len(sites)))
-    im = ax.imshow(grid, cmap="magma", aspect="auto", vmin=0)
-    ax.set_xticks(range(len(LABELS)), LABELS, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(sites)), [f"{s['site']} ({s['images']} img)" for s in sites], fontsize=8)
-    for i in range(len(sites)):
-        for j in range(len(LABELS)):
-            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if grid[i, j] < grid.max() / 2 else "black")
-    ax.set_title("label prevalence per site")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    with saved_figure(path, dpi=90, figsize=(11, 1.2 + 0.45 * len(sites))) as (fig, ax):
+        im = ax.imshow(grid, cmap="magma", aspect="auto", vmin=0)
+        ax.set_xticks(range(len(LABELS)), LABELS, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(sites)), [f"{s['site']} ({s['images']} img)" for s in sites], fontsize=8)
+        for i in range(len(sites)):
+            for j in range(len(LABELS)):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if grid[i, j] < grid.max() / 2 else "black")
+        ax.set_title("label prevalence per site")
+        fig.colorbar(im, ax=ax)
 
 
-def _data_section(run: Path, out: list[str]) -> None:
-    info = json.loads((run / "sites" / "sites.json").read_text())
+def _data_section(layout: RunLayout, out: list[str]) -> None:
+    run = layout.root
+    info = read_summary(layout.sites)
     sites = info["sites"]
     out += ["## Data per site", "",
             f"Data set `{info['settings']['root']}`, split `{info['settings']['scheme']}` into {len(sites)} sites "
@@ -68,8 +66,8 @@ def _data_section(run: Path, out: list[str]) -> None:
     out += ["", "![prevalence](report_prevalence.png)", ""]
 
 
-def _rounds_section(run: Path, results: dict, out: list[str]) -> None:
-    fed = run / "federate"
+def _rounds_section(layout: RunLayout, results: RunResults, out: list[str]) -> None:
+    run, fed = layout.root, layout.federate
     out += ["## Federated teacher", ""]
     rounds_path = fed / "rounds.json"
     if rounds_path.is_file():
@@ -82,14 +80,15 @@ def _rounds_section(run: Path, results: dict, out: list[str]) -> None:
         out += ["", f"![rounds]({_rel(fed / 'rounds.png', run)})", ""]
     if (fed / "cross_site.png").is_file():
         out += [f"![cross-site]({_rel(fed / 'cross_site.png', run)})", ""]
-    out += [f"Teacher checkpoint: `{_rel(results['teacher']['checkpoint'], run)}`", ""]
+    out += [f"Teacher checkpoint: `{_rel(results.teacher.checkpoint, run)}`", ""]
 
 
-def _baselines_section(run: Path, out: list[str]) -> None:
+def _baselines_section(layout: RunLayout, out: list[str]) -> None:
+    run = layout.root
     rows = []
-    for summary in sorted(run.glob("train_*/summary.json")):
-        s = json.loads(summary.read_text())
-        rows.append([summary.parent.name.removeprefix("train_"), _f(s.get("best_val_auroc")), f"`{_rel(s['best'], run)}`"])
+    for tag, folder in layout.baselines().items():
+        s = json.loads((folder / "summary.json").read_text())
+        rows.append([tag, _f(s.get("best_val_auroc")), f"`{_rel(s['best'], run)}`"])
     out += ["## Baselines", ""]
     if rows:
         out += _table(["training", "best val AUROC", "checkpoint"], rows) + [""]
@@ -98,11 +97,11 @@ def _baselines_section(run: Path, out: list[str]) -> None:
                 "`--mode local --site site-1` add them here).", ""]
 
 
-def _evaluate_section(run: Path, results: dict, out: list[str]) -> None:
-    ev = results.get("evaluate")
+def _evaluate_section(layout: RunLayout, results: RunResults, out: list[str]) -> None:
+    run, ev = layout.root, results.evaluate
     if not ev:
         return
-    m = json.loads(Path(ev["metrics"]).read_text())
+    m = json.loads(Path(ev.metrics).read_text())
     counted = m.get("counted", LABELS)
     out += ["## Teacher on the pooled test set", "",
             f"{m['images']} test images from every site: macro AUROC **{_f(m['macro_auroc'])}** "
@@ -114,9 +113,9 @@ def _evaluate_section(run: Path, results: dict, out: list[str]) -> None:
                   [[c, shown(c, m["auroc"][c]), shown(c, m["ap"][c]), _f(m["at_thresholds"][c]["threshold"]),
                     shown(c, m["at_thresholds"][c]["sensitivity"]), shown(c, m["at_thresholds"][c]["specificity"]),
                     m["at_thresholds"][c]["positives"]] for c in LABELS])
-    out += ["", f"![ROC curves]({_rel(Path(ev['metrics']).parent / 'roc_curves.png', run)})", ""]
-    if ev.get("distill_report"):
-        rep = json.loads(Path(ev["distill_report"]).read_text())
+    out += ["", f"![ROC curves]({_rel(Path(ev.metrics).parent / 'roc_curves.png', run)})", ""]
+    if ev.distill_report:
+        rep = json.loads(Path(ev.distill_report).read_text())
         t = rep["teacher"]
         with_ci = lambda r: f"{_f(r['macro_auroc'])} ({_ci(r.get('macro_auroc_ci95'))})"  # noqa: E731
         paired = lambda v, p: f"{_f(v, '+.3f')} ({_ci(p['ci95'], '+.3f')})" if p else _f(v, "+.3f")  # noqa: E731
@@ -132,15 +131,15 @@ def _evaluate_section(run: Path, results: dict, out: list[str]) -> None:
                 "resamples for every model) for the differences. Goals: student ≥ teacher − 0.02 macro AUROC "
                 "with ≥ 10× fewer MACs; distilled student better than the same student trained without the teacher.", ""]
         out += _table(["model", "macro AUROC (95 % CI)", "params", "MMACs", "MAC ratio", "vs teacher", "KD gain"], rows)
-        out += ["", f"![teacher vs students]({_rel(Path(ev['distill_report']).parent / 'distill_report.png', run)})", ""]
+        out += ["", f"![teacher vs students]({_rel(Path(ev.distill_report).parent / 'distill_report.png', run)})", ""]
 
 
-def _export_section(run: Path, results: dict, out: list[str]) -> None:
-    ex = results.get("export")
+def _export_section(layout: RunLayout, results: RunResults, out: list[str]) -> None:
+    run, ex = layout.root, results.export
     if not ex:
         return
     rows = []
-    for name, path in ex["manifests"].items():
+    for name, path in ex.manifests.items():
         m = json.loads(Path(path).read_text())
         for f in m["files"]:
             file = Path(path).parent / f["file"]
@@ -151,14 +150,14 @@ def _export_section(run: Path, results: dict, out: list[str]) -> None:
     out += ["## Exported models", "", "Latency: median batch-1 CPU ms (onnxruntime, this machine). ★: the file the "
             "manifest recommends.", ""]
     out += _table(["model", "file", "format", "size", "ms", "val AUROC", "kept", ""], rows)
-    out += ["", f"Try it: `python -m fedxr.edge predict {ex['edge_model']} IMAGE.png` (PNG, JPEG or DICOM).", ""]
+    out += ["", f"Try it: `python -m fedxr.edge predict {ex.edge_model} IMAGE.png` (PNG, JPEG or DICOM).", ""]
 
 
-def _explain_section(run: Path, results: dict, out: list[str]) -> None:
-    ex = results.get("explain")
+def _explain_section(layout: RunLayout, results: RunResults, out: list[str]) -> None:
+    run, ex = layout.root, results.explain
     if not ex:
         return
-    pg = json.loads(Path(ex["pointing_game"]).read_text())
+    pg = json.loads(Path(ex.pointing_game).read_text())
     out += ["## Where the models look (Grad-CAM)", "",
             f"Pointing game on {pg['boxes_scored']} ground-truth boxes: how often the heatmap's peak falls inside "
             "the box of the finding it explains. A random heatmap's expected score is the box's share of the image.", ""]
@@ -166,25 +165,24 @@ def _explain_section(run: Path, results: dict, out: list[str]) -> None:
     rows = [[key, _f(m["overall"]), _f(m["random_overall"]),
              *[_f(m["per_class"].get(c, {}).get("score"), ".2f") for c in classes]] for key, m in pg["models"].items()]
     out += _table(["model", "overall", "random", *classes], rows)
-    out += ["", f"![Grad-CAM]({_rel(ex['grid'], run)})", ""]
+    out += ["", f"![Grad-CAM]({_rel(ex.grid, run)})", ""]
 
 
-def write_report(recipe: Recipe, results: dict) -> Path:
-    run = recipe.run_dir
+def write_report(recipe: Recipe, results: RunResults) -> Path:
+    layout = recipe.layout
     out = [f"# fedxr run report: {recipe.output.name}", "",
            f"Written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Teacher `{recipe.model.name}`, "
            f"{recipe.federated.algorithm} × {recipe.federated.rounds} rounds in `{recipe.federated.env}`; students "
            f"{', '.join(f'`{s}`' for s in recipe.distill.students) or 'none'}.", ""]
-    seconds = {k: v.get("seconds") for k, v in results.items() if isinstance(v, dict) and v.get("seconds") is not None}
-    if seconds:
-        out += ["Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
-    _data_section(run, out)
-    _rounds_section(run, results, out)
-    _baselines_section(run, out)
-    _evaluate_section(run, results, out)
-    _export_section(run, results, out)
-    _explain_section(run, results, out)
+    if results.seconds:
+        out += ["Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results.seconds.items()), ""]
+    _data_section(layout, out)
+    _rounds_section(layout, results, out)
+    _baselines_section(layout, out)
+    _evaluate_section(layout, results, out)
+    _export_section(layout, results, out)
+    _explain_section(layout, results, out)
     out += ["## Resolved recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
-    path = run / "report.md"
+    path = layout.report
     path.write_text("\n".join(out))
     return path

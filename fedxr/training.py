@@ -15,12 +15,16 @@ from fedxr.data.datamodule import SiteDataModule
 from fedxr.data.manifest import site_manifest_paths
 from fedxr.errors import FedxrError
 from fedxr.labels import VAL_AUROC
+from fedxr.layout import BEST, LAST
 from fedxr.models.classifier import XRayClassifier, pos_weight_from_labels
-from fedxr.models.registry import get_spec
+from fedxr.preprocessing import Preprocessing
 
 
 class BestCheckpoint(Callback):
     """Writes ``best.ckpt`` (fedxr format) whenever ``val_auroc`` improves and ``last.ckpt`` at the end."""
+
+    best_path = property(lambda self: self.folder / BEST)
+    last_path = property(lambda self: self.folder / LAST)
 
     def __init__(self, folder: Path, recipe: dict, source: str = "train"):
         self.folder, self.recipe, self.source = Path(folder), recipe, source
@@ -32,10 +36,10 @@ class BestCheckpoint(Callback):
         score = float(trainer.callback_metrics[VAL_AUROC])
         if score > self.best:
             self.best = score
-            pl_module.save_fedxr_checkpoint(self.folder / "best.ckpt", self.recipe, self.source)
+            pl_module.save_fedxr_checkpoint(self.best_path, self.recipe, self.source)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: XRayClassifier) -> None:
-        pl_module.save_fedxr_checkpoint(self.folder / "last.ckpt", self.recipe, self.source)
+        pl_module.save_fedxr_checkpoint(self.last_path, self.recipe, self.source)
 
 
 def make_trainer(recipe: Recipe, folder: Path, callbacks: list | None = None, max_epochs: int | None = None,
@@ -54,24 +58,31 @@ def make_trainer(recipe: Recipe, folder: Path, callbacks: list | None = None, ma
     )
 
 
-def make_datamodule(recipe: Recipe, manifests: list[Path], model_name: str | None = None, progress: bool = True) -> SiteDataModule:
-    spec = get_spec(model_name or recipe.model.name)
+def make_datamodule(recipe: Recipe, manifests: list[Path], progress: bool = True) -> SiteDataModule:
+    """The recipe's data for these manifests, at the recipe's resolved preprocessing."""
     d = recipe.data
-    return SiteDataModule(manifests, image_size=d.image_size, batch_size=d.batch_size, num_workers=d.num_workers,
-                          mean=spec.mean, std=spec.std, augment=d.augment, cache_dir=d.cache_dir, progress=progress)
+    return SiteDataModule(manifests, recipe.preprocessing, batch_size=d.batch_size, num_workers=d.num_workers,
+                          augment=d.augment, cache_dir=d.cache_dir, progress=progress)
 
 
-def make_classifier(recipe: Recipe, dm: SiteDataModule, model_name: str | None = None,
-                    cls: type[XRayClassifier] = XRayClassifier, **extra) -> XRayClassifier:
-    """The recipe's classifier (or ``cls``, e.g. the distillation student, with its ``extra`` arguments)."""
+def make_classifier(recipe: Recipe, dm: SiteDataModule, cls: type[XRayClassifier] = XRayClassifier,
+                    **given) -> XRayClassifier:
+    """``cls`` (the recipe's classifier by default) with the recipe's training settings, the data module's
+    preprocessing and this data's BCE pos_weight. ``given`` arguments win: a federated job's model
+    description (architecture, preprocessing, seed, a student's teacher) and the schedule length."""
     m = recipe.model
     dm.setup("fit")
-    return cls(
-        model_name or m.name, pretrained=m.pretrained, lr=m.lr, weight_decay=m.weight_decay,
+    args = dict(
+        model_name=m.name, pretrained=m.pretrained, lr=m.lr, weight_decay=m.weight_decay,
         warmup_epochs=m.warmup_epochs, pos_weight=pos_weight_from_labels(dm.split_labels("train"), m.pos_weight_cap),
         channels_last=m.channels_last, compile_model=m.compile, threshold_rule=m.threshold_rule,
-        image_size=recipe.data.image_size, init_seed=m.seed, mixup=m.mixup, **extra,
+        preprocessing=dm.preprocessing, init_seed=m.seed, mixup=m.mixup,
     )
+    if "preprocessing" in given and Preprocessing.coerce(given["preprocessing"]) != dm.preprocessing:
+        # The model must be trained on the input it will be described (and exported) with.
+        raise FedxrError(f"the model description's preprocessing {given['preprocessing']} differs from the data's "
+                         f"{dm.preprocessing.as_dict()}; build both from the same recipe")
+    return cls(**{**args, **given})
 
 
 def train(recipe: Recipe, sites_folder: Path, mode: str = "central", site: str | None = None,
@@ -87,7 +98,7 @@ def train(recipe: Recipe, sites_folder: Path, mode: str = "central", site: str |
         manifests, tag = [paths[site]], f"local_{site}"
     else:
         raise FedxrError(f"unknown --mode {mode!r}; use central or local")
-    folder = recipe.run_dir / f"train_{tag}"
+    folder = recipe.layout.train(tag)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "recipe.yaml").write_text(recipe.to_yaml())
     dm = make_datamodule(recipe, manifests, progress=progress)
@@ -96,7 +107,7 @@ def train(recipe: Recipe, sites_folder: Path, mode: str = "central", site: str |
     trainer = make_trainer(recipe, folder, callbacks=[ckpt_cb], progress=progress)
     trainer.fit(module, datamodule=dm)
     summary = {"mode": mode, "site": site, "folder": str(folder), "best_val_auroc": ckpt_cb.best,
-               "best": str(folder / "best.ckpt"), "last": str(folder / "last.ckpt")}
+               "best": str(ckpt_cb.best_path), "last": str(ckpt_cb.last_path)}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 SHARED_NIH = (ROOT / ".." / "shared" / "data" / "nih").resolve()
 V2020 = SHARED_NIH / "Data_Entry_2017_v2020.csv.gz"
 BBOX = SHARED_NIH / "BBox_List_2017.csv.gz"

@@ -89,3 +89,41 @@ def test_resolved_config_round_trips():
 
     again = Recipe.model_validate(yaml.safe_load(r.to_yaml()))
     assert again == r
+
+
+def test_field_errors_do_not_hide_cross_section_and_registry_problems(capsys):
+    """`fedxr check` with a bad field, a cross-section conflict and an unknown model reports all three."""
+    args = ["check", str(RECIPES[0]), "federated.rounds=0", "federated.min_clients=9", "model.name=densenet12"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err
+    assert "federated.rounds" in err
+    assert "federated.min_clients: 9 is more than data.sites" in err
+    assert "model.name: unknown model 'densenet12'; did you mean 'densenet121'?" in err
+
+
+def test_deprecated_key_is_accepted_with_a_warning(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("distill:\n  feature_weight: 0.0\n  alpha: 0.5\n")
+    with pytest.warns(FutureWarning, match=r"distill.feature_weight is deprecated and ignored"):
+        r = load_recipe(old)
+    assert r.distill.alpha == 0.5
+    assert "feature_weight" not in r.to_yaml()
+
+
+def test_changed_copy_is_validated_and_leaves_the_original_alone():
+    r = load_recipe(None)
+    seeded = r.changed("seed 3", model={"seed": 3}, output={"name": "s3"})
+    assert seeded.model.seed == 3
+    assert seeded.layout.root.name == "s3"
+    assert r.model.seed == 0
+    with pytest.raises(RecipeError, match=r"(?s)\(bad\).*federated.rounds"):
+        r.changed("bad", federated={"rounds": 0})
+
+
+def test_preprocessing_is_resolved_from_the_recipe_and_the_registry():
+    from fedxr.models.registry import GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD
+
+    r = load_recipe(None, ["model.name=resnet18", "data.image_size=96"])
+    assert r.preprocessing.size == 96  # the recipe's size, not the registry's 224
+    assert (r.preprocessing.mean, r.preprocessing.std) == (GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD)

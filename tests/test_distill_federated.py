@@ -11,10 +11,10 @@ from fedxr.config import load_recipe
 from fedxr.data.prepare import ensure_dataset, ensure_sites
 from fedxr.models.checkpoint import load_checkpoint, save_checkpoint
 from fedxr.models.registry import build_model
+from fedxr.preprocessing import Preprocessing
 
-from helpers import ROOT, tiny_recipe_overrides
+from helpers import QUICKSTART, tiny_recipe_overrides
 
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 pytestmark = pytest.mark.slow
 
 
@@ -28,8 +28,8 @@ def _teacher(path: Path, image_size: int = 48) -> Path:
     # A teacher at a larger input size than the students (32 px), so the resize path runs too.
     torch.manual_seed(7)
     net = build_model("tiny_cnn")
-    return save_checkpoint(path, model_name="tiny_cnn", state_dict=net.state_dict(), image_size=image_size,
-                           mean=0.5, std=0.25, thresholds=[0.5] * 14, source="federate")
+    return save_checkpoint(path, model_name="tiny_cnn", state_dict=net.state_dict(), preprocessing=Preprocessing(image_size),
+                           thresholds=[0.5] * 14, source="federate")
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +46,11 @@ def distilled(tmp_path_factory):
 
 def test_student_checkpoint_trained_and_evaluable(distilled, tmp_path, capsys):
     recipe, _, _ = distilled
-    out = recipe.run_dir / "distill" / "tiny_cnn"
+    out = recipe.layout.distill / "tiny_cnn"
     ckpt = load_checkpoint(out / "global_last.ckpt")
     assert ckpt["model_name"] == "tiny_cnn"
     assert ckpt["source"] == "distill"
-    assert ckpt["image_size"] == 32
+    assert ckpt["preprocessing"].size == 32
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])  # the student alone
     init = torch.load(out / "initial_model.pt", weights_only=True)
     changed = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not torch.equal(v, init[f"model.{k}"])]
@@ -60,7 +60,7 @@ def test_student_checkpoint_trained_and_evaluable(distilled, tmp_path, capsys):
     assert set(rounds[0]["sites"]) == {"site-1", "site-2"}
     assert all(s["steps"] > 0 for s in rounds[0]["sites"].values())
     capsys.readouterr()
-    assert main(["evaluate", str(out / "global_last.ckpt"), "--data", str(recipe.run_dir / "sites"), "--json",
+    assert main(["evaluate", str(out / "global_last.ckpt"), "--data", str(recipe.layout.sites), "--json",
                  "--out", str(tmp_path / "ev"), "--cache-dir", recipe.data.cache_dir]) == 0
     assert json.loads(capsys.readouterr().out)["images"] > 0
 
@@ -68,7 +68,7 @@ def test_student_checkpoint_trained_and_evaluable(distilled, tmp_path, capsys):
 def test_teacher_reached_sites_through_nvflare_and_is_unchanged(distilled):
     recipe, _, teacher_path = distilled
     teacher = load_checkpoint(teacher_path)["state_dict"]
-    out = recipe.run_dir / "distill" / "tiny_cnn"
+    out = recipe.layout.distill / "tiny_cnn"
     # The teacher travelled inside the job (bundled into the server app), not via a shared path.
     bundled = list((out / "nvflare").rglob("app_server/custom/initial_model.pt"))
     assert bundled, "initial model with the teacher bundled into the NVFlare job"
@@ -84,7 +84,7 @@ def test_teacher_reached_sites_through_nvflare_and_is_unchanged(distilled):
 
 def test_report_compares_teacher_students_and_ablation(distilled):
     recipe, _, _ = distilled
-    folder = recipe.run_dir / "distill"
+    folder = recipe.layout.distill
     report = json.loads((folder / "distill_report.json").read_text())
     row = report["students"]["tiny_cnn"]
     assert report["teacher"]["macs"] > row["macs"] > 0  # teacher at 48 px, student at 32 px
@@ -107,9 +107,11 @@ def test_central_mode_one_site(distilled):
     central = load_recipe(QUICKSTART, ov + ["output.name=central", "distill.ablation_no_teacher=false"])
     ensure_sites(central)
     result = distill(central, teacher_path, mode="central", site="site-2", progress=False)
-    entry = result["students"]["tiny_cnn"]["kd"]
-    assert entry["site"] == "site-2"
-    assert load_checkpoint(entry["checkpoints"]["global_best"])["source"] == "distill"
+    kd = result.students["tiny_cnn"].kd
+    assert result.students["tiny_cnn"].no_kd is None  # ablation off
+    assert load_checkpoint(kd)["source"] == "distill"
+    summary = json.loads((central.layout.distill / "summary.json").read_text())
+    assert summary["students"]["tiny_cnn"]["kd"]["site"] == "site-2"
 
 
 def test_bad_teacher_fails_before_any_job(tmp_path, capsys):

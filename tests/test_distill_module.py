@@ -5,18 +5,19 @@ import torch
 from fedxr.distill.module import DistillClassifier
 from fedxr.models.checkpoint import model_from_checkpoint, save_checkpoint
 from fedxr.models.registry import build_model
+from fedxr.preprocessing import Preprocessing
 
 
 def _teacher_ckpt(tmp_path):
     torch.manual_seed(1)
     teacher = build_model("tiny_cnn")
     return save_checkpoint(tmp_path / "teacher.ckpt", model_name="tiny_cnn", state_dict=teacher.state_dict(),
-                           image_size=48, mean=0.5, std=0.25, thresholds=[0.5] * 14), teacher
+                           preprocessing=Preprocessing(48), thresholds=[0.5] * 14), teacher
 
 
 def test_teacher_frozen_and_loaded(tmp_path):
     path, teacher = _teacher_ckpt(tmp_path)
-    m = DistillClassifier("tiny_cnn", "tiny_cnn", teacher_image_size=48, teacher_checkpoint=str(path), image_size=32)
+    m = DistillClassifier("tiny_cnn", "tiny_cnn", teacher_preprocessing=Preprocessing(48), teacher_checkpoint=str(path), preprocessing=Preprocessing(32))
     assert all(not p.requires_grad for p in m.teacher.parameters())
     m.train()
     assert m.training
@@ -27,8 +28,8 @@ def test_teacher_frozen_and_loaded(tmp_path):
 
 def test_teacher_sees_its_own_size_and_normalisation(tmp_path):
     path, teacher = _teacher_ckpt(tmp_path)
-    m = DistillClassifier("tiny_cnn", "tiny_cnn", teacher_image_size=48, teacher_mean=0.4, teacher_std=0.3,
-                          teacher_checkpoint=str(path), image_size=32, mean=0.5, std=0.25)
+    m = DistillClassifier("tiny_cnn", "tiny_cnn", teacher_preprocessing=Preprocessing(48, 0.4, 0.3),
+                          teacher_checkpoint=str(path), preprocessing=Preprocessing(32, 0.5, 0.25))
     unit = torch.rand(2, 1, 32, 32)
     xt = m.teacher_input((unit - 0.5) / 0.25)
     assert xt.shape == (2, 1, 48, 48)
@@ -39,8 +40,8 @@ def test_teacher_sees_its_own_size_and_normalisation(tmp_path):
 def test_distillation_steps_change_only_the_student(tmp_path):
     path, _ = _teacher_ckpt(tmp_path)
     torch.manual_seed(0)
-    m = DistillClassifier("tiny_cnn", "tiny_cnn", teacher_image_size=48, teacher_checkpoint=str(path),
-                          image_size=32, alpha=1.0, temperature=2.0, lr=3e-3)
+    m = DistillClassifier("tiny_cnn", "tiny_cnn", teacher_preprocessing=Preprocessing(48), teacher_checkpoint=str(path),
+                          preprocessing=Preprocessing(32), alpha=1.0, temperature=2.0, lr=3e-3)
     x = torch.randn(16, 1, 32, 32)
     y = (torch.rand(16, 14) < 0.2).float()
     teacher_before = {k: v.clone() for k, v in m.teacher.state_dict().items()}
@@ -72,7 +73,7 @@ def test_trainer_logs_task_and_distillation_losses_separately(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 
     path, _ = _teacher_ckpt(tmp_path)
-    m = DistillClassifier("tiny_cnn", "tiny_cnn", teacher_image_size=48, teacher_checkpoint=str(path), image_size=32)
+    m = DistillClassifier("tiny_cnn", "tiny_cnn", teacher_preprocessing=Preprocessing(48), teacher_checkpoint=str(path), preprocessing=Preprocessing(32))
     data = DataLoader(TensorDataset(torch.randn(32, 1, 32, 32), (torch.rand(32, 14) < 0.2).float()), batch_size=8)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu")

@@ -13,12 +13,11 @@ from PIL import Image
 from fedxr.cli import main as fedxr_main
 from fedxr.edge import ModelMetadataError, load_model
 from fedxr.edge.cli import main as edge_main
-from fedxr.errors import FedxrError
+from fedxr.errors import EXIT_CHECK_FAILED, FedxrError
 from fedxr.export.__main__ import main as export_main
 
-from helpers import GRADIENT, ROOT, SHARED_NIH, needs_shared, tiny_recipe_overrides, write_dicom
+from helpers import GRADIENT, QUICKSTART, ROOT, SHARED_NIH, needs_shared, tiny_recipe_overrides, write_dicom
 
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +116,7 @@ def test_predict_formats_and_bad_inputs(exported, tmp_path, capsys):
     assert pydicom.dcmread(str(tmp_path / "nopixels.dcm")).Modality == "DX"
 
     rc = edge_main(["predict", str(out), str(real), str(tmp_path), "--json"])
-    assert rc == 2  # some inputs failed, the rest were processed
+    assert rc == EXIT_CHECK_FAILED  # some inputs failed, the rest were processed
     results = {r["input"].split("/")[-1]: r for r in json.loads(capsys.readouterr().out)}
     for good in ("00000001_000.png", "photo.jpg", "sixteen.png", "study.dcm"):
         assert results[good]["error"] is None, good
@@ -172,10 +171,14 @@ def test_edge_cli_runs_where_importing_torch_fails(exported, tmp_path):
 
 
 @pytest.mark.slow
-@needs_shared
 def test_plain_pip_install_runs_predict(exported, tmp_path):
-    """`pip install .` with no extras is enough for fedxr.edge, and never installs torch."""
+    """`pip install .` with no extras is enough for fedxr.edge and for `fedxr --help/--version`, never
+    installs torch, and a training command says which extra it needs."""
     _, _, out = exported
+    image = SHARED_NIH / "00000001_000.png"
+    if not image.is_file():  # the real NIH image when the shared folder is there, else a ramp
+        image = tmp_path / "ramp.png"
+        Image.fromarray(GRADIENT).save(image)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
@@ -184,10 +187,22 @@ def test_plain_pip_install_runs_predict(exported, tmp_path):
     proc = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
                           capture_output=True, text=True)
     assert proc.stdout.strip() == "True"
-    proc = subprocess.run([str(py), "-m", "fedxr.edge", "predict", str(out), str(SHARED_NIH / "00000001_000.png"), "--json"],
+    proc = subprocess.run([str(py), "-m", "fedxr.edge", "predict", str(out), str(image), "--json"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)[0]["probabilities"]) == 14
+    fedxr = venv / "bin" / "fedxr"
+    proc = subprocess.run([str(fedxr), "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "export" in proc.stdout
+    proc = subprocess.run([str(fedxr), "--version"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("fedxr ")
+    proc = subprocess.run([str(fedxr), "check", str(ROOT / "recipes" / "quickstart.yaml")], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "pip install 'fedxr[train]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_bench_reports_latency_memory_and_provider(exported, capsys):
@@ -207,7 +222,66 @@ def test_fp16_export(exported, tmp_path):
                         "--data", str(tmp / "runs" / "t" / "sites")]) == 0
     manifest = json.loads((tmp_path / "h" / "manifest.json").read_text())
     h = next(f for f in manifest["files"] if f["format"] == "onnx-fp16")
-    assert h["parity_max_abs_logit"] < 0.05
+    assert h["parity_ok"]
+    assert h["parity_max_abs_logit"] <= h["parity_tolerance"]
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "h" / h["file"])).metadata_props}
+    assert props["fedxr.format"] == "onnx-fp16"  # its own metadata, not the FP32 file's it was converted from
+    assert props["fedxr.val_auroc"] == h["val_auroc"]
     assert ((tmp_path / "h" / h["file"]).stat().st_size < \
         (tmp_path / "h" / "tiny_cnn_fp32.onnx").stat().st_size)
     assert len(load_model(tmp_path / "h" / h["file"]).predict([GRADIENT])[0].probabilities) == 14
+
+
+def test_preprocessing_travels_from_recipe_to_the_edge(exported, tmp_path):
+    """Resolved once from the recipe, the preprocessing is read back from the checkpoint and from the
+    ONNX file, and each export uses the checkpoint's values, not the registry's."""
+    from fedxr.config import load_recipe
+    from fedxr.models.checkpoint import load_checkpoint
+    from fedxr.preprocessing import Preprocessing
+
+    tmp, ckpt, out = exported
+    recipe = load_recipe(QUICKSTART, tiny_recipe_overrides(tmp, patients=80))
+    assert recipe.preprocessing == Preprocessing(32, 0.5, 0.25)  # data.image_size with tiny_cnn's normalisation
+    assert load_checkpoint(ckpt)["preprocessing"] == recipe.preprocessing
+    assert load_model(out).preprocessing == recipe.preprocessing
+    # A checkpoint saying something else is exported with what it says.
+    import torch
+
+    blob = torch.load(ckpt, weights_only=True)
+    blob["preprocessing"] = {"size": 32, "mean": 0.4, "std": 0.3}
+    odd = tmp_path / "odd.ckpt"
+    torch.save(blob, odd)
+    assert fedxr_main(["export", str(odd), "--out", str(tmp_path / "odd"), "--int8", "off",
+                       "--data", str(tmp / "runs" / "t" / "sites")]) == 0
+    assert load_model(tmp_path / "odd").preprocessing == Preprocessing(32, 0.4, 0.3)
+
+
+def test_version_1_checkpoints_still_load(exported, tmp_path):
+    import torch
+
+    from fedxr.models.checkpoint import load_checkpoint
+    from fedxr.preprocessing import Preprocessing
+
+    _, ckpt, _ = exported
+    blob = torch.load(ckpt, weights_only=True)
+    prep = blob.pop("preprocessing")
+    blob.update(format="fedxr-checkpoint-v1", image_size=prep["size"], mean=prep["mean"], std=prep["std"])
+    torch.save(blob, tmp_path / "v1.ckpt")
+    assert load_checkpoint(tmp_path / "v1.ckpt")["preprocessing"] == Preprocessing(**prep)
+
+
+def test_export_subcommand_and_module_share_one_command(exported, tmp_path, capsys):
+    """`fedxr export` and `python -m fedxr.export` are the same command, with the same errors and exit codes."""
+    tmp, ckpt, _ = exported
+    data = str(tmp / "runs" / "t" / "sites")
+    for main, name in ((fedxr_main, "sub"), (export_main, "module")):
+        prefix = ["export"] if main is fedxr_main else []
+        assert main([*prefix, str(ckpt), "--out", str(tmp_path / name), "--int8", "off", "--data", data]) == 0
+        assert (tmp_path / name / "tiny_cnn_fp32.onnx").is_file()
+        capsys.readouterr()
+        assert main([*prefix, str(tmp_path / "missing.ckpt")]) == 1
+        assert "missing.ckpt: checkpoint not found" in capsys.readouterr().err
+        # A parity tolerance no export can meet: the files are written, the command says the check failed.
+        assert main([*prefix, str(ckpt), "--out", str(tmp_path / f"{name}_strict"), "--int8", "off", "--data", data,
+                     "--parity-tolerance", "1e-30"]) == EXIT_CHECK_FAILED
+        assert "CHECK FAILED" in capsys.readouterr().out

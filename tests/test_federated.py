@@ -12,9 +12,8 @@ from fedxr.data.prepare import ensure_dataset, ensure_sites
 from fedxr.federated.run import federate, processes_using
 from fedxr.models.checkpoint import load_checkpoint
 
-from helpers import ROOT, tiny_recipe_overrides
+from helpers import QUICKSTART, ROOT, tiny_recipe_overrides
 
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 pytestmark = pytest.mark.slow
 
 
@@ -38,13 +37,13 @@ def sim_run(tmp_path_factory):
 
 
 def server_model(recipe, name="FL_global_model.pt") -> dict:
-    path = next((recipe.run_dir / "federate" / "nvflare").rglob(f"app_server/{name}"))
+    path = next((recipe.layout.federate / "nvflare").rglob(f"app_server/{name}"))
     return torch.load(path, weights_only=False)["model"]
 
 
 def test_sim_outputs(sim_run, tmp_path, capsys):
     recipe, ov, summary = sim_run
-    out = recipe.run_dir / "federate"
+    out = recipe.layout.federate
     ckpt = load_checkpoint(out / "global_last.ckpt")
     assert ckpt["model_name"] == "tiny_cnn"
     assert ckpt["source"] == "federate"
@@ -62,7 +61,7 @@ def test_sim_outputs(sim_run, tmp_path, capsys):
         assert (out / png).stat().st_size > 5000
     assert any((out / "nvflare").rglob("events.out.tfevents*")), "server-side TensorBoard events"
     # The federated checkpoint is read unchanged by evaluate.
-    assert main(["evaluate", str(out / "global_last.ckpt"), "--data", str(recipe.run_dir / "sites"),
+    assert main(["evaluate", str(out / "global_last.ckpt"), "--data", str(recipe.layout.sites),
                  "--json", "--out", str(tmp_path / "ev"), "--cache-dir", str(recipe.data.cache_dir)]) == 0
     assert json.loads(capsys.readouterr().out)["images"] > 0
 
@@ -70,7 +69,7 @@ def test_sim_outputs(sim_run, tmp_path, capsys):
 def test_global_model_is_step_weighted_mean(sim_run):
     """FedAvg check computed independently: global = Σ steps_i · θ_i / Σ steps_i after the last round."""
     recipe, _, summary = sim_run
-    records = recipe.run_dir / "federate" / "records"
+    records = recipe.layout.federate / "records"
     sent = [torch.load(records / f"site-{i}_round1.pt", weights_only=True) for i in (1, 2)]
     steps = [s["steps"] for s in sent]
     assert steps[0] != steps[1], steps  # unequal work, so weighting matters
@@ -112,12 +111,12 @@ def test_global_best_is_the_model_its_score_belongs_to(sim_run, tmp_path):
 
     recipe, _, summary = sim_run
     by_round: dict[int, dict[str, dict]] = {}
-    for r in read_records(recipe.run_dir / "federate" / "records"):
+    for r in read_records(recipe.layout.federate / "records"):
         by_round.setdefault(r["round"], {})[r["site"]] = r
     weighted = {rnd: sum(s["val_auroc"] * s["steps"] for s in sites.values()) / sum(s["steps"] for s in sites.values())
                 for rnd, sites in by_round.items()}
     chosen_round = max(weighted, key=weighted.get)
-    cross = json.loads((recipe.run_dir / "federate" / "cross_site.json").read_text())["by_data_site"]
+    cross = json.loads((recipe.layout.federate / "cross_site.json").read_text())["by_data_site"]
     nvflare_best = {site: scores["global (best)"] for site, scores in cross.items()}
     assert nvflare_best == pytest.approx({s: r["val_auroc"] for s, r in by_round[chosen_round].items()}, abs=1e-4), weighted
     best = summary["checkpoints"]["global_best"]
@@ -126,7 +125,7 @@ def test_global_best_is_the_model_its_score_belongs_to(sim_run, tmp_path):
     assert selection["val_auroc"][selection["chosen"]] == max(selection["val_auroc"].values())
     rescored = {site: evaluate_checkpoint(best, path, split="val", out=tmp_path / site, cache_dir=recipe.data.cache_dir,
                                           progress=False)["macro_auroc_all"]
-                for site, path in site_manifest_paths(recipe.run_dir / "sites").items()}
+                for site, path in site_manifest_paths(recipe.layout.sites).items()}
     assert rescored == pytest.approx({site: scores[selection["chosen"]] for site, scores in cross.items()}, abs=1e-4)
 
 
@@ -168,10 +167,10 @@ def test_site_without_data_names_the_site(monkeypatch, tmp_path):
 def test_poc_mode_with_mutual_tls(tmp_path):
     recipe, _ = two_site_recipe(tmp_path, extra=("federated.cross_site_eval=false",))
     summary = federate(recipe, "poc")
-    workspace = recipe.run_dir / "federate" / "poc"
+    workspace = recipe.layout.federate / "poc"
     server_cfg = json.loads(next(workspace.rglob("server/startup/fed_server.json")).read_text())
     assert server_cfg["servers"][0]["connection_security"] == "mtls"
-    assert (recipe.run_dir / "federate" / "global_last.ckpt").is_file()
+    assert (recipe.layout.federate / "global_last.ckpt").is_file()
     assert summary["env"] == "poc"
     assert processes_using(workspace) == []  # every server/site process fedxr started is gone
 
@@ -188,11 +187,11 @@ def test_site_failing_from_round_two_does_not_stop_the_federation(tmp_path, monk
     ensure_sites(recipe)
     monkeypatch.setenv("FEDXR_TEST_FAIL_SITE", "site-3:1")
     summary = federate(recipe, "sim")
-    rounds = json.loads((recipe.run_dir / "federate" / "rounds.json").read_text())
+    rounds = json.loads((recipe.layout.federate / "rounds.json").read_text())
     assert set(rounds[0]["sites"]) == {"site-1", "site-2", "site-3"}
     assert set(rounds[1]["sites"]) == {"site-1", "site-2"}  # site-3 failed; the round still completed
-    assert (recipe.run_dir / "federate" / "global_last.ckpt").is_file()
-    log = "".join(p.read_text(errors="ignore") for p in (recipe.run_dir / "federate" / "nvflare").rglob("log.txt"))
+    assert (recipe.layout.federate / "global_last.ckpt").is_file()
+    log = "".join(p.read_text(errors="ignore") for p in (recipe.layout.federate / "nvflare").rglob("log.txt"))
     assert "site-3: injected failure at round 1" in log
     assert summary["wall_s"] < 300  # a dead site does not hang the run
 
@@ -281,7 +280,7 @@ def test_fedbn_runs_rounds_with_local_batchnorm(tmp_path):
     summary = federate(recipe, "sim", extra_args="--save-updates")
     rounds = json.loads(Path(summary["rounds"]).read_text())
     assert [r["round"] for r in rounds if isinstance(r["round"], int)] == [0, 1]
-    records = recipe.run_dir / "federate" / "records"
+    records = recipe.layout.federate / "records"
     s1 = torch.load(records / "site-1_round1.pt", weights_only=True)["state_dict"]
     s2 = torch.load(records / "site-2_round1.pt", weights_only=True)["state_dict"]
     bn = "model.features.1.running_mean"
@@ -295,3 +294,60 @@ def test_fedbn_runs_rounds_with_local_batchnorm(tmp_path):
     base = recipe.model.lr
     assert 0.3 * base < lr[("site-1", 0)] < 0.8 * base
     assert lr[("site-1", 1)] < 0.05 * base
+
+
+def test_nvflare_private_hooks_fedxr_relies_on_are_still_there(tmp_path):
+    """fedxr overrides two private methods of NVFlare's FedAvg/FedProx recipes (resilient rounds, every site
+    asked) and calls two private helpers in its aggregator. If NVFlare renames or reshapes them the
+    override would silently stop working: this test fails first."""
+    import inspect
+
+    from nvflare.app_common.workflows import base_fedavg
+    from nvflare.app_opt.pt.recipes import FedAvgRecipe, FedProxRecipe
+
+    for cls in (FedAvgRecipe, FedProxRecipe):
+        assert callable(getattr(cls, "_get_controller_kwargs", None)), cls
+        assert list(inspect.signature(cls._create_controller).parameters) == [
+            "self", "persistor_id", "model_params", "model_aggregator"], cls
+    for helper in (base_fedavg._get_client_name, base_fedavg._get_num_steps_weight):
+        assert len(inspect.signature(helper).parameters) == 1, helper  # called with one FLModel
+    # And their effect in a built job: 4 sites with a quorum of 2 — every site is asked each round, and a
+    # failed site's result is left out instead of stopping the job.
+    from fedxr.federated.job import build_job
+
+    recipe = load_recipe(QUICKSTART, tiny_recipe_overrides(tmp_path) + ["data.sites=4", "federated.min_clients=2"])
+    build_job(recipe, tmp_path / "f", "prod").export(str(tmp_path / "job"))
+    args = json.loads(next((tmp_path / "job").rglob("config_fed_server.json")).read_text())["workflows"][0]["args"]
+    assert args["num_clients"] == 4
+    assert args["ignore_result_error"] is True
+    assert args["aggregator"]["path"] == "fedxr.federated.aggregator.SiteOrderedFedAvg"
+
+
+def test_client_builds_the_model_the_job_describes(tmp_path):
+    """The client script is generic: it trains whatever {class_path, args} the job carries."""
+    from fedxr.federated.codec import decode_json
+    from fedxr.federated.job import build_job, model_config
+
+    recipe = load_recipe(QUICKSTART, tiny_recipe_overrides(tmp_path))
+    build_job(recipe, tmp_path / "f", "prod").export(str(tmp_path / "job"))
+    client = json.loads(next((tmp_path / "job").rglob("config_fed_client.json")).read_text())
+    command = client["executors"][0]["executor"]["args"]["command"]
+    assert "distill" not in " ".join(command[:3])
+    assert decode_json(command[command.index("--model-b64") + 1]) == model_config(recipe)
+    assert model_config(recipe)["args"]["preprocessing"] == {"size": 32, "mean": 0.5, "std": 0.25}
+
+
+def test_prod_needs_an_admin_startup_kit(tmp_path, capsys):
+    ov = tiny_recipe_overrides(tmp_path)
+    assert main(["federate", str(QUICKSTART), *ov, "--env", "prod", "--startup-kit", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert "not an NVFlare admin startup kit" in err
+    assert "nvflare provision" in err
+    # A provisioned project folder instead of the admin's own kit: the error names the kit inside it.
+    kit = tmp_path / "prod_00" / "admin@hospital.org"
+    (kit / "startup").mkdir(parents=True)
+    (kit / "startup" / "fed_admin.json").write_text("{}")
+    assert main(["federate", str(QUICKSTART), *ov, "--env", "prod", "--startup-kit", str(tmp_path / "prod_00")]) == 1
+    err = capsys.readouterr().err
+    assert str(kit) in err
+    assert "Traceback" not in err

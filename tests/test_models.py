@@ -15,9 +15,8 @@ from fedxr.models.classifier import XRayClassifier, pos_weight_from_labels
 from fedxr.models.metrics import choose_thresholds, multilabel_scores
 from fedxr.models.registry import REGISTRY, UnknownModelError, complexity, get_spec
 
-from helpers import ROOT, tiny_recipe_overrides
+from helpers import QUICKSTART, tiny_recipe_overrides
 
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -117,7 +116,7 @@ def test_train_central_writes_checkpoints(trained):
     folder = tmp / "runs" / "t" / "train_central"
     ckpt = load_checkpoint(folder / "best.ckpt")
     assert ckpt["model_name"] == "tiny_cnn"
-    assert ckpt["image_size"] == 32
+    assert ckpt["preprocessing"].size == 32
     assert len(ckpt["thresholds"]) == 14
     assert ckpt["recipe"]["model"]["name"] == "tiny_cnn"
     assert "val" in ckpt["metrics"]

@@ -1,6 +1,5 @@
 """The NIH reader against the real metadata files and the other published layouts."""
 
-import gzip
 import json
 
 import numpy as np

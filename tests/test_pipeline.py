@@ -8,11 +8,12 @@ import pytest
 
 from fedxr.cli import main
 from fedxr.config import load_recipe
+from fedxr.layout import chosen_checkpoint
 from fedxr.pipeline import STAGE_NAMES, run_pipeline
+from fedxr.results import DistillResult, TeacherResult
 
-from helpers import ROOT, tiny_recipe_overrides
+from helpers import QUICKSTART, tiny_recipe_overrides
 
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 pytestmark = pytest.mark.slow
 
 
@@ -34,7 +35,7 @@ def first_run(tmp_path_factory):
 def test_every_stage_ran_and_left_its_artifacts(first_run):
     tmp, ov = first_run
     recipe = load_recipe(QUICKSTART, ov)
-    run = recipe.run_dir
+    run = recipe.layout.root
     state = json.loads((run / "pipeline.json").read_text())
     assert list(state) == STAGE_NAMES
     for path in ["federate/global_last.ckpt", "distill/mobilenetv3_small_100/global_last.ckpt",
@@ -63,7 +64,7 @@ def test_every_stage_ran_and_left_its_artifacts(first_run):
 
 def test_report_references_only_files_that_exist(first_run):
     tmp, ov = first_run
-    run = load_recipe(QUICKSTART, ov).run_dir
+    run = load_recipe(QUICKSTART, ov).layout.root
     text = (run / "report.md").read_text()
     for heading in ("## Data per site", "## Federated teacher", "## Teacher on the pooled test set",
                     "## Teacher vs students", "## Exported models", "## Where the models look", "## Resolved recipe"):
@@ -82,13 +83,31 @@ def test_rerun_skips_every_stage_and_from_reruns_the_tail(first_run, capsys):
     capsys.readouterr()
     again = run_pipeline(recipe, QUICKSTART, progress=False)
     assert set(again["stages"].values()) == {"skipped"}
-    assert "up to date, skipped" in capsys.readouterr().out
-    teacher_mtime = (recipe.run_dir / "federate" / "global_last.ckpt").stat().st_mtime
+    out = capsys.readouterr().out
+    assert "up to date, skipped" in out
+    # Skipped stages hand on their typed results, read back from pipeline.json.
+    results = again["results"]
+    assert isinstance(results.teacher, TeacherResult)
+    assert Path(results.teacher.checkpoint) == chosen_checkpoint(recipe.layout.federate)
+    assert isinstance(results.distill, DistillResult)
+    assert set(results.students) == {"mobilenetv3_small_100"}
+    assert results.seconds["teacher"] > 0
+    # The model to try is the smallest export, shown on an image of the run's own test data.
+    sizes = {}
+    for path in results.export.manifests.values():
+        manifest = json.loads(Path(path).read_text())
+        sizes[str(Path(path).parent)] = (Path(path).parent / manifest["recommended"]).stat().st_size
+    assert len(sizes) == 2
+    assert results.export.edge_model == min(sizes, key=sizes.get)
+    example = out.split("try it:")[1].split()[5]  # python -m fedxr.edge predict MODEL IMAGE
+    assert Path(example).is_file()
+    assert "shared" not in example
+    teacher_mtime = (recipe.layout.federate / "global_last.ckpt").stat().st_mtime
     tail = run_pipeline(recipe, QUICKSTART, start="export", progress=False)
     before = STAGE_NAMES[:STAGE_NAMES.index("export")]
     assert all(tail["stages"][s] == "skipped" for s in before)
     assert all(tail["stages"][s] == "ran" for s in STAGE_NAMES[len(before):])
-    assert (recipe.run_dir / "federate" / "global_last.ckpt").stat().st_mtime == teacher_mtime
+    assert (recipe.layout.federate / "global_last.ckpt").stat().st_mtime == teacher_mtime
 
 
 def test_a_changed_setting_reruns_only_what_depends_on_it(first_run):

@@ -15,6 +15,7 @@ from fedxr.data.manifest import read_manifest, site_manifest_paths
 from fedxr.errors import DataError
 from fedxr.imaging import ImageReadError
 from fedxr.labels import LABELS
+from fedxr.preprocessing import Preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +100,8 @@ def test_cache_corrupt_image_names_file_and_leaves_nothing(tmp_path):
 
 
 def test_datamodule_batches(manifests, tmp_path):
-    dm = SiteDataModule([manifests / "site-1.csv"], image_size=32, batch_size=4, num_workers=0,
-                        mean=0.5, std=0.25, augment=True, cache_dir=tmp_path, progress=False)
+    dm = SiteDataModule([manifests / "site-1.csv"], Preprocessing(32), batch_size=4, num_workers=0,
+                        augment=True, cache_dir=tmp_path, progress=False)
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 1, 32, 32)
@@ -110,13 +111,13 @@ def test_datamodule_batches(manifests, tmp_path):
     raw = dm.datasets["val"].images[0].astype(np.float32) / 255
     np.testing.assert_allclose(vx[0, 0].numpy(), (raw - 0.5) / 0.25, atol=1e-5)  # no augmentation at val
     assert dm.split_labels("train").shape[1] == len(LABELS)
-    pooled = SiteDataModule(list(site_manifest_paths(manifests).values()), 32, num_workers=0, cache_dir=tmp_path, progress=False)
+    pooled = SiteDataModule(list(site_manifest_paths(manifests).values()), Preprocessing(32), num_workers=0, cache_dir=tmp_path, progress=False)
     pooled.setup()
     assert sum(len(d) for d in pooled.datasets.values()) == 120
 
 
 def test_datamodule_missing_manifest(tmp_path):
-    dm = SiteDataModule([tmp_path / "site-9.csv"], 32, cache_dir=tmp_path)
+    dm = SiteDataModule([tmp_path / "site-9.csv"], Preprocessing(32), cache_dir=tmp_path)
     with pytest.raises(DataError, match="site-9.csv: site manifest not found"):
         dm.setup()
 

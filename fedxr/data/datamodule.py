@@ -17,9 +17,8 @@ from fedxr.data.manifest import SPLITS, read_manifest
 from fedxr.errors import DataError
 from fedxr.imaging import standardize, to_unit
 from fedxr.labels import LABELS
+from fedxr.preprocessing import Preprocessing
 
-#: Used when the model's registry entry gives no normalisation (gray radiographs, 0..1 scale).
-DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
 #: Training-time intensity augmentation: gamma in [e^-r, e^r] (0.74-1.35), contrast ±20 %, brightness ±8 %.
 GAMMA_LOG_RANGE, CONTRAST_RANGE, BRIGHTNESS_RANGE = 0.3, 0.2, 0.08
 
@@ -27,9 +26,9 @@ GAMMA_LOG_RANGE, CONTRAST_RANGE, BRIGHTNESS_RANGE = 0.3, 0.2, 0.08
 class XRayDataset(Dataset):
     """Items are ``(image, target)``: image (1, S, S) float32 normalised, target (14,) float32."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: float, std: float, augment: bool):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, preprocessing: Preprocessing, augment: bool):
         self.images, self.labels = images, labels.astype(np.float32)
-        self.mean, self.std = mean, std
+        self.mean, self.std = preprocessing.mean, preprocessing.std
         # Mild, anatomically sane augmentation: small rotation/shift/zoom; no horizontal flip by default
         # (the heart is on the left, and flipping would teach the model anatomy it will never see).
         self.affine = v2.RandomAffine(degrees=5, translate=(0.04, 0.04), scale=(0.95, 1.05)) if augment else None
@@ -58,20 +57,20 @@ class XRayDataset(Dataset):
 class SiteDataModule(L.LightningDataModule):
     """Train/val/test loaders for the rows of one or more site manifests.
 
-    Several manifests are pooled (central training); one manifest is one hospital's data.
+    Several manifests are pooled (central training); one manifest is one hospital's data. Images are
+    cached at ``preprocessing.size`` and normalised with its mean and std.
     """
 
     def __init__(
-        self, manifests: Sequence[str | Path], image_size: int, batch_size: int = 32, num_workers: int = 2,
-        mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD, augment: bool = True,
-        cache_dir: str | Path = ".cache/fedxr", progress: bool = True,
+        self, manifests: Sequence[str | Path], preprocessing: Preprocessing, batch_size: int = 32, num_workers: int = 2,
+        augment: bool = True, cache_dir: str | Path = ".cache/fedxr", progress: bool = True,
     ):
         super().__init__()
         if not manifests:
             raise DataError("no site manifest given; run `fedxr data split ROOT --out DIR` first")
         self.manifests = [Path(m) for m in manifests]
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.mean, self.std, self.augment = mean, std, augment
+        self.preprocessing, self.batch_size, self.num_workers = preprocessing, batch_size, num_workers
+        self.augment = augment
         self.cache_dir, self.progress = Path(cache_dir), progress
         self.rows: pd.DataFrame | None = None
         self.datasets: dict[str, XRayDataset] = {}
@@ -88,11 +87,11 @@ class SiteDataModule(L.LightningDataModule):
             part = self.rows[self.rows["split"] == split]
             if part.empty:
                 continue
-            images = build_cache(part["path"].tolist(), self.image_size, self.cache_dir,
+            images = build_cache(part["path"].tolist(), self.preprocessing.size, self.cache_dir,
                                  workers=max(1, self.num_workers), progress=self.progress,
                                  desc=f"{self.name} {split}")
             labels = part[list(LABELS)].to_numpy(dtype=np.float32)
-            self.datasets[split] = XRayDataset(images, labels, self.mean, self.std, self.augment and split == "train")
+            self.datasets[split] = XRayDataset(images, labels, self.preprocessing, self.augment and split == "train")
 
     def split_labels(self, split: str) -> np.ndarray:
         """(N, 14) label matrix of a split (e.g. for BCE pos_weight from the training labels)."""

@@ -18,10 +18,10 @@ from fedxr.data.atomic import atomic_dir
 from fedxr.data.nih import NIHDataset
 from fedxr.errors import DataError
 from fedxr.labels import LABELS
+from fedxr.layout import SITES_SUMMARY_FILE as SUMMARY_FILE
 
 MANIFEST_COLUMNS = ("image", "path", "patient_id", "split", "findings")
 SPLITS = ("train", "val", "test")
-SUMMARY_FILE = "sites.json"
 
 
 def patient_table(table: pd.DataFrame, column: str | None = None) -> pd.DataFrame:
@@ -146,6 +146,19 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if frame.empty:
         raise DataError(f"{path}: the site manifest has no rows; this site has no data")
     return frame
+
+
+def read_summary(folder: str | Path) -> dict:
+    """A manifest folder's ``sites.json``: {"settings": split settings incl. the data ``root``, "sites": [per-site
+    counts and prevalence]}. A missing or unreadable file is a DataError naming the command that writes it."""
+    path = Path(folder) / SUMMARY_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; site manifests and their summary are written by "
+                        "`fedxr data prepare RECIPE` (or `fedxr data split ROOT --out DIR`)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); write the manifests again with `fedxr data prepare RECIPE --force`") from None
 
 
 def site_manifest_paths(folder: str | Path) -> dict[str, Path]:

@@ -28,7 +28,7 @@ import pandas as pd
 
 from fedxr.errors import DataError
 from fedxr.imaging import IMAGE_SUFFIXES
-from fedxr.labels import LABELS, NO_FINDING, UnknownLabelError, canonical_label, encode_findings
+from fedxr.labels import LABELS, UnknownLabelError, canonical_label, encode_findings
 
 #: Canonical columns of the image table (the 14 label columns follow).
 TABLE_COLUMNS = ("image", "patient_id", "follow_up", "age", "sex", "view", "findings")

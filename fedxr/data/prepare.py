@@ -10,14 +10,11 @@ import json
 from pathlib import Path
 
 from fedxr.config import Recipe
-from fedxr.data.manifest import SUMMARY_FILE, build_site_manifests, format_summary, summarise, write_manifests
+from fedxr.data.manifest import (SUMMARY_FILE, build_site_manifests, format_summary, read_summary, summarise,
+                                 write_manifests)
 from fedxr.data.nih import load_dataset
 from fedxr.data.phantom import MARKER_FILE
 from fedxr.errors import DataError
-
-
-def sites_dir(recipe: Recipe) -> Path:
-    return recipe.run_dir / "sites"
 
 
 def split_settings(recipe: Recipe) -> dict:
@@ -72,11 +69,10 @@ def _stale_phantom(root: Path, recipe: Recipe) -> str:
 
 def ensure_sites(recipe: Recipe, force: bool = False) -> tuple[Path, bool]:
     """Write the site manifests unless ones with the same settings exist. Returns (folder, written)."""
-    folder = sites_dir(recipe)
+    folder = recipe.layout.sites
     settings = split_settings(recipe)
-    summary = folder / SUMMARY_FILE
-    if summary.is_file() and not force:
-        old = json.loads(summary.read_text()).get("settings", {})
+    if (folder / SUMMARY_FILE).is_file() and not force:
+        old = read_summary(folder).get("settings", {})
         if {k: old.get(k) for k in settings} == settings:
             return folder, False
     dataset = load_dataset(recipe.data.root, missing=recipe.data.missing_images)
@@ -92,7 +88,7 @@ def ensure_sites(recipe: Recipe, force: bool = False) -> tuple[Path, bool]:
 
 def require_sites(recipe: Recipe, recipe_path: str | Path | None = None) -> Path:
     """The manifest folder, or a DataError naming the command that prepares it."""
-    folder = sites_dir(recipe)
+    folder = recipe.layout.sites
     if not (folder / SUMMARY_FILE).is_file():
         raise DataError(f"{folder}: no site manifests yet; run `fedxr data prepare {recipe_path or 'RECIPE'}` first")
     return folder

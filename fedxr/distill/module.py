@@ -3,7 +3,7 @@
 ``DistillClassifier`` is an ``XRayClassifier`` (so validation AUROC, thresholds and the checkpoint of
 the *student* work exactly as for any fedxr model) with a frozen teacher beside it: ``eval()`` always,
 ``requires_grad_(False)``, run under ``no_grad()``. The teacher sees the batch at its own input size
-and normalisation. Task and distillation losses are logged separately.
+and normalisation (``teacher_preprocessing``, read from the teacher's checkpoint). Task and distillation losses are logged separately.
 
 The teacher is a registered submodule, so its weights are part of the module's ``state_dict``: in a
 federated job they reach every site with the global model (through NVFlare, no manual copying) and,
@@ -20,21 +20,19 @@ from fedxr.labels import TRAIN_KD_LOSS, TRAIN_LOSS, TRAIN_TASK_LOSS
 from fedxr.models.checkpoint import load_checkpoint
 from fedxr.models.classifier import XRayClassifier
 from fedxr.models.registry import build_model, get_spec
+from fedxr.preprocessing import Preprocessing
 
 
 class DistillClassifier(XRayClassifier):
     """Student logits (N, 14) from images (N, 1, S, S); loss = (1 − α)·BCE + α·T²·KL(teacher ‖ student)."""
 
-    def __init__(self, model_name: str, teacher_name: str, teacher_image_size: int | None = None,
-                 teacher_mean: float | None = None, teacher_std: float | None = None, alpha: float = 0.7,
-                 temperature: float = 2.0, teacher_checkpoint: str | None = None, **kwargs):
+    def __init__(self, model_name: str, teacher_name: str, teacher_preprocessing: Preprocessing | dict | None = None,
+                 alpha: float = 0.7, temperature: float = 2.0, teacher_checkpoint: str | None = None, **kwargs):
         super().__init__(model_name, **kwargs)
-        spec = get_spec(teacher_name)
         self.teacher_name, self.alpha, self.temperature = teacher_name, alpha, temperature
         self.teacher_checkpoint = teacher_checkpoint
-        self.teacher_image_size = teacher_image_size or spec.input_size
-        self.teacher_mean = spec.mean if teacher_mean is None else teacher_mean
-        self.teacher_std = spec.std if teacher_std is None else teacher_std
+        self.teacher_preprocessing = (Preprocessing.coerce(teacher_preprocessing) if teacher_preprocessing is not None
+                                      else get_spec(teacher_name).preprocessing())
         self.teacher = build_model(teacher_name)
         if teacher_checkpoint:
             ckpt = load_checkpoint(teacher_checkpoint)
@@ -51,11 +49,11 @@ class DistillClassifier(XRayClassifier):
 
     def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
         """The student's batch re-expressed at the teacher's input size and normalisation."""
-        unit = x * self.std + self.mean
-        if unit.shape[-1] != self.teacher_image_size:
-            size = (self.teacher_image_size, self.teacher_image_size)
-            unit = F.interpolate(unit, size=size, mode="bilinear", align_corners=False, antialias=True)
-        return (unit - self.teacher_mean) / self.teacher_std
+        mine, theirs = self.preprocessing, self.teacher_preprocessing
+        unit = x * mine.std + mine.mean
+        if unit.shape[-1] != theirs.size:
+            unit = F.interpolate(unit, size=(theirs.size, theirs.size), mode="bilinear", align_corners=False, antialias=True)
+        return (unit - theirs.mean) / theirs.std
 
     @torch.no_grad()
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:

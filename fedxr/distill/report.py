@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedxr.evaluation import BOOTSTRAP_RESAMPLES, PREDICTIONS_FILE
 from fedxr.labels import LABELS
+from fedxr.plots import saved_figure
+
+if TYPE_CHECKING:
+    from fedxr.results import DistillResult, StudentResult
 
 AUROC_MARGIN = 0.02
 MAC_RATIO_GOAL = 10.0
@@ -53,23 +58,33 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def build_report(teacher_ckpt: str | Path, students: dict[str, dict[str, str]], sites_dir: Path, out: Path,
+def compare_students(recipe, distilled: "DistillResult", teacher_result: dict | None = None,
+                     progress: bool = True) -> dict:
+    """The teacher against each distilled student (and its ablation) on the run's pooled test set, written
+    to ``RUN/distill/`` and printed: what `fedxr run` (evaluate stage) and `fedxr distill` both show."""
+    report = build_report(distilled.teacher, distilled.students, recipe.layout.sites, recipe.layout.distill,
+                          cache_dir=recipe.data.cache_dir, progress=progress, teacher_result=teacher_result)
+    print(format_report(report))
+    return report
+
+
+def build_report(teacher_ckpt: str | Path, students: dict[str, "StudentResult"], sites_dir: Path, out: Path,
                  cache_dir: str = ".cache/fedxr", progress: bool = True, teacher_result: dict | None = None) -> dict:
-    """``students``: {name: {"kd": ckpt, "no_kd": ckpt (optional)}}. Writes the JSON and PNG into ``out``.
-    ``teacher_result``: the teacher's pooled-test `evaluate_checkpoint` result, when already computed."""
+    """``students``: {name: StudentResult (kd checkpoint, optional no_kd)}. Writes the JSON and PNG into
+    ``out``. ``teacher_result``: the teacher's pooled-test `evaluate_checkpoint` result, when already computed."""
     out.mkdir(parents=True, exist_ok=True)
     teacher = _score(str(teacher_ckpt), sites_dir, out / "eval_teacher", cache_dir, progress, teacher_result)
     rows = {}
     for name, ckpts in students.items():
-        kd = _score(ckpts["kd"], sites_dir, out / f"eval_{name}", cache_dir, progress)
+        kd = _score(ckpts.kd, sites_dir, out / f"eval_{name}", cache_dir, progress)
         kd["mac_ratio"] = teacher["macs"] / kd["macs"]
         kd["auroc_vs_teacher"] = _diff(kd["macro_auroc"], teacher["macro_auroc"])
         kd["goal_auroc_within_0.02"] = kd["auroc_vs_teacher"] is not None and kd["auroc_vs_teacher"] >= -AUROC_MARGIN
         kd["goal_10x_fewer_macs"] = kd["mac_ratio"] >= MAC_RATIO_GOAL
         classes = teacher["counted"]
         kd["vs_teacher_paired"] = paired_differences(kd, teacher, classes)
-        if ckpts.get("no_kd"):
-            ablation = _score(ckpts["no_kd"], sites_dir, out / f"eval_{name}_no_kd", cache_dir, progress)
+        if ckpts.no_kd:
+            ablation = _score(ckpts.no_kd, sites_dir, out / f"eval_{name}_no_kd", cache_dir, progress)
             kd["no_kd"] = ablation
             kd["kd_gain"] = _diff(kd["macro_auroc"], ablation["macro_auroc"])
             kd["kd_gain_paired"] = paired_differences(kd, ablation, classes)
@@ -84,10 +99,6 @@ def build_report(teacher_ckpt: str | Path, students: dict[str, dict[str, str]], 
 
 
 def plot_report(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     teacher = report["teacher"]
@@ -96,33 +107,30 @@ def plot_report(report: dict, path: Path) -> None:
         models.append((f"{name} (KD)", row))
         if "no_kd" in row:
             models.append((f"{name} (no KD)", row["no_kd"]))
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [3, 1]})
-    width = 0.8 / len(models)
-    x = np.arange(len(LABELS))
-    for i, (label, m) in enumerate(models):
-        vals = [m["auroc"][c] if m["auroc"][c] is not None else np.nan for c in LABELS]
-        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=f"{label}: macro {_f(m['macro_auroc'], '.3f')}")
-    ax.set_xticks(x, LABELS, rotation=45, ha="right", fontsize=8)
-    ax.set_ylim(0.0, 1.0)
-    ax.axhline(0.5, c="grey", lw=0.7, ls=":")
-    ax.set_ylabel("test AUROC")
-    ax.set_title("per-class AUROC, pooled test set")
-    ax.legend(fontsize=8)
-    for label, m in models:
-        if m["macro_auroc"] is None:
-            continue
-        ax2.scatter(m["macs"] / 1e6, m["macro_auroc"], s=40)
-        ax2.annotate(label, (m["macs"] / 1e6, m["macro_auroc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("MMACs per image (log)")
-    ax2.set_ylabel("macro AUROC")
-    if teacher["macro_auroc"] is not None:
-        ax2.axhline(teacher["macro_auroc"] - AUROC_MARGIN, c="red", lw=0.7, ls="--", label="teacher − 0.02")
-        ax2.legend(fontsize=7)
-    ax2.set_title("accuracy vs compute")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with saved_figure(path, dpi=100, ncols=2, figsize=(15, 5), gridspec_kw={"width_ratios": [3, 1]}) as (fig, (ax, ax2)):
+        width = 0.8 / len(models)
+        x = np.arange(len(LABELS))
+        for i, (label, m) in enumerate(models):
+            vals = [m["auroc"][c] if m["auroc"][c] is not None else np.nan for c in LABELS]
+            ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=f"{label}: macro {_f(m['macro_auroc'], '.3f')}")
+        ax.set_xticks(x, LABELS, rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0.0, 1.0)
+        ax.axhline(0.5, c="grey", lw=0.7, ls=":")
+        ax.set_ylabel("test AUROC")
+        ax.set_title("per-class AUROC, pooled test set")
+        ax.legend(fontsize=8)
+        for label, m in models:
+            if m["macro_auroc"] is None:
+                continue
+            ax2.scatter(m["macs"] / 1e6, m["macro_auroc"], s=40)
+            ax2.annotate(label, (m["macs"] / 1e6, m["macro_auroc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax2.set_xscale("log")
+        ax2.set_xlabel("MMACs per image (log)")
+        ax2.set_ylabel("macro AUROC")
+        if teacher["macro_auroc"] is not None:
+            ax2.axhline(teacher["macro_auroc"] - AUROC_MARGIN, c="red", lw=0.7, ls="--", label="teacher − 0.02")
+            ax2.legend(fontsize=7)
+        ax2.set_title("accuracy vs compute")
 
 
 def _f(value, spec: str = ".4f") -> str:

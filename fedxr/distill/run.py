@@ -22,12 +22,16 @@ import torch
 
 from fedxr.config import Recipe
 from fedxr.errors import FedxrError
+from fedxr.layout import RunLayout, chosen_checkpoint
 from fedxr.models.checkpoint import load_checkpoint
 from fedxr.models.registry import UnknownModelError, get_spec
+from fedxr.results import DistillResult, StudentResult
 
 #: Regex of the teacher's tensors in a DistillClassifier state_dict (kept out of aggregation).
 TEACHER_VARS = r"^teacher\."
 DISTILL_CLASS = "fedxr.distill.module.DistillClassifier"
+#: Recorded as the checkpoints' ``source`` (the distilled student and its ablation alike).
+SOURCE = "distill"
 
 
 def check_teacher(path: str | Path | None) -> dict:
@@ -43,43 +47,48 @@ def check_teacher(path: str | Path | None) -> dict:
 
 
 def default_teacher(recipe: Recipe) -> Path:
-    folder = recipe.run_dir / "federate"
-    for name in ("global_best.ckpt", "global_last.ckpt"):
-        if (folder / name).is_file():
-            return folder / name
-    raise FedxrError(f"no teacher checkpoint in {folder}: run `fedxr federate RECIPE` first or pass --teacher CKPT")
+    """The run's federated teacher (best global model, else the last)."""
+    try:
+        return chosen_checkpoint(recipe.layout.federate)
+    except FedxrError:
+        raise FedxrError(f"no teacher checkpoint in {recipe.layout.federate}: run `fedxr federate RECIPE` first "
+                         "or pass --teacher CKPT") from None
 
 
 def student_recipe(recipe: Recipe, student: str) -> Recipe:
     """The recipe a student trains with: the student model, the distill section's rounds and epochs,
     plain FedAvg (the students are averaged), final global evaluation instead of cross-site."""
-    data = recipe.resolved()
-    data["model"]["name"] = student
-    data["model"]["mixup"] = recipe.distill.mixup  # the KD student and its no-teacher ablation alike
-    data["model"]["lr"] = recipe.distill.lr or recipe.model.lr
-    data["data"]["image_size"] = recipe.distill.image_size or recipe.data.image_size
-    data["federated"].update(rounds=recipe.distill.rounds, local_epochs=recipe.distill.local_epochs,
-                             algorithm="fedavg", fedbn=False, cross_site_eval=False)
-    from fedxr.config import recipe_from_dict
-
-    return recipe_from_dict(data, f"{recipe.output.name} (student {student})")
+    d = recipe.distill
+    return recipe.changed(
+        f"student {student}",
+        # mixup for the KD student and its no-teacher ablation alike
+        model={"name": student, "mixup": d.mixup, "lr": d.lr or recipe.model.lr},
+        data={"image_size": d.image_size or recipe.data.image_size},
+        federated={"rounds": d.rounds, "local_epochs": d.local_epochs, "algorithm": "fedavg", "fedbn": False,
+                   "cross_site_eval": False})
 
 
 def distill_arguments(recipe: Recipe, teacher: dict) -> dict:
-    """DistillClassifier's teacher and loss arguments (everything but the student's own)."""
+    """DistillClassifier's teacher and loss arguments (everything but the student's own); the teacher's
+    preprocessing is read from its checkpoint."""
     d = recipe.distill
-    return {"teacher_name": teacher["model_name"], "teacher_image_size": int(teacher["image_size"]),
-            "teacher_mean": float(teacher["mean"]), "teacher_std": float(teacher["std"]),
+    return {"teacher_name": teacher["model_name"], "teacher_preprocessing": teacher["preprocessing"].as_dict(),
             "alpha": d.alpha, "temperature": d.temperature}
 
 
-def initial_model(recipe: Recipe, teacher: dict, path: Path) -> Path:
+def student_model(srecipe: Recipe, teacher: dict) -> dict:
+    """The federated job's model description: the student's (as for any fedxr model) plus its teacher."""
+    from fedxr.federated.job import model_config
+
+    return {"class_path": DISTILL_CLASS, "args": {**model_config(srecipe)["args"], **distill_arguments(srecipe, teacher)}}
+
+
+def initial_model(srecipe: Recipe, teacher: dict, path: Path) -> Path:
     """Round-0 weights of the federated job: a seeded student and the teacher's weights."""
     from fedxr.distill.module import DistillClassifier
 
-    L.seed_everything(recipe.model.seed, verbose=False)
-    module = DistillClassifier(recipe.model.name, image_size=recipe.data.image_size, init_seed=recipe.model.seed,
-                               **distill_arguments(recipe, teacher))
+    L.seed_everything(srecipe.model.seed, verbose=False)
+    module = DistillClassifier(**student_model(srecipe, teacher)["args"])
     module.teacher.load_state_dict(teacher["state_dict"])
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(module.state_dict(), path)
@@ -88,20 +97,13 @@ def initial_model(recipe: Recipe, teacher: dict, path: Path) -> Path:
 
 def distill_federated(recipe: Recipe, teacher_path: Path, teacher: dict, student: str, env: str,
                       recipe_path: str | None = None, startup_kit: str | None = None) -> dict:
-    from fedxr.federated.job import encode_json
     from fedxr.federated.run import federate
 
     srecipe = student_recipe(recipe, student)
-    stage = f"distill/{student}"
-    spec = get_spec(student)
-    args = distill_arguments(srecipe, teacher)
-    server_model = {"class_path": DISTILL_CLASS,
-                    "args": {"model_name": student, "image_size": srecipe.data.image_size, "mean": spec.mean,
-                             "std": spec.std, **args}}
-    init = initial_model(srecipe, teacher, srecipe.run_dir / stage / "initial_model.pt")
-    summary = federate(srecipe, env=env, startup_kit=startup_kit, recipe_path=recipe_path, stage=stage,
-                       extra_args=f"--distill {encode_json(args)}", model=server_model,
-                       exclude_vars=TEACHER_VARS, initial_ckpt=init)
+    stage = RunLayout.student_stage(student)
+    init = initial_model(srecipe, teacher, srecipe.layout.stage(stage) / "initial_model.pt")
+    summary = federate(srecipe, env=env, startup_kit=startup_kit, recipe_path=recipe_path, stage=stage, source=SOURCE,
+                       model=student_model(srecipe, teacher), exclude_vars=TEACHER_VARS, initial_ckpt=init)
     summary["teacher"] = str(teacher_path)
     return summary
 
@@ -118,8 +120,7 @@ def distill_central(recipe: Recipe, teacher_path: Path, teacher: dict, student: 
     site = site or next(iter(paths))
     if site not in paths:
         raise FedxrError(f"--site {site!r} is not one of the sites in {sites_dir}: {', '.join(paths)}")
-    tag = f"distill/{student}" if with_teacher else f"distill/{student}_no_kd"
-    folder = srecipe.run_dir / tag
+    folder = srecipe.layout.stage(RunLayout.student_stage(student, with_teacher))
     folder.mkdir(parents=True, exist_ok=True)
     L.seed_everything(srecipe.model.seed, workers=True, verbose=False)
     dm = make_datamodule(srecipe, [paths[site]], progress=progress)
@@ -128,17 +129,19 @@ def distill_central(recipe: Recipe, teacher_path: Path, teacher: dict, student: 
                                  **distill_arguments(srecipe, teacher))
     else:
         module = make_classifier(srecipe, dm)
-    best = BestCheckpoint(folder, srecipe.resolved(), source="distill" if with_teacher else "train:no_kd")
+    best = BestCheckpoint(folder, srecipe.resolved(), source=SOURCE if with_teacher else "train:no_kd")
     epochs = srecipe.distill.rounds * srecipe.distill.local_epochs  # the federated run's local work
     make_trainer(srecipe, folder, callbacks=[best], max_epochs=epochs, progress=progress).fit(module, datamodule=dm)
     return {"mode": "central", "site": site, "teacher": str(teacher_path), "folder": str(folder),
-            "checkpoints": {"global_best": str(folder / "best.ckpt"), "global_last": str(folder / "last.ckpt")}}
+            "checkpoints": {"best": str(best.best_path), "last": str(best.last_path)},
+            "checkpoint": str(chosen_checkpoint(folder))}
 
 
 def distill(recipe: Recipe, teacher_path: str | Path | None = None, mode: str | None = None, env: str | None = None,
             site: str | None = None, recipe_path: str | None = None, startup_kit: str | None = None,
-            progress: bool = True) -> dict:
-    """Distil every student of the recipe (and the no-teacher ablation); returns {student: summary}."""
+            progress: bool = True) -> DistillResult:
+    """Distil every student of the recipe (and the no-teacher ablation). Each student's run summary goes
+    to ``RUN/distill/summary.json``; the result names the checkpoints."""
     from fedxr.data.prepare import require_sites
     from fedxr.federated.run import federate
 
@@ -149,7 +152,8 @@ def distill(recipe: Recipe, teacher_path: str | Path | None = None, mode: str | 
     if mode not in ("federated", "central"):
         raise FedxrError(f"unknown --mode {mode!r}; use federated or central")
     sites_dir = require_sites(recipe, recipe_path) if (mode == "central" or env != "prod") else None
-    results: dict = {"teacher": str(teacher_path), "mode": mode, "students": {}}
+    summaries: dict = {"teacher": str(teacher_path), "mode": mode, "students": {}}
+    students: dict[str, StudentResult] = {}
     for student in recipe.distill.students:
         print(f"--- distilling {teacher['model_name']} → {student} ({mode}) ---", flush=True)
         if mode == "federated":
@@ -161,17 +165,17 @@ def distill(recipe: Recipe, teacher_path: str | Path | None = None, mode: str | 
             print(f"--- ablation: {student} without the teacher (same rounds and data) ---", flush=True)
             if mode == "federated":
                 entry["no_kd"] = federate(student_recipe(recipe, student), env=env, startup_kit=startup_kit,
-                                          recipe_path=recipe_path, stage=f"distill/{student}_no_kd")
+                                          recipe_path=recipe_path, stage=RunLayout.student_stage(student, False),
+                                          source=SOURCE)
             else:
                 entry["no_kd"] = distill_central(recipe, teacher_path, teacher, student, sites_dir, site, progress,
                                                  with_teacher=False)
-        results["students"][student] = entry
-    out = recipe.run_dir / "distill"
+        summaries["students"][student] = entry
+        students[student] = StudentResult(kd=entry["kd"]["checkpoint"],
+                                          no_kd=entry["no_kd"]["checkpoint"] if "no_kd" in entry else None)
+        print(f"student {student}: {students[student].kd}"
+              + (f"   (no-KD ablation: {students[student].no_kd})" if students[student].no_kd else ""))
+    out = recipe.layout.distill
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(results, indent=2, default=str))
-    return results
-
-
-def student_checkpoint(summary: dict) -> str:
-    ckpts = summary["checkpoints"]
-    return ckpts.get("global_best") or ckpts["global_last"]
+    (out / "summary.json").write_text(json.dumps(summaries, indent=2, default=str))
+    return DistillResult(teacher=str(teacher_path), students=students)

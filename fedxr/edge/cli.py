@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedxr.errors import FedxrError
+from fedxr.errors import EXIT_CHECK_FAILED, EXIT_OK, FedxrError, run_command
 from fedxr.imaging import IMAGE_SUFFIXES
 
 
@@ -57,8 +57,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failed = sum(r.error is not None for r in results)
     if failed:
         print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_CHECK_FAILED
+    return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -114,8 +114,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except FedxrError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_command(lambda: args.func(args))

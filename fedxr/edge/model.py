@@ -11,7 +11,8 @@ import numpy as np
 
 from fedxr.edge import metadata
 from fedxr.errors import FedxrError
-from fedxr.imaging import ImageReadError, load_for_model, model_input, resize_square
+from fedxr.imaging import ImageReadError, resize_square
+from fedxr.preprocessing import FALLBACK_MEAN, FALLBACK_STD, Preprocessing
 
 
 class ModelMetadataError(FedxrError):
@@ -72,17 +73,17 @@ class EdgeModel:
             raise ModelMetadataError(
                 f"{self.path}: not a fedxr model (no {', '.join('fedxr.' + k for k in missing)} metadata); "
                 "export it with `python -m fedxr.export CKPT`, or pass --labels NAME,NAME,… to use it anyway "
-                "(thresholds 0.5, normalisation mean 0.5 / std 0.25, input size from the model)")
+                f"(thresholds 0.5, normalisation mean {FALLBACK_MEAN} / std {FALLBACK_STD}, input size from the model)")
         if missing:
             shape = self.session.get_inputs()[0].shape
             n_out = self.session.get_outputs()[0].shape[-1]
             if isinstance(n_out, int) and len(labels) != n_out:
                 raise ModelMetadataError(f"--labels names {len(labels)} labels but the model has {n_out} outputs")
-            self.meta = {"labels": list(labels), "input_size": int(shape[-1]), "mean": 0.5, "std": 0.25,
+            self.meta = {"labels": list(labels), **Preprocessing(int(shape[-1])).metadata(),
                          "thresholds": [0.5] * len(labels), **self.meta}
         self.labels: list[str] = list(self.meta["labels"])
-        self.size = int(self.meta["input_size"])
-        self.mean, self.std = float(self.meta["mean"]), float(self.meta["std"])
+        self.preprocessing = Preprocessing.from_metadata(self.meta)
+        self.size = self.preprocessing.size
         self.thresholds = np.asarray(self.meta["thresholds"], dtype=np.float32)
 
     @property
@@ -95,7 +96,7 @@ class EdgeModel:
             if item.ndim != 2 or item.dtype != np.uint8:
                 raise FedxrError(f"array input must be (H, W) uint8 gray; got {item.dtype} {item.shape}")
             return resize_square(item, self.size)
-        return load_for_model(item, self.size)
+        return self.preprocessing.load(item)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """(N, 1, S, S) float32 → (N, 14) logits. The input must already be preprocessed."""
@@ -115,7 +116,7 @@ class EdgeModel:
                 results[i].error = str(exc)
         for start in range(0, len(ready), max(1, batch_size)):
             chunk = ready[start:start + batch_size]
-            logits = self.logits(model_input([g for _, g in chunk], self.mean, self.std))
+            logits = self.logits(self.preprocessing.batch([g for _, g in chunk]))
             probs = 1.0 / (1.0 + np.exp(-logits))
             for (i, _), p in zip(chunk, probs):
                 results[i].probabilities = {l: round(float(v), 6) for l, v in zip(self.labels, p)}

@@ -15,20 +15,31 @@ from fedxr.data.manifest import read_manifest
 from fedxr.errors import FedxrError
 from fedxr.export.onnx import INPUT, export_fp32, model_metadata, parity, set_metadata, sha256_of
 from fedxr.export.quantize import quantize_int8
-from fedxr.imaging import load_for_model, model_input
 from fedxr.labels import LABELS
+from fedxr.layout import RunLayout
 from fedxr.models.checkpoint import model_from_checkpoint
 from fedxr.models.metrics import multilabel_scores
 
 MIN_CALIBRATION = 100
 INT8_MIN_SPEEDUP, INT8_MAX_AUROC_LOSS = 1.2, 0.01
+#: Largest |logit| difference allowed between the FP16 file and PyTorch FP32: half precision keeps ~3
+#: significant digits, so logits of a few units differ in the second or third decimal.
+FP16_PARITY_TOLERANCE = 0.05
 
 
-def validation_images(ckpt: dict, data: str | Path | None, size: int, limit: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Up to ``limit`` validation images (uint8, resized) and labels from site manifests."""
+def _run_layout(ckpt: dict) -> RunLayout | None:
+    """The run that wrote the checkpoint, from the resolved recipe inside it (None for a bare checkpoint)."""
+    return RunLayout.of_resolved(ckpt.get("recipe") or {})
+
+
+def validation_images(ckpt: dict, data: str | Path | None, limit: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Up to ``limit`` validation images (uint8, resized for the model) and labels from site manifests
+    (default: the site manifests of the run that wrote the checkpoint)."""
     if data is None:
-        out = ckpt.get("recipe", {}).get("output", {})
-        data = Path(out.get("runs_dir", "runs")) / out.get("name", "") / "sites"
+        layout = _run_layout(ckpt)
+        if layout is None:
+            raise FedxrError("the checkpoint names no run to take validation images from; pass --data SITES_DIR")
+        data = layout.sites
     data = Path(data)
     manifests = [data] if data.is_file() else sorted(data.glob("site-*.csv"))
     if not manifests:
@@ -39,7 +50,8 @@ def validation_images(ckpt: dict, data: str | Path | None, size: int, limit: int
     val = pd.concat(rows).head(limit)
     if val.empty:
         raise FedxrError(f"{data}: the manifests have no validation rows to verify and calibrate with")
-    return [load_for_model(p, size) for p in val["path"]], val[list(LABELS)].to_numpy(dtype=np.float32)
+    prep = ckpt["preprocessing"]
+    return [prep.load(p) for p in val["path"]], val[list(LABELS)].to_numpy(dtype=np.float32)
 
 
 def _batches(x: np.ndarray, size: int) -> list[np.ndarray]:
@@ -79,14 +91,17 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
 
     ckpt_path = Path(ckpt_path)
     model, ckpt = model_from_checkpoint(ckpt_path)
-    name, size = ckpt["model_name"], ckpt["image_size"]
-    out = Path(out) if out else Path("export") / f"{ckpt.get('recipe', {}).get('output', {}).get('name', 'model')}_{name}"
+    name, prep = ckpt["model_name"], ckpt["preprocessing"]
+    if out is None:
+        layout = _run_layout(ckpt) or RunLayout(Path("model"))  # a bare checkpoint: export/model_NAME
+        out = layout.export(name, student=str(ckpt.get("source", "")).startswith("distill"))
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    images, labels = validation_images(ckpt, data, size, max(calibration_images, 16))
-    x = model_input(images, ckpt["mean"], ckpt["std"])
+    images, labels = validation_images(ckpt, data, max(calibration_images, 16))
+    x = prep.batch(images)
     files, checks_ok = [], True
 
-    fp32 = export_fp32(model, size, out / f"{name}_fp32.onnx", opset)
+    fp32 = export_fp32(model, prep.size, out / f"{name}_fp32.onnx", opset)
     sess = _session(fp32)
     diff = parity(model, sess, [x[:1], x[:8]])
     passed = diff <= parity_tolerance
@@ -127,8 +142,13 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
         onnx.save(m16, str(h))
         hs = _session(h)
         d16 = parity(model, hs, [x[:1], x[:8]])
-        files.append({"file": h.name, "format": "onnx-fp16", "parity_max_abs_logit": d16, "val_auroc": _auroc(hs, x, labels),
-                      "latency_ms_b1_p50": _latency_ms(hs, x[:1]), "kept": True})
+        ok16 = d16 <= FP16_PARITY_TOLERANCE
+        checks_ok &= ok16
+        auroc16 = _auroc(hs, x, labels)
+        set_metadata(h, model_metadata(ckpt, ckpt_path, "onnx-fp16", auroc16))  # its own format, not the FP32 file's
+        files.append({"file": h.name, "format": "onnx-fp16", "parity_max_abs_logit": d16,
+                      "parity_tolerance": FP16_PARITY_TOLERANCE, "parity_ok": ok16, "val_auroc": auroc16,
+                      "latency_ms_b1_p50": _latency_ms(_session(h), x[:1]), "kept": True})
     for f in files:
         p = out / f["file"]
         if p.exists():
@@ -137,7 +157,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
     best = min(kept, key=lambda f: f["latency_ms_b1_p50"])
     manifest = {
         "checkpoint": str(ckpt_path), "checkpoint_sha256": sha256_of(ckpt_path), "model_name": name,
-        "input_size": size, "validation_images": len(images), "int8_decision": decision, "files": files,
+        "input_size": prep.size, "validation_images": len(images), "int8_decision": decision, "files": files,
         "recommended": best["file"], "ok": bool(checks_ok),
         "runtime": {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__,
                     "python": platform.python_version(), "machine": platform.machine()},

@@ -14,7 +14,6 @@ import torch
 from fedxr import __version__
 from fedxr.edge import metadata
 from fedxr.errors import FedxrError
-from fedxr.imaging import PREPROCESSING
 
 INPUT, OUTPUT = "image", "logits"
 
@@ -28,10 +27,13 @@ def sha256_of(path: str | Path) -> str:
 
 
 def model_metadata(ckpt: dict, ckpt_path: Path, fmt: str, val_auroc: float | None) -> dict:
-    return {"labels": list(ckpt["labels"]), "input_size": ckpt["image_size"], "channels": 1, "mean": ckpt["mean"],
-            "std": ckpt["std"], "preprocessing": PREPROCESSING, "thresholds": list(ckpt["thresholds"]),
-            "model_name": ckpt["model_name"], "fedxr_version": __version__, "checkpoint_sha256": sha256_of(ckpt_path),
-            "val_auroc": val_auroc, "format": fmt}
+    """The fedxr metadata of one exported file: exactly :data:`fedxr.edge.metadata.KEYS`."""
+    values = {"labels": list(ckpt["labels"]), **ckpt["preprocessing"].metadata(), "thresholds": list(ckpt["thresholds"]),
+              "model_name": ckpt["model_name"], "fedxr_version": __version__, "checkpoint_sha256": sha256_of(ckpt_path),
+              "val_auroc": val_auroc, "format": fmt}
+    if set(values) != set(metadata.KEYS):  # the edge runtime documents and reads these keys
+        raise AssertionError(f"export metadata keys {sorted(values)} differ from fedxr.edge.metadata.KEYS")
+    return values
 
 
 def set_metadata(path: Path, values: dict) -> None:

@@ -1,5 +1,10 @@
 """NVFlare client script: one hospital's side of a federated round. NVFlare runs it; users do not.
 
+The client is generic: it builds its LightningModule from the model description the job carries
+(``--model-b64``: ``{class_path, args}``, the same description the server builds the round-0 model
+from), adds the recipe's training settings and this site's label balance, and trains whatever that is —
+the teacher's classifier or a distillation student alike.
+
 Per round: receive the global model, validate it on this site's validation split (that score is what
 the server uses to pick the best global model), train locally for the recipe's epochs or steps, send
 the weights back with the number of steps done (FedAvg weights sites by it). One Lightning Trainer
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
 import time
@@ -25,18 +31,23 @@ FAIL_ENV = "FEDXR_TEST_FAIL_SITE"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--recipe-b64", required=True, help="the resolved recipe, as shipped in the job")
+    p.add_argument("--model-b64", required=True,
+                   help="the model to train: {class_path, args} as base64 JSON (the server's round-0 model)")
     p.add_argument("--sites-dir", help="manifest folder (simulation); otherwise see fedxr.federated.site")
     p.add_argument("--records", help="folder for per-round JSON lines (simulation/POC)")
     p.add_argument("--threads", type=int, help="torch CPU threads for this site (sites sharing one machine)")
     p.add_argument("--save-updates", action="store_true",
                    help="with --records, also save the weights sent each round (audit/aggregation checks)")
     p.add_argument("--keep-excluded", action="store_true",
-                   help="the job excludes some tensors from aggregation (FedBN statistics, the distillation "
+                   help="the job excludes some tensors from aggregation (FedBN statistics, a frozen "
                         "teacher): load the global model non-strictly and keep this site's copies of them")
-    p.add_argument("--distill", metavar="B64",
-                   help="train a distillation student: DistillClassifier arguments (teacher name, size, "
-                        "alpha, temperature) as base64 JSON; the teacher's weights arrive in round 0")
     return p.parse_args(argv)
+
+
+def import_class(class_path: str) -> type:
+    """``package.module.Class`` → the class (the model description's ``class_path``)."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def site_round_seed(seed: int, site: str, rnd: int | None) -> int:
@@ -65,7 +76,7 @@ def main(argv=None) -> None:
     from nvflare.app_opt.lightning.loggers.client_logger import ClientLogger
     from nvflare.client import is_evaluate, is_submit_model, send
 
-    from fedxr.federated.job import decode_json, decode_recipe
+    from fedxr.federated.codec import decode_json, decode_recipe
     from fedxr.federated.site import resolve_site_manifest
     from fedxr.labels import VAL_AUROC
     from fedxr.training import make_classifier, make_datamodule, make_trainer
@@ -88,14 +99,10 @@ def main(argv=None) -> None:
     # state between rounds, and a schedule sized to one round would leave later rounds at zero rate.
     schedule = ({"schedule_steps": fed.rounds * fed.local_steps} if fed.local_steps
                 else {"schedule_epochs": fed.rounds * fed.local_epochs})
-    if args.distill:
-        from fedxr.distill.module import DistillClassifier
-
-        # The teacher is built with random weights here and overwritten by the frozen global teacher
-        # that the server sends with the round-0 model.
-        module = make_classifier(recipe, dm, cls=DistillClassifier, **schedule, **decode_json(args.distill))
-    else:
-        module = make_classifier(recipe, dm, **schedule)
+    # Whatever the description holds is built with random weights here and overwritten by the round-0
+    # global model (which, for a student, includes the frozen teacher's weights).
+    described = decode_json(args.model_b64)
+    module = make_classifier(recipe, dm, cls=import_class(described["class_path"]), **described["args"], **schedule)
     per_round = {"max_steps": fed.local_steps, "max_epochs": -1} if fed.local_steps else {"max_epochs": fed.local_epochs}
     trainer = make_trainer(recipe, work, progress=False, enable_model_summary=False,
                            logger=[ClientLogger()], num_sanity_val_steps=0, **per_round)

@@ -8,31 +8,31 @@ recipe with the job, and leaves aggregation, transport and process management to
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
-import json
 import os
 import re
 import sys
 import tempfile
 import warnings
-import zlib
 from pathlib import Path
 
 from fedxr.config import Recipe
 from fedxr.errors import FedxrError
+from fedxr.federated.codec import encode_json, encode_recipe
 from fedxr.labels import KEY_METRIC
-from fedxr.models.registry import get_spec
 
 RECIPE_FILE = "fedxr_recipe.yaml"
 CLASSIFIER_CLASS = "fedxr.models.classifier.XRayClassifier"
+#: The NVFlare client script; found by path (the job ships the file; it is not imported here).
+CLIENT_SCRIPT = Path(__file__).with_name("client.py")
 
 
 @contextlib.contextmanager
 def recipe_blob_is_not_a_secret():
     """NVFlare scans job parameters for high-entropy strings and warns that they may be secrets; the
-    only such string fedxr puts there is the compressed recipe, so that warning is silenced here."""
+    only such strings fedxr puts there are the compressed recipe and model description (no secrets:
+    settings and a class path), so that warning is silenced here."""
     from nvflare.recipe.secrets import PotentialSecretWarning
 
     with warnings.catch_warnings():
@@ -60,35 +60,22 @@ def standalone_script(source: Path) -> Path:
     return target
 
 
-def encode_recipe(recipe: Recipe) -> str:
-    return encode_json(recipe.resolved())
-
-
-def encode_json(data) -> str:
-    return base64.b64encode(zlib.compress(json.dumps(data).encode())).decode()
-
-
-def decode_json(text: str):
-    return json.loads(zlib.decompress(base64.b64decode(text)))
-
-
-def decode_recipe(text: str) -> Recipe:
-    from fedxr.config import recipe_from_dict
-
-    return recipe_from_dict(json.loads(zlib.decompress(base64.b64decode(text))), "job arguments")
-
-
 def job_name(recipe: Recipe, stage: str = "federate") -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", f"fedxr-{recipe.output.name}-{stage}")
 
 
 def model_config(recipe: Recipe) -> dict:
-    """The server's initial model as an NVFlare class-path config (built by NVFlare on the server)."""
-    name = recipe.model.name
-    spec = get_spec(name)
+    """The recipe's model as a class-path description: NVFlare builds the server's round-0 model from it,
+    and every site's client script builds its LightningModule from the same description."""
     return {"class_path": CLASSIFIER_CLASS,
-            "args": {"model_name": name, "image_size": recipe.data.image_size, "mean": spec.mean, "std": spec.std,
+            "args": {"model_name": recipe.model.name, "preprocessing": recipe.preprocessing.as_dict(),
                      "init_seed": recipe.model.seed}}
+
+
+def job_deadline_s(recipe: Recipe) -> int:
+    """How long fedxr waits for a POC or production job: the per-site timeout for every round, plus two
+    for start-up and the final evaluation."""
+    return recipe.federated.timeout_s * (recipe.federated.rounds + 2)
 
 
 def batchnorm_exclude_pattern(recipe: Recipe) -> str:
@@ -114,18 +101,17 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
               initial_ckpt: Path | None = None):
     """An NVFlare recipe object for this fedxr recipe. ``folder`` receives the shipped recipe file.
 
-    ``model`` replaces the server's initial model config, ``initial_ckpt`` (a local file) is bundled
+    ``model`` replaces the recipe's model description (server and sites build it), ``initial_ckpt`` (a local file) is bundled
     into the job and loaded by the server as the round-0 weights, ``exclude_vars`` keeps matching
     tensors out of aggregation (they are sent once, in round 0, and then stay at each site).
     """
-    from fedxr.federated import client
-
     fed = recipe.federated
+    model = model or model_config(recipe)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RECIPE_FILE).write_text(recipe.to_yaml())
     # The resolved recipe travels inside the job's client arguments (compressed, base64), so every site
     # trains with exactly the settings the server was built from, whatever the deployment layout.
-    args = [f"--recipe-b64 {encode_recipe(recipe)}"]
+    args = [f"--recipe-b64 {encode_recipe(recipe)}", f"--model-b64 {encode_json(model)}"]
     if env == "sim" and sites_dir is not None:
         args.append(f"--sites-dir {Path(sites_dir).resolve()}")
     if env in ("sim", "poc") and records is not None:
@@ -139,9 +125,9 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
         launch_external_process=True,
         command=f"{sys.executable if env in ('sim', 'poc') else 'python3'} -u",
         name=job_name(recipe, stage), min_clients=fed.min_clients, num_rounds=fed.rounds,
-        train_script=str(train_script or standalone_script(Path(client.__file__))),
+        train_script=str(train_script or standalone_script(CLIENT_SCRIPT)),
         train_args=" ".join(args + ([extra_args] if extra_args else [])),
-        model=model or model_config(recipe),
+        model=model,
     )
     if initial_ckpt is not None:
         # A relative path makes NVFlare bundle the file into the server app (it travels with the job

@@ -11,30 +11,29 @@ import torch
 from fedxr.config import Recipe
 from fedxr.errors import FedxrError
 from fedxr.labels import VAL_AUROC
+from fedxr.layout import GLOBAL_BEST, GLOBAL_LAST, chosen_checkpoint
 from fedxr.models.checkpoint import save_checkpoint
-from fedxr.models.registry import get_spec
+from fedxr.plots import saved_figure
 
 #: NVFlare's file names for the last and the best global model, and how fedxr names them.
-GLOBAL_MODELS = {"FL_global_model.pt": "global_last.ckpt", "best_FL_global_model.pt": "global_best.ckpt"}
+GLOBAL_MODELS = {"FL_global_model.pt": GLOBAL_LAST, "best_FL_global_model.pt": GLOBAL_BEST}
 SERVER_MODEL_LABELS = {"SRV_FL_global_model.pt": "global (last)", "SRV_best_FL_global_model.pt": "global (best)"}
 
 
-def nvflare_to_checkpoint(src: Path, dst: Path, recipe: Recipe, metrics: dict, model_name: str | None = None,
-                          source: str = "federate") -> Path:
+def nvflare_to_checkpoint(src: Path, dst: Path, recipe: Recipe, metrics: dict, source: str = "federate") -> Path:
     """Convert an NVFlare PyTorch global model (``{"model": LightningModule state_dict}``) to fedxr format.
 
     The thresholds are the global model's ``thresholds`` buffer: FedAvg's step-weighted mean of the
-    thresholds each site chose on its own validation split.
+    thresholds each site chose on its own validation split. The preprocessing is the one the job's model
+    description carried (the recipe's, resolved by :attr:`Recipe.preprocessing`).
     """
     blob = torch.load(src, map_location="cpu", weights_only=False)
     state = blob.get("model", blob)
     net = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     if not net:
         raise FedxrError(f"{src}: no 'model.*' weights in the NVFlare checkpoint")
-    name = model_name or recipe.model.name
-    spec = get_spec(name)
-    return save_checkpoint(dst, model_name=name, state_dict=net, image_size=recipe.data.image_size, mean=spec.mean,
-                           std=spec.std, thresholds=state["thresholds"], metrics=metrics, recipe=recipe.resolved(),
+    return save_checkpoint(dst, model_name=recipe.model.name, state_dict=net, preprocessing=recipe.preprocessing,
+                           thresholds=state["thresholds"], metrics=metrics, recipe=recipe.resolved(),
                            source=source, extra={"nvflare_meta": _plain(blob.get("meta_props", {}))})
 
 
@@ -97,56 +96,42 @@ def read_cross_site(server_dir: Path) -> dict | None:
 
 
 def plot_cross_site(cross: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     models, sites = cross["models"], cross["sites"]
     grid = np.array([[cross["by_data_site"][s].get(m) or np.nan for s in sites] for m in models], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(sites), 1.2 + 0.5 * len(models)))
-    im = ax.imshow(grid, cmap="viridis", vmin=0.5, vmax=1.0)
-    ax.set_xticks(range(len(sites)), sites)
-    ax.set_yticks(range(len(models)), models)
-    for i in range(len(models)):
-        for j in range(len(sites)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white" if grid[i, j] < 0.75 else "black")
-    ax.set_xlabel("data of site")
-    ax.set_title(f"cross-site {cross['metric']}")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with saved_figure(path, dpi=100, figsize=(1.6 + 1.3 * len(sites), 1.2 + 0.5 * len(models))) as (fig, ax):
+        im = ax.imshow(grid, cmap="viridis", vmin=0.5, vmax=1.0)
+        ax.set_xticks(range(len(sites)), sites)
+        ax.set_yticks(range(len(models)), models)
+        for i in range(len(models)):
+            for j in range(len(sites)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center",
+                            color="white" if grid[i, j] < 0.75 else "black")
+        ax.set_xlabel("data of site")
+        ax.set_title(f"cross-site {cross['metric']}")
+        fig.colorbar(im, ax=ax)
 
 
 def plot_rounds(table: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     numbered = [r for r in table if isinstance(r["round"], int)]
     sites = sorted({s for r in table for s in r["sites"]})
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for s in sites:
-        xs = [r["round"] for r in numbered if s in r["sites"] and r["sites"][s]["val_auroc"] is not None]
-        ys = [r["sites"][s]["val_auroc"] for r in numbered if s in r["sites"] and r["sites"][s]["val_auroc"] is not None]
-        final = next((r["sites"].get(s, {}).get("val_auroc") for r in table if r["round"] == "final"), None)
-        if final is not None:
-            xs, ys = xs + [len(numbered)], ys + [final]
-        ax.plot(xs, ys, "o-", label=s, alpha=0.8)
-    agg = [(r["round"], r["aggregate_val_auroc"]) for r in numbered if r["aggregate_val_auroc"] is not None]
-    if agg:
-        ax.plot(*zip(*agg), "k--", lw=2, label="aggregate")
-    ax.set_xlabel("round (validation of the received global model; last point: final global model)")
-    ax.set_ylabel(VAL_AUROC)
-    ax.axhline(0.5, c="grey", lw=0.7, ls=":")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with saved_figure(path, dpi=100, figsize=(7, 4)) as (fig, ax):
+        for s in sites:
+            xs = [r["round"] for r in numbered if s in r["sites"] and r["sites"][s]["val_auroc"] is not None]
+            ys = [r["sites"][s]["val_auroc"] for r in numbered if s in r["sites"] and r["sites"][s]["val_auroc"] is not None]
+            final = next((r["sites"].get(s, {}).get("val_auroc") for r in table if r["round"] == "final"), None)
+            if final is not None:
+                xs, ys = xs + [len(numbered)], ys + [final]
+            ax.plot(xs, ys, "o-", label=s, alpha=0.8)
+        agg = [(r["round"], r["aggregate_val_auroc"]) for r in numbered if r["aggregate_val_auroc"] is not None]
+        if agg:
+            ax.plot(*zip(*agg), "k--", lw=2, label="aggregate")
+        ax.set_xlabel("round (validation of the received global model; last point: final global model)")
+        ax.set_ylabel(VAL_AUROC)
+        ax.axhline(0.5, c="grey", lw=0.7, ls=":")
+        ax.legend(fontsize=8)
 
 
 def choose_global(cross: dict | None, rows: list[dict]) -> dict | None:
@@ -170,7 +155,7 @@ def choose_global(cross: dict | None, rows: list[dict]) -> dict | None:
 
 
 def collect(recipe: Recipe, server_dir: Path, out: Path, records: Path | None, workspace: Path,
-            model_name: str | None = None, source: str = "federate") -> dict:
+            source: str = "federate") -> dict:
     """Write fedxr's federated outputs into ``out`` from the server's run folder ``server_dir``."""
     app = next((p for p in server_dir.glob("app_*") if (p / "FL_global_model.pt").is_file()), None)
     if app is None:
@@ -183,14 +168,15 @@ def collect(recipe: Recipe, server_dir: Path, out: Path, records: Path | None, w
     selection = choose_global(cross, rows)
     for nv_name, ours in GLOBAL_MODELS.items():
         label = SERVER_MODEL_LABELS[f"SRV_{nv_name}"]
-        if ours == "global_best.ckpt" and selection and selection["chosen"] == "global (last)":
+        if ours == GLOBAL_BEST and selection and selection["chosen"] == "global (last)":
             nv_name = "FL_global_model.pt"  # the last model validated better than the in-round best
         if (app / nv_name).is_file():
             metrics = {"cross_site_val_auroc": {s: v.get(label) for s, v in cross["by_data_site"].items()}} if cross else {}
-            if ours == "global_best.ckpt" and selection:
+            if ours == GLOBAL_BEST and selection:
                 metrics["selection"] = selection
-            nvflare_to_checkpoint(app / nv_name, out / ours, recipe, metrics, model_name, source)
+            nvflare_to_checkpoint(app / nv_name, out / ours, recipe, metrics, source)
             summary["checkpoints"][ours.removesuffix(".ckpt")] = str(out / ours)
+    summary["checkpoint"] = str(chosen_checkpoint(out))  # the model this run stands for: best, else last
     if selection:
         summary["selection"] = selection
     if table:

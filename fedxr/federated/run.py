@@ -13,7 +13,7 @@ from fedxr.data.manifest import site_manifest_paths
 from fedxr.data.prepare import require_sites
 from fedxr.errors import FedxrError
 from fedxr.federated import outputs
-from fedxr.federated.job import build_job, job_name, recipe_blob_is_not_a_secret
+from fedxr.federated.job import build_job, job_deadline_s, job_name, recipe_blob_is_not_a_secret
 from fedxr.federated.site import SITES_DIR_ENV
 
 
@@ -100,8 +100,7 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
         try:
             with recipe_blob_is_not_a_secret():
                 run = job.run(env)
-            deadline = recipe.federated.timeout_s * (recipe.federated.rounds + 2)
-            result = run.get_result(timeout=deadline, clean_up=False)
+            result = run.get_result(timeout=job_deadline_s(recipe), clean_up=False)
             status = run.get_status()
             if not result or not Path(result).exists():
                 raise FedxrError(f"POC job {run.get_job_id()} did not finish (status {status}); logs: {workspace}")
@@ -114,6 +113,43 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
     if server is None:
         raise FedxrError(f"POC result {results} holds no global model; logs: {workspace}")
     return server.parent, workspace
+
+
+#: The file that makes a folder an NVFlare admin startup kit (provisioning writes it into each admin's kit).
+ADMIN_CONFIG = Path("startup") / "fed_admin.json"
+
+
+def check_admin_kit(startup_kit: str | Path | None) -> Path:
+    """The admin startup kit folder, or a FedxrError that says what to pass — before anything is submitted."""
+    if not startup_kit:
+        raise FedxrError("--env prod needs --startup-kit DIR (the admin's startup kit from provisioning)")
+    kit = Path(startup_kit)
+    if (kit / ADMIN_CONFIG).is_file():
+        return kit
+    found = sorted(str(p.parent.parent) for p in kit.glob(f"**/{ADMIN_CONFIG}")) if kit.is_dir() else []
+    hint = (f"; the admin kit(s) under it: {', '.join(found)}" if found else
+            "; provision the project (`nvflare provision -p deploy/project.yml`) and pass the admin's folder "
+            "(e.g. workspace/fedxr/prod_00/admin@hospital.org)")
+    raise FedxrError(f"--startup-kit {kit}: not an NVFlare admin startup kit (no {ADMIN_CONFIG}){hint}")
+
+
+def _run_prod(job, recipe: Recipe, startup_kit: Path) -> tuple[Path, Path]:
+    """Submit to a running production federation with the admin's kit; wait; return the result's server run."""
+    from nvflare.recipe import ProdEnv
+
+    try:
+        with recipe_blob_is_not_a_secret():
+            run = job.run(ProdEnv(startup_kit_location=str(startup_kit)))
+    except RuntimeError as exc:  # NVFlare reports a failed login or submission this way
+        raise FedxrError(f"could not submit the job with the startup kit {startup_kit}: {exc}") from None
+    result = run.get_result(timeout=job_deadline_s(recipe))
+    if not result:
+        raise FedxrError(f"production job {run.get_job_id()} did not finish (status {run.get_status()})")
+    model = next(Path(result).rglob("FL_global_model.pt"), None)
+    if model is None:
+        raise FedxrError(f"production job {run.get_job_id()}: its result {result} holds no global model; see the "
+                         "server's log in that folder")
+    return model.parent.parent, Path(result)
 
 
 def _check_sites_trained(records: Path, recipe: Recipe, workspace: Path) -> None:
@@ -129,15 +165,15 @@ def _check_sites_trained(records: Path, recipe: Recipe, workspace: Path) -> None
 
 def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = None,
              export_job: str | Path | None = None, extra_args: str = "", recipe_path: str | None = None,
-             stage: str = "federate", **job_options) -> dict:
+             stage: str = "federate", source: str = "federate", **job_options) -> dict:
     """Build the NVFlare job from the recipe and run (or export) it; returns the outputs summary.
 
-    ``stage`` names the run sub-folder and the job (the teacher is ``federate``; distillation runs
-    its own jobs); ``job_options`` go to :func:`build_job` (server model, initial weights, exclusions).
+    ``stage`` names the run sub-folder and the job (the teacher is ``federate``; other users of the
+    engine, such as distillation, run their own); ``source`` is recorded in the checkpoints;
+    ``job_options`` go to :func:`build_job` (the model description, initial weights, exclusions).
     """
-    folder = recipe.run_dir / stage
+    folder = recipe.layout.stage(stage)
     records = folder / "records"
-    source = "distill" if stage.startswith("distill") else "federate"
     job_options = dict(extra_args=extra_args, stage=stage, **job_options)
     if export_job:
         job = build_job(recipe, folder, "prod", **job_options)
@@ -147,6 +183,8 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     if env in ("sim", "poc"):
         sites_dir = require_sites(recipe, recipe_path)
         names = _site_names(sites_dir, recipe)
+    elif env == "prod":
+        startup_kit = check_admin_kit(startup_kit)
     shutil.rmtree(records, ignore_errors=True)
     records.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -158,18 +196,8 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
         job = build_job(recipe, folder, "poc", records=records, **job_options)
         server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir)
     elif env == "prod":
-        if not startup_kit:
-            raise FedxrError("--env prod needs --startup-kit DIR (the admin's startup kit from provisioning)")
-        from nvflare.recipe import ProdEnv
-
         job = build_job(recipe, folder, "prod", **job_options)
-        with recipe_blob_is_not_a_secret():
-            run = job.run(ProdEnv(startup_kit_location=str(startup_kit)))
-        result = run.get_result(timeout=recipe.federated.timeout_s * (recipe.federated.rounds + 2))
-        if not result:
-            raise FedxrError(f"production job {run.get_job_id()} did not finish (status {run.get_status()})")
-        server_dir = next(p.parent.parent for p in Path(result).rglob("FL_global_model.pt"))
-        workspace = Path(result)
+        server_dir, workspace = _run_prod(job, recipe, startup_kit)
         records = None
     else:
         raise FedxrError(f"unknown --env {env!r}; use sim, poc or prod")
@@ -201,7 +229,6 @@ def format_summary(summary: dict, recipe: Recipe) -> str:
     for key in ("rounds", "cross_site", "tensorboard", "workspace"):
         if key in summary:
             lines.append(f"  {key:<12} {summary[key]}")
-    best = summary["checkpoints"].get("global_best") or summary["checkpoints"].get("global_last")
-    if best:
-        lines.append(f"next: fedxr evaluate {best} --data {recipe.run_dir / 'sites'} --split test")
+    if summary.get("checkpoint"):
+        lines.append(f"next: fedxr evaluate {summary['checkpoint']} --data {recipe.layout.sites} --split test")
     return "\n".join(lines)

@@ -3,16 +3,19 @@
 A checkpoint is a ``torch.save`` dict of tensors and plain data (loadable with ``weights_only=True``):
 
 =================  =====================================================================
-``format``         ``fedxr-checkpoint-v1``
+``format``         ``fedxr-checkpoint-v2``
 ``model_name``     registry name: the model is rebuilt from the file alone
 ``state_dict``     the network's weights (no optimizer state)
-``image_size``     input size in pixels; ``mean`` / ``std``: input normalisation
+``preprocessing``  ``{"size", "mean", "std"}``: the model's input (:class:`fedxr.preprocessing.Preprocessing`)
 ``labels``         the label names in output order
 ``thresholds``     per-class decision thresholds chosen on validation (list of floats)
 ``metrics``        validation (and test) scores at save time
 ``recipe``         the resolved recipe that produced it
 ``fedxr_version``  the fedxr version that wrote it; ``source``: train/federate/distill
 =================  =====================================================================
+
+Version 1 files (``image_size``, ``mean``, ``std`` at the top level) still load. :func:`load_checkpoint`
+returns the dict with ``preprocessing`` as a :class:`~fedxr.preprocessing.Preprocessing` value.
 """
 
 from __future__ import annotations
@@ -27,14 +30,17 @@ from torch import nn
 from fedxr import __version__
 from fedxr.errors import FedxrError
 from fedxr.labels import LABELS
+from fedxr.preprocessing import Preprocessing
 
-CHECKPOINT_FORMAT = "fedxr-checkpoint-v1"
-REQUIRED_KEYS = ("format", "model_name", "state_dict", "image_size", "mean", "std", "labels", "thresholds")
+CHECKPOINT_FORMAT = "fedxr-checkpoint-v2"
+_V1_FORMAT = "fedxr-checkpoint-v1"
+REQUIRED_KEYS = ("format", "model_name", "state_dict", "preprocessing", "labels", "thresholds")
+_V1_REQUIRED = ("format", "model_name", "state_dict", "image_size", "mean", "std", "labels", "thresholds")
 
 
 def save_checkpoint(
-    path: str | Path, *, model_name: str, state_dict: dict[str, torch.Tensor], image_size: int, mean: float,
-    std: float, thresholds: list[float] | torch.Tensor, metrics: dict | None = None,
+    path: str | Path, *, model_name: str, state_dict: dict[str, torch.Tensor], preprocessing: Preprocessing,
+    thresholds: list[float] | torch.Tensor, metrics: dict | None = None,
     recipe: dict | None = None, source: str = "train", extra: dict | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temp file + rename)."""
@@ -45,7 +51,7 @@ def save_checkpoint(
     payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT, "model_name": model_name,
         "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
-        "image_size": int(image_size), "mean": float(mean), "std": float(std), "labels": list(LABELS),
+        "preprocessing": Preprocessing.coerce(preprocessing).as_dict(), "labels": list(LABELS),
         "thresholds": [float(t) for t in thresholds], "metrics": metrics or {}, "recipe": recipe or {},
         "fedxr_version": __version__, "source": source, **(extra or {}),
     }
@@ -64,11 +70,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise FedxrError(f"{path}: not a readable fedxr checkpoint ({type(exc).__name__}: {exc})") from None
-    missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing or ckpt.get("format") != CHECKPOINT_FORMAT:
+    version = ckpt.get("format") if isinstance(ckpt, dict) else None
+    required = _V1_REQUIRED if version == _V1_FORMAT else REQUIRED_KEYS
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or version not in (CHECKPOINT_FORMAT, _V1_FORMAT):
         raise FedxrError(f"{path}: not a {CHECKPOINT_FORMAT} file (missing {', '.join(missing) or 'format tag'})")
     if list(ckpt["labels"]) != list(LABELS):
         raise FedxrError(f"{path}: its labels {ckpt['labels']} differ from this fedxr's label order")
+    if version == _V1_FORMAT:
+        ckpt["preprocessing"] = {"size": ckpt.pop("image_size"), "mean": ckpt.pop("mean"), "std": ckpt.pop("std")}
+    ckpt["preprocessing"] = Preprocessing.coerce(ckpt["preprocessing"])
     return ckpt
 
 

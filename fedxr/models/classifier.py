@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedxr.labels import LABELS, NUM_LABELS, TEST_AP, TEST_AUROC, TRAIN_LOSS, VAL_AP, VAL_AUROC, VAL_LOSS, per_class_metric
+from fedxr.labels import NUM_LABELS, TEST_AP, TEST_AUROC, TRAIN_LOSS, VAL_AP, VAL_AUROC, VAL_LOSS, per_class_metric
 from fedxr.models.checkpoint import save_checkpoint
 from fedxr.models.metrics import choose_thresholds, multilabel_scores
 from fedxr.models.registry import build_model, get_spec
+from fedxr.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,11 @@ class XRayClassifier(L.LightningModule):
     def __init__(
         self, model_name: str, pretrained: bool = False, lr: float = 1e-3, weight_decay: float = 1e-4,
         warmup_epochs: float = 0.0, pos_weight: list[float] | None = None, channels_last: bool = False,
-        compile_model: bool = False, threshold_rule: str = "youden", image_size: int | None = None,
-        mean: float | None = None, std: float | None = None, schedule_epochs: int | None = None,
+        compile_model: bool = False, threshold_rule: str = "youden",
+        preprocessing: Preprocessing | dict | None = None, schedule_epochs: int | None = None,
         schedule_steps: int | None = None, init_seed: int | None = None, mixup: float = 0.0,
     ):
         super().__init__()
-        spec = get_spec(model_name)
         self.save_hyperparameters()
         # Constructor arguments are also kept as same-named attributes: NVFlare's job builder rebuilds
         # a component from them when a recipe registers the model instance (FedOpt does).
@@ -53,9 +53,10 @@ class XRayClassifier(L.LightningModule):
         # Length of the learning-rate schedule when it spans several fits (federated rounds): the
         # whole federation, not one round, so later rounds do not train at a decayed-to-zero rate.
         self.schedule_epochs, self.schedule_steps = schedule_epochs, schedule_steps
-        self.image_size = image_size or spec.input_size
-        self.mean = spec.mean if mean is None else mean
-        self.std = spec.std if std is None else std
+        # The input this model is trained on: given by the caller (resolved from the recipe, or read from a
+        # checkpoint); the registry's own default only when the module is built bare.
+        self.preprocessing = (Preprocessing.coerce(preprocessing) if preprocessing is not None
+                              else get_spec(model_name).preprocessing())
         self.init_seed, self.mixup = init_seed, mixup
         # A seeded initialisation that leaves the caller's random state alone: the NVFlare server builds
         # the round-0 model from this class, and an unseeded server would start every run elsewhere.
@@ -177,14 +178,14 @@ class XRayClassifier(L.LightningModule):
                               metrics: dict | None = None) -> Path:
         """Write the network, thresholds and metadata in the fedxr checkpoint format."""
         return save_checkpoint(
-            path, model_name=self.hparams.model_name, state_dict=self.model.state_dict(), image_size=self.image_size,
-            mean=self.mean, std=self.std, thresholds=self.thresholds, recipe=recipe, source=source,
+            path, model_name=self.hparams.model_name, state_dict=self.model.state_dict(),
+            preprocessing=self.preprocessing, thresholds=self.thresholds, recipe=recipe, source=source,
             metrics=metrics if metrics is not None else {k: v for k, v in self.last_scores.items()},
         )
 
     @classmethod
     def from_fedxr_checkpoint(cls, ckpt: dict, **overrides) -> "XRayClassifier":
-        module = cls(ckpt["model_name"], image_size=ckpt["image_size"], mean=ckpt["mean"], std=ckpt["std"], **overrides)
+        module = cls(ckpt["model_name"], preprocessing=ckpt["preprocessing"], **overrides)
         module.model.load_state_dict(ckpt["state_dict"])
         module.thresholds.copy_(torch.tensor(ckpt["thresholds"]))
         return module

@@ -1,7 +1,8 @@
 """Named model builders: teachers, students and a tiny CNN for tests.
 
-Every entry knows its default input size and normalisation, so data loading, export and the edge
-runtime preprocess images the way the model expects. Parameter counts and MACs are computed (on the
+Every entry knows its default input size and normalisation (``ModelSpec.preprocessing``); a recipe's
+``data.image_size`` replaces the size (:meth:`fedxr.config.Recipe.preprocessing`), and the result travels
+with the model from there on. Parameter counts and MACs are computed (on the
 meta device, so no memory is allocated) with ``torch.utils.flop_counter``. This module imports torch
 only inside the functions that build models, so the recipe checker can validate names cheaply.
 """
@@ -14,9 +15,14 @@ from functools import lru_cache
 
 from fedxr.errors import FedxrError
 from fedxr.labels import NUM_LABELS
+from fedxr.preprocessing import Preprocessing
 
 #: Gray-scale equivalents of ImageNet normalisation (timm averages the RGB stem for in_chans=1).
 GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD = 0.449, 0.226
+
+
+def _gray(size: int) -> Preprocessing:
+    return Preprocessing(size, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD)
 
 
 class UnknownModelError(FedxrError):
@@ -28,26 +34,32 @@ class ModelSpec:
     name: str
     role: str              # teacher | student | test
     timm_name: str | None  # None for models defined here
-    input_size: int
-    mean: float
-    std: float
+    default: Preprocessing  # the input the architecture was designed for (ImageNet-style normalisation)
     description: str
+
+    @property
+    def input_size(self) -> int:
+        return self.default.size
+
+    def preprocessing(self, size: int | None = None) -> Preprocessing:
+        """The model's normalisation at ``size`` pixels (default: its own input size)."""
+        return Preprocessing(size or self.default.size, self.default.mean, self.default.std)
 
 
 _SPECS = (
-    ModelSpec("densenet121", "teacher", "densenet121", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "CheXNet architecture (default teacher)"),
-    ModelSpec("resnet50", "teacher", "resnet50", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "ResNet-50"),
-    ModelSpec("convnext_tiny", "teacher", "convnext_tiny", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "ConvNeXt-T"),
-    ModelSpec("efficientnet_b3", "teacher", "efficientnet_b3", 288, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "EfficientNet-B3"),
-    ModelSpec("mobilenetv3_small_100", "student", "mobilenetv3_small_100", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "MobileNetV3-Small"),
-    ModelSpec("mobilenetv3_large_100", "student", "mobilenetv3_large_100", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "MobileNetV3-Large"),
-    ModelSpec("efficientnet_lite0", "student", "efficientnet_lite0", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "EfficientNet-Lite0 (edge-friendly ops)"),
-    ModelSpec("resnet18", "student", "resnet18", 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD, "ResNet-18"),
-    ModelSpec("resnet18_quarter", "student", None, 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD,
+    ModelSpec("densenet121", "teacher", "densenet121", _gray(224), "CheXNet architecture (default teacher)"),
+    ModelSpec("resnet50", "teacher", "resnet50", _gray(224), "ResNet-50"),
+    ModelSpec("convnext_tiny", "teacher", "convnext_tiny", _gray(224), "ConvNeXt-T"),
+    ModelSpec("efficientnet_b3", "teacher", "efficientnet_b3", _gray(288), "EfficientNet-B3"),
+    ModelSpec("mobilenetv3_small_100", "student", "mobilenetv3_small_100", _gray(224), "MobileNetV3-Small"),
+    ModelSpec("mobilenetv3_large_100", "student", "mobilenetv3_large_100", _gray(224), "MobileNetV3-Large"),
+    ModelSpec("efficientnet_lite0", "student", "efficientnet_lite0", _gray(224), "EfficientNet-Lite0 (edge-friendly ops)"),
+    ModelSpec("resnet18", "student", "resnet18", _gray(224), "ResNet-18"),
+    ModelSpec("resnet18_quarter", "student", None, _gray(224),
               "ResNet-18 at 1/4 width (16-128 channels): 10x fewer MACs"),
-    ModelSpec("resnet18_eighth", "student", None, 224, GRAY_IMAGENET_MEAN, GRAY_IMAGENET_STD,
+    ModelSpec("resnet18_eighth", "student", None, _gray(224),
               "ResNet-18 at 1/8 width (8-64 channels): 22x fewer MACs, 0.18M parameters"),
-    ModelSpec("tiny_cnn", "test", None, 64, 0.5, 0.25, "4-block CNN for tests and CPU demos"),
+    ModelSpec("tiny_cnn", "test", None, Preprocessing(64), "4-block CNN for tests and CPU demos"),
 )
 REGISTRY: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
 #: Narrow ResNet-18 students: registry name → width of the stem and first stage (ResNet-18 itself: 64).
