@@ -13,13 +13,17 @@ $(PY):
 
 # Reinstall only when the declared dependencies change.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -e '.[train,dev]'
+	$(PY) -m pip install -e '.[train,console,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/fedxr run recipes/quickstart.yaml
+	@echo
+	@echo "See it in the web console (this machine only, http://127.0.0.1:8700/):"
+	@echo "  $(VENV)/bin/fedxr console add-user YOUR-NAME --role coordinator"
+	@echo "  $(VENV)/bin/fedxr console"
 
 test: $(STAMP)
 	$(PY) -m pytest

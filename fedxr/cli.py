@@ -257,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_arguments(sub.add_parser("export", help="a checkpoint → verified ONNX files and manifest.json "
                                         "(also: python -m fedxr.export)", description=EXPORT_DESCRIPTION))
 
+    from fedxr.console.cli import add_arguments as add_console_arguments
+
+    add_console_arguments(sub.add_parser("console", help="the web application: federation, sites, models, try an "
+                                         "image (add users with `fedxr console add-user`)"))
+
     p = sub.add_parser("evaluate", help="score a checkpoint: per-class AUROC/AP, sensitivity/specificity")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="site manifest folder or one site-N.csv")

@@ -57,7 +57,8 @@ def boxed_test_images(data: Path, boxes_csv: Path | None = None, split: str = "t
     """Rows of the split's images that have at least one box: {image, path, boxes: [(label, x, y, w, h)]}."""
     import pandas as pd
 
-    from fedxr.data.manifest import SUMMARY_FILE, read_manifest, read_summary
+    from fedxr.data.manifest import SUMMARY_FILE, read_manifest
+    from fedxr.layout import read_sites_summary
     from fedxr.data.nih import BBOX_FILES, read_bbox_list
     from fedxr.evaluation import manifests_of
 
@@ -65,7 +66,7 @@ def boxed_test_images(data: Path, boxes_csv: Path | None = None, split: str = "t
     rows = rows[rows["split"] == split]
     if boxes_csv is None:
         folder = Path(data) if Path(data).is_dir() else Path(data).parent
-        root = Path(read_summary(folder)["settings"]["root"]) if (folder / SUMMARY_FILE).is_file() else None
+        root = Path(read_sites_summary(folder)["settings"]["root"]) if (folder / SUMMARY_FILE).is_file() else None
         boxes_csv = next((root / n for n in BBOX_FILES if root and (root / n).is_file()), None)
     if boxes_csv is None or not Path(boxes_csv).is_file():
         raise FedxrError(f"no ground-truth boxes for {data}: pass --boxes BBox_List_2017.csv (NIH ships one; "

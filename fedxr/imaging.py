@@ -17,6 +17,8 @@ Conversion rules (documented because a model is only valid on inputs preprocesse
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +34,8 @@ class ImageReadError(DataError):
     """An image file could not be decoded; the message names the file."""
 
 
-def _is_dicom(path: Path, head: bytes) -> bool:
-    return head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom")
+def _is_dicom(name: str, head: bytes) -> bool:
+    return head[128:132] == b"DICM" or Path(name).suffix.lower() in (".dcm", ".dicom")
 
 
 def _scale_to_uint8(arr: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -57,12 +59,12 @@ def _pil_to_gray(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _read_dicom(data: bytes, path: str) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(str(path))
+        ds = pydicom.dcmread(io.BytesIO(data))
         pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for broken files
         raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from None
@@ -85,22 +87,29 @@ def read_gray(path: str | Path) -> np.ndarray:
     """Read a PNG, JPEG or DICOM file into an (H, W) uint8 array. Raises ImageReadError naming the file."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except OSError as exc:
         raise ImageReadError(f"{path}: cannot open ({exc})") from None
-    if not head:
-        raise ImageReadError(f"{path}: file is empty (0 bytes); re-copy it from the source")
-    if _is_dicom(path, head):
-        return _read_dicom(path)
+    return decode_gray(data, str(path))
+
+
+def decode_gray(data: bytes, name: str = "<upload>", fix: str = "re-copy it or remove it from the list") -> np.ndarray:
+    """:func:`read_gray` for a file's bytes already in memory (an upload is never written to disk);
+    ``name`` is used in messages and, by its suffix, to recognise DICOM without a preamble; ``fix`` ends
+    the message of an unreadable image."""
+    if not data:
+        raise ImageReadError(f"{name}: file is empty (0 bytes); re-copy it from the source")
+    if _is_dicom(name, data[:132]):
+        return _read_dicom(data, name)
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             return _pil_to_gray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{path}: corrupt or unsupported image ({exc}); re-copy it or remove it from the list") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", str(exc))
+        raise ImageReadError(f"{name}: corrupt or unsupported image ({reason}); {fix}") from None
 
 
 def resize_square(gray: np.ndarray, size: int) -> np.ndarray:

@@ -15,11 +15,12 @@ Torch-, pandas- and pydantic-free: the console and the edge-only install can rea
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedxr.errors import FedxrError
+from fedxr.errors import DataError, FedxrError
 
 SITES_SUMMARY_FILE = "sites.json"
 #: Federated runs write the global model NVFlare chose (best) and the one after the last round (last);
@@ -39,6 +40,19 @@ def chosen_checkpoint(folder: str | Path) -> Path:
             return folder / name
     raise FedxrError(f"{folder}: no checkpoint ({', '.join(_PREFERENCE)}); run the stage that writes it "
                      "(e.g. `fedxr federate RECIPE`) or pass the checkpoint's path")
+
+
+def read_sites_summary(folder: str | Path) -> dict:
+    """A manifest folder's ``sites.json``: {"settings": split settings incl. the data ``root``, "sites": [per-site
+    counts and prevalence]}. A missing or unreadable file is a DataError naming the command that writes it."""
+    path = Path(folder) / SITES_SUMMARY_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; site manifests and their summary are written by "
+                        "`fedxr data prepare RECIPE` (or `fedxr data split ROOT --out DIR`)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); write the manifests again with `fedxr data prepare RECIPE --force`") from None
 
 
 @dataclass(frozen=True)

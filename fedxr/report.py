@@ -13,9 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fedxr.config import Recipe
-from fedxr.data.manifest import read_summary
 from fedxr.labels import LABELS
-from fedxr.layout import RunLayout
+from fedxr.layout import RunLayout, read_sites_summary
 from fedxr.plots import saved_figure
 from fedxr.results import RunResults
 
@@ -54,7 +53,7 @@ def plot_prevalence(sites: list[dict], path: Path) -> None:
 
 def _data_section(layout: RunLayout, out: list[str]) -> None:
     run = layout.root
-    info = read_summary(layout.sites)
+    info = read_sites_summary(layout.sites)
     sites = info["sites"]
     out += ["## Data per site", "",
             f"Data set `{info['settings']['root']}`, split `{info['settings']['scheme']}` into {len(sites)} sites "

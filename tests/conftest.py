@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SHARED_NIH, V2020, real_rows, write_nih_images
+from helpers import CONSOLE_PASSWORD, QUICKSTART, SHARED_NIH, V2020, console_overrides, real_rows, write_nih_images
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +20,21 @@ def mini_nih(tmp_path_factory) -> Path:
     (root / "Data_Entry_2017_v2020.csv").write_text("\n".join([header, *rows]) + "\n")
     write_nih_images(root, [r.split(",")[0] for r in rows])
     return root
+
+
+@pytest.fixture(scope="session")
+def console_run(tmp_path_factory):
+    """A finished tiny run (2 sites, 2 rounds, exported, explained) and a console database with a
+    coordinator and a hospital user: what the console tests look at."""
+    pytest.importorskip("fastapi", reason="the console extra is not installed: pip install -e '.[console]'")
+    from fedxr.cli import main
+    from fedxr.console.store import Store
+
+    tmp = tmp_path_factory.mktemp("console")
+    overrides = console_overrides(tmp)
+    assert main(["run", str(QUICKSTART), *overrides]) == 0
+    store = Store(tmp / "console.sqlite")
+    store.add_user("carol", "coordinator", CONSOLE_PASSWORD)
+    store.add_user("hana", "hospital", CONSOLE_PASSWORD, site="site-1")
+    return {"tmp": tmp, "runs": tmp / "runs", "exports": tmp / "export", "db": tmp / "console.sqlite",
+            "overrides": overrides}

@@ -70,3 +70,15 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.
     ds.PixelData = pixels.astype(np.uint16).tobytes()
     ds.save_as(str(path), enforce_file_format=True)
     assert pydicom.dcmread(str(path)).Rows == pixels.shape[0]
+
+
+#: The password of the console tests' users (test data, not a default: the console has no users until added).
+CONSOLE_PASSWORD = "test-password-123"
+
+
+def console_overrides(tmp: Path, rounds: int = 2, name: str = "t") -> list[str]:
+    """A tiny federated run for the console: 2 hospitals, exported and explained, no students."""
+    return tiny_recipe_overrides(tmp, patients=60, extra=(
+        "data.phantom.hospitals=2", "data.sites=2", "federated.min_clients=2", f"federated.rounds={rounds}",
+        "data.batch_size=8", "distill.students=[]", "explain.images=2", "explain.max_boxes=10",
+        "export.calibration_images=16", f"export.out={tmp / 'export'}", f"output.name={name}"))

@@ -81,3 +81,13 @@ def test_edge_latency():
     assert result["matmul_peak_gflops"]["1"] > 0
     assert all(r["gflops"] > 0 for r in result["rows"])
     assert all(r["share_of_peak"] > 0 for r in result["rows"])
+
+
+def test_console_load():
+    result = run_smoke("console_load.py")
+    assert result["concurrent"]["errors"] == 0
+    assert result["concurrent"]["requests"] == 4 * 3
+    for part in ("predict_and_heatmap", "predict_only"):
+        assert 0 < result["server_side"][part]["p50_ms"] <= result["server_side"][part]["p95_ms"]
+    assert result["pages"]["home"]["p50_ms"] > 0
+    assert result["pages"]["run"]["n"] == 5

@@ -106,7 +106,7 @@ ONE_DEFINITION = {
     r"(?i)(mean|std)\W[^\n]{0,20}\b0\.(5|25)\b|\b0\.5,\s*0\.25\b": "fedxr/preprocessing.py",  # normalisation fallback
     r"timeout_s\s*\*": "fedxr/federated/job.py",                       # how long a job may take
     r'matplotlib\.use\(': "fedxr/plots.py",                            # the plot boilerplate
-    r"zlib\.compress|b64encode": "fedxr/federated/codec.py",           # what a job carries to its sites
+    r"zlib\.compress": "fedxr/federated/codec.py",                     # what a job carries to its sites
 }
 
 

@@ -148,19 +148,6 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def read_summary(folder: str | Path) -> dict:
-    """A manifest folder's ``sites.json``: {"settings": split settings incl. the data ``root``, "sites": [per-site
-    counts and prevalence]}. A missing or unreadable file is a DataError naming the command that writes it."""
-    path = Path(folder) / SUMMARY_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; site manifests and their summary are written by "
-                        "`fedxr data prepare RECIPE` (or `fedxr data split ROOT --out DIR`)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: unreadable ({exc}); write the manifests again with `fedxr data prepare RECIPE --force`") from None
-
-
 def site_manifest_paths(folder: str | Path) -> dict[str, Path]:
     """``{site name: manifest path}`` for a folder written by :func:`write_manifests`."""
     folder = Path(folder)

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 from fedxr.config import Recipe
-from fedxr.data.manifest import (SUMMARY_FILE, build_site_manifests, format_summary, read_summary, summarise,
-                                 write_manifests)
+from fedxr.data.manifest import SUMMARY_FILE, build_site_manifests, format_summary, summarise, write_manifests
+from fedxr.layout import read_sites_summary
 from fedxr.data.nih import load_dataset
 from fedxr.data.phantom import MARKER_FILE
 from fedxr.errors import DataError
@@ -72,7 +72,7 @@ def ensure_sites(recipe: Recipe, force: bool = False) -> tuple[Path, bool]:
     folder = recipe.layout.sites
     settings = split_settings(recipe)
     if (folder / SUMMARY_FILE).is_file() and not force:
-        old = read_summary(folder).get("settings", {})
+        old = read_sites_summary(folder).get("settings", {})
         if {k: old.get(k) for k in settings} == settings:
             return folder, False
     dataset = load_dataset(recipe.data.root, missing=recipe.data.missing_images)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from fedxr.config import Recipe
 from fedxr.errors import FedxrError
 from fedxr.labels import VAL_AUROC
 from fedxr.layout import GLOBAL_BEST, GLOBAL_LAST, chosen_checkpoint
+from fedxr.federated.records import read_records, round_table
 from fedxr.models.checkpoint import save_checkpoint
 from fedxr.plots import saved_figure
 
@@ -40,45 +40,6 @@ def nvflare_to_checkpoint(src: Path, dst: Path, recipe: Recipe, metrics: dict, s
 def _plain(obj):
     """JSON-safe copy (arrays → lists), so the checkpoint stays loadable with weights_only=True."""
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
-def read_records(records: Path) -> list[dict]:
-    rows = []
-    for path in sorted(records.glob("*.jsonl")):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows
-
-
-def round_table(rows: list[dict], cross_site: dict | None) -> list[dict]:
-    """Per round: each site's validation AUROC of the received global model, the val-size-weighted
-    aggregate, the round's wall time (first receive to the next round's first receive, or to the last
-    send for the final round) and each site's own training time."""
-    by_round: dict[int, list[dict]] = defaultdict(list)
-    for r in rows:
-        if isinstance(r.get("round"), int):
-            by_round[r["round"]].append(r)
-    rounds = sorted(by_round)
-    table = []
-    for i, rnd in enumerate(rounds):
-        recs = by_round[rnd]
-        start = min(r["t_receive"] for r in recs)
-        end = min(r["t_receive"] for r in by_round[rounds[i + 1]]) if i + 1 < len(rounds) else max(r["t_trained"] for r in recs)
-        scored = [r for r in recs if r["val_auroc"] is not None]
-        weight = sum(r["val_images"] for r in scored)
-        agg = sum(r["val_auroc"] * r["val_images"] for r in scored) / weight if weight else None
-        wall = end - start
-        site_train = max(r["train_s"] + r["validate_s"] for r in recs)
-        table.append({
-            "round": rnd, "aggregate_val_auroc": agg, "wall_s": round(wall, 3),
-            "overhead_share": round(max(0.0, 1 - site_train / wall), 4) if wall > 0 else None,
-            "sites": {r["site"]: {"val_auroc": r["val_auroc"], "train_s": round(r["train_s"], 3),
-                                  "validate_s": round(r["validate_s"], 3), "steps": r["steps"]} for r in recs},
-        })
-    if cross_site:
-        last = {site: scores.get("global (last)") for site, scores in cross_site["by_data_site"].items()}
-        table.append({"round": "final", "note": "last global model, scored by each site after training",
-                      "sites": {s: {"val_auroc": v} for s, v in last.items()}})
-    return table
 
 
 def read_cross_site(server_dir: Path) -> dict | None:

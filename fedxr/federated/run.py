@@ -13,6 +13,7 @@ from fedxr.data.manifest import site_manifest_paths
 from fedxr.data.prepare import require_sites
 from fedxr.errors import FedxrError
 from fedxr.federated import outputs
+from fedxr.federated.records import read_records
 from fedxr.federated.job import build_job, job_deadline_s, job_name, recipe_blob_is_not_a_secret
 from fedxr.federated.site import SITES_DIR_ENV
 
@@ -155,7 +156,7 @@ def _run_prod(job, recipe: Recipe, startup_kit: Path) -> tuple[Path, Path]:
 def _check_sites_trained(records: Path, recipe: Recipe, workspace: Path) -> None:
     """Resilient aggregation leaves failed sites out; if every site failed in some round, the "global
     model" is not a trained model, so the run fails here, pointing at the site logs."""
-    done = {r["round"] for r in outputs.read_records(records) if isinstance(r.get("round"), int)}
+    done = {r["round"] for r in read_records(records) if isinstance(r.get("round"), int)}
     missing = [r for r in range(recipe.federated.rounds) if r not in done]
     if missing:
         raise FedxrError(

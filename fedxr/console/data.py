@@ -1,0 +1,198 @@
+"""What the console shows, read from the run folders and export folders fedxr writes (read-only).
+
+Everything here goes through :class:`fedxr.layout.RunLayout` and the typed stage results, never guesses
+paths, and accepts only names that are plain folder names under the configured roots: a name from a URL
+can never reach outside them. Torch-free: the console runs where only the edge runtime is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from fedxr.errors import FedxrError
+from fedxr.federated.records import read_records, round_table
+from fedxr.layout import RunLayout, read_sites_summary
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+#: Run-folder images the run page may show (written by fedxr; anything else is not served).
+RUN_IMAGES = {"rounds": "federate/rounds.png", "cross_site": "federate/cross_site.png",
+              "roc": "evaluate/roc_curves.png", "distill": "distill/distill_report.png",
+              "gradcam": "explain/gradcam_grid.png", "prevalence": "report_prevalence.png"}
+
+
+class NotFound(FedxrError):
+    pass
+
+
+def _plain_name(name: str, what: str) -> str:
+    if not _NAME.match(name or "") or name in (".", ".."):
+        raise NotFound(f"no {what} {name!r}")
+    return name
+
+
+def _json(path: Path) -> dict | list | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_layout(runs: Path, name: str) -> RunLayout:
+    layout = RunLayout(Path(runs) / _plain_name(name, "run"))
+    if not layout.root.is_dir():
+        raise NotFound(f"no run {name!r} under {runs}")
+    return layout
+
+
+def _stages(layout: RunLayout) -> dict[str, dict]:
+    """Each stage's state from pipeline.json: ran (with seconds), skipped or disabled; plus, for a run in
+    progress, the stage whose log was written last."""
+    state = _json(layout.pipeline_state) or {}
+    out = {name: {"done": bool(s.get("result") or s.get("results")), "disabled": s.get("run_id") == "disabled",
+                  "seconds": s.get("seconds")} for name, s in state.items() if isinstance(s, dict)}
+    logs = sorted(layout.root.glob("logs/*.log"), key=lambda p: p.stat().st_mtime)
+    if logs and logs[-1].stem not in {k for k, v in out.items() if v["done"]}:
+        out.setdefault(logs[-1].stem, {"done": False, "disabled": False, "seconds": None})["running"] = True
+    return out
+
+
+def _macro(path: Path, *keys: str) -> float | None:
+    data = _json(path)
+    for k in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(k)
+    return data if isinstance(data, (int, float)) else None
+
+
+def list_runs(runs: Path) -> list[dict]:
+    """Every run folder under ``runs``: name, stages done, teacher and student macro AUROC, last update."""
+    rows = []
+    for folder in sorted(Path(runs).iterdir()) if Path(runs).is_dir() else []:
+        layout = RunLayout(folder)
+        if not _NAME.match(folder.name) or not (layout.pipeline_state.is_file() or layout.federate.is_dir()):
+            continue
+        stages = _stages(layout)
+        report = _json(layout.distill / "distill_report.json") or {}
+        students = {n: r.get("macro_auroc") for n, r in (report.get("students") or {}).items()}
+        recipe = _recipe_name(layout)
+        times = [p.stat().st_mtime for p in (layout.pipeline_state, *layout.root.glob("federate/records/*.jsonl"))
+                 if p.is_file()]
+        rows.append({"name": folder.name, "recipe": recipe, "stages_done": [k for k, v in stages.items() if v["done"]],
+                     "running": next((k for k, v in stages.items() if v.get("running")), None),
+                     "teacher_macro_auroc": _macro(layout.evaluate / "metrics.json", "macro_auroc"),
+                     "students_macro_auroc": students, "updated": max(times) if times else None})
+    return rows
+
+
+def _recipe_name(layout: RunLayout) -> str | None:
+    """The model and algorithm of the run's resolved recipe (a short description for the list)."""
+    text = (layout.federate / "fedxr_recipe.yaml")
+    if not text.is_file():
+        return None
+    found = dict(re.findall(r"^\s{2}(name|algorithm|rounds): (\S+)$", text.read_text(), re.M))
+    return " · ".join(v for v in (found.get("name"), found.get("algorithm"), found.get("rounds") and
+                                  f"{found['rounds']} rounds") if v) or None
+
+
+def rounds(layout: RunLayout) -> list[dict]:
+    """Per round and site: validation AUROC of the received global model and the site's training time.
+    Read from the sites' records while a run is going (simulation, POC), else from rounds.json."""
+    rows = read_records(layout.federate / "records") if (layout.federate / "records").is_dir() else []
+    if rows:
+        return round_table(rows, _json(layout.federate / "cross_site.json"))
+    return _json(layout.federate / "rounds.json") or []
+
+
+def run_detail(runs: Path, name: str) -> dict:
+    layout = run_layout(runs, name)
+    report = _json(layout.distill / "distill_report.json")
+    models = None
+    if isinstance(report, dict):
+        t = report.get("teacher", {})
+        models = [{"model": f"teacher {t.get('model_name')}", "macro_auroc": t.get("macro_auroc"),
+                   "ci95": t.get("macro_auroc_ci95"), "mmacs": (t.get("macs") or 0) / 1e6, "vs_teacher": None,
+                   "kd_gain": None}]
+        for n, r in (report.get("students") or {}).items():
+            models.append({"model": f"{n} (KD)", "macro_auroc": r.get("macro_auroc"), "ci95": r.get("macro_auroc_ci95"),
+                           "mmacs": (r.get("macs") or 0) / 1e6, "vs_teacher": r.get("auroc_vs_teacher"),
+                           "kd_gain": r.get("kd_gain")})
+    cross = _json(layout.federate / "cross_site.json")
+    return {"name": name, "stages": _stages(layout), "rounds": rounds(layout),
+            "cross_site": cross.get("by_data_site") if isinstance(cross, dict) else None,
+            "teacher_metrics": _json(layout.evaluate / "metrics.json"), "models": models,
+            "images": {k: v for k, v in RUN_IMAGES.items() if (layout.root / v).is_file()},
+            "report": layout.report.read_text() if layout.report.is_file() else None}
+
+
+def run_image(runs: Path, name: str, key: str) -> Path:
+    layout = run_layout(runs, name)
+    if key not in RUN_IMAGES or not (layout.root / RUN_IMAGES[key]).is_file():
+        raise NotFound(f"run {name!r} has no {key!r} image")
+    return layout.root / RUN_IMAGES[key]
+
+
+def sites(runs: Path) -> list[str]:
+    names = set()
+    for folder in Path(runs).iterdir() if Path(runs).is_dir() else []:
+        names.update(p.stem for p in (folder / "sites").glob("site-*.csv"))
+    return sorted(names)
+
+
+def site_detail(runs: Path, site: str) -> dict:
+    """One hospital's view: per run, its data summary, its validation score and training time per round."""
+    site = _plain_name(site, "site")
+    per_run = []
+    for folder in sorted(Path(runs).iterdir()) if Path(runs).is_dir() else []:
+        layout = RunLayout(folder)
+        if not (layout.sites / f"{site}.csv").is_file():
+            continue
+        try:
+            summary = next((s for s in read_sites_summary(layout.sites)["sites"] if s["site"] == site), None)
+        except FedxrError:
+            summary = None
+        table = [{"round": r["round"], **r["sites"][site]} for r in rounds(layout) if site in r.get("sites", {})]
+        local = layout.root / "fedbn_sites" / f"{site}.ckpt"
+        per_run.append({"run": folder.name, "data": summary, "rounds": table,
+                        "local_model": str(local) if local.is_file() else None})
+    if not per_run:
+        raise NotFound(f"no run has data of site {site!r}")
+    return {"site": site, "runs": per_run}
+
+
+# --- exported models ----------------------------------------------------------------------------------
+
+def list_models(exports: Path) -> list[dict]:
+    """Every export folder's manifest: files (format, size, SHA-256, AUROC, latency, kept), INT8 decision."""
+    out = []
+    for manifest in sorted(Path(exports).glob("*/manifest.json")) if Path(exports).is_dir() else []:
+        m = _json(manifest)
+        if not isinstance(m, dict) or not _NAME.match(manifest.parent.name):
+            continue
+        files = [dict(f, available=(manifest.parent / f["file"]).is_file()) for f in m.get("files", [])]
+        out.append({"folder": manifest.parent.name, "model_name": m.get("model_name"), "input_size": m.get("input_size"),
+                    "recommended": m.get("recommended"), "int8_decision": m.get("int8_decision"), "ok": m.get("ok"),
+                    "checkpoint": m.get("checkpoint"), "files": files})
+    return out
+
+
+def model_file(exports: Path, folder: str, file: str) -> Path:
+    """The path of a downloadable file: listed in its folder's manifest, present, and — after resolving
+    links — inside that folder. Anything else is NotFound (traversal, absolute paths, links out)."""
+    folder, file = _plain_name(folder, "model folder"), _plain_name(file, "file")
+    base = (Path(exports) / folder).resolve()
+    manifest = _json(base / "manifest.json")
+    listed = {f.get("file") for f in manifest.get("files", [])} if isinstance(manifest, dict) else set()
+    path = (base / file)
+    if file not in listed or not path.is_file() or path.resolve().parent != base:
+        raise NotFound(f"no file {file!r} in the export {folder!r}")
+    return path.resolve()
+
+
+def model_folder(exports: Path, folder: str) -> Path:
+    path = Path(exports) / _plain_name(folder, "model folder")
+    if not (path / "manifest.json").is_file():
+        raise NotFound(f"no exported model {folder!r}")
+    return path

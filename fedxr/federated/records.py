@@ -1,0 +1,52 @@
+"""The per-round records sites write in simulation and POC (one JSON line per site and round), and the
+round table built from them. Plain Python: the console reads them while a run is still going."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def read_records(records: Path) -> list[dict]:
+    """Every site's records in a folder (``SITE.jsonl``); a line being written right now is skipped."""
+    rows = []
+    for path in sorted(records.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # the site is appending this line as we read
+    return rows
+
+
+def round_table(rows: list[dict], cross_site: dict | None) -> list[dict]:
+    """Per round: each site's validation AUROC of the received global model, the val-size-weighted
+    aggregate, the round's wall time (first receive to the next round's first receive, or to the last
+    send for the final round) and each site's own training time."""
+    by_round: dict[int, list[dict]] = defaultdict(list)
+    for r in rows:
+        if isinstance(r.get("round"), int):
+            by_round[r["round"]].append(r)
+    rounds = sorted(by_round)
+    table = []
+    for i, rnd in enumerate(rounds):
+        recs = by_round[rnd]
+        start = min(r["t_receive"] for r in recs)
+        end = min(r["t_receive"] for r in by_round[rounds[i + 1]]) if i + 1 < len(rounds) else max(r["t_trained"] for r in recs)
+        scored = [r for r in recs if r["val_auroc"] is not None]
+        weight = sum(r["val_images"] for r in scored)
+        agg = sum(r["val_auroc"] * r["val_images"] for r in scored) / weight if weight else None
+        wall = end - start
+        site_train = max(r["train_s"] + r["validate_s"] for r in recs)
+        table.append({
+            "round": rnd, "aggregate_val_auroc": agg, "wall_s": round(wall, 3),
+            "overhead_share": round(max(0.0, 1 - site_train / wall), 4) if wall > 0 else None,
+            "sites": {r["site"]: {"val_auroc": r["val_auroc"], "train_s": round(r["train_s"], 3),
+                                  "validate_s": round(r["validate_s"], 3), "steps": r["steps"]} for r in recs},
+        })
+    if cross_site:
+        last = {site: scores.get("global (last)") for site, scores in cross_site["by_data_site"].items()}
+        table.append({"round": "final", "note": "last global model, scored by each site after training",
+                      "sites": {s: {"val_auroc": v} for s, v in last.items()}})
+    return table
