@@ -70,7 +70,7 @@ def fedbn_site_models(recipe) -> list[Path]:
     for site in site_manifest_paths(recipe.layout.sites):
         blob = torch.load(records / f"{site}_round{last}.pt", weights_only=True)["state_dict"]
         net = {k.removeprefix("model."): v for k, v in blob.items() if k.startswith("model.")}
-        paths.append(save_checkpoint(recipe.layout.root / "fedbn_sites" / f"{site}.ckpt", model_name=recipe.model.name,
+        paths.append(save_checkpoint(recipe.layout.fedbn_model(site), model_name=recipe.model.name,
                                      state_dict=net, preprocessing=recipe.preprocessing,
                                      thresholds=blob["thresholds"], source="federate:fedbn"))
     return paths

@@ -260,3 +260,27 @@ def test_report_markdown_is_escaped():
     assert "&lt;script&gt;" in out
     assert "<td>&lt;b&gt;x&lt;/b&gt;</td>" in out
     assert "<img" not in out  # images only where the console serves them
+
+
+@pytest.mark.slow
+def test_federation_status_says_when_the_server_is_unreachable(tmp_path):
+    """With a real admin startup kit (provisioned from deploy/project.yml) and no server running, the home
+    page reports the failure instead of hanging or crashing."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT
+
+    nvflare = shutil.which("nvflare") or str(Path(sys.executable).with_name("nvflare"))
+    subprocess.run([nvflare, "provision", "-p", str(ROOT / "deploy" / "project.yml"), "-w", str(tmp_path / "ws")],
+                   check=True, capture_output=True, timeout=300)
+    kit = next(p.parent.parent for p in (tmp_path / "ws").rglob("startup/fed_admin.json"))
+    from fedxr.console.flare import Federation
+
+    t = time.time()
+    status = Federation(kit, timeout_s=3).status()
+    assert "error" in status
+    assert str(kit) in status["error"]
+    assert time.time() - t < 60

@@ -154,7 +154,7 @@ def site_detail(runs: Path, site: str) -> dict:
         except FedxrError:
             summary = None
         table = [{"round": r["round"], **r["sites"][site]} for r in rounds(layout) if site in r.get("sites", {})]
-        local = layout.root / "fedbn_sites" / f"{site}.ckpt"
+        local = layout.fedbn_model(site)
         per_run.append({"run": folder.name, "data": summary, "rounds": table,
                         "local_model": str(local) if local.is_file() else None})
     if not per_run:
