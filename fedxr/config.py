@@ -11,10 +11,10 @@ from __future__ import annotations
 import difflib
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedxr.errors import FedxrError
 from fedxr.layout import RunLayout
@@ -151,9 +151,23 @@ class ExplainConfig(_Section):
     max_boxes: int = Field(200, ge=1, description="ground-truth boxes scored in the pointing game")
 
 
+class EnergyConfig(_Section):
+    country: str = Field("USA", pattern=r"^[A-Z]{3}$",
+                         description="ISO 3166-1 alpha-3 code of the electricity grid (its carbon intensity, from "
+                                     "CodeCarbon's offline tables); e.g. USA, DEU, FRA, GBR")
+
+
 class OutputConfig(_Section):
     runs_dir: str = "runs"
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$")
+    energy: Union[EnergyConfig, Literal[False]] = Field(
+        default_factory=EnergyConfig, description="energy and CO2e of every training job (CodeCarbon, offline); "
+                                                  "false turns it off")
+
+    @field_validator("energy", mode="before")
+    @classmethod
+    def _energy_true_means_defaults(cls, value):
+        return {} if value is True else value
 
 
 class Recipe(_Section):
@@ -192,6 +206,11 @@ class Recipe(_Section):
     def layout(self) -> RunLayout:
         """The paths of this recipe's run (``output.runs_dir / output.name``) and of its exports."""
         return RunLayout.of(self)
+
+    @property
+    def energy_country(self) -> str | None:
+        """The grid whose carbon intensity applies to this run's energy; None when tracking is off."""
+        return self.output.energy.country if self.output.energy else None
 
     @property
     def preprocessing(self) -> "Preprocessing":

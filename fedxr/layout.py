@@ -137,6 +137,13 @@ class RunLayout:
         return self.root / "report.md"
 
     @property
+    def energy(self) -> Path:
+        """The run's energy summary (each training job also keeps its own energy.json in its folder)."""
+        from fedxr.energy import ENERGY_FILE
+
+        return self.root / ENERGY_FILE
+
+    @property
     def pipeline_state(self) -> Path:
         return self.root / "pipeline.json"
 

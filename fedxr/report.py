@@ -167,6 +167,56 @@ def _explain_section(layout: RunLayout, results: RunResults, out: list[str]) -> 
     out += ["", f"![Grad-CAM]({_rel(ex.grid, run)})", ""]
 
 
+def _energy_section(layout: RunLayout, recipe: Recipe, results: RunResults, out: list[str]) -> Path | None:
+    """The energy table (and RUN/energy.json): each training job, the total, per-site shares, federated
+    vs local-only, and edge inference teacher vs student with the distillation break-even."""
+    from fedxr import energy
+
+    out += ["## Energy and emissions", ""]
+    summary = energy.summarise(layout, recipe.energy_country) if recipe.energy_country else None
+    if summary is None:
+        out += ["Not tracked: `output.energy` is off for this run (or no training job ran).", ""]
+        return None
+    teacher = summary["jobs"].get("teacher (federated)", {})
+    core_w = teacher["cpu_tdp_w"] / teacher["cpu_count"] if teacher.get("cpu_tdp_w") and teacher.get("cpu_count") else None
+    students_wh = sum(v.get("energy_wh", 0.0) for k, v in summary["jobs"].items() if k.startswith("student "))
+    if results.export:
+        summary["edge"] = energy.edge_comparison(results.export.manifests, core_w, students_wh or None)
+    layout.energy.write_text(json.dumps(summary, indent=2))
+    methods = next((v["methods"] for v in summary["jobs"].values() if "methods" in v), {})
+    out += [f"CodeCarbon offline tracker, machine mode (it covers the server and every site process on this machine); "
+            f"grid {summary['country']}. How: CPU {methods.get('cpu', '–')}; GPU {methods.get('gpu', '–')}; "
+            f"RAM {methods.get('ram', '–')}.", ""]
+    rows = [[job, _f(v.get("energy_wh"), ".2f"), _f(v.get("cpu_wh"), ".2f"), _f(v.get("gpu_wh"), ".2f"),
+             _f(v.get("ram_wh"), ".2f"), _f(v.get("emissions_g"), ".2f"), _f(v.get("seconds"), ".0f"),
+             v.get("error", "")] for job, v in summary["jobs"].items()]
+    t = summary["total"]
+    rows.append(["**total**", _f(t["energy_wh"], ".2f"), _f(t["cpu_wh"], ".2f"), _f(t["gpu_wh"], ".2f"),
+                 _f(t["ram_wh"], ".2f"), _f(t["emissions_g"], ".2f"), _f(t["seconds"], ".0f"), ""])
+    out += _table(["training job", "Wh", "CPU Wh", "GPU Wh", "RAM Wh", "g CO2e", "s", "note"], rows) + [""]
+    if summary.get("teacher_per_site"):
+        out += ["Teacher energy per site, apportioned by each site's training and validation time:", ""]
+        out += _table(["site", "share", "Wh"], [[s, f"{v['share']:.0%}", _f(v["energy_wh"], ".2f")]
+                                               for s, v in summary["teacher_per_site"].items()]) + [""]
+    fvl = summary.get("federated_vs_local")
+    if fvl:
+        out += [f"Federated teacher {fvl['federated_teacher_wh']:.2f} Wh vs local-only training at "
+                f"{len(fvl['sites'])} site(s) for the same epochs {fvl['local_only_sum_wh']:.2f} Wh "
+                f"(ratio {fvl['ratio']:.2f}).", ""]
+    else:
+        out += ["No local-only baselines in this run to compare the federation's energy with "
+                "(`fedxr train RECIPE --mode local --site site-1`, for each site, adds them).", ""]
+    edge = summary.get("edge")
+    if edge:
+        rows = [[k, v["file"], _f(v["latency_ms"], ".2f"), _f(v["wh_per_1000"], ".3g"),
+                 f"{v['break_even_predictions']:,}" if v.get("break_even_predictions") else ""]
+                for k, v in edge["per_1000_predictions"].items()]
+        out += [f"Edge inference, per 1,000 predictions ({edge['basis']}); break-even: predictions after which the "
+                "student's saving repays the energy of distilling it.", ""]
+        out += _table(["model", "file", "batch-1 ms", "Wh per 1,000", "break-even"], rows) + [""]
+    return layout.energy
+
+
 def write_report(recipe: Recipe, results: RunResults) -> Path:
     layout = recipe.layout
     out = [f"# fedxr run report: {recipe.output.name}", "",
@@ -181,6 +231,7 @@ def write_report(recipe: Recipe, results: RunResults) -> Path:
     _evaluate_section(layout, results, out)
     _export_section(layout, results, out)
     _explain_section(layout, results, out)
+    _energy_section(layout, recipe, results, out)
     out += ["## Resolved recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
     path = layout.report
     path.write_text("\n".join(out))

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from fedxr.config import Recipe
 from fedxr.data.datamodule import SiteDataModule
 from fedxr.data.manifest import site_manifest_paths
+from fedxr.energy import tracked
 from fedxr.errors import FedxrError
 from fedxr.labels import VAL_AUROC
 from fedxr.layout import BEST, LAST
@@ -105,7 +106,8 @@ def train(recipe: Recipe, sites_folder: Path, mode: str = "central", site: str |
     module = make_classifier(recipe, dm)
     ckpt_cb = BestCheckpoint(folder, recipe.resolved(), source=f"train:{tag}")
     trainer = make_trainer(recipe, folder, callbacks=[ckpt_cb], progress=progress)
-    trainer.fit(module, datamodule=dm)
+    with tracked(folder, f"train {tag}", recipe.energy_country):
+        trainer.fit(module, datamodule=dm)
     summary = {"mode": mode, "site": site, "folder": str(folder), "best_val_auroc": ckpt_cb.best,
                "best": str(ckpt_cb.best_path), "last": str(ckpt_cb.last_path)}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))

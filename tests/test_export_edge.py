@@ -214,6 +214,9 @@ def test_bench_reports_latency_memory_and_provider(exported, capsys):
     assert 0 < r["p50_ms"] <= r["p95_ms"]
     assert r["images_per_s"] > 0
     assert r["peak_rss_mb"] > 0
+    # 1 thread x 10 W (assumed) x p50 / 2 images per batch, in mJ
+    assert r["energy_mj_per_image_estimate"] == pytest.approx(10 * r["p50_ms"] / 2, rel=0.05)
+    assert "estimate" in r["energy_basis"]
 
 
 def test_fp16_export(exported, tmp_path):

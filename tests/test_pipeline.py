@@ -129,3 +129,23 @@ def test_a_failing_stage_is_named_with_its_log(tmp_path, capsys):
     assert "no NIH label file" in err
     with pytest.raises(SystemExit):
         main(["run", str(QUICKSTART), "--from", "nonsense"])
+
+
+def test_energy_of_every_training_job_and_the_total(first_run):
+    tmp, ov = first_run
+    layout = load_recipe(QUICKSTART, ov).layout
+    summary = json.loads(layout.energy.read_text())
+    assert set(summary["jobs"]) == {"teacher (federated)", "student mobilenetv3_small_100"}
+    for job in summary["jobs"].values():
+        assert job["energy_wh"] > 0
+        assert job["emissions_g"] > 0
+        assert job["methods"]["cpu"].startswith(("measured", "estimated"))
+    for key in ("energy_wh", "emissions_g"):
+        assert summary["total"][key] == pytest.approx(sum(j[key] for j in summary["jobs"].values()))
+    assert sum(s["share"] for s in summary["teacher_per_site"].values()) == pytest.approx(1.0)
+    edge = summary["edge"]["per_1000_predictions"]
+    assert set(edge) == {"teacher tiny_cnn", "student mobilenetv3_small_100"}
+    assert all(v["wh_per_1000"] > 0 for v in edge.values())
+    report = layout.report.read_text()
+    assert "## Energy and emissions" in report
+    assert summary["country"] == "USA"

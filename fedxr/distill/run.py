@@ -21,6 +21,7 @@ import lightning as L
 import torch
 
 from fedxr.config import Recipe
+from fedxr.energy import tracked
 from fedxr.errors import FedxrError
 from fedxr.layout import RunLayout, chosen_checkpoint
 from fedxr.models.checkpoint import load_checkpoint
@@ -131,7 +132,8 @@ def distill_central(recipe: Recipe, teacher_path: Path, teacher: dict, student: 
         module = make_classifier(srecipe, dm)
     best = BestCheckpoint(folder, srecipe.resolved(), source=SOURCE if with_teacher else "train:no_kd")
     epochs = srecipe.distill.rounds * srecipe.distill.local_epochs  # the federated run's local work
-    make_trainer(srecipe, folder, callbacks=[best], max_epochs=epochs, progress=progress).fit(module, datamodule=dm)
+    with tracked(folder, RunLayout.student_stage(student, with_teacher), srecipe.energy_country):
+        make_trainer(srecipe, folder, callbacks=[best], max_epochs=epochs, progress=progress).fit(module, datamodule=dm)
     return {"mode": "central", "site": site, "teacher": str(teacher_path), "folder": str(folder),
             "checkpoints": {"best": str(best.best_path), "last": str(best.last_path)},
             "checkpoint": str(chosen_checkpoint(folder))}

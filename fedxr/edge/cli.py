@@ -6,6 +6,7 @@ import argparse
 import csv
 import glob
 import json
+import os
 import resource
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedxr.energy import ASSUMED_CORE_W, edge_energy_per_image_j
 from fedxr.errors import EXIT_CHECK_FAILED, EXIT_OK, FedxrError, run_command
 from fedxr.imaging import IMAGE_SUFFIXES
 
@@ -79,12 +81,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "p50_ms": round(float(np.percentile(ms, 50)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3),
               "images_per_s": round(args.batch / float(np.median(times)), 1),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    # An estimate, not a measurement: the busy cores' power (assumed unless --core-watts) x time per image.
+    threads = args.threads or os.cpu_count() or 1
+    per_image_ms = float(np.median(ms)) / args.batch
+    result["energy_mj_per_image_estimate"] = round(1000 * edge_energy_per_image_j(per_image_ms, threads, args.core_watts), 2)
+    result["energy_basis"] = (f"estimate: {threads} busy core(s) x {args.core_watts or ASSUMED_CORE_W:g} W"
+                              + ("" if args.core_watts else " (assumed; --core-watts sets it)") + " x time per image")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"{result['model']} [{result['provider']}, {args.threads or 'default'} threads, batch {args.batch}]: "
               f"p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, {result['images_per_s']} img/s, "
-              f"peak RSS {result['peak_rss_mb']} MB")
+              f"peak RSS {result['peak_rss_mb']} MB; ~{result['energy_mj_per_image_estimate']} mJ per image "
+              f"({result['energy_basis']})")
     return 0
 
 
@@ -107,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--core-watts", type=float, help="power of one busy core, for the energy estimate "
+                                                     "(default: an assumed 10 W)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser

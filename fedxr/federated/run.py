@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fedxr.config import Recipe
 from fedxr.data.manifest import site_manifest_paths
+from fedxr.energy import tracked
 from fedxr.data.prepare import require_sites
 from fedxr.errors import FedxrError
 from fedxr.federated import outputs
@@ -189,13 +190,17 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     shutil.rmtree(records, ignore_errors=True)
     records.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    # On one machine the tracker (machine mode) covers the server and every site process.
+    energy = tracked(folder, stage, recipe.energy_country if env in ("sim", "poc") else None)
     if env == "sim":
         job = build_job(recipe, folder, "sim", sites_dir=sites_dir, records=records, **job_options)
-        server_dir = _run_sim(job, recipe, folder, names, stage)
+        with energy:
+            server_dir = _run_sim(job, recipe, folder, names, stage)
         workspace = server_dir.parent.parent
     elif env == "poc":
         job = build_job(recipe, folder, "poc", records=records, **job_options)
-        server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir)
+        with energy:
+            server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir)
     elif env == "prod":
         job = build_job(recipe, folder, "prod", **job_options)
         server_dir, workspace = _run_prod(job, recipe, startup_kit)
