@@ -164,6 +164,13 @@ class OutputConfig(_Section):
         default_factory=EnergyConfig, description="energy and CO2e of every training job (CodeCarbon, offline); "
                                                   "false turns it off")
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, value: str) -> str:
+        if value in (".", ".."):
+            raise ValueError("output.name names the run's folder; use letters, digits, '_', '-' or '.', not . or ..")
+        return value
+
     @field_validator("energy", mode="before")
     @classmethod
     def _energy_true_means_defaults(cls, value):

@@ -129,6 +129,27 @@ def test_hospital_sees_its_own_site_only(hospital, coordinator):
     assert [r["round"] for r in run["rounds"] if isinstance(r["round"], int)] == [0, 1]
 
 
+def test_hospital_sees_the_aggregate_and_its_own_site_on_run_pages(hospital):
+    detail = hospital.get("/api/runs/t").json()
+    assert detail["report"] is None  # the report lists every site's data
+    for r in detail["rounds"]:
+        assert set(r["sites"]) <= {"site-1"}
+    assert set(detail["cross_site"]) == {"site-1"}
+    progress = hospital.get("/api/runs/t/progress").json()
+    assert all(set(r["sites"]) <= {"site-1"} for r in progress["rounds"])
+    assert hospital.get("/runs/t/image/prevalence").status_code == 403
+    assert hospital.get("/runs/t/image/gradcam").status_code == 200
+
+
+def test_oversized_or_unsized_form_posts_are_refused_before_parsing(app):
+    client = TestClient(app)
+    client.get("/login")
+    r = client.post("/login", data={"name": "carol", "password": "x" * 70_000, "csrf": "t"})
+    assert r.status_code == 413
+    r = client.post("/login", files={"f": ("a.bin", b"0" * 10)}, data={"name": "carol"})
+    assert r.status_code in (400, 403)  # a file part in a form: refused (no upload reaches a temp file)
+
+
 def test_run_pages_show_rounds_models_and_report(coordinator):
     runs = coordinator.get("/api/runs").json()
     assert [r["name"] for r in runs] == ["t"]
@@ -251,6 +272,12 @@ def test_users_have_no_defaults_and_the_server_refuses_an_open_address(tmp_path,
     stored = sqlite3.connect(db).execute("SELECT hash FROM users WHERE name='ann'").fetchone()[0]
     assert stored.startswith("$argon2id$")
     assert "long-enough-password" not in stored
+
+
+def test_report_markdown_survives_odd_input():
+    assert "<table>" not in markdown_to_html("|---|---|\n", lambda s: None)
+    assert "<td>1</td>" in markdown_to_html("| a |\n|:--|\n| 1 |\n", lambda s: None)
+    assert "<pre>open\nblock</pre>" in markdown_to_html("```\nopen\nblock\n", lambda s: None)
 
 
 def test_report_markdown_is_escaped():

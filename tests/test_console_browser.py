@@ -127,8 +127,8 @@ def test_start_a_run_and_watch_it_live(chromium, console_run, shots):
     from fedxr.console.app import create_app
 
     app = create_app(console_run["runs"], console_run["db"], console_run["exports"], recipes=ROOT / "recipes")
-    overrides = [o for o in console_overrides(console_run["tmp"], rounds=3, name="live")
-                 if not o.startswith("output.runs_dir=")]  # the console puts runs where it shows them
+    overrides = [o for o in console_overrides(console_run["tmp"], rounds=3, name="live")  # the console puts runs
+                 if not o.startswith(("output.runs_dir=", "export.out="))]  # and models where it shows them
     with background_server(app) as base:
         page = chromium.new_page()
         page.set_default_timeout(TIMEOUT_MS)

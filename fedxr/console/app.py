@@ -38,6 +38,11 @@ SECURITY_HEADERS = {
 }
 
 
+#: Forms are a few short fields: no files, a bounded number of small parts.
+FORM_LIMITS = dict(max_files=0, max_fields=8, max_part_size=16_384)
+MAX_FORM_BYTES = 64 * 1024
+
+
 class NeedsSignIn(Exception):
     pass
 
@@ -51,7 +56,7 @@ def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export",
                startup_kit: str | Path | None = None, secure_cookies: bool = False) -> FastAPI:
     runs, exports = Path(runs), Path(exports)
     store = Store(db)
-    launcher = RunLauncher(Path(recipes), runs)
+    launcher = RunLauncher(Path(recipes), runs, exports)
     federation = None
     if startup_kit:
         from fedxr.console.flare import Federation
@@ -89,6 +94,13 @@ def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export",
 
     @app.middleware("http")
     async def headers(request: Request, call_next):
+        length = request.headers.get("content-length", "")
+        if (request.method == "POST" and request.url.path != "/api/predict"
+                and (not length.isdigit() or int(length) > MAX_FORM_BYTES)):
+            # Forms are small; anything else (or a streamed body of unknown size) is refused before parsing.
+            response = JSONResponse({"detail": "request body missing its length or larger than a form"}, status_code=413)
+            response.headers.update(SECURITY_HEADERS)
+            return response
         response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
         if not request.url.path.startswith("/static"):
@@ -127,14 +139,16 @@ def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export",
 
     @app.post("/login", response_class=HTMLResponse)
     async def login(request: Request):
-        form = await request.form()
+        form = await request.form(**FORM_LIMITS)
         name, password = str(form.get("name", "")), str(form.get("password", ""))
         nxt = _safe_next(str(form.get("next", "/")))
         cookie = request.cookies.get(LOGIN_CSRF_COOKIE)
         if not cookie or not secrets.compare_digest(cookie, str(form.get("csrf", ""))):
             raise Forbidden("the sign-in form expired; reload the page and sign in again")
         try:
-            token, _ = store.sign_in(name, password, client=request.client.host if request.client else "")
+            # argon2 is deliberately slow: off the event loop, so other requests go on meanwhile.
+            token, _ = await run_in_threadpool(store.sign_in, name, password,
+                                               request.client.host if request.client else "")
         except LockedOut as exc:
             return _login_again(request, str(exc), nxt, 429)
         except FedxrError as exc:
@@ -154,7 +168,7 @@ def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export",
     @app.post("/logout")
     async def logout(request: Request):
         s = signed_in(request)
-        check_csrf(s, str((await request.form()).get("csrf", "")))
+        check_csrf(s, str((await request.form(**FORM_LIMITS)).get("csrf", "")))
         store.sign_out(request.cookies.get(SESSION_COOKIE))
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE)
@@ -184,11 +198,12 @@ def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export",
     @app.post("/runs/new", response_class=HTMLResponse)
     async def new_run(request: Request):
         s = coordinator(request)
-        form = await request.form()
+        form = await request.form(**FORM_LIMITS)
         check_csrf(s, str(form.get("csrf", "")))
         overrides = [line.strip() for line in str(form.get("overrides", "")).splitlines() if line.strip()]
         try:
-            started = launcher.start(str(form.get("recipe", "")), overrides, str(form.get("env", "sim")), s.user.name)
+            started = await run_in_threadpool(launcher.start, str(form.get("recipe", "")), overrides,
+                                              str(form.get("env", "sim")), s.user.name)
         except FedxrError as exc:
             status = 409 if "already going" in str(exc) else 400
             return page(request, "new_run.html", s, status, recipes=launcher.recipe_names(), launched=launcher.status(),
@@ -199,27 +214,31 @@ def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export",
     @app.get("/runs/{name}", response_class=HTMLResponse)
     def run_page(request: Request, name: str):
         s = signed_in(request)
-        detail = data.run_detail(runs, name)
+        detail = _visible(s, data.run_detail(runs, name))
         return page(request, "run.html", s, run=detail, report_html=_markdown(detail["report"], name),
-                    launched=_launched(name))
+                    launched=_launched(name, s))
 
     @app.get("/api/runs/{name}")
     def api_run(request: Request, name: str) -> dict:
-        signed_in(request)
-        return {**data.run_detail(runs, name), "launched": _launched(name)}
+        s = signed_in(request)
+        return {**_visible(s, data.run_detail(runs, name)), "launched": _launched(name, s)}
 
     @app.get("/api/runs/{name}/progress")
     def api_progress(request: Request, name: str) -> dict:
         """What the run page polls: stages, the round table so far, and a console-started run's state."""
-        signed_in(request)
+        s = signed_in(request)
         layout = data.run_layout(runs, name)
-        launched = _launched(name)
-        failed = _failed_stage(layout) if launched and not launched["running"] and launched["returncode"] else None
-        return {"stages": data._stages(layout), "rounds": data.rounds(layout), "launched": launched, "failed": failed}
+        launched = _launched(name, s)
+        failed = (_failed_stage(layout) if s.user.is_coordinator and launched and not launched["running"]
+                  and launched["returncode"] else None)
+        return {"stages": data.stages(layout), "rounds": _visible(s, {"rounds": data.rounds(layout)})["rounds"],
+                "launched": launched, "failed": failed}
 
     @app.get("/runs/{name}/image/{key}")
     def run_image(request: Request, name: str, key: str):
-        signed_in(request)
+        s = signed_in(request)
+        if not s.user.is_coordinator and key in data.PER_SITE_IMAGES:
+            raise Forbidden("that picture shows every site's data; it is for the coordinators")
         return FileResponse(data.run_image(runs, name, key), media_type="image/png")
 
     @app.get("/sites/{site}", response_class=HTMLResponse)
@@ -304,15 +323,28 @@ def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export",
             raise Forbidden(f"{s.user.name} is a user of {s.user.site}; the page of {site} is for that hospital "
                             "and the coordinators")
 
-    def _launched(name: str) -> dict | None:
+    def _launched(name: str, s: Session) -> dict | None:
         status = launcher.status()
         if not status or status["name"] != name:
             return None
-        return {k: status[k] for k in ("running", "returncode", "output_tail", "recipe", "env", "user")}
+        keys = ("running", "returncode", "recipe", "env", "user") + (("output_tail",) if s.user.is_coordinator else ())
+        return {k: status[k] for k in keys}
+
+    def _visible(s: Session, detail: dict) -> dict:
+        """What a hospital user sees of a run: the federation's aggregate and its own site, not the others'
+        per-site figures, the report (which has every site's data) or logs. Coordinators see everything."""
+        if s.user.is_coordinator:
+            return detail
+        own = s.user.site
+        rounds = [{**r, "sites": {k: v for k, v in r.get("sites", {}).items() if k == own}} for r in detail["rounds"]]
+        cross = detail.get("cross_site")
+        return {**detail, "rounds": rounds, "report": None,
+                "cross_site": {own: cross[own]} if cross and own in cross else None,
+                "images": {k: v for k, v in detail.get("images", {}).items() if k not in data.PER_SITE_IMAGES}}
 
     def _failed_stage(layout) -> dict | None:
         logs = sorted(layout.root.glob("logs/*.log"), key=lambda p: p.stat().st_mtime)
-        return {"stage": logs[-1].stem, "log_tail": logs[-1].read_text(errors="replace")[-3000:]} if logs else None
+        return {"stage": logs[-1].stem, "log_tail": data.tail(logs[-1], 3000)} if logs else None
 
     def _markdown(text: str | None, run: str) -> str | None:
         return markdown_to_html(text, lambda src: _image_url(run, src)) if text else None
@@ -346,8 +378,11 @@ def markdown_to_html(text: str, image_url) -> str:
 
     def flush_table():
         if table:
-            rows = [r for r in table if not re.match(r"^\|[-|\s]+\|$", r)]
+            rows = [r for r in table if not re.match(r"^\|[-:|\s]+\|$", r)]
             cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+            if not cells:
+                table.clear()
+                return
             head = "".join(f"<th>{inline(c)}</th>" for c in cells[0])
             body = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
@@ -377,4 +412,6 @@ def markdown_to_html(text: str, image_url) -> str:
         elif line.strip():
             out.append(f"<p>{inline(line)}</p>")
     flush_table()
+    if code is not None:  # an unclosed code block: show what it holds
+        out.append("<pre>" + html.escape("\n".join(code)) + "</pre>")
     return "\n".join(out)

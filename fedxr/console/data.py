@@ -20,6 +20,16 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 RUN_IMAGES = {"rounds": "federate/rounds.png", "cross_site": "federate/cross_site.png",
               "roc": "evaluate/roc_curves.png", "distill": "distill/distill_report.png",
               "gradcam": "explain/gradcam_grid.png", "prevalence": "report_prevalence.png"}
+#: Pictures with every site's own figures (for coordinators; a hospital user sees its site's page instead).
+PER_SITE_IMAGES = ("rounds", "cross_site", "prevalence")
+
+
+def tail(path: Path, limit: int) -> str:
+    """The last ``limit`` bytes of a (possibly long, growing) log, read without loading the whole file."""
+    with open(path, "rb") as fh:
+        fh.seek(0, 2)
+        fh.seek(max(0, fh.tell() - limit))
+        return fh.read().decode(errors="replace")
 
 
 class NotFound(FedxrError):
@@ -46,7 +56,7 @@ def run_layout(runs: Path, name: str) -> RunLayout:
     return layout
 
 
-def _stages(layout: RunLayout) -> dict[str, dict]:
+def stages(layout: RunLayout) -> dict[str, dict]:
     """Each stage's state from pipeline.json: ran (with seconds), skipped or disabled; plus, for a run in
     progress, the stage whose log was written last."""
     state = _json(layout.pipeline_state) or {}
@@ -74,14 +84,14 @@ def list_runs(runs: Path) -> list[dict]:
         layout = RunLayout(folder)
         if not _NAME.match(folder.name) or not (layout.pipeline_state.is_file() or layout.federate.is_dir()):
             continue
-        stages = _stages(layout)
+        stage_state = stages(layout)
         report = _json(layout.distill / "distill_report.json") or {}
         students = {n: r.get("macro_auroc") for n, r in (report.get("students") or {}).items()}
         recipe = _recipe_name(layout)
         times = [p.stat().st_mtime for p in (layout.pipeline_state, *layout.root.glob("federate/records/*.jsonl"))
                  if p.is_file()]
-        rows.append({"name": folder.name, "recipe": recipe, "stages_done": [k for k, v in stages.items() if v["done"]],
-                     "running": next((k for k, v in stages.items() if v.get("running")), None),
+        rows.append({"name": folder.name, "recipe": recipe, "stages_done": [k for k, v in stage_state.items() if v["done"]],
+                     "running": next((k for k, v in stage_state.items() if v.get("running")), None),
                      "teacher_macro_auroc": _macro(layout.evaluate / "metrics.json", "macro_auroc"),
                      "students_macro_auroc": students, "updated": max(times) if times else None})
     return rows
@@ -120,7 +130,7 @@ def run_detail(runs: Path, name: str) -> dict:
                            "mmacs": (r.get("macs") or 0) / 1e6, "vs_teacher": r.get("auroc_vs_teacher"),
                            "kd_gain": r.get("kd_gain")})
     cross = _json(layout.federate / "cross_site.json")
-    return {"name": name, "stages": _stages(layout), "rounds": rounds(layout),
+    return {"name": name, "stages": stages(layout), "rounds": rounds(layout),
             "cross_site": cross.get("by_data_site") if isinstance(cross, dict) else None,
             "teacher_metrics": _json(layout.evaluate / "metrics.json"), "models": models,
             "images": {k: v for k, v in RUN_IMAGES.items() if (layout.root / v).is_file()},
@@ -129,9 +139,10 @@ def run_detail(runs: Path, name: str) -> dict:
 
 def run_image(runs: Path, name: str, key: str) -> Path:
     layout = run_layout(runs, name)
-    if key not in RUN_IMAGES or not (layout.root / RUN_IMAGES[key]).is_file():
+    path = (layout.root / RUN_IMAGES.get(key, "-")).resolve()
+    if key not in RUN_IMAGES or not path.is_file() or not path.is_relative_to(Path(runs).resolve()):
         raise NotFound(f"run {name!r} has no {key!r} image")
-    return layout.root / RUN_IMAGES[key]
+    return path
 
 
 def sites(runs: Path) -> list[str]:
@@ -156,7 +167,7 @@ def site_detail(runs: Path, site: str) -> dict:
         table = [{"round": r["round"], **r["sites"][site]} for r in rounds(layout) if site in r.get("sites", {})]
         local = layout.fedbn_model(site)
         per_run.append({"run": folder.name, "data": summary, "rounds": table,
-                        "local_model": str(local) if local.is_file() else None})
+                        "local_model": local.name if local.is_file() else None})
     if not per_run:
         raise NotFound(f"no run has data of site {site!r}")
     return {"site": site, "runs": per_run}
@@ -171,7 +182,8 @@ def list_models(exports: Path) -> list[dict]:
         m = _json(manifest)
         if not isinstance(m, dict) or not _NAME.match(manifest.parent.name):
             continue
-        files = [dict(f, available=(manifest.parent / f["file"]).is_file()) for f in m.get("files", [])]
+        files = [dict(f, available=(manifest.parent / f["file"]).is_file()) for f in m.get("files", [])
+                 if isinstance(f, dict) and isinstance(f.get("file"), str) and _NAME.match(f["file"])]
         out.append({"folder": manifest.parent.name, "model_name": m.get("model_name"), "input_size": m.get("input_size"),
                     "recommended": m.get("recommended"), "int8_decision": m.get("int8_decision"), "ok": m.get("ok"),
                     "checkpoint": m.get("checkpoint"), "files": files})
@@ -183,8 +195,11 @@ def model_file(exports: Path, folder: str, file: str) -> Path:
     links — inside that folder. Anything else is NotFound (traversal, absolute paths, links out)."""
     folder, file = _plain_name(folder, "model folder"), _plain_name(file, "file")
     base = (Path(exports) / folder).resolve()
+    if not base.is_relative_to(Path(exports).resolve()):  # a linked export folder pointing elsewhere
+        raise NotFound(f"no export {folder!r}")
     manifest = _json(base / "manifest.json")
-    listed = {f.get("file") for f in manifest.get("files", [])} if isinstance(manifest, dict) else set()
+    listed = ({f.get("file") for f in manifest.get("files", []) if isinstance(f, dict)}
+              if isinstance(manifest, dict) else set())
     path = (base / file)
     if file not in listed or not path.is_file() or path.resolve().parent != base:
         raise NotFound(f"no file {file!r} in the export {folder!r}")

@@ -17,13 +17,23 @@ from fedxr.errors import FedxrError
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=[^\n\r]{0,200}$")
 _RECIPE = re.compile(r"^[A-Za-z0-9_.-]+\.ya?ml$")
-#: Recipe keys the console sets itself (where runs go, which environment): an override may not change them.
-_RESERVED = ("output.runs_dir", "federated.env")
+#: Recipe keys the console sets itself (where runs and their models go, which environment).
+_RESERVED = ("output.runs_dir", "export.out", "federated.env")
+
+
+def _yaml_str(path: Path) -> str:
+    return "'" + str(Path(path).resolve()).replace("'", "''") + "'"
+
+
+def _tail(path: Path, limit: int) -> str:
+    from fedxr.console.data import tail
+
+    return tail(path, limit)
 
 
 class RunLauncher:
-    def __init__(self, recipes: Path, runs: Path):
-        self.recipes, self.runs = Path(recipes), Path(runs)
+    def __init__(self, recipes: Path, runs: Path, exports: Path = Path("export")):
+        self.recipes, self.runs, self.exports = Path(recipes), Path(runs), Path(exports)
         self._proc: subprocess.Popen | None = None
         self._current: dict | None = None
         self._lock = threading.Lock()
@@ -38,7 +48,7 @@ class RunLauncher:
                 return None
             rc = self._proc.poll() if self._proc else None
             log = Path(self._current["log"])
-            tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
+            tail = _tail(log, 4000) if log.is_file() else ""
             return {**self._current, "running": rc is None, "returncode": rc, "output_tail": tail}
 
     def start(self, recipe: str, overrides: list[str], env: str, user: str) -> dict:
@@ -51,7 +61,9 @@ class RunLauncher:
                 raise FedxrError(f"override {item!r}: write section.key=value, e.g. federated.rounds=2")
             if item.split("=", 1)[0] in _RESERVED:
                 raise FedxrError(f"override {item!r}: the console sets {item.split('=', 1)[0]} itself")
-        args = [*overrides, f"output.runs_dir={self.runs}", f"federated.env={env}"]
+        # Quoted: the values are read as YAML.
+        args = [*overrides, f"output.runs_dir={_yaml_str(self.runs)}", f"export.out={_yaml_str(self.exports)}",
+                f"federated.env={env}"]
         from fedxr.config import load_recipe  # validates everything before a process starts
 
         name = load_recipe(self.recipes / recipe, args).output.name

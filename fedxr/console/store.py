@@ -78,6 +78,7 @@ class Store:
         self._db = sqlite3.connect(str(self.path), check_same_thread=False)
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        self._sign_in_lock = threading.Lock()
         self._hasher = PasswordHasher()  # argon2id with the library's recommended parameters
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -119,8 +120,16 @@ class Store:
 
     # --- signing in -----------------------------------------------------------------------------------
     def sign_in(self, name: str, password: str, client: str = "") -> tuple[str, Session]:
-        """A new session token (for the cookie) and the session; raises LockedOut or FedxrError."""
+        """A new session token (for the cookie) and the session; raises LockedOut or FedxrError. One sign-in at
+        a time, so that parallel attempts cannot slip past the lock-out count."""
+        if not _NAME.match(name or "") or len(password) > 1024:
+            raise FedxrError("wrong user name or password")
+        with self._sign_in_lock:
+            return self._sign_in(name, password, client)
+
+    def _sign_in(self, name: str, password: str, client: str) -> tuple[str, Session]:
         now = time.time()
+        self._run("DELETE FROM failures WHERE at < ?", (now - LOCK_WINDOW_S,))
         recent = self._run("SELECT at FROM failures WHERE user = ? AND at > ? ORDER BY at", (name, now - LOCK_WINDOW_S))
         if len(recent) >= MAX_FAILURES:
             self.audit(name, "sign-in-refused", "locked", client)

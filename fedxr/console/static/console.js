@@ -49,6 +49,7 @@ async function followRun(section) {
     try {
       const res = await fetch(`/api/runs/${encodeURIComponent(run)}/progress`, {credentials: "same-origin"});
       if (res.status === 401) { window.location = "/login"; return; }
+      if (!res.ok) throw new Error(`HTTP ${res.status}`);
       state = await res.json();
     } catch (e) { await new Promise(r => setTimeout(r, POLL_MS)); continue; }
     drawRounds(svg, state.rounds || []);
