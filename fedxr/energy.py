@@ -145,9 +145,11 @@ def summarise(layout, recipe_country: str) -> dict | None:
     return out
 
 
-def edge_comparison(manifests: dict[str, str], core_w: float | None, training_wh: float | None) -> dict | None:
-    """Energy per 1,000 edge predictions (batch 1, one thread, the recommended file of each export) and the
-    number of predictions after which the student's lower cost repays the energy spent distilling it."""
+def edge_comparison(manifests: dict[str, str], core_w: float | None, training_wh: float | None,
+                    cores: int = 1) -> dict | None:
+    """Energy per 1,000 edge predictions (batch 1, the recommended file of each export, timed at export with
+    ``cores`` busy cores) and the number of predictions after which the student's lower cost repays the energy
+    spent distilling it."""
     rows = {}
     for label, path in manifests.items():
         try:
@@ -156,14 +158,15 @@ def edge_comparison(manifests: dict[str, str], core_w: float | None, training_wh
             continue
         f = next((f for f in m["files"] if f["file"] == m["recommended"]), None)
         if f and f.get("latency_ms_b1_p50"):
-            j = edge_energy_per_image_j(f["latency_ms_b1_p50"], 1, core_w)
+            j = edge_energy_per_image_j(f["latency_ms_b1_p50"], cores, core_w)
             rows[label] = {"file": f["file"], "latency_ms": f["latency_ms_b1_p50"], "wh_per_1000": j * 1000 / 3600}
     teacher = next((v for k, v in rows.items() if k.startswith("teacher")), None)
     students = {k: v for k, v in rows.items() if k.startswith("student")}
     if not rows:
         return None
-    result: dict = {"per_1000_predictions": rows, "basis": (f"estimate: batch-1 latency x {core_w or ASSUMED_CORE_W:.1f} W "
-                                                              "for the one busy core" + ("" if core_w else " (assumed)"))}
+    result: dict = {"per_1000_predictions": rows,
+                    "basis": (f"estimate: batch-1 latency at export x {cores} busy core(s) x {core_w or ASSUMED_CORE_W:.1f} W"
+                              + (" (CodeCarbon's TDP model)" if core_w else " (assumed)"))}
     if teacher and students and training_wh:
         for label, s in students.items():
             saved_wh = (teacher["wh_per_1000"] - s["wh_per_1000"]) / 1000

@@ -181,7 +181,9 @@ def _energy_section(layout: RunLayout, recipe: Recipe, results: RunResults, out:
     core_w = teacher["cpu_tdp_w"] / teacher["cpu_count"] if teacher.get("cpu_tdp_w") and teacher.get("cpu_count") else None
     students_wh = sum(v.get("energy_wh", 0.0) for k, v in summary["jobs"].items() if k.startswith("student "))
     if results.export:
-        summary["edge"] = energy.edge_comparison(results.export.manifests, core_w, students_wh or None)
+        # The export timed batch 1 with onnxruntime's default threads: every core of this machine.
+        summary["edge"] = energy.edge_comparison(results.export.manifests, core_w, students_wh or None,
+                                                 cores=teacher.get("cpu_count") or 1)
     layout.energy.write_text(json.dumps(summary, indent=2))
     methods = next((v["methods"] for v in summary["jobs"].values() if "methods" in v), {})
     out += [f"CodeCarbon offline tracker, machine mode (it covers the server and every site process on this machine); "
