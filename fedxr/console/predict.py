@@ -47,12 +47,12 @@ def png_data_url(rgb_or_gray: np.ndarray) -> str:
 
 
 def _overlay(gray: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """Gray image with the heatmap blended in red-to-yellow where it is strong."""
-    cam = np.asarray(Image.fromarray((np.clip(cam, 0, 1) * 255).astype(np.uint8)).resize(gray.shape[::-1]), np.float32) / 255
-    base = np.repeat(gray[..., None].astype(np.float32), 3, axis=2)
-    heat = np.stack([np.full_like(cam, 255), 255 * cam, np.zeros_like(cam)], axis=2)
-    alpha = (0.55 * cam)[..., None]
-    return (base * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8)
+    """The image with the heatmap blended in (grad-cam's own overlay, jet colours), at the image's size."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    cam = np.asarray(Image.fromarray(np.clip(cam, 0, 1).astype(np.float32)).resize(gray.shape[::-1]), np.float32)
+    rgb = np.repeat(gray[..., None].astype(np.float32) / 255, 3, axis=2)
+    return show_cam_on_image(rgb, np.clip(cam, 0, 1), use_rgb=True, image_weight=0.6)
 
 
 @functools.lru_cache(maxsize=4)

@@ -70,25 +70,14 @@ def multilabel_scores(probs: torch.Tensor, targets: torch.Tensor, min_positives:
     }
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of each row of ``x`` (B, n), ties sharing their average rank (as scipy's rankdata)."""
-    order = np.argsort(x, axis=1, kind="mergesort")
-    xs = np.take_along_axis(x, order, axis=1)
-    ranks = np.empty(x.shape, dtype=np.float64)
-    for b in range(x.shape[0]):  # one sort per resample; ties grouped with a cumulative count
-        new = np.r_[True, xs[b, 1:] != xs[b, :-1]]
-        group = np.cumsum(new) - 1
-        starts = np.r_[np.flatnonzero(new), x.shape[1]]
-        ranks[b, order[b]] = 0.5 * (starts[group] + starts[group + 1] + 1)
-    return ranks
-
-
 def batched_auroc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """AUROC of each row (Mann-Whitney U / (n+ n-)): scores, labels (B, n) -> (B,); NaN without both classes."""
     labels = labels.astype(bool)
     pos = labels.sum(1)
     neg = labels.shape[1] - pos
-    rank_sum = np.where(labels, _average_ranks(scores), 0.0).sum(1)
+    from scipy.stats import rankdata
+
+    rank_sum = np.where(labels, rankdata(scores, axis=1), 0.0).sum(1)  # ties share their average rank
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where((pos > 0) & (neg > 0), (rank_sum - pos * (pos + 1) / 2) / (pos * neg), np.nan)
 
