@@ -77,8 +77,10 @@ class ModelConfig(_Section):
     channels_last: bool = False
     compile: bool = False
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    devices: int | str = "auto"
-    strategy: str = "auto"
+    devices: int | Literal["auto"] = Field(
+        "auto", description="devices per site (each a DDP process under torchrun inside a federated site); "
+                            "auto = all in central/local training, one inside a federated site")
+    strategy: str = Field("auto", description="Lightning strategy; several devices per site train with ddp")
     lr: float = Field(1e-3, gt=0)
     seed: int = Field(0, description="training seed: initial weights, data order, augmentation and every site's "
                                      "per-round seed (data.seed fixes the data and the split)")
@@ -196,6 +198,11 @@ class Recipe(_Section):
             )
         if self.data.scheme == "column" and not self.data.column:
             problems.append("data.column: scheme 'column' needs a column name, e.g. column: hospital")
+        m = self.model
+        if isinstance(m.devices, int) and m.devices < 1:
+            problems.append(f"model.devices: {m.devices} is not a number of devices; use 1 or more, or auto")
+        if isinstance(m.devices, int) and m.devices > 1 and not (m.strategy == "auto" or m.strategy.startswith("ddp")):
+            problems.append(f"model.strategy: several devices per site train with DDP; use ddp (or auto), not {m.strategy!r}")
         if self.data.val_fraction + self.data.test_fraction >= 1:
             problems.append("data.val_fraction + data.test_fraction must be below 1")
         from fedxr.models.registry import UnknownModelError, get_spec

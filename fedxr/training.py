@@ -50,8 +50,10 @@ def make_trainer(recipe: Recipe, folder: Path, callbacks: list | None = None, ma
     if "logger" not in kwargs:
         kwargs["logger"] = [CSVLogger(str(folder), name="logs", version=""),
                             TensorBoardLogger(str(folder), name="tb", version="")]
+    # A federated site states its own devices and strategy (one process, or torchrun's DDP workers).
+    devices, strategy = kwargs.pop("devices", m.devices), kwargs.pop("strategy", m.strategy)
     return L.Trainer(
-        accelerator=m.accelerator, devices=m.devices, strategy=m.strategy, precision=m.precision,
+        accelerator=m.accelerator, devices=devices, strategy=strategy, precision=m.precision,
         max_epochs=max_epochs if max_epochs is not None else m.max_epochs,
         max_steps=max_steps if max_steps is not None else m.max_steps,
         callbacks=callbacks or [], default_root_dir=str(folder), enable_checkpointing=False,

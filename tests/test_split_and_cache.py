@@ -103,7 +103,12 @@ def test_datamodule_batches(manifests, tmp_path):
     dm = SiteDataModule([manifests / "site-1.csv"], Preprocessing(32), batch_size=4, num_workers=0,
                         augment=True, cache_dir=tmp_path, progress=False)
     dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
+    raw_x, y = next(iter(dm.train_dataloader()))
+    # Training batches leave the loader as the cached uint8 images; the data module's batch hook (run by
+    # Lightning on the training device) augments and normalises them.
+    assert raw_x.dtype == torch.uint8
+    assert raw_x.shape == (4, 1, 32, 32)
+    x, y = dm.on_after_batch_transfer((raw_x, y), 0)
     assert x.shape == (4, 1, 32, 32)
     assert x.dtype == torch.float32
     assert y.shape == (4, 14)
@@ -130,3 +135,24 @@ def test_manifest_paths_are_absolute_for_a_relative_root(mini_nih, tmp_path, mon
     assert main(["data", "split", "ds", "--sites", "1", "--out", "sites"]) == 0
     paths = read_manifest(tmp_path / "sites" / "site-1.csv")["path"]
     assert all(os.path.isabs(p) and os.path.exists(p) for p in paths)  # site processes run from other folders
+
+
+def test_batch_augmentation_is_seeded_mild_and_normalised():
+    from fedxr.data.augment import augment_batch, to_model_input
+
+    images = torch.from_numpy(np.tile(np.linspace(0, 255, 64).astype(np.uint8), (8, 1, 64, 1)))
+    torch.manual_seed(3)
+    first = augment_batch(images, 0.5, 0.25)
+    torch.manual_seed(3)
+    assert torch.equal(first, augment_batch(images, 0.5, 0.25))  # a seed gives the same batch
+    plain = to_model_input(images, 0.5, 0.25)
+    assert first.shape == plain.shape
+    assert first.dtype == torch.float32
+    assert not torch.equal(first, plain)  # something was changed ...
+    # ... but mildly: each image stays close to its original (rotation ≤ 5°, shift ≤ 4 %, intensity jitter).
+    diff = (first - plain).abs().mean(dim=(1, 2, 3))
+    assert float(diff.max()) < 0.6 * float(plain.std())
+    assert float(diff.min()) > 0
+    # The normalised range: [0, 1] mapped by (x - 0.5) / 0.25.
+    assert float(first.min()) >= -2.0 - 1e-6
+    assert float(first.max()) <= 2.0 + 1e-6

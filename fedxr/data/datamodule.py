@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
+from fedxr.data.augment import augment_batch
 from fedxr.data.cache import build_cache
 from fedxr.data.manifest import SPLITS, read_manifest
 from fedxr.errors import DataError
@@ -19,39 +19,35 @@ from fedxr.imaging import standardize, to_unit
 from fedxr.labels import LABELS
 from fedxr.preprocessing import Preprocessing
 
-#: Training-time intensity augmentation: gamma in [e^-r, e^r] (0.74-1.35), contrast ±20 %, brightness ±8 %.
-GAMMA_LOG_RANGE, CONTRAST_RANGE, BRIGHTNESS_RANGE = 0.3, 0.2, 0.08
-
-
 class XRayDataset(Dataset):
-    """Items are ``(image, target)``: image (1, S, S) float32 normalised, target (14,) float32."""
+    """Items are ``(image, target)``: target (14,) float32; image (1, S, S) float32 normalised, or, with
+    ``augment``, the cached uint8 image itself, which :func:`fedxr.data.augment.augment_batch` turns into
+    the normalised input batch-wise on the training device (``SiteDataModule.on_after_batch_transfer``)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, preprocessing: Preprocessing, augment: bool):
         self.images, self.labels = images, labels.astype(np.float32)
         self.mean, self.std = preprocessing.mean, preprocessing.std
-        # Mild, anatomically sane augmentation: small rotation/shift/zoom; no horizontal flip by default
-        # (the heart is on the left, and flipping would teach the model anatomy it will never see).
-        self.affine = v2.RandomAffine(degrees=5, translate=(0.04, 0.04), scale=(0.95, 1.05)) if augment else None
         self.augment = augment
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # The same to_unit / standardize functions as the edge runtime: one preprocessing implementation.
-        unit = to_unit(self.images[i])
         if self.augment:
-            x = self.affine(torch.from_numpy(unit).unsqueeze(0))
-            # Intensity jitter over the range hospitals' detectors and processing differ by (gamma, window,
-            # level): a site's model then also fits the other sites' images, which keeps federated
-            # averaging from pulling apart per-hospital intensity statistics.
-            gamma = torch.exp((torch.rand(()) - 0.5) * 2 * GAMMA_LOG_RANGE)
-            x = x.clamp(0, 1) ** gamma
-            contrast = 1.0 + (torch.rand(()) - 0.5) * 2 * CONTRAST_RANGE
-            brightness = (torch.rand(()) - 0.5) * 2 * BRIGHTNESS_RANGE
-            unit = ((x - x.mean()) * contrast + x.mean() + brightness).clamp_(0, 1)[0].numpy()
-        x = torch.from_numpy(standardize(unit, self.mean, self.std)).unsqueeze(0)
+            return torch.from_numpy(np.array(self.images[i], dtype=np.uint8)).unsqueeze(0), torch.from_numpy(self.labels[i])
+        # The same to_unit / standardize functions as the edge runtime: one preprocessing implementation.
+        x = torch.from_numpy(standardize(to_unit(self.images[i]), self.mean, self.std)).unsqueeze(0)
         return x, torch.from_numpy(self.labels[i])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A batch's items with one read of the cache (sorted, so a memmap reads forward) instead of one per image."""
+        if not self.augment or not isinstance(self.images, np.ndarray):
+            return [self[i] for i in indices]
+        order = np.argsort(indices)
+        block = np.empty((len(indices),) + self.images.shape[1:], dtype=np.uint8)
+        block[order] = self.images[np.asarray(indices)[order]]
+        images = torch.from_numpy(block).unsqueeze(1)
+        return [(images[k], torch.from_numpy(self.labels[i])) for k, i in enumerate(indices)]
 
 
 class SiteDataModule(L.LightningDataModule):
@@ -112,6 +108,13 @@ class SiteDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
             drop_last=False,
         )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Training batches arrive as uint8 on the training device: augment and normalise them there.
+        x, y = batch
+        if x.dtype == torch.uint8:
+            x = augment_batch(x, self.preprocessing.mean, self.preprocessing.std)
+        return x, y
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -12,6 +12,9 @@ is reused across rounds via ``flare.patch``; the image cache is opened once.
 
 Only weights and metrics leave the site. With ``--records DIR`` (simulation and POC on one machine)
 the site also writes a JSON line per round (validation AUROC, timings, steps) for fedxr's round table.
+
+With ``model.devices`` > 1 the site trains with Lightning DDP under torchrun (see fedxr.federated.ranks):
+rank 0 talks to NVFlare and tells the other ranks what to do; each rank writes its own records.
 """
 
 from __future__ import annotations
@@ -61,12 +64,38 @@ def site_round_seed(seed: int, site: str, rnd: int | None) -> int:
     return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
 
-def _should_fail(site: str, current_round: int | None) -> bool:
+def _should_fail(site: str, current_round: int | None, rank: int = 0) -> bool:
+    """``FEDXR_TEST_FAIL_SITE=SITE:ROUND`` fails every rank of SITE from ROUND on; ``SITE:ROUND@RANK`` only
+    that rank (a crashed DDP worker)."""
     spec = os.environ.get(FAIL_ENV, "")
     if not spec or current_round is None:
         return False
+    spec, _, only_rank = spec.partition("@")
     name, _, rnd = spec.partition(":")
-    return name == site and current_round >= int(rnd or 0)
+    return name == site and current_round >= int(rnd or 0) and (not only_rank or int(only_rank) == rank)
+
+
+def sample_counter():
+    """A callback counting the training images this process saw (under DDP, its shard), so each rank's
+    record shows that it trained. Built here because Lightning is imported only inside the client."""
+    import lightning as L
+
+    class SampleCounter(L.Callback):
+        samples = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.samples += len(batch[0])
+
+    return SampleCounter()
+
+
+def trainer_devices(recipe, ranks) -> dict:
+    """Trainer settings for this site's processes: all of torchrun's workers under DDP, else one device
+    (never ``auto``: Lightning would start DDP workers of its own behind NVFlare's back)."""
+    if ranks.distributed or "ddp" in recipe.model.strategy:
+        strategy = "ddp" if recipe.model.strategy == "auto" else recipe.model.strategy
+        return {"devices": ranks.world_size, "num_nodes": 1, "strategy": strategy}
+    return {"devices": 1, "strategy": recipe.model.strategy}
 
 
 def main(argv=None) -> None:
@@ -77,6 +106,8 @@ def main(argv=None) -> None:
     from nvflare.client import is_evaluate, is_submit_model, send
 
     from fedxr.federated.codec import decode_json, decode_recipe
+    from fedxr.federated.ranks import SiteRanks
+    from fedxr.federated.records import record_file
     from fedxr.federated.site import resolve_site_manifest
     from fedxr.labels import VAL_AUROC
     from fedxr.training import make_classifier, make_datamodule, make_trainer
@@ -86,9 +117,11 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    flare.init()
-    site = flare.get_site_name()
     recipe = decode_recipe(args.recipe_b64)
+    ranks = SiteRanks.start(recipe.model.accelerator)
+    flare.init(rank=str(ranks.rank))
+    # Only rank 0 has an NVFlare session; the others learn the site's name from it.
+    site = ranks.share(flare.get_site_name() if ranks.is_control else None)
     manifest = resolve_site_manifest(site, args.sites_dir)
     L.seed_everything(site_round_seed(recipe.model.seed, site, -1), workers=True, verbose=False)
     work = Path(args.records or ".") / site
@@ -104,37 +137,45 @@ def main(argv=None) -> None:
     described = decode_json(args.model_b64)
     module = make_classifier(recipe, dm, cls=import_class(described["class_path"]), **described["args"], **schedule)
     per_round = {"max_steps": fed.local_steps, "max_epochs": -1} if fed.local_steps else {"max_epochs": fed.local_epochs}
-    trainer = make_trainer(recipe, work, progress=False, enable_model_summary=False,
-                           logger=[ClientLogger()], num_sanity_val_steps=0, **per_round)
+    counter = sample_counter()
+    trainer = make_trainer(recipe, work, callbacks=[counter], progress=False, enable_model_summary=False,
+                           logger=[ClientLogger()], num_sanity_val_steps=0, **trainer_devices(recipe, ranks),
+                           **per_round)
     flare.patch(trainer, load_state_dict_strict=not args.keep_excluded)
     local_state = None
-    records = Path(args.records) / f"{site}.jsonl" if args.records else None
-    while flare.is_running():
-        input_model = flare.receive()
-        if input_model is None:
+    records = Path(args.records) / record_file(site, ranks.rank) if args.records else None
+    while True:
+        # Rank 0 asks NVFlare for the next task; every rank then takes the same branch.
+        task = None
+        if ranks.is_control and flare.is_running():
+            input_model = flare.receive()
+            if input_model is not None:
+                # Read the task kind now: the patched trainer clears it once it has answered a validate task.
+                task = {"round": input_model.current_round, "evaluate": is_evaluate(), "submit": is_submit_model()}
+        task = ranks.share(task)
+        if task is None:
             break
-        rnd = input_model.current_round
-        # Read the task kind now: the patched trainer clears it once it has answered a validate task.
-        evaluate_only = is_evaluate()
-        if is_submit_model():
+        rnd = task["round"]
+        if task["submit"]:
             # Cross-site evaluation asks for this site's own last local model.
-            send(FLModel(params=local_state or module.cpu().state_dict()))
+            if ranks.is_control:
+                send(FLModel(params=local_state or module.cpu().state_dict()))
             continue
-        if not evaluate_only and _should_fail(site, rnd):
-            raise RuntimeError(f"{site}: injected failure at round {rnd} ({FAIL_ENV})")
+        if not task["evaluate"] and _should_fail(site, rnd, ranks.rank):
+            raise RuntimeError(f"{site}: injected failure at round {rnd} on rank {ranks.rank} ({FAIL_ENV})")
         # Every round starts from a seed of its own (recipe seed, site, round): data order and
         # augmentation do not depend on what ran before in this process.
         L.seed_everything(site_round_seed(recipe.model.seed, site, rnd), workers=True, verbose=False)
         t0 = time.time()
         result = trainer.validate(module, datamodule=dm, verbose=False)
         t1 = time.time()
-        if evaluate_only:
+        if task["evaluate"]:
             continue  # the patched trainer already sent the metrics
-        steps_before = trainer.global_step
+        steps_before, samples_before = trainer.global_step, counter.samples
         trainer.fit(module, datamodule=dm)
         t2 = time.time()
         local_state = copy.deepcopy(module.cpu().state_dict())
-        if records is not None and args.save_updates:
+        if records is not None and args.save_updates and ranks.is_control:
             import torch
 
             torch.save({"state_dict": local_state, "steps": trainer.global_step - steps_before},
@@ -144,9 +185,11 @@ def main(argv=None) -> None:
                    "val_images": len(dm.datasets["val"]), "train_images": len(dm.datasets["train"]),
                    "steps": trainer.global_step - steps_before, "t_receive": t0, "t_validated": t1, "t_trained": t2,
                    "validate_s": t1 - t0, "train_s": t2 - t1,
+                   "rank": ranks.rank, "world_size": ranks.world_size, "samples": counter.samples - samples_before,
                    "lr_end": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None}
             with open(records, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+    ranks.finish()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 from fedxr.config import Recipe
 from fedxr.errors import FedxrError
 from fedxr.federated.codec import encode_json, encode_recipe
+from fedxr.federated.ranks import launch_command, site_processes
 from fedxr.labels import KEY_METRIC
 
 RECIPE_FILE = "fedxr_recipe.yaml"
@@ -116,14 +117,17 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
         args.append(f"--sites-dir {Path(sites_dir).resolve()}")
     if env in ("sim", "poc") and records is not None:
         args.append(f"--records {Path(records).resolve()}")
+    processes = site_processes(recipe.model.devices)
     if env in ("sim", "poc"):
-        # All sites share this machine's cores: give each its share instead of oversubscribing.
-        args.append(f"--threads {max(1, (os.cpu_count() or 1) // max(1, recipe.data.sites))}")
+        # All sites (and each site's DDP workers) share this machine's cores: give each process its share
+        # instead of oversubscribing.
+        args.append(f"--threads {max(1, (os.cpu_count() or 1) // max(1, recipe.data.sites * processes))}")
+    python = sys.executable if env in ("sim", "poc") else "python3"
     common = dict(
         # Each site trains in its own process, so a crashing site is reported as a failed task
         # instead of taking the site's FLARE client (and, through it, the job) down.
         launch_external_process=True,
-        command=f"{sys.executable if env in ('sim', 'poc') else 'python3'} -u",
+        command=launch_command(python, processes, ddp="ddp" in recipe.model.strategy),
         name=job_name(recipe, stage), min_clients=fed.min_clients, num_rounds=fed.rounds,
         train_script=str(train_script or standalone_script(CLIENT_SCRIPT)),
         train_args=" ".join(args + ([extra_args] if extra_args else [])),

@@ -8,15 +8,25 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def read_records(records: Path) -> list[dict]:
-    """Every site's records in a folder (``SITE.jsonl``); a line being written right now is skipped."""
+def record_file(site: str, rank: int = 0) -> str:
+    """A site's records file: ``SITE.jsonl`` from its rank 0 (the process that talks to NVFlare), and
+    ``SITE.rankN.jsonl`` from each further DDP rank (each rank appends to its own file)."""
+    return f"{site}.jsonl" if rank == 0 else f"{site}.rank{rank}.jsonl"
+
+
+def read_records(records: Path, every_rank: bool = False) -> list[dict]:
+    """Every site's records in a folder; a line being written right now is skipped. By default one record
+    per site and round (rank 0's: it holds the site's validation score, steps and timings); with
+    ``every_rank`` also those of a site's further DDP ranks."""
     rows = []
     for path in sorted(records.glob("*.jsonl")):
         for line in path.read_text().splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # the site is appending this line as we read
+            if every_rank or row.get("rank", 0) == 0:
+                rows.append(row)
     return rows
 
 
