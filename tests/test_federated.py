@@ -320,7 +320,15 @@ def test_nvflare_private_hooks_fedxr_relies_on_are_still_there(tmp_path):
     args = json.loads(next((tmp_path / "job").rglob("config_fed_server.json")).read_text())["workflows"][0]["args"]
     assert args["num_clients"] == 4
     assert args["ignore_result_error"] is True
+    # Each round's task has a deadline (federated.timeout_s): a vanished site does not stall the federation.
+    workflow = json.loads(next((tmp_path / "job").rglob("config_fed_server.json")).read_text())["workflows"][0]
+    assert workflow["path"] == "fedxr.federated.controller.SiteDeadlineFedAvg"
+    assert args["site_timeout_s"] == recipe.federated.timeout_s
     assert args["aggregator"]["path"] == "fedxr.federated.aggregator.SiteOrderedFedAvg"
+    # fedxr is an installed app package (FedJob.set_app_packages via the recipe's private _job): none of its
+    # modules is copied into the job, where a partial copy would shadow the installed package.
+    assert not [p for p in (tmp_path / "job").rglob("custom/fedxr/*")]
+    assert any((tmp_path / "job").rglob("custom/fedxr_client.py"))  # the client script itself travels
 
 
 def test_client_builds_the_model_the_job_describes(tmp_path):

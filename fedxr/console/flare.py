@@ -11,14 +11,16 @@ import threading
 import time
 from pathlib import Path
 
+from fedxr.federated.deploy import admin_username
+
 CACHE_S = 5.0
 
 
 class Federation:
     def __init__(self, startup_kit: str | Path, username: str | None = None, timeout_s: float = 5.0):
         self.kit = Path(startup_kit)
-        # The admin's name is the kit's folder name (what provisioning writes: admin@hospital.org).
-        self.username = username or self.kit.name
+        # The name provisioning wrote into the kit (the certificate's CN): NVFlare refuses any other.
+        self.username = username or admin_username(self.kit)
         self.timeout_s = timeout_s
         self._cache: tuple[float, dict] | None = None
         self._lock = threading.Lock()

@@ -146,16 +146,23 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
         # and keep their own copies of those tensors.
         common["train_args"] += " --keep-excluded"
     with recipe_blob_is_not_a_secret():
-        return _make_job(fed, common, selection, exclude, recipe.data.sites)
+        job = _make_job(fed, common, selection, exclude, recipe.data.sites)
+    # fedxr is installed at every participant (the server aggregates with it, the sites train with it), so
+    # NVFlare must not copy its modules into the job's custom/ folder: a partial copy there (custom/fedxr/
+    # federated/aggregator.py, no __init__.py) becomes a namespace package that shadows an editable install.
+    job._job.set_app_packages(["fedxr"])
+    return job
 
 
 def _resilient(recipe_cls):
-    """The NVFlare recipe class with its FedAvg controller in resilient mode: a site whose task fails
-    is left out of that round's aggregate instead of stopping the federation."""
+    """The NVFlare recipe class with its FedAvg controller in resilient mode: a site whose task fails, or
+    that has not answered within ``site_timeout_s``, is left out of that round's aggregate instead of
+    stopping (or stalling) the federation."""
 
     class Resilient(recipe_cls):
-        def __init__(self, *args, clients_per_round: int | None = None, **kwargs):
+        def __init__(self, *args, clients_per_round: int | None = None, site_timeout_s: int = 0, **kwargs):
             self._clients_per_round = clients_per_round
+            self._site_timeout_s = site_timeout_s
             super().__init__(*args, **kwargs)
 
         def _get_controller_kwargs(self):
@@ -167,9 +174,12 @@ def _resilient(recipe_cls):
             quorum = self.min_clients
             self.min_clients = self._clients_per_round or quorum
             try:
-                return super()._create_controller(persistor_id, model_params, model_aggregator)
+                controller = super()._create_controller(persistor_id, model_params, model_aggregator)
             finally:
                 self.min_clients = quorum
+            from fedxr.federated.controller import with_site_deadline
+
+            return with_site_deadline(controller, self._site_timeout_s)
 
     Resilient.__name__ = f"Resilient{recipe_cls.__name__}"
     return Resilient
@@ -186,7 +196,8 @@ def _make_job(fed, common: dict, selection: dict, exclude: str | None, sites: in
     from fedxr.federated.aggregator import SiteOrderedFedAvg
 
     # Sum the sites' weights in site order, not arrival order: the same job gives the same model.
-    every_site = dict(clients_per_round=sites, aggregator=SiteOrderedFedAvg(exclude_vars=exclude))
+    every_site = dict(clients_per_round=sites, site_timeout_s=fed.timeout_s,
+                      aggregator=SiteOrderedFedAvg(exclude_vars=exclude))
     if fed.algorithm == "fedavg":
         job = FedAvgRecipe(**common, **selection, **every_site, exclude_vars=exclude)
     elif fed.algorithm == "fedprox":

@@ -139,9 +139,16 @@ def _run_prod(job, recipe: Recipe, startup_kit: Path) -> tuple[Path, Path]:
     """Submit to a running production federation with the admin's kit; wait; return the result's server run."""
     from nvflare.recipe import ProdEnv
 
+    from fedxr.federated.deploy import admin_username, preflight
+
+    # NVFlare's own check of the kit first (the server answers, mutual TLS works): its table, not a
+    # login timeout, is what the user sees when the federation is not reachable.
+    check = preflight(startup_kit)
+    if not check.ok:
+        raise FedxrError(f"the admin startup kit cannot reach the federation; {check.summary()}")
     try:
         with recipe_blob_is_not_a_secret():
-            run = job.run(ProdEnv(startup_kit_location=str(startup_kit)))
+            run = job.run(ProdEnv(startup_kit_location=str(startup_kit), username=admin_username(startup_kit)))
     except RuntimeError as exc:  # NVFlare reports a failed login or submission this way
         raise FedxrError(f"could not submit the job with the startup kit {startup_kit}: {exc}") from None
     result = run.get_result(timeout=job_deadline_s(recipe))

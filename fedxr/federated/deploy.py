@@ -1,0 +1,112 @@
+"""Production startup kits: NVFlare's preflight check, and starting and stopping a participant from its kit.
+
+A hospital runs ``startup/start.sh`` from its own kit; fedxr does not replace that. These helpers are what
+``fedxr preflight`` and ``fedxr federate --env prod`` use to check a kit before anything is submitted, and
+what the production test uses to run a whole federation (server, hospitals, admin) on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedxr.errors import FedxrError
+
+#: How long one preflight check may take (the server check starts a dry run of the server).
+PREFLIGHT_TIMEOUT_S = 180
+
+
+def admin_username(kit: str | Path) -> str:
+    """The user an admin kit logs in as: the name provisioning wrote into ``startup/fed_admin.json`` (the CN of
+    the kit's certificate; NVFlare refuses any other), else the kit folder's name, which provisioning
+    makes the same."""
+    kit = Path(kit)
+    try:
+        return json.loads((kit / "startup" / "fed_admin.json").read_text())["admin"]["username"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return kit.name
+
+
+def nvflare_cli() -> str:
+    """The ``nvflare`` command installed beside this interpreter (a venv need not be activated)."""
+    beside = Path(sys.executable).parent / "nvflare"
+    return str(beside) if beside.is_file() else "nvflare"
+
+
+@dataclass
+class Preflight:
+    """The outcome of ``nvflare preflight-check`` on one startup kit."""
+
+    kit: Path
+    ok: bool
+    problems: list[str]
+    output: str
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.kit}: preflight passed"
+        return f"{self.kit}: preflight FAILED\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+def _problems(output: str) -> list[str]:
+    """The rows of NVFlare's result table that did not pass, as 'check: problem (fix)'."""
+    rows = []
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("Check") and cells[1] not in ("PASSED", "Problems"):
+            rows.append(f"{cells[0]}: {cells[1]}" + (f" ({cells[2]})" if cells[2] not in ("", "N/A") else ""))
+    return rows
+
+
+def preflight(kit: str | Path, timeout_s: int = PREFLIGHT_TIMEOUT_S) -> Preflight:
+    """Run ``nvflare preflight-check -p KIT``: the server kit checks its ports and storage and dry-runs the
+    server; a hospital's or the admin's kit checks that the server answers over mutual TLS."""
+    kit = Path(kit)
+    if not (kit / "startup").is_dir():
+        raise FedxrError(f"{kit}: not an NVFlare startup kit (no startup/ folder); pass a participant's folder from "
+                         "provisioning, e.g. workspace/PROJECT/prod_00/hospital-a")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    try:
+        proc = subprocess.run([nvflare_cli(), "preflight-check", "-p", str(kit)], capture_output=True, text=True,
+                              timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return Preflight(kit, False, [f"nvflare preflight-check did not finish within {timeout_s} s"], "")
+    output = proc.stdout + proc.stderr
+    overall = re.search(r"^overall:\s*(\w+)", output, re.MULTILINE)
+    ok = proc.returncode == 0 and (overall is None or overall.group(1) == "pass")
+    problems = _problems(output) or ([] if ok else [output.strip().splitlines()[-1] if output.strip() else
+                                                   f"exit status {proc.returncode}"])
+    return Preflight(kit, ok, problems, output)
+
+
+def start_participant(kit: str | Path, env: dict[str, str] | None = None, log: str | Path | None = None) -> subprocess.Popen:
+    """Start a server or hospital the way its operator does: ``startup/start.sh`` from the kit, with ``env``
+    added (a hospital's ``FEDXR_SITE_MANIFEST``) and this interpreter's folder first on PATH (the kit's
+    scripts call ``python3``). The script starts NVFlare's restart loop in the background and returns."""
+    kit = Path(kit).resolve()
+    script = kit / "startup" / "start.sh"
+    if not script.is_file():
+        raise FedxrError(f"{kit}: no startup/start.sh; pass a server's or hospital's kit from provisioning")
+    full_env = {**os.environ, **(env or {}),
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps writing to it
+    try:
+        return subprocess.Popen(["bash", str(script)], cwd=kit, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        if log:
+            out.close()
+
+
+def stop_participant(kit: str | Path, grace_s: float = 10.0) -> int:
+    """Stop everything started from a kit (NVFlare's restart loop first, so nothing comes back); returns how
+    many processes there were."""
+    from fedxr.federated.run import stop_processes
+
+    kit = Path(kit).resolve()
+    (kit / "shutdown.fl").touch()  # tells the kit's restart loop not to start the participant again
+    return stop_processes(kit, grace_s=grace_s)
