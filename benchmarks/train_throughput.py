@@ -91,22 +91,61 @@ def measure(recipe, manifests, model: str, batch: int, steps: int, warmup: int, 
 
 
 def loader_rate(recipe, manifests, batch: int, batches: int) -> float:
+    """Images/s of the training loader alone, iterated over epochs the way the trainer does (one DataLoader,
+    persistent workers), including the batch augmentation where training runs it (on the GPU if there is one)."""
     recipe = recipe.model_copy(deep=True)
     recipe.data.batch_size = batch
     dm = make_datamodule(recipe, manifests, progress=False)
     dm.setup("fit")
-    it, n, t = iter(dm.train_dataloader()), 0, None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loader = dm.train_dataloader()
+    it, n, t = iter(loader), 0, None
     for i in range(batches + 2):
         try:
-            x, _ = next(it)
+            batch_ = next(it)
         except StopIteration:
-            it = iter(dm.train_dataloader())
-            x, _ = next(it)
+            it = iter(loader)
+            batch_ = next(it)
+        x, _ = dm.on_after_batch_transfer(tuple(b.to(device, non_blocking=True) for b in batch_), 0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         if i == 1:
             t = time.perf_counter()
         elif i > 1:
             n += len(x)
     return n / (time.perf_counter() - t)
+
+
+def model_rate(recipe, manifests, model: str, batch: int, steps: int, compiled: bool = False) -> float:
+    """Images/s of the training step alone (forward, backward, optimiser; the recipe's precision and memory
+    format) on one batch kept on the device: the ceiling the data path has to keep up with."""
+    recipe = recipe.changed(f"{model} model only", data={"batch_size": batch}, model={"name": model, "compile": compiled})
+    dm = make_datamodule(recipe, manifests, progress=False)
+    module = make_classifier(recipe, dm)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module.to(device).train()
+    x = torch.randn(batch, 1, dm.preprocessing.size, dm.preprocessing.size, device=device)
+    y = (torch.rand(batch, 14, device=device) < 0.1).float()
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    dtype = torch.bfloat16 if "bf16" in recipe.model.precision else None
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(module(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t)
 
 
 def in_nvflare(recipe, model: str, batch: int, rounds: int, ddp_devices: int = 0) -> dict:
@@ -160,7 +199,7 @@ def main() -> None:
     workers = args.workers if args.workers is not None else (0 if args.smoke else min(16, __import__("os").cpu_count() or 2))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        patients = 24 if args.smoke else (1200 if gpu else 120)
+        patients = 24 if args.smoke else (4000 if gpu else 120)
         recipe = load_recipe(QUICKSTART, [
             f"data.root={tmp / 'phantom'}", f"data.phantom.patients={patients}", f"data.phantom.size={max(size, 48)}",
             f"data.image_size={size}", "data.sites=1", "data.scheme=iid", "federated.min_clients=1",
@@ -180,8 +219,15 @@ def main() -> None:
                     results.append(res)
                     print(f"{model:<24} batch {batch:>4} {res['precision']:<10} compile={compiled!s:<5} "
                           f"{res['images_per_s']:>9.1f} img/s", flush=True)
-        loader = round(loader_rate(recipe, manifests, batches[-1], 3 if args.smoke else 20), 1)
-        print(f"data loader alone: {loader:.1f} img/s ({workers} workers, batch {batches[-1]})")
+        loader = round(loader_rate(recipe, manifests, batches[-1], 3 if args.smoke else 40), 1)
+        print(f"data loader alone: {loader:.1f} img/s ({workers} workers, batch {batches[-1]}, augmentation included)")
+        model_only = []
+        for model in models:
+            for compiled in ([False, True] if args.compile and gpu else [False]):
+                rate_ = round(model_rate(recipe, manifests, model, batches[-1], steps, compiled), 1)
+                model_only.append({"model": model, "batch_size": batches[-1], "compile": compiled, "images_per_s": rate_})
+                print(f"{model:<24} batch {batches[-1]:>4} model alone (no loader) compile={compiled!s:<5} "
+                      f"{rate_:>9.1f} img/s", flush=True)
         png, federated = [], []
         if not args.no_comparisons:
             for model in models:
@@ -205,6 +251,7 @@ def main() -> None:
                     print(f"{model:<24} batch {batches[-1]:>4} in NVFlare, DDP on {ddp} device(s) under torchrun: "
                           f"{fl['images_per_s']:>9.1f} img/s", flush=True)
     payload = {"image_size": size, "workers": workers, "results": results, "loader_images_per_s": loader,
+               "model_only": model_only,
                "from_png": png, "in_nvflare": federated,
                "goal": "DenseNet-121 >= 2500 img/s at 224 px on one H100, data loading included"}
     # GPU figures are kept beside the CPU ones, not over them.

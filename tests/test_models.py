@@ -275,3 +275,18 @@ def test_slim_resnet18_students(name, ratio):
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 96, 96)).shape == (2, 14)
     assert get_spec(name).role == "student"
+
+
+def test_compiled_model_runs_forward_on_cpu():
+    """model.compile: true goes through torch.compile (inductor; CPU here). A compiled module refuses len(),
+    so `compiled or model` broke every compiled run before the first step (found on the H200)."""
+    import torch
+
+    from fedxr.models.classifier import XRayClassifier
+
+    module = XRayClassifier("tiny_cnn", compile_model=True)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        compiled = module(x)
+        eager = module.model(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -79,7 +79,8 @@ class XRayClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return (self._compiled or self.model)(x)
+        # `or` would call len() on the compiled module, which torch.compile refuses for non-container modules.
+        return (self._compiled if self._compiled is not None else self.model)(x)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=self._pos_weight.to(logits.device))
