@@ -124,6 +124,16 @@ def cmd_federate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from fedxr.errors import EXIT_CHECK_FAILED
+    from fedxr.federated.deploy import preflight
+
+    results = [preflight(kit) for kit in args.kits]
+    for r in results:
+        print(r.summary())
+    return 0 if all(r.ok for r in results) else EXIT_CHECK_FAILED
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from fedxr.config import load_recipe
     from fedxr.distill.run import distill
@@ -234,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-kit", help="admin startup kit folder, for --env prod")
     p.add_argument("--export-job", metavar="DIR", help="write the NVFlare job folder for an admin to submit, and stop")
     p.set_defaults(func=cmd_federate)
+
+    p = sub.add_parser("preflight", help="NVFlare's preflight check of startup kits (server: ports, storage, dry run; "
+                                         "hospital or admin: the server answers over mutual TLS); exit 3 if one fails")
+    p.add_argument("kits", nargs="+", metavar="KIT", help="a participant's folder from provisioning")
+    p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("distill", help="distil the federated teacher into the recipe's small students")
     p.add_argument("recipe")

@@ -10,11 +10,13 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def run_smoke(script: str) -> dict:
+def run_smoke(script: str, *args: str, result_name: str | None = None) -> dict:
     """Run ``benchmarks/SCRIPT --smoke`` and return the JSON result it wrote."""
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads((BENCH / "results" / script.replace(".py", ".smoke.json")).read_text())
+    name = result_name or script.replace(".py", "")
+    result = json.loads((BENCH / "results" / f"{name}.smoke.json").read_text())
     assert result["machine"]["cpu_count"] >= 1
     return result
 
@@ -23,6 +25,16 @@ def test_data_loading():
     result = run_smoke("data_loading.py")
     assert result["png_images_per_s"] > 0
     assert result["cache_images_per_s"] > 0
+
+
+def test_data_loading_at_nih_scale():
+    result = run_smoke("data_loading.py", "--images", "112120", result_name="data_loading_nih")
+    assert result["images"] == 300  # smoke mode caps the size
+    assert result["cache_disk_gb"] > 0
+    assert result["loader_images_per_s"] > 0
+    assert result["build_images_per_s"] > 0
+    assert result["memory_after"]["processes"] >= 1
+    assert result["memory_after"]["anonymous_mb"] > 0
 
 
 def test_phantom_difficulty():

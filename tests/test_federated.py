@@ -9,7 +9,8 @@ import torch
 from fedxr.cli import main
 from fedxr.config import RecipeError, load_recipe
 from fedxr.data.prepare import ensure_dataset, ensure_sites
-from fedxr.federated.run import federate, processes_using
+from fedxr.federated.deploy import processes_using
+from fedxr.federated.run import federate
 from fedxr.models.checkpoint import load_checkpoint
 
 from helpers import QUICKSTART, ROOT, tiny_recipe_overrides

@@ -16,8 +16,7 @@ import pytest
 from fedxr.cli import main
 from fedxr.config import load_recipe
 from fedxr.data.prepare import ensure_dataset, ensure_sites
-from fedxr.federated.deploy import preflight, start_participant, stop_participant
-from fedxr.federated.run import processes_using
+from fedxr.federated.deploy import preflight, processes_using, start_participant, stop_participant
 from fedxr.models.checkpoint import load_checkpoint
 
 from helpers import QUICKSTART, tiny_recipe_overrides
@@ -180,3 +179,15 @@ def test_production_federation_from_startup_kits_survives_a_killed_hospital(fede
     assert train_results_received(server_job, "hospital-b") == 1
     assert train_results_received(server_job, "hospital-a") == 2
     assert processes_using(kits["hospital-b"]) == []
+
+
+def test_preflight_names_what_is_wrong_before_anything_starts(tmp_path, capsys):
+    """`fedxr preflight KIT`: a hospital's kit with no server up fails with NVFlare's finding and exit 3;
+    a folder that is no kit is a clear error."""
+    prod = provision(tmp_path)
+    assert main(["preflight", str(prod / "hospital-a")]) == 3
+    out = capsys.readouterr().out
+    assert "hospital-a: preflight FAILED" in out
+    assert "Check server available" in out
+    assert main(["preflight", str(tmp_path)]) == 1
+    assert "not an NVFlare startup kit" in capsys.readouterr().err

@@ -11,7 +11,8 @@ from fedxr.data.prepare import ensure_dataset, ensure_sites
 from fedxr.federated.job import build_job
 from fedxr.federated.ranks import launch_command, site_processes
 from fedxr.federated.records import read_records
-from fedxr.federated.run import federate, processes_using
+from fedxr.federated.deploy import processes_using
+from fedxr.federated.run import federate
 
 from helpers import QUICKSTART, tiny_recipe_overrides
 

@@ -50,6 +50,14 @@ class XRayDataset(Dataset):
         return [(images[k], torch.from_numpy(self.labels[i])) for k, i in enumerate(indices)]
 
 
+def make_loader(dataset: XRayDataset, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
+    """The DataLoader every fedxr training and evaluation uses (also measured by benchmarks/data_loading.py)."""
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(), drop_last=False,
+    )
+
+
 class SiteDataModule(L.LightningDataModule):
     """Train/val/test loaders for the rows of one or more site manifests.
 
@@ -103,11 +111,7 @@ class SiteDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self._dataset(split), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-            drop_last=False,
-        )
+        return make_loader(self._dataset(split), self.batch_size, shuffle, self.num_workers)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Training batches arrive as uint8 on the training device: augment and normalise them there.

@@ -7,6 +7,7 @@ what the production test uses to run a whole federation (server, hospitals, admi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -84,6 +85,37 @@ def preflight(kit: str | Path, timeout_s: int = PREFLIGHT_TIMEOUT_S) -> Prefligh
     return Preflight(kit, ok, problems, output)
 
 
+def processes_using(path: Path) -> list:
+    """Processes whose command line or working folder lies under ``path`` (what POC mode started)."""
+    import psutil
+
+    key = str(path.resolve())
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        try:
+            text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["cwd"] or "")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if key in text and proc.pid != os.getpid():
+            found.append(proc)
+    return found
+
+
+def stop_processes(path: Path, grace_s: float = 10.0) -> int:
+    """Terminate (then kill) every process still running from ``path``; returns how many there were."""
+    import psutil
+
+    procs = processes_using(path)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    return len(procs)
+
+
 def start_participant(kit: str | Path, env: dict[str, str] | None = None, log: str | Path | None = None) -> subprocess.Popen:
     """Start a server or hospital the way its operator does: ``startup/start.sh`` from the kit, with ``env``
     added (a hospital's ``FEDXR_SITE_MANIFEST``) and this interpreter's folder first on PATH (the kit's
@@ -105,8 +137,6 @@ def start_participant(kit: str | Path, env: dict[str, str] | None = None, log: s
 def stop_participant(kit: str | Path, grace_s: float = 10.0) -> int:
     """Stop everything started from a kit (NVFlare's restart loop first, so nothing comes back); returns how
     many processes there were."""
-    from fedxr.federated.run import stop_processes
-
     kit = Path(kit).resolve()
     (kit / "shutdown.fl").touch()  # tells the kit's restart loop not to start the participant again
     return stop_processes(kit, grace_s=grace_s)

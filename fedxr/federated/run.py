@@ -14,6 +14,7 @@ from fedxr.energy import tracked
 from fedxr.data.prepare import require_sites
 from fedxr.errors import FedxrError
 from fedxr.federated import outputs
+from fedxr.federated.deploy import admin_username, preflight, stop_processes
 from fedxr.federated.records import read_records
 from fedxr.federated.job import build_job, job_deadline_s, job_name, recipe_blob_is_not_a_secret
 from fedxr.federated.site import SITES_DIR_ENV
@@ -31,37 +32,6 @@ def _env(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def processes_using(path: Path) -> list:
-    """Processes whose command line or working folder lies under ``path`` (what POC mode started)."""
-    import psutil
-
-    key = str(path.resolve())
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
-        try:
-            text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["cwd"] or "")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if key in text and proc.pid != os.getpid():
-            found.append(proc)
-    return found
-
-
-def stop_processes(path: Path, grace_s: float = 10.0) -> int:
-    """Terminate (then kill) every process still running from ``path``; returns how many there were."""
-    import psutil
-
-    procs = processes_using(path)
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    return len(procs)
 
 
 def _site_names(sites_dir: Path, recipe: Recipe) -> list[str]:
@@ -139,8 +109,7 @@ def _run_prod(job, recipe: Recipe, startup_kit: Path) -> tuple[Path, Path]:
     """Submit to a running production federation with the admin's kit; wait; return the result's server run."""
     from nvflare.recipe import ProdEnv
 
-    from fedxr.federated.deploy import admin_username, preflight
-
+    
     # NVFlare's own check of the kit first (the server answers, mutual TLS works): its table, not a
     # login timeout, is what the user sees when the federation is not reachable.
     check = preflight(startup_kit)
