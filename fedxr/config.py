@@ -201,8 +201,11 @@ class Recipe(_Section):
         m = self.model
         if isinstance(m.devices, int) and m.devices < 1:
             problems.append(f"model.devices: {m.devices} is not a number of devices; use 1 or more, or auto")
-        if isinstance(m.devices, int) and m.devices > 1 and not (m.strategy == "auto" or m.strategy.startswith("ddp")):
-            problems.append(f"model.strategy: several devices per site train with DDP; use ddp (or auto), not {m.strategy!r}")
+        # torchrun starts the processes: DDP strategies that spawn their own cannot work under it.
+        if isinstance(m.devices, int) and m.devices > 1 and m.strategy not in ("auto", "ddp") \
+                and not m.strategy.startswith("ddp_find_unused_parameters"):
+            problems.append(f"model.strategy: several devices per site train with DDP under torchrun; use ddp (or auto, "
+                            f"or ddp_find_unused_parameters_true), not {m.strategy!r}")
         if self.data.val_fraction + self.data.test_fraction >= 1:
             problems.append("data.val_fraction + data.test_fraction must be below 1")
         from fedxr.models.registry import UnknownModelError, get_spec

@@ -82,3 +82,25 @@ def console_overrides(tmp: Path, rounds: int = 2, name: str = "t") -> list[str]:
         "data.phantom.hospitals=2", "data.sites=2", "federated.min_clients=2", f"federated.rounds={rounds}",
         "data.batch_size=8", "distill.students=[]", "explain.images=2", "explain.max_boxes=10",
         "export.calibration_images=16", f"export.out={tmp / 'export'}", f"output.name={name}"))
+
+
+def assert_global_is_step_weighted_mean(recipe, last_round: int, sites=("site-1", "site-2")) -> None:
+    """FedAvg checked independently: the server's global model after ``last_round`` equals
+    Σ steps_i · θ_i / Σ steps_i of the weights the sites sent that round (saved with ``--save-updates``)."""
+    import torch
+
+    records = recipe.layout.federate / "records"
+    sent = [torch.load(records / f"{site}_round{last_round}.pt", weights_only=True) for site in sites]
+    steps = [s["steps"] for s in sent]
+    assert len(set(steps)) == len(steps), steps  # unequal work, so weighting matters
+    assert min(steps) > 0, steps
+    server = next((recipe.layout.federate / "nvflare").rglob("app_server/FL_global_model.pt"))
+    global_state = torch.load(server, weights_only=False)["model"]
+    checked = 0
+    for key, value in global_state.items():
+        if not torch.is_floating_point(sent[0]["state_dict"][key]):
+            continue
+        expected = sum(n * s["state_dict"][key].double() for n, s in zip(steps, sent)) / sum(steps)
+        torch.testing.assert_close(torch.as_tensor(value).double(), expected, rtol=0, atol=1e-6)
+        checked += 1
+    assert checked >= 10

@@ -130,7 +130,7 @@ def test_production_federation_from_startup_kits_survives_a_killed_hospital(fede
     ov = tiny_recipe_overrides(tmp, patients=50, extra=(
         "data.phantom.hospitals=2", "data.sites=2", "data.scheme=column", "data.column=hospital",
         "federated.rounds=2", "federated.min_clients=1", "federated.cross_site_eval=false",
-        "federated.timeout_s=45", "output.energy=false"))
+        "federated.timeout_s=60", "output.energy=false"))
     recipe = load_recipe(QUICKSTART, ov)
     ensure_dataset(recipe, progress=False)
     ensure_sites(recipe)
@@ -178,6 +178,10 @@ def test_production_federation_from_startup_kits_survives_a_killed_hospital(fede
     assert train_tasks_sent(server_job, "hospital-b") == 2
     assert train_results_received(server_job, "hospital-b") == 1
     assert train_results_received(server_job, "hospital-a") == 2
+    # Round 1 was closed by its deadline (fedxr's SiteDeadlineFedAvg), not by NVFlare's dead-client check.
+    job_log = "".join(p.read_text(errors="ignore") for p in server_job.rglob("log.txt"))
+    assert "task train exit with status TaskCompletionStatus.TIMEOUT" in job_log
+    assert "is dead - set task" not in job_log
     assert processes_using(kits["hospital-b"]) == []
 
 

@@ -39,23 +39,24 @@ def to_model_input(images: torch.Tensor, mean: float, std: float) -> torch.Tenso
 def augment_batch(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """uint8 (N, 1, S, S) on any device → augmented, normalised float32 (N, 1, S, S) on that device."""
     n, device = len(images), images.device
-    x = images.float() / 255.0
     angle = torch.deg2rad(_uniform(n, -ROTATION_DEG, ROTATION_DEG))
     zoom = _uniform(n, *ZOOM_RANGE)
     # affine_grid works in [-1, 1] coordinates, so a shift of f of the side is 2f there.
     shift = _uniform(2 * n, -2 * SHIFT_FRACTION, 2 * SHIFT_FRACTION).view(n, 2)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta.to(device), list(x.shape), align_corners=False)
+    gamma = torch.exp(_uniform(n, -GAMMA_LOG_RANGE, GAMMA_LOG_RANGE))
+    contrast = _uniform(n, 1 - CONTRAST_RANGE, 1 + CONTRAST_RANGE)
+    brightness = _uniform(n, -BRIGHTNESS_RANGE, BRIGHTNESS_RANGE)
+    # Every random parameter in one copy to the device, without waiting for it.
+    params = torch.cat([theta.reshape(n, 6), torch.stack([gamma, contrast, brightness], 1)], 1).to(device, non_blocking=True)
+    theta = params[:, :6].view(n, 2, 3)
+    gamma, contrast, brightness = (params[:, 6 + k].view(n, 1, 1, 1) for k in range(3))
+    x = images.float() / 255.0
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # Pixels moved in from outside the image are black, as with torchvision's RandomAffine.
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    gamma = torch.exp(_uniform(n, -GAMMA_LOG_RANGE, GAMMA_LOG_RANGE)).to(device).view(n, 1, 1, 1)
-    contrast = _uniform(n, 1 - CONTRAST_RANGE, 1 + CONTRAST_RANGE).to(device).view(n, 1, 1, 1)
-    brightness = _uniform(n, -BRIGHTNESS_RANGE, BRIGHTNESS_RANGE).to(device).view(n, 1, 1, 1)
     x = x.clamp(0, 1) ** gamma
     level = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - level) * contrast + level + brightness).clamp_(0, 1)
     return (x - mean) / std
-
-
-__all__ = ["augment_batch", "to_model_input"]

@@ -118,6 +118,11 @@ class SiteDataModule(L.LightningDataModule):
         x, y = batch
         if x.dtype == torch.uint8:
             x = augment_batch(x, self.preprocessing.mean, self.preprocessing.std)
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:
+                # Lightning casts a batch to the precision (bf16-true, 16-true) before this hook; uint8 was
+                # left alone then, so the augmented float batch is cast here.
+                x = trainer.precision_plugin.convert_input(x)
         return x, y
 
     def train_dataloader(self) -> DataLoader:

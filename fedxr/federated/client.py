@@ -66,13 +66,24 @@ def site_round_seed(seed: int, site: str, rnd: int | None) -> int:
 
 def _should_fail(site: str, current_round: int | None, rank: int = 0) -> bool:
     """``FEDXR_TEST_FAIL_SITE=SITE:ROUND`` fails every rank of SITE from ROUND on; ``SITE:ROUND@RANK`` only
-    that rank (a crashed DDP worker)."""
+    that rank (a crashed DDP worker); ``SITE:ROUND@agent`` kills the site's torchrun agent from rank 0."""
     spec = os.environ.get(FAIL_ENV, "")
     if not spec or current_round is None:
         return False
-    spec, _, only_rank = spec.partition("@")
+    spec, _, only = spec.partition("@")
     name, _, rnd = spec.partition(":")
-    return name == site and current_round >= int(rnd or 0) and (not only_rank or int(only_rank) == rank)
+    chosen = not only or (only == "agent" and rank == 0) or (only.isdigit() and int(only) == rank)
+    return name == site and current_round >= int(rnd or 0) and chosen
+
+
+def weights_digest(module) -> str:
+    """SHA-256 of a module's weights (the records show that every DDP rank held the same model)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for value in module.state_dict().values():
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def sample_counter():
@@ -106,6 +117,7 @@ def main(argv=None) -> None:
     from nvflare.client import is_evaluate, is_submit_model, send
 
     from fedxr.federated.codec import decode_json, decode_recipe
+    from fedxr.federated.job import job_deadline_s
     from fedxr.federated.ranks import SiteRanks
     from fedxr.federated.records import record_file
     from fedxr.federated.site import resolve_site_manifest
@@ -118,16 +130,21 @@ def main(argv=None) -> None:
 
         torch.set_num_threads(args.threads)
     recipe = decode_recipe(args.recipe_b64)
-    ranks = SiteRanks.start(recipe.model.accelerator)
+    ranks = SiteRanks.start(recipe.model.accelerator, wait_s=job_deadline_s(recipe))
     flare.init(rank=str(ranks.rank))
     # Only rank 0 has an NVFlare session; the others learn the site's name from it.
     site = ranks.share(flare.get_site_name() if ranks.is_control else None)
     manifest = resolve_site_manifest(site, args.sites_dir)
-    L.seed_everything(site_round_seed(recipe.model.seed, site, -1), workers=True, verbose=False)
+    # Each DDP rank draws its own augmentation (rank 0 keeps the single-process seeds: same results as before).
+    rank_name = site if ranks.is_control else f"{site}#rank{ranks.rank}"
+    L.seed_everything(site_round_seed(recipe.model.seed, rank_name, -1), workers=True, verbose=False)
     work = Path(args.records or ".") / site
     work.mkdir(parents=True, exist_ok=True)
     fed = recipe.federated
     dm = make_datamodule(recipe, [manifest], progress=False)
+    if ranks.is_control:
+        dm.setup("fit")  # rank 0 builds the site's image cache once; the other ranks then open it
+    ranks.share(None)
     # One learning-rate schedule over every round: NVFlare's patch restores the optimizer and scheduler
     # state between rounds, and a schedule sized to one round would leave later rounds at zero rate.
     schedule = ({"schedule_steps": fed.rounds * fed.local_steps} if fed.local_steps
@@ -162,13 +179,19 @@ def main(argv=None) -> None:
                 send(FLModel(params=local_state or module.cpu().state_dict()))
             continue
         if not task["evaluate"] and _should_fail(site, rnd, ranks.rank):
+            if os.environ.get(FAIL_ENV, "").endswith("@agent") and ranks.is_control:
+                # A crashed torchrun agent, its workers otherwise alive (rank 0 waits here, the others in their
+                # next collective): they must go with the agent (fedxr.federated.ranks.die_with_parent).
+                os.kill(os.getppid(), 9)
+                time.sleep(600)
             raise RuntimeError(f"{site}: injected failure at round {rnd} on rank {ranks.rank} ({FAIL_ENV})")
         # Every round starts from a seed of its own (recipe seed, site, round): data order and
         # augmentation do not depend on what ran before in this process.
-        L.seed_everything(site_round_seed(recipe.model.seed, site, rnd), workers=True, verbose=False)
+        L.seed_everything(site_round_seed(recipe.model.seed, rank_name, rnd), workers=True, verbose=False)
         t0 = time.time()
         result = trainer.validate(module, datamodule=dm, verbose=False)
         t1 = time.time()
+        received = weights_digest(module) if records is not None else None
         if task["evaluate"]:
             continue  # the patched trainer already sent the metrics
         steps_before, samples_before = trainer.global_step, counter.samples
@@ -186,6 +209,7 @@ def main(argv=None) -> None:
                    "steps": trainer.global_step - steps_before, "t_receive": t0, "t_validated": t1, "t_trained": t2,
                    "validate_s": t1 - t0, "train_s": t2 - t1,
                    "rank": ranks.rank, "world_size": ranks.world_size, "samples": counter.samples - samples_before,
+                   "received_digest": received, "trained_digest": weights_digest(module),
                    "lr_end": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None}
             with open(records, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")

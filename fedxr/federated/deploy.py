@@ -28,7 +28,7 @@ def admin_username(kit: str | Path) -> str:
     makes the same."""
     kit = Path(kit)
     try:
-        return json.loads((kit / "startup" / "fed_admin.json").read_text())["admin"]["username"]
+        return json.loads((kit / "startup" / "fed_admin.json").read_text())["admin"]["username"] or kit.name
     except (OSError, ValueError, KeyError, TypeError):
         return kit.name
 
@@ -72,12 +72,17 @@ def preflight(kit: str | Path, timeout_s: int = PREFLIGHT_TIMEOUT_S) -> Prefligh
         raise FedxrError(f"{kit}: not an NVFlare startup kit (no startup/ folder); pass a participant's folder from "
                          "provisioning, e.g. workspace/PROJECT/prod_00/hospital-a")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Its own session, so that on a timeout the dry run it started (a server, a client) goes too.
+    proc = subprocess.Popen([nvflare_cli(), "preflight-check", "-p", str(kit)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     try:
-        proc = subprocess.run([nvflare_cli(), "preflight-check", "-p", str(kit)], capture_output=True, text=True,
-                              timeout=timeout_s, env=env)
+        output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        proc.communicate()
+        stop_processes(kit, grace_s=2)
         return Preflight(kit, False, [f"nvflare preflight-check did not finish within {timeout_s} s"], "")
-    output = proc.stdout + proc.stderr
     overall = re.search(r"^overall:\s*(\w+)", output, re.MULTILINE)
     ok = proc.returncode == 0 and (overall is None or overall.group(1) == "pass")
     problems = _problems(output) or ([] if ok else [output.strip().splitlines()[-1] if output.strip() else
@@ -93,10 +98,11 @@ def processes_using(path: Path) -> list:
     found = []
     for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
         try:
-            text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["cwd"] or "")
+            tokens = [t for arg in (proc.info["cmdline"] or []) for t in arg.split("=")] + [proc.info["cwd"] or ""]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if key in text and proc.pid != os.getpid():
+        # Whole path components: a kit named site-1 is not site-10, runs/x/poc is not runs/x/poc_result.
+        if proc.pid != os.getpid() and any(t == key or (key + os.sep) in t for t in tokens):
             found.append(proc)
     return found
 

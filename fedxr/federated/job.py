@@ -179,7 +179,7 @@ def _resilient(recipe_cls):
                 self.min_clients = quorum
             from fedxr.federated.controller import with_site_deadline
 
-            return with_site_deadline(controller, self._site_timeout_s)
+            return with_site_deadline(controller, self._site_timeout_s, quorum)
 
     Resilient.__name__ = f"Resilient{recipe_cls.__name__}"
     return Resilient

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 #: torchrun's own environment (https://pytorch.org/docs/stable/elastic/run.html#environment-variables).
-RANK_ENV, WORLD_ENV, LOCAL_RANK_ENV = "RANK", "WORLD_SIZE", "LOCAL_RANK"
+RANK_ENV, WORLD_ENV, LOCAL_RANK_ENV, TORCHRUN_ENV = "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"
 
 
 def site_processes(devices: int | str) -> int:
@@ -77,17 +77,23 @@ class SiteRanks:
         return self.world_size > 1
 
     @classmethod
-    def start(cls, accelerator: str) -> "SiteRanks":
+    def start(cls, accelerator: str, wait_s: float) -> "SiteRanks":
         """Join the site's process group when started by torchrun (else a single process: rank 0 of 1).
 
         The default group is created here, with the backend Lightning would choose (NCCL on CUDA, else
         gloo), so that the control messages below can flow before the first ``fit``; Lightning finds it
         initialised and uses it. Control messages go over a separate gloo group: they are small Python
-        objects, and gloo needs no device."""
+        objects, and gloo needs no device. The other ranks wait in that group while rank 0 waits for
+        NVFlare's next task (the other hospitals' training, a vanished hospital's deadline, the final
+        evaluation), so its timeout is ``wait_s`` (the whole job's deadline), not torch's 30 minutes; a
+        rank that dies still fails the others at once."""
+        if os.environ.get(TORCHRUN_ENV):
+            die_with_parent()  # also a single worker under torchrun runs in a session of its own
         world = int(os.environ.get(WORLD_ENV, "1"))
         if world <= 1:
             return cls()
-        die_with_parent()
+        import datetime
+
         import torch
         import torch.distributed as dist
 
@@ -97,8 +103,8 @@ class SiteRanks:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                   _group=dist.new_group(backend="gloo"))
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=max(wait_s, 1800)))
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, _group=group)
 
     def share(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (a no-op in a single process)."""

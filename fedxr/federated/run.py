@@ -51,6 +51,7 @@ def _run_sim(job, recipe: Recipe, folder: Path, names: list[str], stage: str) ->
         with recipe_blob_is_not_a_secret():
             result = job.run(env).get_result()
     except RuntimeError as exc:
+        _check_quorum(workspace / job_name(recipe, stage))  # the clearer reason, when it is that
         raise FedxrError(f"the federated simulation failed: {exc}") from None
     return Path(result) / "server" / "simulate_job"
 
@@ -75,6 +76,7 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
             result = run.get_result(timeout=job_deadline_s(recipe), clean_up=False)
             status = run.get_status()
             if not result or not Path(result).exists():
+                _check_quorum(workspace)
                 raise FedxrError(f"POC job {run.get_job_id()} did not finish (status {status}); logs: {workspace}")
             shutil.copytree(result, results)
         finally:
@@ -110,24 +112,35 @@ def _run_prod(job, recipe: Recipe, startup_kit: Path) -> tuple[Path, Path]:
     from nvflare.recipe import ProdEnv
 
     
-    # NVFlare's own check of the kit first (the server answers, mutual TLS works): its table, not a
-    # login timeout, is what the user sees when the federation is not reachable.
-    check = preflight(startup_kit)
-    if not check.ok:
-        raise FedxrError(f"the admin startup kit cannot reach the federation; {check.summary()}")
     try:
         with recipe_blob_is_not_a_secret():
             run = job.run(ProdEnv(startup_kit_location=str(startup_kit), username=admin_username(startup_kit)))
     except RuntimeError as exc:  # NVFlare reports a failed login or submission this way
-        raise FedxrError(f"could not submit the job with the startup kit {startup_kit}: {exc}") from None
+        # NVFlare's own check of the kit then says why (server down, certificates, names). Only now: its
+        # console check ends every admin console running from the same kit.
+        check = preflight(startup_kit)
+        raise FedxrError(f"could not submit the job with the startup kit {startup_kit}: {exc}\n{check.summary()}") from None
     result = run.get_result(timeout=job_deadline_s(recipe))
     if not result:
         raise FedxrError(f"production job {run.get_job_id()} did not finish (status {run.get_status()})")
+    _check_quorum(Path(result))
     model = next(Path(result).rglob("FL_global_model.pt"), None)
     if model is None:
         raise FedxrError(f"production job {run.get_job_id()}: its result {result} holds no global model; see the "
                          "server's log in that folder")
     return model.parent.parent, Path(result)
+
+
+def _check_quorum(workspace: Path) -> None:
+    """A round that fewer than min_clients sites answered stops the federation on the server
+    (fedxr.federated.controller); the job may still end with an earlier round's model, so say so here."""
+    from fedxr.federated.controller import QUORUM_LOST
+
+    for log in sorted(Path(workspace).rglob("log.txt")):
+        for line in log.read_text(errors="ignore").splitlines():
+            if QUORUM_LOST in line and "round " in line:
+                reason = line[line.index("round "):]
+                raise FedxrError(f"the federation stopped: {reason} (server log: {log})")
 
 
 def _check_sites_trained(records: Path, recipe: Recipe, workspace: Path) -> None:
@@ -183,6 +196,7 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
         records = None
     else:
         raise FedxrError(f"unknown --env {env!r}; use sim, poc or prod")
+    _check_quorum(workspace)
     if records is not None:
         _check_sites_trained(records, recipe, workspace)
     summary = outputs.collect(recipe, server_dir, folder, records, workspace, source=source)
