@@ -163,7 +163,7 @@ def nih_scale(args) -> None:
         t, done = time.perf_counter(), 0
         for i in range(max(2, args.batches // 4)):
             x, _ = next_batch()
-            augment_batch(x, 0.449, 0.226)
+            augment_batch(x, dataset.mean, dataset.std)
             done += len(x)
         augmented_rate = done / (time.perf_counter() - t)
     payload = {

@@ -16,7 +16,7 @@ import pytest
 from fedxr.cli import main
 from fedxr.config import load_recipe
 from fedxr.data.prepare import ensure_dataset, ensure_sites
-from fedxr.federated.deploy import preflight, processes_using, start_participant, stop_participant
+from fedxr.federated.deploy import nvflare_cli, preflight, processes_using, start_participant, stop_participant
 from fedxr.models.checkpoint import load_checkpoint
 
 from helpers import QUICKSTART, tiny_recipe_overrides
@@ -63,11 +63,9 @@ builders:
 
 def provision(tmp: Path) -> Path:
     import subprocess
-    import sys
 
     (tmp / "project.yml").write_text(project_yml(free_port(), free_port()))
-    nvflare = Path(sys.executable).parent / "nvflare"
-    proc = subprocess.run([str(nvflare), "provision", "-p", str(tmp / "project.yml"), "-w", str(tmp / "ws")],
+    proc = subprocess.run([nvflare_cli(), "provision", "-p", str(tmp / "project.yml"), "-w", str(tmp / "ws")],
                           capture_output=True, text=True, timeout=300, cwd=tmp)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return next((tmp / "ws").rglob("prod_00"))

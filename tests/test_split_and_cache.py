@@ -138,14 +138,15 @@ def test_manifest_paths_are_absolute_for_a_relative_root(mini_nih, tmp_path, mon
 
 
 def test_batch_augmentation_is_seeded_mild_and_normalised():
-    from fedxr.data.augment import augment_batch, to_model_input
+    from fedxr.data.augment import augment_batch
+    from fedxr.imaging import standardize, to_unit
 
     images = torch.from_numpy(np.tile(np.linspace(0, 255, 64).astype(np.uint8), (8, 1, 64, 1)))
     torch.manual_seed(3)
     first = augment_batch(images, 0.5, 0.25)
     torch.manual_seed(3)
     assert torch.equal(first, augment_batch(images, 0.5, 0.25))  # a seed gives the same batch
-    plain = to_model_input(images, 0.5, 0.25)
+    plain = torch.from_numpy(standardize(to_unit(images.numpy()), 0.5, 0.25))  # the unaugmented model input
     assert first.shape == plain.shape
     assert first.dtype == torch.float32
     assert not torch.equal(first, plain)  # something was changed ...

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fedxr.imaging import standardize
+
 #: Mild, anatomically sane geometry: rotation ±5°, shift ±4 % of the side, zoom 0.95–1.05; no flips (the
 #: heart is on the left, and flipping would teach the model anatomy it will never see).
 ROTATION_DEG, SHIFT_FRACTION, ZOOM_RANGE = 5.0, 0.04, (0.95, 1.05)
@@ -28,12 +30,6 @@ GAMMA_LOG_RANGE, CONTRAST_RANGE, BRIGHTNESS_RANGE = 0.3, 0.2, 0.08
 
 def _uniform(n: int, low: float, high: float) -> torch.Tensor:
     return low + (high - low) * torch.rand(n)
-
-
-def to_model_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 (N, 1, S, S) → float32 (x/255 − mean) / std: the same formula as fedxr.imaging (and the edge
-    runtime), in torch."""
-    return (images.float() / 255.0 - mean) / std
 
 
 def augment_batch(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -52,11 +48,11 @@ def augment_batch(images: torch.Tensor, mean: float, std: float) -> torch.Tensor
     params = torch.cat([theta.reshape(n, 6), torch.stack([gamma, contrast, brightness], 1)], 1).to(device, non_blocking=True)
     theta = params[:, :6].view(n, 2, 3)
     gamma, contrast, brightness = (params[:, 6 + k].view(n, 1, 1, 1) for k in range(3))
-    x = images.float() / 255.0
+    x = images.float() / 255.0  # fedxr.imaging.to_unit, in torch (it works on numpy arrays)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # Pixels moved in from outside the image are black, as with torchvision's RandomAffine.
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     x = x.clamp(0, 1) ** gamma
     level = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - level) * contrast + level + brightness).clamp_(0, 1)
-    return (x - mean) / std
+    return standardize(x, mean, std)  # the model's one input normalisation (also the edge runtime's)
