@@ -103,7 +103,9 @@ def sample_counter():
 def trainer_devices(recipe, ranks) -> dict:
     """Trainer settings for this site's processes: all of torchrun's workers under DDP, else one device
     (never ``auto``: Lightning would start DDP workers of its own behind NVFlare's back)."""
-    if ranks.distributed or "ddp" in recipe.model.strategy:
+    from fedxr.federated.ranks import runs_ddp
+
+    if ranks.distributed or runs_ddp(recipe.model.devices, recipe.model.strategy):
         strategy = "ddp" if recipe.model.strategy == "auto" else recipe.model.strategy
         return {"devices": ranks.world_size, "num_nodes": 1, "strategy": strategy}
     return {"devices": 1, "strategy": recipe.model.strategy}

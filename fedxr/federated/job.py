@@ -20,7 +20,7 @@ from pathlib import Path
 from fedxr.config import Recipe
 from fedxr.errors import FedxrError
 from fedxr.federated.codec import encode_json, encode_recipe
-from fedxr.federated.ranks import launch_command, site_processes
+from fedxr.federated.ranks import launch_command, runs_ddp, site_processes
 from fedxr.labels import KEY_METRIC
 
 RECIPE_FILE = "fedxr_recipe.yaml"
@@ -127,7 +127,7 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
         # Each site trains in its own process, so a crashing site is reported as a failed task
         # instead of taking the site's FLARE client (and, through it, the job) down.
         launch_external_process=True,
-        command=launch_command(python, processes, ddp="ddp" in recipe.model.strategy),
+        command=launch_command(python, processes, ddp=runs_ddp(recipe.model.devices, recipe.model.strategy)),
         name=job_name(recipe, stage), min_clients=fed.min_clients, num_rounds=fed.rounds,
         train_script=str(train_script or standalone_script(CLIENT_SCRIPT)),
         train_args=" ".join(args + ([extra_args] if extra_args else [])),

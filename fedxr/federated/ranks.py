@@ -33,6 +33,12 @@ def site_processes(devices: int | str) -> int:
     return 1
 
 
+def runs_ddp(devices: int | str, strategy: str) -> bool:
+    """Whether a site trains with DDP under torchrun: several devices, or a DDP strategy on one (the one
+    definition the job's launch command and the client's Trainer both follow)."""
+    return site_processes(devices) > 1 or "ddp" in strategy
+
+
 def launch_command(python: str, processes: int, ddp: bool = False) -> str:
     """The command NVFlare prefixes the client script with. Several processes (or a DDP strategy on one
     device) run under ``torchrun --standalone``: its rendezvous binds a free port of its own, so every site
