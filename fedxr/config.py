@@ -1,7 +1,7 @@
 """The typed recipe schema.
 
 A recipe is YAML with the sections ``data``, ``model``, ``federated``, ``distill``, ``export``,
-``explain`` and ``output``. :func:`load_recipe` turns it (plus ``key=value`` overrides) into one :class:`Recipe`
+``explain``, ``privacy`` and ``output``. :func:`load_recipe` turns it (plus ``key=value`` overrides) into one :class:`Recipe`
 object. Unknown keys are errors, every problem is reported at once and each message names the key path
 and the fix. Site facts (where a hospital's images live) are not recipe keys: they come from the site.
 """
@@ -159,6 +159,49 @@ class EnergyConfig(_Section):
                                      "CodeCarbon's offline tables); e.g. USA, DEU, FRA, GBR")
 
 
+class DPConfig(_Section):
+    """DP-SGD at every site (Opacus); see fedxr.privacy.dp and the README's Privacy section."""
+
+    epsilon: float = Field(8.0, description="target ε for each site over the whole federation (every round and "
+                                            "local epoch); smaller = more private, noisier model")
+    delta: Optional[float] = Field(None, description="target δ; must be below 1/N for a site with N training "
+                                                     "images; default 1/(10 N) at each site")
+    max_grad_norm: float = Field(1.0, gt=0, description="every image's gradient is clipped to this L2 norm")
+
+    @field_validator("epsilon")
+    @classmethod
+    def _epsilon_positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"privacy.dp.epsilon must be above 0 (got {value}); smaller is more private, "
+                             "typical targets are 1 to 10")
+        return value
+
+    @field_validator("delta")
+    @classmethod
+    def _delta_probability(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and not 0 < value < 1:
+            raise ValueError(f"privacy.dp.delta must be between 0 and 1, and below 1/N for N training images at a "
+                             f"site (got {value}); leave it out for 1/(10 N)")
+        return value
+
+
+class PrivacyConfig(_Section):
+    audit: bool = Field(True, description="record what each site sends (tensor names, shapes, bytes, metric keys) "
+                                          "in the job's outgoing-filter log; the report shows it")
+    dp: Union[DPConfig, Literal[False]] = Field(False, description="differential privacy (DP-SGD) at every site; "
+                                                                   "false = off")
+    filter: Literal["none", "percentile", "svt"] = Field(
+        "none", description="NVFlare's privacy filter on each site's update (sent as weight differences): "
+                            "percentile (share only the largest changes) or svt (sparse vector technique)")
+    he: bool = Field(False, description="homomorphic encryption: the server aggregates encrypted updates "
+                                        "(POC/production only, TenSEAL)")
+
+    @field_validator("dp", mode="before")
+    @classmethod
+    def _dp_true_means_defaults(cls, value):
+        return {} if value is True else value
+
+
 class OutputConfig(_Section):
     runs_dir: str = "runs"
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -186,6 +229,7 @@ class Recipe(_Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
@@ -206,6 +250,7 @@ class Recipe(_Section):
                 and not m.strategy.startswith("ddp_find_unused_parameters"):
             problems.append(f"model.strategy: several devices per site train with DDP under torchrun; use ddp (or auto, "
                             f"or ddp_find_unused_parameters_true), not {m.strategy!r}")
+        problems += self._privacy_problems()
         if self.data.val_fraction + self.data.test_fraction >= 1:
             problems.append("data.val_fraction + data.test_fraction must be below 1")
         from fedxr.models.registry import UnknownModelError, get_spec
@@ -218,6 +263,57 @@ class Recipe(_Section):
         if problems:
             raise ValueError(_PROBLEM_SEP.join(problems))
         return self
+
+    def _privacy_problems(self) -> list[str]:
+        p, fed, m = self.privacy, self.federated, self.model
+        problems = []
+        if p.dp and p.he:
+            problems.append("privacy: dp and he together are not supported; choose one (dp protects against what "
+                            "the model reveals, he against the server seeing a site's update)")
+        if p.he and fed.env == "sim":
+            problems.append("privacy.he: the simulator cannot run homomorphic encryption (its participants have no "
+                            "provisioned TenSEAL keys); use federated.env: poc (one machine) or prod")
+        if p.he and (fed.algorithm != "fedavg" or fed.fedbn):
+            problems.append(f"privacy.he: NVFlare's encrypted aggregation is FedAvg only; set federated.algorithm: "
+                            f"fedavg and federated.fedbn: false (got {fed.algorithm}{', fedbn' if fed.fedbn else ''})")
+        if p.he and self.distill.students:
+            problems.append("privacy.he: it covers the teacher's federation; distillation jobs carry the frozen teacher "
+                            "beside the student, which NVFlare's encrypted aggregation cannot leave out. Set "
+                            "distill.students: []")
+        if p.filter != "none" and fed.algorithm not in ("fedavg", "fedprox"):
+            problems.append(f"privacy.filter: {p.filter} filters weight differences, which fedxr sends with fedavg or "
+                            f"fedprox; not with {fed.algorithm}")
+        if p.filter != "none" and p.he:
+            problems.append("privacy.filter with privacy.he: the server cannot check or use a filtered encrypted "
+                            "update; choose one")
+        if p.dp:
+            if self.distill.students:
+                problems.append("privacy.dp: it covers the teacher's training; distillation would train students on "
+                                "site data without it. Set distill.students: [] (a DP teacher is exported as is)")
+            if m.mixup or fed.fedbn:
+                problems.append("privacy.dp: model.mixup and federated.fedbn mix images (or keep BatchNorm), which "
+                                "per-image clipping cannot account for; set model.mixup: 0 and federated.fedbn: false")
+            if m.compile or (isinstance(m.devices, int) and m.devices > 1):
+                problems.append("privacy.dp: Opacus trains one process per site without torch.compile; set "
+                                "model.compile: false and model.devices: 1")
+            from fedxr.models.registry import UnknownModelError
+            from fedxr.privacy.dp import dp_problem
+
+            try:
+                why = dp_problem(m.name)
+            except UnknownModelError:
+                why = None  # reported with the model name itself
+            if why:
+                problems.append(f"privacy.dp: model.name {why}; choose resnet18, resnet50, convnext_tiny, "
+                                "resnet18_quarter, resnet18_eighth or tiny_cnn")
+        return problems
+
+    @property
+    def norm(self) -> str:
+        """The model's normalisation layers: GroupNorm when it trains with differential privacy."""
+        from fedxr.privacy.dp import DP_NORM
+
+        return DP_NORM if self.privacy.dp else "batch"
 
     @property
     def layout(self) -> RunLayout:

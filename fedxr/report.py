@@ -82,6 +82,39 @@ def _rounds_section(layout: RunLayout, results: RunResults, out: list[str]) -> N
     out += [f"Teacher checkpoint: `{_rel(results.teacher.checkpoint, run)}`", ""]
 
 
+def _privacy_section(layout: RunLayout, recipe: Recipe, out: list[str]) -> None:
+    """What left each site (the sites' outgoing audit) and the differential-privacy ledger."""
+    run, fed = layout.root, layout.federate
+    p = recipe.privacy
+    out += ["## Privacy", "",
+            f"Differential privacy: {'DP-SGD, target ε = ' + format(p.dp.epsilon, 'g') if p.dp else 'off'}; update "
+            f"filter: {p.filter}; homomorphic encryption: {'on' if p.he else 'off'}.", ""]
+    outgoing = fed / "outgoing.json"
+    out += ["### What left each site", ""]
+    if outgoing.is_file():
+        rows = json.loads(outgoing.read_text())
+        out += ["Every message each site sent the server, as recorded by its last outgoing filter (what went on the "
+                "wire): tensors (all of them the model's parameters, or their differences), bytes, and every other "
+                "key sent (scores and NVFlare's step count).", ""]
+        out += _table(["site", "task", "round", "messages", "payload", "tensors", "bytes", "other keys"],
+                      [[r["site"], r["task"], "–" if r["round"] is None else r["round"], r["messages"],
+                        ", ".join(r["kinds"]), r["tensors"], f"{r['bytes']:,}", ", ".join(r["keys"]) or "–"]
+                       for r in rows]) + [""]
+    else:
+        out += ["Not recorded in this run (`privacy.audit: false`, or a production run: each site keeps its own "
+                "record in its job folder, `outgoing.jsonl`).", ""]
+    book_path = fed / "privacy.json"
+    if book_path.is_file():
+        book = json.loads(book_path.read_text())
+        out += ["### Differential privacy spent", "", book["mechanism"] + ".", ""]
+        out += _table(["site", "target ε", "δ", "noise σ", "ε spent", "within target"],
+                      [[name, _f(s["target_epsilon"], "g"), _f(s["delta"], ".2g"), _f(s["noise_multiplier"], ".3f"),
+                        _f(s["epsilon_spent"], ".3f"), "yes" if s["within_target"] else "**no**"]
+                       for name, s in book["sites"].items()]) + [""]
+        if (fed / "privacy.png").is_file():
+            out += [f"![privacy]({_rel(fed / 'privacy.png', run)})", ""]
+
+
 def _baselines_section(layout: RunLayout, out: list[str]) -> None:
     run = layout.root
     rows = []
@@ -229,6 +262,7 @@ def write_report(recipe: Recipe, results: RunResults) -> Path:
         out += ["Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results.seconds.items()), ""]
     _data_section(layout, out)
     _rounds_section(layout, results, out)
+    _privacy_section(layout, recipe, out)
     _baselines_section(layout, out)
     _evaluate_section(layout, results, out)
     _export_section(layout, results, out)

@@ -79,7 +79,7 @@ def make_classifier(recipe: Recipe, dm: SiteDataModule, cls: type[XRayClassifier
         model_name=m.name, pretrained=m.pretrained, lr=m.lr, weight_decay=m.weight_decay,
         warmup_epochs=m.warmup_epochs, pos_weight=pos_weight_from_labels(dm.split_labels("train"), m.pos_weight_cap),
         channels_last=m.channels_last, compile_model=m.compile, threshold_rule=m.threshold_rule,
-        preprocessing=dm.preprocessing, init_seed=m.seed, mixup=m.mixup,
+        preprocessing=dm.preprocessing, init_seed=m.seed, mixup=m.mixup, norm=recipe.norm,
     )
     if "preprocessing" in given and Preprocessing.coerce(given["preprocessing"]) != dm.preprocessing:
         # The model must be trained on the input it will be described (and exported) with.

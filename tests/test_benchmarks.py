@@ -103,3 +103,13 @@ def test_console_load():
         assert 0 < result["server_side"][part]["p50_ms"] <= result["server_side"][part]["p95_ms"]
     assert result["pages"]["home"]["p50_ms"] > 0
     assert result["pages"]["run"]["n"] == 5
+
+
+def test_privacy_utility():
+    result = run_smoke("privacy_utility.py")
+    no_dp, dp = result["rows"]
+    assert no_dp["epsilon"] is None and no_dp["norm"] == "batch" and no_dp["epsilon_spent"] is None
+    assert dp["epsilon"] == 3 and dp["norm"] == "group" and dp["within_target"]
+    assert 0 < max(dp["epsilon_spent"].values()) <= 3
+    assert all(0 <= r["macro_auroc"] <= 1 for r in result["rows"])
+    assert (BENCH.parent / result["plot"]).is_file()

@@ -9,7 +9,6 @@ import torch
 from fedxr.cli import main
 from fedxr.config import RecipeError, load_recipe
 from fedxr.data.prepare import ensure_dataset, ensure_sites
-from fedxr.federated.deploy import processes_using
 from fedxr.federated.run import federate
 from fedxr.models.checkpoint import load_checkpoint
 
@@ -152,17 +151,6 @@ def test_site_without_data_names_the_site(monkeypatch, tmp_path):
     (tmp_path / "site-7.csv").write_text("x")
     monkeypatch.setenv("FEDXR_SITES_DIR", str(tmp_path))
     assert resolve_site_manifest("site-7") == tmp_path / "site-7.csv"
-
-
-def test_poc_mode_with_mutual_tls(tmp_path):
-    recipe, _ = two_site_recipe(tmp_path, extra=("federated.cross_site_eval=false",))
-    summary = federate(recipe, "poc")
-    workspace = recipe.layout.federate / "poc"
-    server_cfg = json.loads(next(workspace.rglob("server/startup/fed_server.json")).read_text())
-    assert server_cfg["servers"][0]["connection_security"] == "mtls"
-    assert (recipe.layout.federate / "global_last.ckpt").is_file()
-    assert summary["env"] == "poc"
-    assert processes_using(workspace) == []  # every server/site process fedxr started is gone
 
 
 def test_site_failing_from_round_two_does_not_stop_the_federation(tmp_path, monkeypatch):

@@ -125,8 +125,17 @@ class SiteDataModule(L.LightningDataModule):
                 x = trainer.precision_plugin.convert_input(x)
         return x, y
 
+    #: Set by a site training with differential privacy: batches drawn by Poisson sampling (each image in each
+    #: batch with probability batch_size / N), which is what the DP accountant's guarantee assumes.
+    poisson_sampling = False
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        loader = self._loader("train", shuffle=True)
+        if self.poisson_sampling:
+            from opacus.data_loader import DPDataLoader
+
+            loader = DPDataLoader.from_data_loader(loader)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -155,6 +155,14 @@ def main(argv=None) -> None:
     # global model (which, for a student, includes the frozen teacher's weights).
     described = decode_json(args.model_b64)
     module = make_classifier(recipe, dm, cls=import_class(described["class_path"]), **described["args"], **schedule)
+    privacy = None
+    if recipe.privacy.dp:
+        from fedxr.privacy.dp import SitePrivacy, attach
+
+        privacy = SitePrivacy.for_site(recipe.privacy.dp, site, len(dm.datasets["train"]), dm.batch_size, fed.rounds,
+                                       fed.local_epochs, fed.local_steps)
+        dm.poisson_sampling = True
+        attach(module, privacy)
     per_round = {"max_steps": fed.local_steps, "max_epochs": -1} if fed.local_steps else {"max_epochs": fed.local_epochs}
     counter = sample_counter()
     trainer = make_trainer(recipe, work, callbacks=[counter], progress=False, enable_model_summary=False,
@@ -197,8 +205,11 @@ def main(argv=None) -> None:
         if task["evaluate"]:
             continue  # the patched trainer already sent the metrics
         steps_before, samples_before = trainer.global_step, counter.samples
+        if privacy is not None:  # refuses a round past the site's ε target, before it touches an image
+            privacy.start_round(site, rnd, privacy.planned_steps // fed.rounds)
         trainer.fit(module, datamodule=dm)
         t2 = time.time()
+        spent = privacy.end_round(rnd) if privacy is not None else None
         local_state = copy.deepcopy(module.cpu().state_dict())
         if records is not None and args.save_updates and ranks.is_control:
             import torch
@@ -213,6 +224,8 @@ def main(argv=None) -> None:
                    "rank": ranks.rank, "world_size": ranks.world_size, "samples": counter.samples - samples_before,
                    "received_digest": received, "trained_digest": weights_digest(module),
                    "lr_end": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None}
+            if spent is not None:
+                rec["privacy"] = {**spent, **privacy.summary()}
             with open(records, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
     ranks.finish()

@@ -21,6 +21,7 @@ from fedxr.config import Recipe
 from fedxr.errors import FedxrError
 from fedxr.federated.codec import encode_json, encode_recipe
 from fedxr.federated.ranks import launch_command, runs_ddp, site_processes
+from fedxr.federated.records import OUTGOING
 from fedxr.labels import KEY_METRIC
 
 RECIPE_FILE = "fedxr_recipe.yaml"
@@ -70,7 +71,7 @@ def model_config(recipe: Recipe) -> dict:
     and every site's client script builds its LightningModule from the same description."""
     return {"class_path": CLASSIFIER_CLASS,
             "args": {"model_name": recipe.model.name, "preprocessing": recipe.preprocessing.as_dict(),
-                     "init_seed": recipe.model.seed}}
+                     "init_seed": recipe.model.seed, **({"norm": recipe.norm} if recipe.norm != "batch" else {})}}
 
 
 def job_deadline_s(recipe: Recipe) -> int:
@@ -145,13 +146,52 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
         # The global model then lacks the excluded tensors after round 0: sites load it non-strictly
         # and keep their own copies of those tensors.
         common["train_args"] += " --keep-excluded"
+    if recipe.privacy.filter != "none":
+        # NVFlare's privacy filters act on weight differences: each site sends what it changed, not its weights.
+        from nvflare.client.config import TransferType
+
+        common["params_transfer_type"] = TransferType.DIFF
     with recipe_blob_is_not_a_secret():
-        job = _make_job(fed, common, selection, exclude, recipe.data.sites)
+        job = _make_he_job(common) if recipe.privacy.he else _make_job(fed, common, selection, exclude, recipe.data.sites)
+    add_privacy_filters(job, recipe, Path(records) / OUTGOING if records is not None else None)
     # fedxr is installed at every participant (the server aggregates with it, the sites train with it), so
     # NVFlare must not copy its modules into the job's custom/ folder: a partial copy there (custom/fedxr/
     # federated/aggregator.py, no __init__.py) becomes a namespace package that shadows an editable install.
     job._job.set_app_packages(["fedxr"])
     return job
+
+
+def add_privacy_filters(job, recipe: Recipe, audit_folder: Path | None) -> None:
+    """The sites' outgoing filters, in the order they run: the recipe's privacy filter on training results,
+    then the audit of what leaves (last, so it records what actually goes to the server)."""
+    from nvflare.apis.dxo import DataKind
+
+    kind = recipe.privacy.filter
+    if kind != "none":
+        if kind == "percentile":
+            from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
+
+            # Share only the changes above the 10th percentile of |change per step|, each capped at 0.01
+            # (Shokri & Shmatikov, CCS '15; NVFlare's defaults).
+            flt = PercentilePrivacy(percentile=10, gamma=0.01, data_kinds=[DataKind.WEIGHT_DIFF])
+        else:
+            from nvflare.app_common.filters.svt_privacy import SVTPrivacy
+
+            # The sparse vector technique with NVFlare's defaults: 10 % of the changes, chosen and released
+            # with Laplace noise.
+            flt = SVTPrivacy(data_kinds=[DataKind.WEIGHT_DIFF])
+        job.add_client_output_filter(flt, tasks=["train"])
+    if recipe.privacy.audit:
+        from nvflare.app_common.app_constant import AppConstants
+
+        from fedxr.privacy.audit import OutgoingAudit
+
+        folder = str(audit_folder.resolve()) if audit_folder else ""
+        # One task per entry (NVFlare picks a task's own filters before any "*" entry, and refuses task sets that
+        # partly overlap, e.g. the HE recipe's): the audit on every task a site answers — training, validation
+        # of a model, and its own model for cross-site scoring — after the filters already there.
+        for task in (AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION, AppConstants.TASK_SUBMIT_MODEL):
+            job.add_client_output_filter(OutgoingAudit(folder), tasks=[task])
 
 
 def _resilient(recipe_cls):
@@ -183,6 +223,20 @@ def _resilient(recipe_cls):
 
     Resilient.__name__ = f"Resilient{recipe_cls.__name__}"
     return Resilient
+
+
+def _make_he_job(common: dict):
+    """FedAvg with homomorphic encryption (NVFlare's HE recipe, TenSEAL CKKS): each site encrypts its weights
+    (scaled by its step count) with the federation's public context; the server adds the ciphertexts and
+    never holds a site's weights, or the average, in the clear; sites decrypt the global model with the
+    secret key their startup kits hold (provisioned by NVFlare's HEBuilder: POC with ``use_he``).
+    NVFlare's scatter-and-gather controller runs the rounds (no per-round deadline, no cross-site scoring)."""
+    from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
+    from nvflare.recipe import add_experiment_tracking
+
+    job = FedAvgRecipeWithHE(**common)
+    add_experiment_tracking(job, "tensorboard")
+    return job
 
 
 def _make_job(fed, common: dict, selection: dict, exclude: str | None, sites: int):

@@ -12,6 +12,7 @@ from fedxr.errors import FedxrError
 from fedxr.labels import VAL_AUROC
 from fedxr.layout import GLOBAL_BEST, GLOBAL_LAST, chosen_checkpoint
 from fedxr.federated.records import read_records, round_table
+from fedxr.federated.records import OUTGOING
 from fedxr.models.checkpoint import save_checkpoint
 from fedxr.plots import saved_figure
 
@@ -20,7 +21,17 @@ GLOBAL_MODELS = {"FL_global_model.pt": GLOBAL_LAST, "best_FL_global_model.pt": G
 SERVER_MODEL_LABELS = {"SRV_FL_global_model.pt": "global (last)", "SRV_best_FL_global_model.pt": "global (best)"}
 
 
-def nvflare_to_checkpoint(src: Path, dst: Path, recipe: Recipe, metrics: dict, source: str = "federate") -> Path:
+def _model_state(recipe: Recipe) -> dict:
+    """The names, shapes and types of the job's model (what an encrypted global model decrypts into)."""
+    from fedxr.federated.job import model_config
+    from fedxr.federated.client import import_class
+
+    described = model_config(recipe)
+    return import_class(described["class_path"])(**described["args"]).state_dict()
+
+
+def nvflare_to_checkpoint(src: Path, dst: Path, recipe: Recipe, metrics: dict, source: str = "federate",
+                          he_workspace: Path | None = None) -> Path:
     """Convert an NVFlare PyTorch global model (``{"model": LightningModule state_dict}``) to fedxr format.
 
     The thresholds are the global model's ``thresholds`` buffer: FedAvg's step-weighted mean of the
@@ -29,12 +40,17 @@ def nvflare_to_checkpoint(src: Path, dst: Path, recipe: Recipe, metrics: dict, s
     """
     blob = torch.load(src, map_location="cpu", weights_only=False)
     state = blob.get("model", blob)
+    from fedxr.privacy.he import decrypt_state, find_client_context, is_encrypted
+
+    if is_encrypted(state):  # privacy.he: the server saved ciphertexts; a site's secret context reads them
+        state = decrypt_state(state, _model_state(recipe), find_client_context(he_workspace), src)
     net = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     if not net:
         raise FedxrError(f"{src}: no 'model.*' weights in the NVFlare checkpoint")
     return save_checkpoint(dst, model_name=recipe.model.name, state_dict=net, preprocessing=recipe.preprocessing,
-                           thresholds=state["thresholds"], metrics=metrics, recipe=recipe.resolved(),
-                           source=source, extra={"nvflare_meta": _plain(blob.get("meta_props", {}))})
+                           thresholds=state["thresholds"], metrics=metrics, recipe=recipe.resolved(), source=source,
+                           extra={"nvflare_meta": _plain(blob.get("meta_props", {})),
+                                  **({"norm": recipe.norm} if recipe.norm != "batch" else {})})
 
 
 def _plain(obj):
@@ -115,6 +131,24 @@ def choose_global(cross: dict | None, rows: list[dict]) -> dict | None:
     return {"chosen": chosen, "val_auroc": scores, "weighting": "validation images per site"}
 
 
+def _privacy_outputs(rows: list[dict], records: Path | None, out: Path, summary: dict) -> None:
+    """``outgoing.json`` (what left each site, from the sites' outgoing audit) and ``privacy.json`` (the DP
+    ledger, with ``privacy.png``), when the run has them."""
+    from fedxr.privacy.dp import ledger, plot_ledger
+
+    outgoing = records / OUTGOING if records is not None else None
+    if outgoing is not None and outgoing.is_dir():
+        from fedxr.privacy.audit import read_outgoing, summarise
+
+        (out / "outgoing.json").write_text(json.dumps(summarise(read_outgoing(outgoing)), indent=2))
+        summary["outgoing"] = str(out / "outgoing.json")
+    book = ledger(rows)
+    if book is not None:
+        (out / "privacy.json").write_text(json.dumps(book, indent=2))
+        plot_ledger(book, out / "privacy.png")
+        summary["privacy"] = str(out / "privacy.json")
+
+
 def collect(recipe: Recipe, server_dir: Path, out: Path, records: Path | None, workspace: Path,
             source: str = "federate") -> dict:
     """Write fedxr's federated outputs into ``out`` from the server's run folder ``server_dir``."""
@@ -135,7 +169,7 @@ def collect(recipe: Recipe, server_dir: Path, out: Path, records: Path | None, w
             metrics = {"cross_site_val_auroc": {s: v.get(label) for s, v in cross["by_data_site"].items()}} if cross else {}
             if ours == GLOBAL_BEST and selection:
                 metrics["selection"] = selection
-            nvflare_to_checkpoint(app / nv_name, out / ours, recipe, metrics, source)
+            nvflare_to_checkpoint(app / nv_name, out / ours, recipe, metrics, source, he_workspace=workspace)
             summary["checkpoints"][ours.removesuffix(".ckpt")] = str(out / ours)
     summary["checkpoint"] = str(chosen_checkpoint(out))  # the model this run stands for: best, else last
     if selection:
@@ -144,6 +178,7 @@ def collect(recipe: Recipe, server_dir: Path, out: Path, records: Path | None, w
         (out / "rounds.json").write_text(json.dumps(table, indent=2))
         plot_rounds(table, out / "rounds.png")
         summary["rounds"] = str(out / "rounds.json")
+    _privacy_outputs(rows, records, out, summary)
     if cross:
         (out / "cross_site.json").write_text(json.dumps(cross, indent=2))
         plot_cross_site(cross, out / "cross_site.png")

@@ -8,6 +8,10 @@ from collections import defaultdict
 from pathlib import Path
 
 
+#: The records subfolder where each site's outgoing audit (fedxr.privacy.audit) writes ``SITE.jsonl``.
+OUTGOING = "outgoing"
+
+
 def record_file(site: str, rank: int = 0) -> str:
     """A site's records file: ``SITE.jsonl`` from its rank 0 (the process that talks to NVFlare), and
     ``SITE.rankN.jsonl`` from each further DDP rank (each rank appends to its own file)."""

@@ -69,7 +69,7 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
     shutil.rmtree(results, ignore_errors=True)
     # Each POC site reads its own <site>.csv from this folder (a site fact given through the environment).
     with _env(NVFLARE_POC_WORKSPACE=str(workspace), **{SITES_DIR_ENV: str(sites_dir.resolve())}):
-        env = PocEnv(clients=names)
+        env = PocEnv(clients=names, use_he=recipe.privacy.he)
         try:
             with recipe_blob_is_not_a_secret():
                 run = job.run(env)
@@ -136,11 +136,19 @@ def _check_quorum(workspace: Path) -> None:
     (fedxr.federated.controller); the job may still end with an earlier round's model, so say so here."""
     from fedxr.federated.controller import QUORUM_LOST
 
-    for log in sorted(Path(workspace).rglob("log.txt")):
+    from fedxr.privacy.dp import BudgetExceeded
+
+    logs = sorted(Path(workspace).rglob("log.txt"))
+    for log in logs:
         for line in log.read_text(errors="ignore").splitlines():
             if QUORUM_LOST in line and "round " in line:
                 reason = line[line.index("round "):]
-                raise FedxrError(f"the federation stopped: {reason} (server log: {log})")
+                # A site that stopped because its privacy budget is spent says so in its own log: name it here.
+                marker = f"{BudgetExceeded.__name__}: "
+                spent = sorted({ln[ln.index(marker) + len(marker):] for other in logs
+                                for ln in other.read_text(errors="ignore").splitlines() if marker in ln})
+                why = "; ".join(spent)
+                raise FedxrError(f"the federation stopped: {reason} (server log: {log})" + (f". {why}" if why else ""))
 
 
 def _check_sites_trained(records: Path, recipe: Recipe, workspace: Path) -> None:

@@ -12,6 +12,8 @@ A checkpoint is a ``torch.save`` dict of tensors and plain data (loadable with `
 ``metrics``        validation (and test) scores at save time
 ``recipe``         the resolved recipe that produced it
 ``fedxr_version``  the fedxr version that wrote it; ``source``: train/federate/distill
+``norm``           optional: ``group`` when the network was trained with differential privacy (its
+                   BatchNorm layers are GroupNorm); absent or ``batch`` otherwise
 =================  =====================================================================
 
 Version 1 files (``image_size``, ``mean``, ``std`` at the top level) still load. :func:`load_checkpoint`
@@ -88,6 +90,6 @@ def model_from_checkpoint(path_or_ckpt: str | Path | dict) -> tuple[nn.Module, d
     from fedxr.models.registry import build_model
 
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
-    model = build_model(ckpt["model_name"])
+    model = build_model(ckpt["model_name"], norm=ckpt.get("norm", "batch"))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt

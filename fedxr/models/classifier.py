@@ -41,7 +41,7 @@ class XRayClassifier(L.LightningModule):
         warmup_epochs: float = 0.0, pos_weight: list[float] | None = None, channels_last: bool = False,
         compile_model: bool = False, threshold_rule: str = "youden",
         preprocessing: Preprocessing | dict | None = None, schedule_epochs: int | None = None,
-        schedule_steps: int | None = None, init_seed: int | None = None, mixup: float = 0.0,
+        schedule_steps: int | None = None, init_seed: int | None = None, mixup: float = 0.0, norm: str = "batch",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -57,13 +57,15 @@ class XRayClassifier(L.LightningModule):
         # checkpoint); the registry's own default only when the module is built bare.
         self.preprocessing = (Preprocessing.coerce(preprocessing) if preprocessing is not None
                               else get_spec(model_name).preprocessing())
-        self.init_seed, self.mixup = init_seed, mixup
+        self.init_seed, self.mixup, self.norm = init_seed, mixup, norm
+        # Set by fedxr.privacy.dp.attach at a site that trains with differential privacy.
+        self.privacy = None
         # A seeded initialisation that leaves the caller's random state alone: the NVFlare server builds
         # the round-0 model from this class, and an unseeded server would start every run elsewhere.
         with torch.random.fork_rng(devices=[]):
             if init_seed is not None:
                 torch.manual_seed(init_seed)
-            self.model = build_model(model_name, pretrained=pretrained)
+            self.model = build_model(model_name, pretrained=pretrained, norm=norm)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Kept out of the module tree (plain __dict__ entry) so state_dict keys stay `model.*` only.
@@ -158,6 +160,8 @@ class XRayClassifier(L.LightningModule):
             (no_decay if p.ndim <= 1 else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+        if self.privacy is not None:  # DP-SGD: every step clips each image's gradient and adds noise
+            opt = self.privacy.optimizer(opt, expected_batch_size=self.trainer.datamodule.batch_size)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         if self.schedule_steps:
@@ -182,11 +186,12 @@ class XRayClassifier(L.LightningModule):
             path, model_name=self.hparams.model_name, state_dict=self.model.state_dict(),
             preprocessing=self.preprocessing, thresholds=self.thresholds, recipe=recipe, source=source,
             metrics=metrics if metrics is not None else {k: v for k, v in self.last_scores.items()},
+            extra={"norm": self.norm} if self.norm != "batch" else None,
         )
 
     @classmethod
     def from_fedxr_checkpoint(cls, ckpt: dict, **overrides) -> "XRayClassifier":
-        module = cls(ckpt["model_name"], preprocessing=ckpt["preprocessing"], **overrides)
+        module = cls(ckpt["model_name"], preprocessing=ckpt["preprocessing"], **{"norm": ckpt.get("norm", "batch"), **overrides})
         module.model.load_state_dict(ckpt["state_dict"])
         module.thresholds.copy_(torch.tensor(ckpt["thresholds"]))
         return module

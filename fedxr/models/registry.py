@@ -75,8 +75,18 @@ def get_spec(name: str) -> ModelSpec:
     raise UnknownModelError(f"unknown model {name!r}; {hint}known models: {', '.join(REGISTRY)}")
 
 
-def build_model(name: str, pretrained: bool = False, num_classes: int = NUM_LABELS):
-    """Build a registry model (a torch ``nn.Module``) with one input channel and ``num_classes`` logits."""
+def build_model(name: str, pretrained: bool = False, num_classes: int = NUM_LABELS, norm: str = "batch"):
+    """Build a registry model (a torch ``nn.Module``) with one input channel and ``num_classes`` logits.
+
+    ``norm="group"``: the model as differential privacy trains it, BatchNorm replaced by GroupNorm
+    (:func:`fedxr.privacy.dp.private_model`); checkpoints record it, so every later stage rebuilds the same network.
+    """
+    if norm == "group":
+        from fedxr.privacy.dp import private_model
+
+        return private_model(build_model(name, pretrained, num_classes))
+    if norm != "batch":
+        raise FedxrError(f"unknown normalisation {norm!r} for model {name!r}; use batch or group")
     spec = get_spec(name)
     if spec.timm_name is None:
         if pretrained:

@@ -1,0 +1,1 @@
+"""Privacy beyond "only weights leave": what leaves a site (audit), differential privacy, encryption."""
