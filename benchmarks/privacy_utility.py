@@ -3,6 +3,7 @@
     python benchmarks/privacy_utility.py                  # after `make demo`: ε = ∞, 8, 3, 1, the recipe's rounds
     python benchmarks/privacy_utility.py --rounds 5       # every ε with the same, smaller number of rounds
     python benchmarks/privacy_utility.py --he             # HE vs plain in POC: teacher and student architectures
+    python benchmarks/privacy_utility.py --epsilons 1e6 --rounds 3 --merge   # add a row to the results
     python benchmarks/privacy_utility.py --smoke          # toy data, ε = ∞ and 3, 1 round (CI)
 
 Utility: for each ε the teacher is trained federatedly in the simulator exactly as `fedxr federate` does
@@ -59,7 +60,7 @@ def utility(base, epsilons: list[float], rounds: int) -> list[dict]:
 
     rows = []
     for eps in epsilons:
-        tag = "inf" if math.isinf(eps) else f"{eps:g}"
+        tag = "inf" if math.isinf(eps) else f"{eps:g}".replace("+", "")  # 1e+06 → 1e06: a folder name
         recipe = _variant(base, f"epsilon {tag}", f"{base.output.name}_eps{tag}",
                           privacy={"dp": False if math.isinf(eps) else {"epsilon": eps}},
                           federated={"rounds": rounds})
@@ -148,11 +149,11 @@ class PeakMemory:
         self._thread.join()
 
 
-def he_costs(base, rounds: int) -> list[dict]:
+def he_costs(base, rounds: int, save=None) -> list[dict]:
     from fedxr.federated.run import federate
 
     rows = []
-    for role, model in (("teacher", base.model.name), ("student", (base.distill.students or [base.model.name])[0])):
+    for role, model in (("student", (base.distill.students or [base.model.name])[0]), ("teacher", base.model.name)):
         for he in (False, True):
             recipe = _variant(base, f"{role} he={he}", f"{base.output.name}_he_{role}_{'on' if he else 'off'}",
                               model={"name": model}, privacy={"he": he},
@@ -176,6 +177,8 @@ def he_costs(base, rounds: int) -> list[dict]:
             r = rows[-1]
             print(f"    {r['round_s']} s/round, {r['bytes_per_site_round']:,} B per site and round, server peak "
                   f"{r['server_peak_mb']} MB", flush=True)
+            if save:
+                save(rows)  # after every row: a later one that runs out of memory keeps the ones before
     return rows
 
 
@@ -186,6 +189,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, help="rounds for every ε (default: the recipe's)")
     ap.add_argument("--he", action="store_true", help="measure HE vs plain in POC instead of the ε sweep")
     ap.add_argument("--he-rounds", type=int, default=2)
+    ap.add_argument("--merge", action="store_true", help="add these ε rows to the existing results (same rounds)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = ap.parse_args()
@@ -200,12 +204,18 @@ def main() -> None:
         args.epsilons, args.rounds = ["inf", "3"], 1
     base = load_recipe(args.recipe, overrides)
     if args.he:
-        rows = he_costs(base, args.he_rounds)
-        path = write_result("privacy_he", {"rows": rows, "recipe": base.resolved()}, smoke=args.smoke)
-        print(f"wrote {path}")
+        def save(rows):
+            return write_result("privacy_he", {"rows": rows, "recipe": base.resolved()}, smoke=args.smoke)
+
+        print(f"wrote {save(he_costs(base, args.he_rounds, save))}")
         return
     epsilons = [float(e) for e in args.epsilons]
     rows = utility(base, epsilons, args.rounds or base.federated.rounds)
+    previous = RESULTS / f"privacy_utility{'.smoke' if args.smoke else ''}.json"
+    if args.merge and previous.is_file():
+        done = {r["label"] for r in rows}
+        rows = sorted([r for r in json.loads(previous.read_text())["rows"] if r["label"] not in done] + rows,
+                      key=lambda r: -(r["epsilon"] or math.inf))
     useful = smallest_useful_epsilon(rows)
     png = RESULTS / f"privacy_utility{'.smoke' if args.smoke else ''}.png"
     plot(rows, png)

@@ -84,6 +84,8 @@ def _rounds_section(layout: RunLayout, results: RunResults, out: list[str]) -> N
 
 def _privacy_section(layout: RunLayout, recipe: Recipe, out: list[str]) -> None:
     """What left each site (the sites' outgoing audit) and the differential-privacy ledger."""
+    from fedxr.privacy.audit import compact_keys
+
     run, fed = layout.root, layout.federate
     p = recipe.privacy
     out += ["## Privacy", "",
@@ -98,7 +100,7 @@ def _privacy_section(layout: RunLayout, recipe: Recipe, out: list[str]) -> None:
                 "key sent (scores and NVFlare's step count).", ""]
         out += _table(["site", "task", "round", "messages", "payload", "tensors", "bytes", "other keys"],
                       [[r["site"], r["task"], "–" if r["round"] is None else r["round"], r["messages"],
-                        ", ".join(r["kinds"]), r["tensors"], f"{r['bytes']:,}", ", ".join(r["keys"]) or "–"]
+                        ", ".join(r["kinds"]), r["tensors"], f"{r['bytes']:,}", ", ".join(compact_keys(r["keys"])) or "–"]
                        for r in rows]) + [""]
     else:
         out += ["Not recorded in this run (`privacy.audit: false`, or a production run: each site keeps its own "

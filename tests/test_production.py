@@ -181,6 +181,13 @@ def test_production_federation_from_startup_kits_survives_a_killed_hospital(fede
     assert "task train exit with status TaskCompletionStatus.TIMEOUT" in job_log
     assert "is dead - set task" not in job_log
     assert processes_using(kits["hospital-b"]) == []
+    # Each hospital keeps its own record of what it sent (privacy.audit), in its job folder: nothing left its
+    # network that it cannot see. hospital-b's ends where it was killed.
+    for name, rounds in (("hospital-a", [0, 1]), ("hospital-b", [0])):
+        sent = [json.loads(line) for p in kits[name].rglob("outgoing.jsonl") for line in p.read_text().splitlines()]
+        assert {m["site"] for m in sent} == {name}
+        assert [m["round"] for m in sent if m["task"] == "train"] == rounds, name
+        assert all(m["kind"] == "WEIGHTS" and m["tensors"] for m in sent if m["task"] == "train")
 
 
 def test_preflight_names_what_is_wrong_before_anything_starts(tmp_path, capsys):

@@ -69,12 +69,14 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
     shutil.rmtree(results, ignore_errors=True)
     # Each POC site reads its own <site>.csv from this folder (a site fact given through the environment).
     with _env(NVFLARE_POC_WORKSPACE=str(workspace), **{SITES_DIR_ENV: str(sites_dir.resolve())}):
-        env = PocEnv(clients=names, use_he=recipe.privacy.he)
+        env = PocEnv(num_clients=len(names), clients=names, use_he=recipe.privacy.he)
+        # Every POC site runs on this machine and must be in the job: NVFlare would otherwise schedule it as soon as
+        # min_clients sites have connected and leave a site that connects a moment later out of the whole run.
+        job._job.job.mandatory_clients = list(names)
         try:
             with recipe_blob_is_not_a_secret():
                 run = job.run(env)
-            result = run.get_result(timeout=job_deadline_s(recipe), clean_up=False)
-            status = run.get_status()
+            result, status = _wait_for_result(run, job_deadline_s(recipe))
             if not result or not Path(result).exists():
                 _check_quorum(workspace)
                 raise FedxrError(f"POC job {run.get_job_id()} did not finish (status {status}); logs: {workspace}")
@@ -87,6 +89,21 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
     if server is None:
         raise FedxrError(f"POC result {results} holds no global model; logs: {workspace}")
     return server.parent, workspace
+
+
+def _wait_for_result(run, deadline_s: float, retry_s: float = 5.0):
+    """The job's result folder and status, waiting up to ``deadline_s``. NVFlare's wait gives up at the first
+    failed admin connection, which a server busy receiving large updates (HE ciphertexts) can cause while the
+    job runs on: while the job is still running (or its status cannot be read), ask again until the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        result = run.get_result(timeout=max(1.0, deadline - time.monotonic()), clean_up=False)
+        status = run.get_status()
+        if (result and Path(result).exists()) or time.monotonic() >= deadline:
+            return result, status
+        if status is not None and not str(status).startswith(("RUNNING", "SUBMITTED", "DISPATCHED")):
+            return result, status
+        time.sleep(retry_s)
 
 
 #: The file that makes a folder an NVFlare admin startup kit (provisioning writes it into each admin's kit).

@@ -124,13 +124,27 @@ def summarise(rows: list[dict]) -> list[dict]:
         row["messages"] += 1
         row["tensors"] += len(r.get("tensors", {}))
         row["bytes"] += int(r.get("bytes") or 0)
-        row["kinds"].add(r.get("kind") or "none")
+        encrypted = any(t.get("dtype") == "CKKSVector" for t in r.get("tensors", {}).values())
+        row["kinds"].add((r.get("kind") or "none") + (" (CKKS-encrypted)" if encrypted else ""))
         row["keys"] |= set(r.get("values", {})) | set(_flat_keys(r.get("meta", {})))
     out = []
     for key in sorted(table, key=lambda k: (k[0], k[1], -1 if k[2] is None else k[2])):
         row = table[key]
         out.append({**row, "kinds": sorted(row["kinds"]), "keys": sorted(row["keys"])})
     return out
+
+
+def compact_keys(keys: list[str]) -> list[str]:
+    """Keys for reading: per-class scores (``val_auroc/Effusion``) and per-tensor flags (``PROCESSED_KEYS.model.x``)
+    folded into one entry each with their count."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        if "/" in k:
+            k = k.split("/")[0] + "/*"
+        elif k.startswith("PROCESSED_KEYS."):
+            k = "PROCESSED_KEYS.*"
+        groups[k] = groups.get(k, 0) + 1
+    return [k if n == 1 or not k.endswith("*") else f"{k} ({n})" for k, n in sorted(groups.items())]
 
 
 def _flat_keys(meta: dict, prefix: str = "") -> list[str]:
