@@ -43,3 +43,12 @@ def write_result(name: str, payload: dict, smoke: bool = False) -> Path:
     path = RESULTS / f"{name}{'.smoke' if smoke else ''}.json"
     path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2))
     return path
+
+
+def toy_federation(work: Path) -> list[str]:
+    """Recipe overrides for a benchmark's --smoke run: 40 phantom patients of 2 hospitals at 32 px, 2 sites,
+    tiny_cnn, everything under ``work``. Each script adds what it varies (rounds, students, ...)."""
+    return [f"data.root={work / 'phantom'}", "data.phantom.patients=40", "data.phantom.hospitals=2",
+            "data.phantom.size=32", "data.image_size=32", "data.sites=2", "data.batch_size=8",
+            "data.num_workers=0", f"data.cache_dir={work / 'cache'}", f"output.runs_dir={work / 'runs'}",
+            "model.name=tiny_cnn", "federated.min_clients=2"]

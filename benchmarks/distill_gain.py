@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import toy_federation, write_result  # noqa: E402
 
 from fedxr.config import load_recipe  # noqa: E402
 from fedxr.errors import FedxrError  # noqa: E402
@@ -61,11 +61,8 @@ def main() -> None:
     overrides = list(args.overrides)
     if args.smoke:
         work = ROOT / "runs" / "bench_distill_gain_smoke"
-        overrides = [f"data.root={work / 'phantom'}", "data.phantom.patients=40", "data.phantom.hospitals=2",
-                     "data.phantom.size=32", "data.image_size=32", "data.sites=2", "data.batch_size=8",
-                     "data.num_workers=0", f"data.cache_dir={work / 'cache'}", f"output.runs_dir={work / 'runs'}",
-                     "model.name=tiny_cnn", "federated.rounds=1", "federated.min_clients=2",
-                     "distill.students=[tiny_cnn]", "distill.rounds=1", *overrides]
+        overrides = [*toy_federation(work), "federated.rounds=1", "distill.students=[tiny_cnn]", "distill.rounds=1",
+                     *overrides]
         args.seeds = 2
     recipe = load_recipe(args.recipe, overrides)
     if args.smoke and not args.teacher and not (recipe.layout.federate / GLOBAL_LAST).is_file():

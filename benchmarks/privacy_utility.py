@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, toy_federation, write_result  # noqa: E402
 
 from fedxr.config import load_recipe  # noqa: E402
 
@@ -196,11 +196,7 @@ def main() -> None:
     overrides = list(args.overrides)
     if args.smoke:
         work = ROOT / "runs" / "bench_privacy_smoke"
-        overrides = [f"data.root={work / 'phantom'}", "data.phantom.patients=40", "data.phantom.hospitals=2",
-                     "data.phantom.size=32", "data.image_size=32", "data.sites=2", "data.batch_size=8",
-                     "data.num_workers=0", f"data.cache_dir={work / 'cache'}", f"output.runs_dir={work / 'runs'}",
-                     "model.name=tiny_cnn", "federated.min_clients=2", "federated.cross_site_eval=false",
-                     "distill.students=[]", *overrides]
+        overrides = [*toy_federation(work), "federated.cross_site_eval=false", "distill.students=[]", *overrides]
         args.epsilons, args.rounds = ["inf", "3"], 1
     base = load_recipe(args.recipe, overrides)
     if args.he:
