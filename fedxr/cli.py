@@ -22,6 +22,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from fedxr.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.privacy.dp and recipe.privacy.dp.delta is not None and (recipe.layout.sites / "sites.json").is_file():
+        from fedxr.privacy.dp import delta_problems
+
+        # δ depends on each site's training images: checked here when this run's sites exist (and at each site).
+        if problems := delta_problems(recipe, recipe.layout.sites):
+            raise FedxrError(f"recipe {args.recipe}:\n" + "\n".join(f"  - {p}" for p in problems))
     print(f"# {args.recipe}: OK (resolved, with every default filled in)")
     print(recipe.to_yaml(), end="")
     return 0

@@ -28,12 +28,15 @@ ALLOWED_KEYS = {"val_loss", "val_auroc", "val_ap", "NUM_STEPS_CURRENT_ROUND", "P
                 "PROCESSED_ALGORITHM", "filter_history"}
 
 
-def two_sites(tmp, *extra, rounds=2):
-    ov = tiny_recipe_overrides(tmp, patients=50, extra=(
+def two_site_overrides(tmp, *extra, rounds=2) -> list[str]:
+    return tiny_recipe_overrides(tmp, patients=50, extra=(
         "data.phantom.hospitals=2", "data.sites=2", "data.scheme=column", "data.column=hospital",
         "federated.min_clients=2", f"federated.rounds={rounds}", "data.batch_size=8", "federated.cross_site_eval=false",
         "distill.students=[]", *extra))
-    recipe = load_recipe(QUICKSTART, ov)
+
+
+def two_sites(tmp, *extra, rounds=2):
+    recipe = load_recipe(QUICKSTART, two_site_overrides(tmp, *extra, rounds=rounds))
     ensure_dataset(recipe, progress=False)
     ensure_sites(recipe)
     return recipe
@@ -82,6 +85,20 @@ def test_delta_at_or_above_one_over_n_is_refused_at_the_site():
         SitePrivacy.for_site(dp, "site-2", 50, 8, rounds=2, local_epochs=1, local_steps=None)
     ok = SitePrivacy.for_site(dp, "site-2", 44, 8, rounds=2, local_epochs=1, local_steps=None)  # 1/44 > 0.02
     assert ok.planned_steps == 2 * 6 and ok.sample_rate == pytest.approx(1 / 6)  # Opacus: ceil(44 / 8) batches
+
+
+def test_check_and_federate_refuse_a_delta_too_large_for_a_site(tmp_path, capsys):
+    """δ ≥ 1/N needs the sites' sizes: `fedxr check` names each site once the run's sites exist, and
+    `fedxr federate` refuses before any process starts."""
+    ov = two_site_overrides(tmp_path, "privacy.dp.delta=0.05")
+    recipe = two_sites(tmp_path, "privacy.dp.delta=0.05")  # ~20 training images per site: 1/N > 0.05 nowhere
+    assert main(["check", str(QUICKSTART), *ov]) == 1
+    err = capsys.readouterr().err
+    assert "privacy.dp.delta: 0.05 is not below 1/N" in err and "site-1" in err and "site-2" in err
+    with pytest.raises(FedxrError, match="privacy.dp.delta: 0.05 is not below 1/N"):
+        federate(recipe, "sim")
+    assert not (recipe.layout.federate / "nvflare").exists()  # nothing was started
+    assert main(["check", str(QUICKSTART), *two_site_overrides(tmp_path, "privacy.dp.delta=0.001")]) == 0
 
 
 def test_a_round_past_the_target_is_refused_before_it_trains():

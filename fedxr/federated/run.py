@@ -199,6 +199,10 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     if env in ("sim", "poc"):
         sites_dir = require_sites(recipe, recipe_path)
         names = _site_names(sites_dir, recipe)
+        from fedxr.privacy.dp import delta_problems
+
+        if problems := delta_problems(recipe, sites_dir):
+            raise FedxrError("; ".join(problems))
     elif env == "prod":
         startup_kit = check_admin_kit(startup_kit)
     shutil.rmtree(records, ignore_errors=True)

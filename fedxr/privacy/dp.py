@@ -223,3 +223,22 @@ def plot_ledger(book: dict, path) -> None:
         ax.set_ylabel("ε spent (dotted: target)")
         ax.set_title("differential privacy budget per site")
         ax.legend(fontsize=8)
+
+
+def delta_problems(recipe, sites_dir) -> list[str]:
+    """``privacy.dp.delta`` against each site's training images (δ must be below 1/N), from the site manifests in
+    ``sites_dir``: what `fedxr check` and `fedxr federate` can know before any site starts (each site checks again)."""
+    import pandas as pd
+
+    from fedxr.data.manifest import site_manifest_paths
+
+    dp = recipe.privacy.dp
+    if not dp or dp.delta is None:
+        return []
+    problems = []
+    for site, path in site_manifest_paths(sites_dir).items():
+        n = int((pd.read_csv(path, usecols=["split"])["split"] == "train").sum())
+        if n == 0 or dp.delta >= 1.0 / n:
+            problems.append(f"privacy.dp.delta: {dp.delta:g} is not below 1/N = 1/{n} for {site} ({path}: {n} training "
+                            f"images); set it below {1 / max(n, 1):.2g}, or leave it out (1/(10 N) at each site)")
+    return problems
