@@ -283,6 +283,9 @@ class Recipe(_Section):
         if p.filter != "none" and fed.algorithm not in ("fedavg", "fedprox"):
             problems.append(f"privacy.filter: {p.filter} filters weight differences, which fedxr sends with fedavg or "
                             f"fedprox; not with {fed.algorithm}")
+        if p.filter != "none" and fed.cross_site_eval:
+            problems.append(f"privacy.filter: {p.filter} filters training updates, but cross-site evaluation sends each "
+                            "site's whole local model unfiltered; set federated.cross_site_eval: false")
         if p.filter != "none" and p.he:
             problems.append("privacy.filter with privacy.he: the server cannot check or use a filtered encrypted "
                             "update; choose one")
@@ -293,9 +296,18 @@ class Recipe(_Section):
             if m.mixup or fed.fedbn:
                 problems.append("privacy.dp: model.mixup and federated.fedbn mix images (or keep BatchNorm), which "
                                 "per-image clipping cannot account for; set model.mixup: 0 and federated.fedbn: false")
-            if m.compile or (isinstance(m.devices, int) and m.devices > 1):
-                problems.append("privacy.dp: Opacus trains one process per site without torch.compile; set "
-                                "model.compile: false and model.devices: 1")
+            from fedxr.federated.ranks import runs_ddp
+
+            if m.compile or (isinstance(m.devices, int) and m.devices > 1) or runs_ddp(m.devices, m.strategy):
+                problems.append("privacy.dp: Opacus trains one process per site, without DDP or torch.compile; set "
+                                "model.compile: false, model.devices: 1 and model.strategy: auto")
+            if fed.algorithm != "fedavg":
+                problems.append(f"privacy.dp: federated.algorithm {fed.algorithm} changes the gradient after Opacus "
+                                "has clipped and noised it (or replaces it: FedProx's proximal term would be lost); "
+                                "use fedavg")
+            if m.precision == "16-mixed":
+                problems.append("privacy.dp: model.precision 16-mixed scales the loss, and Opacus would clip each "
+                                "image's scaled gradient; use 32-true or bf16-mixed")
             from fedxr.models.registry import UnknownModelError
             from fedxr.privacy.dp import dp_problem
 

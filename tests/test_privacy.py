@@ -64,6 +64,10 @@ def val_loss(message: dict) -> float:
     (["privacy.dp=true", "model.mixup=0.2"], "set model.mixup: 0"),
     (["privacy.filter=svt", "federated.algorithm=scaffold"], "privacy.filter: svt filters weight differences"),
     (["privacy.he=true", "federated.env=poc", "distill.students=[resnet18_quarter]"], "privacy.he: it covers the teacher"),
+    (["privacy.filter=percentile"], "cross-site evaluation sends each site's whole local model unfiltered"),
+    (["privacy.dp=true", "federated.algorithm=fedprox"], "FedProx's proximal term would be lost"),
+    (["privacy.dp=true", "model.devices=1", "model.strategy=ddp"], "without DDP or torch.compile"),
+    (["privacy.dp=true", "model.precision=16-mixed"], "model.precision 16-mixed scales the loss"),
 ])
 def test_bad_privacy_settings_are_named_before_anything_starts(tmp_path, overrides, message):
     base = ["distill.students=[]", "model.name=tiny_cnn"]
@@ -134,6 +138,43 @@ def test_a_round_past_the_target_is_refused_before_it_trains():
     dp_opt.pre_step()
     total = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in plain.model.parameters()))
     assert total <= 0.5 * 8 / 8 + 1e-6  # mean of 8 clipped gradients, each of norm <= 0.5
+
+
+def test_dp_noise_cannot_be_recomputed_from_the_recipe_seed():
+    """The same torch seed (what a recipe fixes) gives different DP noise: it comes from the OS's randomness."""
+    moved = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        module = XRayClassifier("tiny_cnn", norm="group", init_seed=0)
+        privacy = SitePrivacy(epsilon=8, delta=1e-3, max_grad_norm=1.0, sample_rate=0.25, planned_steps=8)
+        attach(module, privacy)
+        before = [p.detach().clone() for p in module.model.parameters()]
+        opt = privacy.optimizer(torch.optim.SGD(module.model.parameters(), lr=1.0), expected_batch_size=8)
+        (module(torch.zeros(8, 1, 32, 32)).sum() * 0).backward()  # zero gradient: the step is the noise alone
+        opt.step()
+        moved.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(module.model.parameters(), before)]))
+    assert moved[0].abs().sum() > 0 and not torch.allclose(moved[0], moved[1])
+
+
+def test_an_empty_poisson_batch_is_a_step_not_a_crash():
+    """Poisson sampling can draw no image: the batch passes augmentation and trains as a zero-loss DP step."""
+    from fedxr.data.datamodule import SiteDataModule
+    from fedxr.preprocessing import Preprocessing
+
+    dm = SiteDataModule.__new__(SiteDataModule)
+    dm.preprocessing = Preprocessing(32)
+    x, y = dm.on_after_batch_transfer((torch.zeros(0, 1, 32, 32, dtype=torch.uint8), torch.zeros(0, 14)), 0)
+    assert x.dtype == torch.float32 and x.shape == (0, 1, 32, 32)
+    module = XRayClassifier("tiny_cnn", norm="group")
+    privacy = SitePrivacy(epsilon=8, delta=1e-3, max_grad_norm=1.0, sample_rate=0.25, planned_steps=8)
+    attach(module, privacy)
+    opt = privacy.optimizer(torch.optim.SGD(module.model.parameters(), lr=0.1), expected_batch_size=8)
+    privacy.start_round("site-1", 0, 1)
+    loss = module.training_step((x, y), 0)
+    assert float(loss) == 0.0
+    loss.backward()
+    opt.step()
+    assert privacy.end_round(0)["steps"] == 1 and privacy.epsilon_spent > 0
 
 
 def test_dp_model_is_groupnorm_and_checkpoints_remember_it(tmp_path):

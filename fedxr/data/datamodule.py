@@ -116,6 +116,9 @@ class SiteDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Training batches arrive as uint8 on the training device: augment and normalise them there.
         x, y = batch
+        if x.dtype == torch.uint8 and len(x) == 0:
+            # Poisson sampling (differential privacy) can draw an empty batch: nothing to augment.
+            return torch.zeros(x.shape, dtype=torch.float32, device=x.device), y
         if x.dtype == torch.uint8:
             x = augment_batch(x, self.preprocessing.mean, self.preprocessing.std)
             trainer = getattr(self, "trainer", None)
@@ -134,7 +137,9 @@ class SiteDataModule(L.LightningDataModule):
         if self.poisson_sampling:
             from opacus.data_loader import DPDataLoader
 
-            loader = DPDataLoader.from_data_loader(loader)
+            from fedxr.privacy.dp import unpredictable_generator
+
+            loader = DPDataLoader.from_data_loader(loader, generator=unpredictable_generator())
         return loader
 
     def val_dataloader(self) -> DataLoader:

@@ -95,15 +95,23 @@ def _wait_for_result(run, deadline_s: float, retry_s: float = 5.0):
     """The job's result folder and status, waiting up to ``deadline_s``. NVFlare's wait gives up at the first
     failed admin connection, which a server busy receiving large updates (HE ciphertexts) can cause while the
     job runs on: while the job is still running (or its status cannot be read), ask again until the deadline."""
+    # The environment's own calls: Run.get_result stops the POC environment the first time it is called.
+    env, job_id = run.exec_env, run.get_job_id()
     deadline = time.monotonic() + deadline_s
-    while True:
-        result = run.get_result(timeout=max(1.0, deadline - time.monotonic()), clean_up=False)
-        status = run.get_status()
-        if (result and Path(result).exists()) or time.monotonic() >= deadline:
-            return result, status
+    while time.monotonic() < deadline:
+        try:
+            if (done := env.get_job_result(job_id, timeout=max(1.0, deadline - time.monotonic()))) and Path(done).exists():
+                break
+        except Exception:
+            pass  # an admin connection that failed: the status below decides whether to wait on
+        try:
+            status = env.get_job_status(job_id)
+        except Exception:
+            status = None
         if status is not None and not str(status).startswith(("RUNNING", "SUBMITTED", "DISPATCHED")):
-            return result, status
+            break
         time.sleep(retry_s)
+    return run.get_result(timeout=1.0, clean_up=False), run.get_status()
 
 
 #: The file that makes a folder an NVFlare admin startup kit (provisioning writes it into each admin's kit).

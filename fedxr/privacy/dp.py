@@ -125,8 +125,8 @@ class SitePrivacy:
                 "or leave it out (default 1/(10 N) at each site)")
         # Opacus' Poisson loader keeps the plain loader's number of batches per epoch and draws each image into a
         # batch with probability 1 / that number: the accountant must use the same two figures.
-        per_epoch = math.ceil(train_images / batch_size)
-        sample_rate = 1.0 / per_epoch
+        sample_rate = 1.0 / math.ceil(train_images / batch_size)
+        per_epoch = int(1 / sample_rate)  # as Opacus computes it (float rounding can make it one less)
         steps = rounds * (local_steps or local_epochs * per_epoch)
         return cls(epsilon=dp.epsilon, delta=delta, max_grad_norm=dp.max_grad_norm, sample_rate=sample_rate,
                    planned_steps=steps)
@@ -159,8 +159,10 @@ class SitePrivacy:
         """``optimizer`` as Opacus' DPOptimizer (clip per image, add noise), each step entered in the ledger."""
         from opacus.optimizers import DPOptimizer
 
+        device = optimizer.param_groups[0]["params"][0].device
         dp_opt = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                             expected_batch_size=expected_batch_size, loss_reduction="mean")
+                             expected_batch_size=expected_batch_size, loss_reduction="mean",
+                             generator=unpredictable_generator(device))
 
         def count(_opt):
             self._round_steps += 1
@@ -178,6 +180,15 @@ class SitePrivacy:
         return {"target_epsilon": self.epsilon, "delta": self.delta, "max_grad_norm": self.max_grad_norm,
                 "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
                 "planned_steps": self.planned_steps, "accountant": "rdp (Opacus)"}
+
+
+def unpredictable_generator(device="cpu") -> torch.Generator:
+    """A generator seeded from the operating system's randomness. DP's noise and Poisson batches must not come
+    from torch's global stream: fedxr seeds that from the recipe (model.seed, site, round) for reproducible
+    training, and the recipe travels with the job — whoever holds it could recompute the noise and remove it."""
+    import os
+
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
 
 
 def attach(module, privacy: SitePrivacy) -> None:

@@ -27,11 +27,12 @@ def is_encrypted(state: dict) -> bool:
 
 
 def find_client_context(workspace: Path | None) -> Path | None:
-    """A site's secret context: ``FEDXR_HE_CONTEXT`` if set, else the first site kit's under ``workspace``."""
-    if os.environ.get(HE_CONTEXT_ENV):
-        return Path(os.environ[HE_CONTEXT_ENV])
+    """A site's secret context: the first site kit's under ``workspace`` (POC: the keys of this very run), else
+    ``FEDXR_HE_CONTEXT`` (production). A context of another federation would decrypt to noise without an error."""
     found = sorted(Path(workspace).rglob(f"startup/{CLIENT_CONTEXT}")) if workspace and Path(workspace).is_dir() else []
-    return found[0] if found else None
+    if found:
+        return found[0]
+    return Path(os.environ[HE_CONTEXT_ENV]) if os.environ.get(HE_CONTEXT_ENV) else None
 
 
 def decrypt_state(state: dict, reference: dict[str, torch.Tensor], context_file: Path | None, source: Path) -> dict:
