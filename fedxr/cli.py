@@ -22,7 +22,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from fedxr.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.privacy.dp and recipe.privacy.dp.delta is not None and (recipe.layout.sites / "sites.json").is_file():
+    if recipe.privacy.dp and recipe.privacy.dp.delta is not None and recipe.layout.sites_summary.is_file():
         from fedxr.privacy.dp import delta_problems
 
         # δ depends on each site's training images: checked here when this run's sites exist (and at each site).

@@ -79,10 +79,10 @@ def build_model(name: str, pretrained: bool = False, num_classes: int = NUM_LABE
     """Build a registry model (a torch ``nn.Module``) with one input channel and ``num_classes`` logits.
 
     ``norm="group"``: the model as differential privacy trains it, BatchNorm replaced by GroupNorm
-    (:func:`fedxr.privacy.dp.private_model`); checkpoints record it, so every later stage rebuilds the same network.
+    (:func:`fedxr.models.private.private_model`); checkpoints record it, so every later stage rebuilds the same network.
     """
     if norm == "group":
-        from fedxr.privacy.dp import private_model
+        from fedxr.models.private import private_model
 
         return private_model(build_model(name, pretrained, num_classes))
     if norm != "batch":
