@@ -14,6 +14,7 @@ from fedxr.data.prepare import ensure_dataset, ensure_sites
 from fedxr.errors import FedxrError
 from fedxr.federated.deploy import processes_using
 from fedxr.federated.run import federate
+from fedxr.labels import VAL_AP, VAL_AUROC, VAL_LOSS
 from fedxr.models.checkpoint import load_checkpoint, model_from_checkpoint
 from fedxr.models.classifier import XRayClassifier
 from fedxr.models.registry import build_model
@@ -24,7 +25,7 @@ from helpers import QUICKSTART, tiny_recipe_overrides
 
 #: Everything besides tensors a site may send: its validation scores of the model it received and
 #: NVFlare's step count (and, with HE, which tensors are encrypted and how).
-ALLOWED_KEYS = {"val_loss", "val_auroc", "val_ap", "NUM_STEPS_CURRENT_ROUND", "PROCESSED_KEYS",
+ALLOWED_KEYS = {VAL_LOSS, VAL_AUROC, VAL_AP, "NUM_STEPS_CURRENT_ROUND", "PROCESSED_KEYS",
                 "PROCESSED_ALGORITHM", "filter_history"}
 
 
@@ -47,7 +48,7 @@ def outgoing(recipe) -> list[dict]:
 
 
 def val_loss(message: dict) -> float:
-    return (message["meta"].get("initial_metrics") or message["values"])["val_loss"]
+    return (message["meta"].get("initial_metrics") or message["values"])[VAL_LOSS]
 
 
 # ---- recipe checks: every bad combination is an error before any process starts ---------------------------------
