@@ -288,3 +288,96 @@ def test_export_subcommand_and_module_share_one_command(exported, tmp_path, caps
         assert main([*prefix, str(ckpt), "--out", str(tmp_path / f"{name}_strict"), "--int8", "off", "--data", data,
                      "--parity-tolerance", "1e-30"]) == EXIT_CHECK_FAILED
         assert "CHECK FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("target", ["board", "mobile"])
+def test_board_and_mobile_targets(exported, tmp_path, capsys, target):
+    """Fixed 1x1xHxW input, ORT format files with the operators config, every file carrying the fedxr
+    metadata, passing parity and loading in fedxr.edge with the same findings; mobile adds the usability
+    checker's verdicts."""
+    import onnxruntime as ort
+
+    tmp, ckpt, _ = exported
+    out = tmp_path / target
+    assert export_main([str(ckpt), "--target", target, "--out", str(out), "--int8", "on",
+                        "--data", str(tmp / "runs" / "t" / "sites")]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ok"] and manifest["target"] == target and manifest["input_shape"] == [1, 1, 32, 32]
+    formats = {f["format"]: f for f in manifest["files"]}
+    assert set(formats) == {"onnx-fp32", "onnx-int8-qdq", "ort-fp32", "ort-int8-qdq"}
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", "required_operators.config", *(f["file"] for f in manifest["files"])])
+    assert "not measured on ARM" in manifest["int8_decision"]  # this machine is x86: INT8 kept on accuracy only
+    assert manifest["recommended"] == formats["ort-fp32"]["file"]
+    ops = (out / "required_operators.config").read_text()
+    assert "ai.onnx" in ops and "Conv" in ops
+    assert manifest["operators_config"]["operators"] and "required_operators.config" in printed
+    for f in manifest["files"]:
+        if "parity_ok" in f:
+            assert f["parity_ok"] and f["parity_max_abs_logit"] <= f["parity_tolerance"], f
+    assert all(formats[k]["parity_ok"] for k in ("onnx-fp32", "ort-fp32", "ort-int8-qdq"))
+    predictions = {}
+    for f in manifest["files"]:
+        path = out / f["file"]
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert sess.get_inputs()[0].shape == [1, 1, 32, 32], f["file"]  # no dynamic axis left
+        meta = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items() if k.startswith("fedxr.")}
+        assert meta["fedxr.format"] == f["format"] and meta["fedxr.labels"][0] == "Atelectasis"
+        assert meta["fedxr.checkpoint_sha256"] == manifest["checkpoint_sha256"]
+        model = load_model(path)
+        assert model.fixed_batch == 1
+        # Five inputs in batches of 4 on a batch-1 model: sliced, order kept.
+        rows = model.predict([GRADIENT, GRADIENT[:, ::-1].copy(), GRADIENT.T.copy(), GRADIENT, 255 - GRADIENT], batch_size=4)
+        predictions[f["format"]] = np.array([[r.probabilities[l] for l in model.labels] for r in rows])
+    assert np.abs(predictions["onnx-fp32"] - predictions["ort-fp32"]).max() <= 1e-4
+    assert np.abs(predictions["onnx-fp32"][0] - predictions["onnx-fp32"][3]).max() == 0  # same image, same answer
+    assert np.abs(predictions["onnx-fp32"][0] - predictions["onnx-fp32"][1]).max() > 0
+    assert load_model(out).path.name == manifest["recommended"]
+    if target == "mobile":
+        usability = manifest["mobile_usability"]
+        assert set(usability) == {formats["onnx-fp32"]["file"], formats["onnx-int8-qdq"]["file"]}
+        nnapi = usability[formats["onnx-fp32"]["file"]]["eps"]["NNAPI"]
+        assert usability[formats["onnx-fp32"]["file"]]["dynamic_inputs"] == []
+        assert 0 < nnapi["supported_nodes"] <= nnapi["nodes"] and nnapi["verdict"] in ("YES", "MAYBE", "NO")
+        assert nnapi["unsupported_for_dynamic_shape"] == 0
+        assert "NNAPI" in printed and "CoreML MLProgram" in printed
+    else:
+        assert "mobile_usability" not in manifest
+
+
+def test_laptop_export_has_a_dynamic_batch_and_no_ort_files(exported):
+    _, _, out = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"] == "laptop" and manifest["input_shape"] == ["batch", 1, 32, 32]
+    assert not list(out.glob("*.ort")) and not (out / "required_operators.config").exists()
+    assert load_model(out).fixed_batch is None
+
+
+def test_predict_streams_in_order_with_bounded_read_ahead(exported, tmp_path):
+    """Decoding runs in worker threads ahead of the model, but never more than batch + 2 x workers images
+    ahead, whatever the folder's length; results come in input order, unreadable inputs in their place."""
+    _, _, out = exported
+    model = load_model(out)
+    for i in range(12):
+        Image.fromarray(np.roll(GRADIENT, 3 * i, axis=1)).save(tmp_path / f"{i:02d}.png")
+    (tmp_path / "05.png").write_text("broken")
+    paths = [str(tmp_path / f"{i:02d}.png") for i in range(12)]
+    pulled = []
+
+    def source():
+        for p in paths:
+            pulled.append(p)
+            yield p
+
+    stream = model.predict_iter(source(), batch_size=2, workers=2)
+    first = next(stream)
+    assert first.input == paths[0] and first.error is None
+    assert len(pulled) <= 2 + 2 * 2 + 1  # the read-ahead window, not the whole folder
+    rest = list(stream)
+    results = [first, *rest]
+    assert [r.input for r in results] == paths
+    assert results[5].error and "05.png" in results[5].error
+    serial = model.predict(paths, batch_size=1, workers=1)
+    for a, b in zip(results, serial):
+        assert a.probabilities == b.probabilities and a.error == b.error

@@ -40,25 +40,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.inputs)
     if not paths:
         raise FedxrError("no input images found (give files, folders or globs of PNG, JPEG or DICOM)")
-    results = model.predict(paths, batch_size=args.batch)
-    if args.json:
-        print(json.dumps([r.as_dict() for r in results], indent=2))
-    elif args.csv:
-        writer = csv.writer(sys.stdout)
+    # Results are written as they come (input order), so a folder of any size needs no more memory than a batch.
+    failed = total = 0
+    writer = csv.writer(sys.stdout) if args.csv else None
+    if writer:
         writer.writerow(["input", "error", *model.labels, "findings"])
-        for r in results:
+    elif args.json:
+        sys.stdout.write("[")
+    for r in model.predict_iter(paths, batch_size=args.batch, workers=args.workers):
+        if args.json:
+            sys.stdout.write(("," if total else "") + "\n" + json.dumps(r.as_dict(), indent=2))
+        elif writer:
             writer.writerow([r.input, r.error or "", *(r.probabilities.get(l, "") for l in model.labels),
                              "|".join(l for l, _ in r.findings)])
-    else:
-        for r in results:
-            if r.error:
-                print(f"{r.input}: ERROR {r.error}")
-            else:
-                found = ", ".join(f"{l} {p:.2f}" for l, p in r.findings) or "no finding above threshold"
-                print(f"{r.input}: {found}")
-    failed = sum(r.error is not None for r in results)
+        elif r.error:
+            print(f"{r.input}: ERROR {r.error}")
+        else:
+            found = ", ".join(f"{l} {p:.2f}" for l, p in r.findings) or "no finding above threshold"
+            print(f"{r.input}: {found}")
+        total += 1
+        failed += r.error is not None
+    if args.json:
+        sys.stdout.write("\n]\n")
     if failed:
-        print(f"{failed} of {len(results)} input(s) could not be read", file=sys.stderr)
+        print(f"{failed} of {total} input(s) could not be read", file=sys.stderr)
         return EXIT_CHECK_FAILED
     return EXIT_OK
 
@@ -107,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="all 14 probabilities per image, as JSON")
     fmt.add_argument("--csv", action="store_true")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: its own choice, one per core)")
+    p.add_argument("--workers", type=int, help="threads decoding and resizing images while the model runs "
+                                               "(default: one per core)")
     p.add_argument("--labels", help="comma-separated label names for an ONNX file without fedxr metadata")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("bench", help="latency and throughput of a model on this machine")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -33,8 +36,12 @@ class Prediction:
                 "probabilities": self.probabilities}
 
 
+#: Files onnxruntime loads: ONNX, and the ORT format written by the board and mobile export targets.
+MODEL_SUFFIXES = (".onnx", ".ort")
+
+
 def resolve_model_path(path: str | Path) -> Path:
-    """A .onnx file, or an export folder (its manifest's recommended file, else the FP32 model)."""
+    """A .onnx/.ort file, or an export folder (its manifest's recommended file, else the FP32 model)."""
     path = Path(path)
     if path.is_file():
         return path
@@ -44,11 +51,11 @@ def resolve_model_path(path: str | Path) -> Path:
             rec = json.loads(manifest.read_text()).get("recommended")
             if rec and (path / rec).is_file():
                 return path / rec
-        onnx_files = sorted(path.glob("*.onnx"))
-        if onnx_files:
-            return next((p for p in onnx_files if p.stem.endswith("fp32")), onnx_files[0])
-        raise FedxrError(f"{path}: no .onnx model in this folder; export one with `python -m fedxr.export CKPT`")
-    raise FedxrError(f"{path}: model not found; give an export folder or a .onnx file")
+        files = sorted(p for p in path.iterdir() if p.suffix in MODEL_SUFFIXES)
+        if files:
+            return next((p for p in files if p.stem.endswith("fp32")), files[0])
+        raise FedxrError(f"{path}: no .onnx or .ort model in this folder; export one with `python -m fedxr.export CKPT`")
+    raise FedxrError(f"{path}: model not found; give an export folder, a .onnx or a .ort file")
 
 
 class EdgeModel:
@@ -68,6 +75,9 @@ class EdgeModel:
             raise FedxrError(f"{self.path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from None
         self.meta = metadata.decode(self.session.get_modelmeta().custom_metadata_map)
         self.input_name = self.session.get_inputs()[0].name
+        batch_dim = self.session.get_inputs()[0].shape[0]
+        #: The batch size a fixed-shape model (export targets board and mobile) takes; None when dynamic.
+        self.fixed_batch: int | None = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
         missing = [k for k in metadata.REQUIRED if k not in self.meta]
         if missing and labels is None:
             raise ModelMetadataError(
@@ -99,30 +109,78 @@ class EdgeModel:
         return self.preprocessing.load(item)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 1, S, S) float32 → (N, 14) logits. The input must already be preprocessed."""
+        """(N, 1, S, S) float32 → (N, 14) logits. The input must already be preprocessed. A fixed-shape
+        model (batch dimension fixed at export) is run on slices of its own batch size."""
         if batch.ndim != 4 or batch.shape[1:] != (1, self.size, self.size):
             raise FedxrError(f"model input must be (N, 1, {self.size}, {self.size}) float32; got {tuple(batch.shape)}")
-        return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
+        batch = batch.astype(np.float32, copy=False)
+        step = self.fixed_batch
+        if step is None or len(batch) == step:
+            return self.session.run(None, {self.input_name: batch})[0]
+        parts = []
+        for i in range(0, len(batch), step):
+            part = batch[i:i + step]
+            pad = step - len(part)  # only a model fixed at batch > 1 needs padding of its last slice
+            if pad:
+                part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), np.float32)])
+            parts.append(self.session.run(None, {self.input_name: part})[0][:step - pad])
+        return np.concatenate(parts)
 
-    def predict(self, items: Iterable, batch_size: int = 8) -> list[Prediction]:
-        """Predict for paths and/or arrays; an unreadable input gets ``error`` set, the rest still run."""
-        items = list(items)
-        results = [Prediction(input=str(it) if not isinstance(it, np.ndarray) else f"array[{i}]") for i, it in enumerate(items)]
-        ready: list[tuple[int, np.ndarray]] = []
-        for i, it in enumerate(items):
-            try:
-                ready.append((i, self.preprocess(it)))
-            except (ImageReadError, FedxrError) as exc:
-                results[i].error = str(exc)
-        for start in range(0, len(ready), max(1, batch_size)):
-            chunk = ready[start:start + batch_size]
-            logits = self.logits(self.preprocessing.batch([g for _, g in chunk]))
-            probs = 1.0 / (1.0 + np.exp(-logits))
-            for (i, _), p in zip(chunk, probs):
-                results[i].probabilities = {l: round(float(v), 6) for l, v in zip(self.labels, p)}
-                results[i].findings = sorted(((l, round(float(v), 4)) for l, v, t in zip(self.labels, p, self.thresholds) if v >= t),
-                                             key=lambda x: -x[1])
-        return results
+    def _label(self, prediction: Prediction, probs: np.ndarray) -> None:
+        prediction.probabilities = {l: round(float(v), 6) for l, v in zip(self.labels, probs)}
+        prediction.findings = sorted(((l, round(float(v), 4)) for l, v, t in zip(self.labels, probs, self.thresholds)
+                                      if v >= t), key=lambda x: -x[1])
+
+    def _prepare(self, index: int, item) -> tuple[Prediction, np.ndarray | None]:
+        prediction = Prediction(input=f"array[{index}]" if isinstance(item, np.ndarray) else str(item))
+        try:
+            return prediction, self.preprocess(item)
+        except (ImageReadError, FedxrError) as exc:
+            prediction.error = str(exc)
+            return prediction, None
+
+    def predict_iter(self, items: Iterable, batch_size: int = 8, workers: int | None = None) -> Iterator[Prediction]:
+        """Predictions for paths and/or arrays, yielded in input order as they are ready.
+
+        Images are decoded and resized by ``workers`` threads (default: one per core) while this thread runs
+        the model: Pillow's and zlib's decoders, pydicom's pixel handlers and onnxruntime release the GIL,
+        so a folder of large PNGs uses every core. At most ``batch_size + 2 × workers`` images are in
+        flight, so memory stays flat however long the folder. An unreadable input gets ``error`` set and
+        the others still run."""
+        batch_size = max(1, batch_size)
+        workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+        window = batch_size + 2 * workers
+        chunk: list[tuple[Prediction, np.ndarray | None]] = []
+
+        def flush() -> Iterator[Prediction]:
+            ready = [(p, g) for p, g in chunk if g is not None]
+            if ready:
+                probs = 1.0 / (1.0 + np.exp(-self.logits(self.preprocessing.batch([g for _, g in ready]))))
+                for (p, _), row in zip(ready, probs):
+                    self._label(p, row)
+            yield from (p for p, _ in chunk)
+            chunk.clear()
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedxr-decode") as pool:
+            pending: deque = deque()
+            source = enumerate(items)
+            exhausted = False
+            while pending or not exhausted:
+                while not exhausted and len(pending) < window:
+                    nxt = next(source, None)
+                    if nxt is None:
+                        exhausted = True
+                    else:
+                        pending.append(pool.submit(self._prepare, *nxt))
+                if pending:
+                    chunk.append(pending.popleft().result())
+                    if sum(g is not None for _, g in chunk) >= batch_size:
+                        yield from flush()
+            yield from flush()
+
+    def predict(self, items: Iterable, batch_size: int = 8, workers: int | None = None) -> list[Prediction]:
+        """All predictions of :meth:`predict_iter` as a list (input order)."""
+        return list(self.predict_iter(items, batch_size, workers))
 
 
 def load_model(path: str | Path, threads: int | None = None, labels: Sequence[str] | None = None) -> EdgeModel:

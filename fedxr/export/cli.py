@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 
 from fedxr.errors import EXIT_CHECK_FAILED, EXIT_OK
+from fedxr.export.targets import TARGETS
 
-DESCRIPTION = "Export a fedxr checkpoint to verified ONNX (FP32, INT8 when it pays off, optional FP16)."
+DESCRIPTION = ("Export a fedxr checkpoint to verified ONNX (FP32, INT8 when it pays off, optional FP16) for a laptop, "
+               "an ARM board or a phone.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
-    p.add_argument("--out", help="output folder (default: export/<run>_<model>, or export/<run>_student_<model>)")
+    p.add_argument("--target", choices=list(TARGETS), default="laptop",
+                   help="; ".join(f"{t.name}: {t.help}" for t in TARGETS.values()))
+    p.add_argument("--out", help="output folder (default: export/<run>_<model>, or export/<run>_student_<model>; "
+                                     "_board or _mobile appended for those targets)")
     p.add_argument("--int8", choices=["auto", "on", "off"], default="auto",
                    help="auto: keep INT8 only when it is faster and loses at most 0.01 AUROC")
     p.add_argument("--fp16", action="store_true", help="also write an FP16 file (checked against its own tolerance)")
@@ -27,6 +32,7 @@ def export_command(args: argparse.Namespace) -> int:
     from fedxr.export.exporter import export_checkpoint, format_manifest
 
     manifest = export_checkpoint(args.checkpoint, args.out, args.int8, args.fp16, args.opset, args.data,
-                                 args.calibration_images, args.parity_tolerance)
+                                 args.calibration_images, args.parity_tolerance,
+                                 target=args.target)
     print(format_manifest(manifest))
     return EXIT_OK if manifest["ok"] else EXIT_CHECK_FAILED

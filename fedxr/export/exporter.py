@@ -15,6 +15,7 @@ from fedxr.data.manifest import read_manifest
 from fedxr.errors import FedxrError
 from fedxr.export.onnx import INPUT, export_fp32, model_metadata, parity, set_metadata, sha256_of
 from fedxr.export.quantize import quantize_int8
+from fedxr.export.targets import Target, convert_to_ort, format_usability, get_target, mobile_usability, runs_on_arm
 from fedxr.labels import LABELS
 from fedxr.layout import RunLayout
 from fedxr.models.checkpoint import model_from_checkpoint
@@ -70,44 +71,81 @@ def _latency_ms(session, x1: np.ndarray, runs: int = 20) -> float:
     return round(float(np.median(times)) * 1000, 3)
 
 
-def _auroc(session, x: np.ndarray, y: np.ndarray) -> float:
+def _logits(session, x: np.ndarray, batch: int) -> np.ndarray:
     name = session.get_inputs()[0].name
-    logits = np.concatenate([session.run(None, {name: b})[0] for b in _batches(x, 16)])
+    return np.concatenate([session.run(None, {name: b})[0] for b in _batches(x, batch)])
+
+
+def _auroc(session, x: np.ndarray, y: np.ndarray, batch: int = 16) -> float:
+    logits = _logits(session, x, batch)
     return round(multilabel_scores(torch.sigmoid(torch.from_numpy(logits)), torch.from_numpy(y.copy()))["macro_auroc"], 4)
 
 
-def _session(path: Path):
+def _session(path: Path, replay: bool = False):
+    """An onnxruntime session; ``replay`` applies the optimisations a runtime-style ORT file saved (without
+    them it runs at the basic level: INT8 then computes QDQ in float, a valid but different rounding)."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if replay:
+        opts.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _int8_decision(target: Target, int8: str, speedup: float, auroc: float, q_auroc: float) -> tuple[bool, str]:
+    """Keep INT8 or not, and why. Speed only counts where it was measured on the kernels that will run it:
+    here for a laptop, on ARM for a board or phone (when this export runs on one)."""
+    loss = auroc - q_auroc
+    accuracy = f"macro AUROC {q_auroc:.4f} vs {auroc:.4f} (loss {loss:+.4f}, allowed {INT8_MAX_AUROC_LOSS})"
+    if target.fixed_batch is None or runs_on_arm():
+        good = speedup >= INT8_MIN_SPEEDUP and loss <= INT8_MAX_AUROC_LOSS
+        keep = int8 == "on" or good
+        why = f"{speedup:.2f}x faster than FP32 on {platform.machine()} (needs >= {INT8_MIN_SPEEDUP}), {accuracy}"
+    else:
+        good = loss <= INT8_MAX_AUROC_LOSS
+        keep = int8 == "on" or good
+        why = (f"on accuracy alone, {accuracy}; speed not measured on ARM (this export ran on {platform.machine()}, "
+               f"where INT8 is {speedup:.2f}x FP32 — that does not carry over to an ARM core's kernels: run "
+               "`python -m fedxr.edge bench` on the device with each file)")
+    return keep, f"INT8 {'kept' if keep else 'dropped'}: {why}" + (" — kept because --int8 on" if int8 == "on" and not good else "")
 
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8: str = "auto", fp16: bool = False,
                       opset: int = 18, data: str | Path | None = None, calibration_images: int = 200,
-                      parity_tolerance: float = 1e-4) -> dict:
-    """Export, verify and describe; returns the manifest (``ok`` is False when a check failed)."""
+                      parity_tolerance: float = 1e-4, target: str = "laptop") -> dict:
+    """Export, verify and describe for a target (:data:`fedxr.export.targets.TARGETS`); returns the manifest
+    (``ok`` is False when a check failed)."""
     import onnx
     import onnxruntime as ort
 
+    tgt = get_target(target)
     ckpt_path = Path(ckpt_path)
     model, ckpt = model_from_checkpoint(ckpt_path)
     name, prep = ckpt["model_name"], ckpt["preprocessing"]
     if out is None:
         layout = _run_layout(ckpt) or RunLayout(Path("model"))  # a bare checkpoint: export/model_NAME
         out = layout.export(name, student=str(ckpt.get("source", "")).startswith("distill"))
+        if tgt.fixed_batch:
+            out = out.with_name(f"{out.name}_{tgt.name}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images, labels = validation_images(ckpt, data, max(calibration_images, 16))
     x = prep.batch(images)
+    # A fixed-shape model takes exactly its batch size: every check feeds it slices of that size.
+    step = tgt.fixed_batch
+    check_inputs = [x[:1], x[:8]] if step is None else _batches(x[:8], step)
     files, checks_ok = [], True
 
-    fp32 = export_fp32(model, prep.size, out / f"{name}_fp32.onnx", opset)
+    def meta(fmt: str, auroc: float | None) -> dict:
+        return model_metadata(ckpt, ckpt_path, fmt, auroc)
+
+    fp32 = export_fp32(model, prep.size, out / f"{name}_fp32.onnx", opset, fixed_batch=step)
     sess = _session(fp32)
-    diff = parity(model, sess, [x[:1], x[:8]])
+    diff = parity(model, sess, check_inputs)
     passed = diff <= parity_tolerance
     checks_ok &= passed
-    auroc = _auroc(sess, x, labels)
-    set_metadata(fp32, model_metadata(ckpt, ckpt_path, "onnx-fp32", auroc))
+    auroc = _auroc(sess, x, labels, step or 16)
+    set_metadata(fp32, meta("onnx-fp32", auroc))
     onnx.checker.check_model(str(fp32), full_check=True)
     lat32 = _latency_ms(_session(fp32), x[:1])
     files.append({"file": fp32.name, "format": "onnx-fp32", "parity_max_abs_logit": diff, "parity_tolerance": parity_tolerance,
@@ -118,18 +156,12 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
         if len(images) < MIN_CALIBRATION:
             warnings.warn(f"INT8 calibration uses only {len(images)} validation images (< {MIN_CALIBRATION}); "
                           "its ranges may not represent your data", stacklevel=2)
-        q = quantize_int8(fp32, out / f"{name}_int8.onnx", INPUT, _batches(x, 8))
-        set_metadata(q, model_metadata(ckpt, ckpt_path, "onnx-int8-qdq", None))
+        q = quantize_int8(fp32, out / f"{name}_int8.onnx", INPUT, _batches(x, step or 8))
         qs = _session(q)
-        q_auroc, q_lat = _auroc(qs, x, labels), _latency_ms(qs, x[:1])
-        set_metadata(q, model_metadata(ckpt, ckpt_path, "onnx-int8-qdq", q_auroc))
+        q_auroc, q_lat = _auroc(qs, x, labels, step or 16), _latency_ms(qs, x[:1])
+        set_metadata(q, meta("onnx-int8-qdq", q_auroc))
         speedup = lat32 / q_lat if q_lat else 0.0
-        loss = auroc - q_auroc
-        good = speedup >= INT8_MIN_SPEEDUP and loss <= INT8_MAX_AUROC_LOSS
-        keep = int8 == "on" or good
-        decision = (f"INT8 {'kept' if keep else 'dropped'}: {speedup:.2f}x faster than FP32 (needs >= {INT8_MIN_SPEEDUP}), "
-                    f"macro AUROC {q_auroc:.4f} vs {auroc:.4f} (loss {loss:+.4f}, allowed {INT8_MAX_AUROC_LOSS})"
-                    + (" — kept because --int8 on" if int8 == "on" and not good else ""))
+        keep, decision = _int8_decision(tgt, int8, speedup, auroc, q_auroc)
         files.append({"file": q.name, "format": "onnx-int8-qdq", "val_auroc": q_auroc, "latency_ms_b1_p50": q_lat,
                       "speedup_vs_fp32": round(speedup, 3), "kept": keep})
         if not keep:
@@ -141,24 +173,30 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
         m16 = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
         onnx.save(m16, str(h))
         hs = _session(h)
-        d16 = parity(model, hs, [x[:1], x[:8]])
+        d16 = parity(model, hs, check_inputs)
         ok16 = d16 <= FP16_PARITY_TOLERANCE
         checks_ok &= ok16
-        auroc16 = _auroc(hs, x, labels)
-        set_metadata(h, model_metadata(ckpt, ckpt_path, "onnx-fp16", auroc16))  # its own format, not the FP32 file's
+        auroc16 = _auroc(hs, x, labels, step or 16)
+        set_metadata(h, meta("onnx-fp16", auroc16))  # its own format, not the FP32 file's
         files.append({"file": h.name, "format": "onnx-fp16", "parity_max_abs_logit": d16,
                       "parity_tolerance": FP16_PARITY_TOLERANCE, "parity_ok": ok16, "val_auroc": auroc16,
                       "latency_ms_b1_p50": _latency_ms(_session(h), x[:1]), "kept": True})
+    extra: dict = {}
+    if tgt.ort_style:
+        extra, ok = _ort_files(tgt, model, out, files, meta, x, labels, parity_tolerance)
+        checks_ok &= ok
+    if tgt.usability_check:
+        extra["mobile_usability"] = {f["file"]: mobile_usability(out / f["file"]) for f in files
+                                     if f["kept"] and f["file"].endswith(".onnx")}
     for f in files:
         p = out / f["file"]
         if p.exists():
             f.update(size_bytes=p.stat().st_size, sha256=sha256_of(p), opset=opset)
-    kept = [f for f in files if f["kept"]]
-    best = min(kept, key=lambda f: f["latency_ms_b1_p50"])
     manifest = {
         "checkpoint": str(ckpt_path), "checkpoint_sha256": sha256_of(ckpt_path), "model_name": name,
+        "target": tgt.name, "input_shape": [step or "batch", 1, prep.size, prep.size],
         "input_size": prep.size, "validation_images": len(images), "int8_decision": decision, "files": files,
-        "recommended": best["file"], "ok": bool(checks_ok),
+        "recommended": _recommended(tgt, files), "ok": bool(checks_ok), **extra,
         "runtime": {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__,
                     "python": platform.python_version(), "machine": platform.machine()},
     }
@@ -167,14 +205,62 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
     return manifest
 
 
+def _ort_files(tgt: Target, model, out: Path, files: list[dict], meta, x: np.ndarray, labels: np.ndarray,
+               tolerance: float) -> tuple[dict, bool]:
+    """ORT format copies of every kept ONNX file, each checked against what it was made from: PyTorch for
+    FP32, the ONNX file for INT8 and FP16, at the same optimisation level (the conversion must not change
+    their outputs)."""
+    sources = [f for f in files if f["kept"]]
+    made, config = convert_to_ort({out / f["file"]: meta(f["format"].replace("onnx-", "ort-"), f["val_auroc"])
+                                   for f in sources}, out, tgt)
+    ok = True
+    for f in sources:
+        path = made[out / f["file"]]
+        sess = _session(path)
+        if f["format"] == "onnx-fp32":
+            diff = parity(model, sess, _batches(x[:8], tgt.fixed_batch))
+        else:
+            converted = _logits(_session(path, replay=True), x[:8], tgt.fixed_batch)
+            diff = float(np.abs(converted - _logits(_session(out / f["file"]), x[:8], tgt.fixed_batch)).max())
+        passed = diff <= tolerance
+        ok &= passed
+        files.append({"file": path.name, "format": f["format"].replace("onnx-", "ort-"), "converted_from": f["file"],
+                      "parity_against": "pytorch" if f["format"] == "onnx-fp32" else f["file"],
+                      "parity_max_abs_logit": diff, "parity_tolerance": tolerance, "parity_ok": passed,
+                      "val_auroc": _auroc(sess, x, labels, tgt.fixed_batch), "latency_ms_b1_p50": _latency_ms(sess, x[:1]),
+                      "ort_optimization_style": tgt.ort_style, "ort_target_platform": tgt.ort_platform, "kept": True})
+    return {"operators_config": {"file": config.name, "sha256": sha256_of(config),
+                                 "operators": [l for l in config.read_text().splitlines() if l and not l.startswith("#")]}}, ok
+
+
+def _recommended(tgt: Target, files: list[dict]) -> str:
+    """The file to use: the fastest kept one where speed was measured on the target's kernels; for a board or
+    phone measured elsewhere, the FP32 ORT file (INT8's speed there is unknown)."""
+    kept = [f for f in files if f["kept"]]
+    if tgt.ort_style:
+        ort_files = [f for f in kept if f["file"].endswith(".ort")]
+        if runs_on_arm():
+            return min(ort_files, key=lambda f: f["latency_ms_b1_p50"])["file"]
+        return next(f["file"] for f in ort_files if f["format"] == "ort-fp32")
+    return min(kept, key=lambda f: f["latency_ms_b1_p50"])["file"]
+
+
 def format_manifest(m: dict) -> str:
-    lines = [f"{'file':<34}{'format':<15}{'MB':>7}{'AUROC':>8}{'b1 ms':>9}{'parity':>11}  kept"]
+    lines = [f"target: {m.get('target', 'laptop')}, input {' x '.join(str(d) for d in m.get('input_shape', []))}",
+             f"{'file':<34}{'format':<15}{'MB':>7}{'AUROC':>8}{'b1 ms':>9}{'parity':>11}  kept"]
     for f in m["files"]:
         par = f"{f['parity_max_abs_logit']:.1e}" if "parity_max_abs_logit" in f else "-"
         size = f"{f['size_bytes'] / 1e6:.2f}" if "size_bytes" in f else "-"
         lines.append(f"{f['file']:<34}{f['format']:<15}{size:>7}{f['val_auroc']:>8.4f}{f['latency_ms_b1_p50']:>9.2f}"
                      f"{par:>11}  {'yes' if f['kept'] else 'no'}")
-    lines += [m["int8_decision"], f"recommended: {m['recommended']}  ({'all checks passed' if m['ok'] else 'CHECK FAILED'})",
+    lines.append(m["int8_decision"])
+    if "operators_config" in m:
+        lines.append(f"operators for a minimal onnxruntime build: {m['operators_config']['file']} "
+                     f"({len(m['operators_config']['operators'])} operators; build.sh --minimal_build "
+                     "--include_ops_by_config FILE)")
+    for file, result in m.get("mobile_usability", {}).items():
+        lines += format_usability(file, result)
+    lines += [f"recommended: {m['recommended']}  ({'all checks passed' if m['ok'] else 'CHECK FAILED'})",
               f"next: python -m fedxr.edge predict {m['out']} path/to/cxr.png",
               f"      python -m fedxr.edge bench {m['out']}"]
     return "\n".join(lines)

@@ -46,15 +46,16 @@ def set_metadata(path: Path, values: dict) -> None:
     onnx.save(model, str(path))
 
 
-def export_fp32(model: torch.nn.Module, size: int, path: Path, opset: int) -> Path:
-    """One self-contained .onnx file (weights inside), dynamic batch axis, full onnx.checker pass."""
+def export_fp32(model: torch.nn.Module, size: int, path: Path, opset: int, fixed_batch: int | None = None) -> Path:
+    """One self-contained .onnx file (weights inside), full onnx.checker pass; a dynamic batch axis, or
+    every dimension fixed (``fixed_batch`` × 1 × size × size) for mobile and board accelerators."""
     model = model.eval()
-    example = torch.zeros(2, 1, size, size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    example = torch.zeros(fixed_batch or 2, 1, size, size)
+    dynamic = None if fixed_batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
+        torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=dynamic,
                           external_data=False, opset_version=opset, input_names=[INPUT], output_names=[OUTPUT],
                           verbose=False)
     side = [p for p in path.parent.iterdir() if p.name.startswith(path.name) and p != path]
