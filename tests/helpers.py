@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fedxr.data.dicom import write_dicom  # noqa: F401  (tests import it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 SHARED_NIH = (ROOT / ".." / "shared" / "data" / "nih").resolve()
@@ -47,29 +49,6 @@ def tiny_recipe_overrides(tmp: Path, patients: int = 60, extra: tuple[str, ...] 
         "model.name=tiny_cnn", "model.max_epochs=1", f"output.runs_dir={tmp / 'runs'}", "output.name=t",
         *extra,
     ]
-
-
-def write_dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.0, window=None):
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    assert pydicom.dcmread(str(path)).Rows == pixels.shape[0]
 
 
 #: The password of the console tests' users (test data, not a default: the console has no users until added).
