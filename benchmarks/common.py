@@ -52,3 +52,33 @@ def toy_federation(work: Path) -> list[str]:
             "data.phantom.size=32", "data.image_size=32", "data.sites=2", "data.batch_size=8",
             "data.num_workers=0", f"data.cache_dir={work / 'cache'}", f"output.runs_dir={work / 'runs'}",
             "model.name=tiny_cnn", "federated.min_clients=2"]
+
+
+def one_epoch_checkpoints(work: Path, models: dict[str, tuple[str, int]], patients: int) -> tuple[dict[str, Path], Path]:
+    """A fedxr checkpoint per role, ``{role: (registry model, input size)}``, each trained for one epoch on a
+    small phantom set (real weights and validation AUROC, if modest: what an edge benchmark needs to export
+    and time a model). Returns the checkpoints and the sites folder the exporter takes validation images from."""
+    import lightning as L
+
+    from fedxr.config import load_recipe
+    from fedxr.data.manifest import site_manifest_paths
+    from fedxr.data.prepare import ensure_dataset, ensure_sites
+    from fedxr.training import make_classifier, make_datamodule, make_trainer
+
+    largest = max(size for _, size in models.values())
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml", [
+        f"data.root={work / 'phantom'}", f"data.phantom.patients={patients}", f"data.phantom.size={max(largest, 48)}",
+        f"data.image_size={largest}", "data.sites=1", "data.scheme=iid", "federated.min_clients=1", "data.num_workers=0",
+        f"data.cache_dir={work / 'cache'}", f"output.runs_dir={work / 'runs'}", "model.max_epochs=1", "data.batch_size=16"])
+    ensure_dataset(recipe, progress=False)
+    sites, _ = ensure_sites(recipe)
+    manifests = list(site_manifest_paths(sites).values())
+    checkpoints = {}
+    for role, (name, size) in models.items():
+        L.seed_everything(0, verbose=False)
+        r = recipe.changed(role, model={"name": name}, data={"image_size": size})
+        dm = make_datamodule(r, manifests, progress=False)
+        module = make_classifier(r, dm)
+        make_trainer(r, work / f"train_{role}", progress=False, logger=False, enable_model_summary=False).fit(module, datamodule=dm)
+        checkpoints[role] = module.save_fedxr_checkpoint(work / f"{role}.ckpt")
+    return checkpoints, sites

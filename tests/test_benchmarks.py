@@ -95,6 +95,18 @@ def test_edge_latency():
     assert all(r["share_of_peak"] > 0 for r in result["rows"])
 
 
+def test_edge_footprint():
+    result = run_smoke("edge_footprint.py")
+    rows = result["rows"]
+    assert {(r["role"], r["format"]) for r in rows} == {(role, fmt) for role in ("teacher", "student")
+                                                        for fmt in ("onnx-fp32", "onnx-int8-qdq")}
+    for r in rows:
+        assert 0 < r["cold_start_s"] < 60
+        # The command's own memory, not this test's (a child's ru_maxrss would otherwise start at its parent's).
+        assert 10 < r["peak_rss_one_mb"] < 500
+        assert r["png_folder_img_per_s"] > 0 and r["dicom_folder_img_per_s"] > 0
+
+
 def test_console_load():
     result = run_smoke("console_load.py")
     assert result["concurrent"]["errors"] == 0

@@ -71,7 +71,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fedxr.edge.model import load_model
 
-    model = load_model(args.model, threads=args.threads)
+    model = load_model(args.model, threads=args.threads, spinning=True)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 1, model.size, model.size)).astype(np.float32)
     for _ in range(args.warmup):
