@@ -60,7 +60,10 @@ SHARED_NIH = (REPO / ".." / "shared" / "data" / "nih").resolve()
 
 
 def sh(cmd: list[str], what: str, timeout: int = 1800, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"{what} did not finish within {timeout} s: {' '.join(cmd)}") from None
     if proc.returncode != 0:
         raise SystemExit(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{(proc.stderr or proc.stdout)[-3000:]}")
     return proc
@@ -80,7 +83,9 @@ def host_tools() -> None:
 
 def binfmt() -> str:
     """Register qemu-aarch64 with binfmt_misc (F flag: the kernel keeps the emulator open, so it works in a
-    chroot) unless it already is; returns the registration."""
+    chroot) unless it already is; returns the registration. The registration is the kernel's, for every
+    process of this machine, and stays after the run (`echo -1 > /proc/sys/fs/binfmt_misc/qemu-aarch64`
+    removes it) — as installing Debian's qemu-user-static on a normal system does."""
     base = Path("/proc/sys/fs/binfmt_misc")
     if not (base / "status").exists():
         sh(["mount", "-t", "binfmt_misc", "binfmt_misc", str(base)], "mounting binfmt_misc")
@@ -91,6 +96,8 @@ def binfmt() -> str:
             raise SystemExit(f"{conf} not found: install Debian's qemu-user-static")
         (base / "register").write_text(conf.read_text().strip())
     text = entry.read_text()
+    if not text.startswith("enabled"):
+        raise SystemExit(f"{entry} is registered but disabled; enable it: echo 1 > {entry}")
     flags = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("flags:")), "")
     if "F" not in flags:
         raise SystemExit(f"{entry} is registered without the F flag ({flags!r}); the emulator cannot run inside a chroot")
@@ -101,6 +108,13 @@ def edge_pins() -> list[str]:
     return [f"{p}=={version(p)}" for p in EDGE_PACKAGES]
 
 
+def mounts_under(folder: Path) -> list[str]:
+    """Mount points inside ``folder`` (a debootstrap killed part-way leaves its /proc and /sys mounted)."""
+    base = str(folder.resolve())
+    points = [line.split()[4].replace("\\040", " ") for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return [m for m in points if m == base or m.startswith(base + "/")]
+
+
 def ensure_root(cache: Path) -> Path:
     """The cached arm64 root with the edge packages, built when missing or when the pinned versions changed."""
     root, marker = cache / "root", cache / "root" / ".fedxr-root.json"
@@ -109,11 +123,16 @@ def ensure_root(cache: Path) -> Path:
         return root
     if not (root / "usr" / "bin" / "python3").exists():
         partial = cache / "root.partial"
+        if mounts_under(cache):  # never delete through a mount into the host's /proc, /sys or /dev
+            raise SystemExit(f"file systems are mounted under {cache}: {mounts_under(cache)}; unmount them "
+                             "(umount -R PATH) and run again")
         shutil.rmtree(partial, ignore_errors=True)
         cache.mkdir(parents=True, exist_ok=True)
         print(f"debootstrap {SUITE} arm64 into {partial} (about 2 minutes) ...", flush=True)
         sh(["debootstrap", "--arch=arm64", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
             SUITE, str(partial), MIRROR], "debootstrap")
+        if mounts_under(partial):
+            raise SystemExit(f"debootstrap left file systems mounted under {partial}: {mounts_under(partial)}")
         partial.rename(root)
     # pip inside the root reaches PyPI through this machine's resolver and certificate authorities.
     shutil.copy2("/etc/resolv.conf", root / "etc" / "resolv.conf")

@@ -75,9 +75,28 @@ def _read_dicom(data: bytes, path: str) -> np.ndarray:
     has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
 
     def to_display(values: np.ndarray) -> np.ndarray:  # modality LUT, then the VOI LUT / window: per value
-        values = apply_modality_lut(values, ds).astype(np.float32)
-        return apply_voi_lut(values, ds, index=0).astype(np.float32) if has_voi else values
+        values = apply_modality_lut(values, ds)
+        if not has_voi:
+            return values.astype(np.float32)
+        if "VOILUTSequence" not in ds:  # a window works on floats
+            return apply_voi_lut(values.astype(np.float32), ds, index=0).astype(np.float32)
+        # A VOI LUT table is indexed by integer modality values (a rescale of 1/0 still makes them floats).
+        if values.dtype.kind == "f" and np.array_equal(values, np.rint(values)):
+            values = values.astype(np.int64)
+        return apply_voi_lut(values, ds, index=0).astype(np.float32)
 
+    try:
+        out = _dicom_to_uint8(pixels, to_display)
+    except Exception as exc:  # a broken LUT or window (e.g. width 0) in the header
+        raise ImageReadError(f"{path}: its DICOM display values cannot be computed ({type(exc).__name__}: {exc}); "
+                             "check the Rescale/Window/VOI LUT attributes or remove the file") from None
+    if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def _dicom_to_uint8(pixels: np.ndarray, to_display) -> np.ndarray:
+    """Stored values → display values (``to_display``) → 0..255 over the range of the image's display values."""
     if pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2:
         # Integer detector data: every step is a function of the stored value alone, so it is computed once per
         # possible value and looked up (the same numbers as per pixel, ~5x faster on 1024-px images, and no
@@ -92,13 +111,9 @@ def _read_dicom(data: bytes, path: str) -> np.ndarray:
         else:  # e.g. a non-monotonic LUT: the range of the values that occur
             present = display[np.bincount(index.ravel(), minlength=len(display)) > 0]
             low, high = float(present.min()), float(present.max())
-        out = _scale_to_uint8(display, low, high)[index]
-    else:
-        arr = to_display(pixels)
-        out = _scale_to_uint8(arr, float(arr.min()), float(arr.max()))
-    if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
-        out = 255 - out
-    return out
+        return _scale_to_uint8(display, low, high)[index]
+    arr = to_display(pixels)
+    return _scale_to_uint8(arr, float(arr.min()), float(arr.max()))
 
 
 def read_gray(path: str | Path) -> np.ndarray:

@@ -381,3 +381,13 @@ def test_predict_streams_in_order_with_bounded_read_ahead(exported, tmp_path):
     serial = model.predict(paths, batch_size=1, workers=1)
     for a, b in zip(results, serial):
         assert a.probabilities == b.probabilities and a.error == b.error
+
+
+def test_reexport_into_the_same_folder_leaves_no_stale_files(exported, tmp_path):
+    tmp, ckpt, _ = exported
+    out, data = tmp_path / "same", str(tmp / "runs" / "t" / "sites")
+    assert export_main([str(ckpt), "--target", "board", "--out", str(out), "--int8", "on", "--data", data]) == 0
+    assert list(out.glob("*.ort")) and (out / "required_operators.config").exists()
+    (out / "notes.txt").write_text("the user's own file")
+    assert export_main([str(ckpt), "--out", str(out), "--int8", "off", "--data", data]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt", "tiny_cnn_fp32.onnx"]

@@ -101,7 +101,8 @@ def test_resize_square_identity_and_shape():
     assert small[:, 0].mean() < small[:, -1].mean()  # the ramp survives the resize
 
 
-@pytest.mark.parametrize("kind", ["plain", "window", "monochrome1", "negative-slope", "signed", "signed-full-range"])
+@pytest.mark.parametrize("kind", ["plain", "window", "monochrome1", "negative-slope", "signed", "signed-full-range",
+                                  "voi-lut-sequence"])
 def test_dicom_value_table_equals_per_pixel_pydicom(tmp_path, kind):
     """Integer DICOMs are mapped through a table of every stored value; the result must be exactly what
     pydicom's modality and VOI LUTs give applied to every pixel, then scaled over the image's range."""
@@ -113,7 +114,8 @@ def test_dicom_value_table_equals_per_pixel_pydicom(tmp_path, kind):
     options = {"plain": {}, "window": {"window": (1500, 800)},
                "monochrome1": {"photometric": "MONOCHROME1", "window": (2000, 1000)},
                "negative-slope": {"slope": -2.0, "intercept": 10.0, "window": (-3000, 2000)},
-               "signed": {"intercept": -1024.0, "window": (40, 400)}, "signed-full-range": {}}[kind]
+               "signed": {"intercept": -1024.0, "window": (40, 400)}, "signed-full-range": {},
+               "voi-lut-sequence": {}}[kind]
     path = write_dicom(tmp_path / "x.dcm", pixels, **options)
     if kind.startswith("signed"):  # CT-like signed data: PixelRepresentation 1, 16 bits stored
         ds = pydicom.dcmread(path)
@@ -121,12 +123,32 @@ def test_dicom_value_table_equals_per_pixel_pydicom(tmp_path, kind):
         signed = rng.integers(low, high, pixels.shape, endpoint=True).astype(np.int16)
         ds.PixelRepresentation, ds.BitsStored, ds.HighBit, ds.PixelData = 1, 16, 15, signed.tobytes()
         ds.save_as(path)
+    if kind == "voi-lut-sequence":  # a non-monotonic VOI LUT: the display range is that of the values present
+        from pydicom.dataset import Dataset
+        from pydicom.sequence import Sequence
+
+        ds = pydicom.dcmread(path)
+        item = Dataset()
+        item.add_new(0x00283002, "US", [4096, 0, 16])                                   # LUTDescriptor
+        item.add_new(0x00283006, "US", [(v * 7919) % 65536 for v in range(4096)])      # LUTData
+        ds.VOILUTSequence = Sequence([item])
+        ds.save_as(path)
     ds = pydicom.dcmread(path)
-    arr = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
-    if "WindowCenter" in ds:
-        arr = apply_voi_lut(arr, ds, index=0).astype(np.float32)
+    arr = apply_modality_lut(ds.pixel_array, ds)
+    if "VOILUTSequence" in ds:  # indexed by the integer modality values
+        arr = apply_voi_lut(arr.astype(np.int64), ds, index=0)
+    elif "WindowCenter" in ds:
+        arr = apply_voi_lut(arr.astype(np.float32), ds, index=0)
+    arr = arr.astype(np.float32)
     low, high = float(arr.min()), float(arr.max())
     expected = np.clip(np.rint((arr - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
     if options.get("photometric") == "MONOCHROME1":
         expected = 255 - expected
     assert np.array_equal(read_gray(path), expected)
+
+
+def test_dicom_with_a_broken_window_names_the_file(tmp_path):
+    pixels = np.full((8, 8), 100, np.uint16)
+    path = write_dicom(tmp_path / "broken.dcm", pixels, window=(100, 0))  # a window width of 0 is invalid
+    with pytest.raises(ImageReadError, match=r"broken\.dcm: .*Window"):
+        read_gray(path)

@@ -47,21 +47,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
         writer.writerow(["input", "error", *model.labels, "findings"])
     elif args.json:
         sys.stdout.write("[")
-    for r in model.predict_iter(paths, batch_size=args.batch, workers=args.workers):
+    try:
+        for r in model.predict_iter(paths, batch_size=args.batch, workers=args.workers):
+            if args.json:
+                sys.stdout.write(("," if total else "") + "\n" + json.dumps(r.as_dict(), indent=2))
+            elif writer:
+                writer.writerow([r.input, r.error or "", *(r.probabilities.get(l, "") for l in model.labels),
+                                 "|".join(l for l, _ in r.findings)])
+            elif r.error:
+                print(f"{r.input}: ERROR {r.error}")
+            else:
+                found = ", ".join(f"{l} {p:.2f}" for l, p in r.findings) or "no finding above threshold"
+                print(f"{r.input}: {found}")
+            total += 1
+            failed += r.error is not None
+    finally:  # the JSON array is closed even when the run stops part-way, so what was written still parses
         if args.json:
-            sys.stdout.write(("," if total else "") + "\n" + json.dumps(r.as_dict(), indent=2))
-        elif writer:
-            writer.writerow([r.input, r.error or "", *(r.probabilities.get(l, "") for l in model.labels),
-                             "|".join(l for l, _ in r.findings)])
-        elif r.error:
-            print(f"{r.input}: ERROR {r.error}")
-        else:
-            found = ", ".join(f"{l} {p:.2f}" for l, p in r.findings) or "no finding above threshold"
-            print(f"{r.input}: {found}")
-        total += 1
-        failed += r.error is not None
-    if args.json:
-        sys.stdout.write("\n]\n")
+            sys.stdout.write("\n]\n")
     if failed:
         print(f"{failed} of {total} input(s) could not be read", file=sys.stderr)
         return EXIT_CHECK_FAILED
@@ -102,6 +104,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fedxr.edge", description="Torch-free chest X-ray inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,16 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="all 14 probabilities per image, as JSON")
     fmt.add_argument("--csv", action="store_true")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=positive_int, default=8, help="images per model run (a folder holds at most "
+                                                                   "2 x batch + 2 x workers images in memory)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: its own choice, one per core)")
-    p.add_argument("--workers", type=int, help="threads decoding and resizing images while the model runs "
+    p.add_argument("--workers", type=positive_int, help="threads decoding and resizing images while the model runs "
                                                "(default: one per core)")
     p.add_argument("--labels", help="comma-separated label names for an ONNX file without fedxr metadata")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("bench", help="latency and throughput of a model on this machine")
     p.add_argument("model")
     p.add_argument("--threads", type=int)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--core-watts", type=float, help="power of one busy core, for the energy estimate "

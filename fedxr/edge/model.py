@@ -74,6 +74,12 @@ class EdgeModel:
         # steals the decoders' cores (a folder of 1024-px PNGs: 175 → 225 img/s on 2 cores without it).
         # `bench` turns it back on: it measures the model alone, back to back.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if self.path.suffix == ".ort":
+            # A mobile export's ORT file saves optimisations (INT8 kernel fusions among them) to be replayed at
+            # load; without replay onnxruntime runs it at the basic level — different numbers from the ones the
+            # exporter checked. Replay is onnxruntime's option for trusted models: give fedxr.edge only models
+            # from your own export, as with any ONNX file.
+            opts.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
@@ -142,16 +148,19 @@ class EdgeModel:
             return prediction, self.preprocess(item)
         except (ImageReadError, FedxrError) as exc:
             prediction.error = str(exc)
-            return prediction, None
+        except Exception as exc:  # anything else one file can throw (a decoder's own error) fails that file only
+            prediction.error = f"{prediction.input}: cannot be read ({type(exc).__name__}: {exc}); remove it or re-export it"
+        return prediction, None
 
     def predict_iter(self, items: Iterable, batch_size: int = 8, workers: int | None = None) -> Iterator[Prediction]:
         """Predictions for paths and/or arrays, yielded in input order as they are ready.
 
         Images are decoded and resized by ``workers`` threads (default: one per core) while this thread runs
         the model: Pillow's and zlib's decoders, pydicom's pixel handlers and onnxruntime release the GIL,
-        so a folder of large PNGs uses every core. At most ``batch_size + 2 × workers`` images are in
-        flight, so memory stays flat however long the folder. An unreadable input gets ``error`` set and
-        the others still run."""
+        so a folder of large PNGs uses every core. At most ``2 × batch_size + 2 × workers`` images are held
+        (a batch being assembled and the read-ahead), so memory stays flat however long the folder. An
+        unreadable input gets ``error`` set and the others still run. Closing the iterator early cancels
+        the read-ahead that has not started."""
         batch_size = max(1, batch_size)
         workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
         window = batch_size + 2 * workers
@@ -166,7 +175,8 @@ class EdgeModel:
             yield from (p for p, _ in chunk)
             chunk.clear()
 
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedxr-decode") as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedxr-decode")
+        try:
             pending: deque = deque()
             source = enumerate(items)
             exhausted = False
@@ -179,9 +189,11 @@ class EdgeModel:
                         pending.append(pool.submit(self._prepare, *nxt))
                 if pending:
                     chunk.append(pending.popleft().result())
-                    if sum(g is not None for _, g in chunk) >= batch_size:
+                    if len(chunk) >= batch_size:  # errors count too: a run of bad files is reported as it comes
                         yield from flush()
             yield from flush()
+        finally:  # also on break / Ctrl-C / a closed pipe: do not decode what nobody will read
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def predict(self, items: Iterable, batch_size: int = 8, workers: int | None = None) -> list[Prediction]:
         """All predictions of :meth:`predict_iter` as a list (input order)."""

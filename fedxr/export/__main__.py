@@ -1,4 +1,5 @@
-"""python -m fedxr.export CKPT [--out DIR] [--int8 auto|on|off] [--fp16] [--opset N] [--data SITES_DIR]
+"""python -m fedxr.export CKPT [--target laptop|board|mobile] [--out DIR] [--int8 auto|on|off] [--fp16]
+                         [--opset N] [--data SITES_DIR]
 
 The same command as `fedxr export`."""
 

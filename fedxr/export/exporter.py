@@ -15,7 +15,8 @@ from fedxr.data.manifest import read_manifest
 from fedxr.errors import FedxrError
 from fedxr.export.onnx import INPUT, export_fp32, model_metadata, parity, set_metadata, sha256_of
 from fedxr.export.quantize import quantize_int8
-from fedxr.export.targets import Target, convert_to_ort, format_usability, get_target, mobile_usability, runs_on_arm
+from fedxr.export.targets import (OPERATORS_CONFIG, Target, convert_to_ort, format_usability, get_target,
+                                  mobile_usability, runs_on_arm)
 from fedxr.labels import LABELS
 from fedxr.layout import RunLayout
 from fedxr.models.checkpoint import model_from_checkpoint
@@ -81,13 +82,13 @@ def _auroc(session, x: np.ndarray, y: np.ndarray, batch: int = 16) -> float:
     return round(multilabel_scores(torch.sigmoid(torch.from_numpy(logits)), torch.from_numpy(y.copy()))["macro_auroc"], 4)
 
 
-def _session(path: Path, replay: bool = False):
-    """An onnxruntime session; ``replay`` applies the optimisations a runtime-style ORT file saved (without
-    them it runs at the basic level: INT8 then computes QDQ in float, a valid but different rounding)."""
+def _session(path: Path):
+    """An onnxruntime session opened as fedxr.edge opens it: an ORT file's saved runtime optimisations are
+    replayed (without them it runs at the basic level: INT8 then computes QDQ in float, other numbers)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    if replay:
+    if path.suffix == ".ort":
         opts.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
@@ -129,6 +130,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
             out = out.with_name(f"{out.name}_{tgt.name}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # A re-export into the same folder must not leave files of an earlier one (another target, a dropped INT8).
+    for old in [*out.glob(f"{name}_*.onnx"), *out.glob(f"{name}_*.ort"), out / OPERATORS_CONFIG, out / "manifest.json"]:
+        old.unlink(missing_ok=True)
     images, labels = validation_images(ckpt, data, max(calibration_images, 16))
     x = prep.batch(images)
     # A fixed-shape model takes exactly its batch size: every check feeds it slices of that size.
@@ -220,7 +224,7 @@ def _ort_files(tgt: Target, model, out: Path, files: list[dict], meta, x: np.nda
         if f["format"] == "onnx-fp32":
             diff = parity(model, sess, _batches(x[:8], tgt.fixed_batch))
         else:
-            converted = _logits(_session(path, replay=True), x[:8], tgt.fixed_batch)
+            converted = _logits(sess, x[:8], tgt.fixed_batch)
             diff = float(np.abs(converted - _logits(_session(out / f["file"]), x[:8], tgt.fixed_batch)).max())
         passed = diff <= tolerance
         ok &= passed
@@ -236,7 +240,7 @@ def _ort_files(tgt: Target, model, out: Path, files: list[dict], meta, x: np.nda
 def _recommended(tgt: Target, files: list[dict]) -> str:
     """The file to use: the fastest kept one where speed was measured on the target's kernels; for a board or
     phone measured elsewhere, the FP32 ORT file (INT8's speed there is unknown)."""
-    kept = [f for f in files if f["kept"]]
+    kept = [f for f in files if f["kept"] and f.get("parity_ok", True)] or [f for f in files if f["kept"]]
     if tgt.ort_style:
         ort_files = [f for f in kept if f["file"].endswith(".ort")]
         if runs_on_arm():

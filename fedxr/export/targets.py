@@ -78,7 +78,11 @@ def convert_to_ort(onnx_files: dict[Path, dict], out: Path, target: Target) -> t
                "--output_dir", str(tmp / "ort"), "--optimization_style", target.ort_style]
         if target.ort_platform:
             cmd += ["--target_platform", target.ort_platform]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            raise FedxrError(f"onnxruntime's ORT converter did not finish within 900 s on {out}; "
+                             "export without --target or report the model") from None
         if proc.returncode != 0:
             raise FedxrError(f"onnxruntime could not convert {', '.join(f.name for f in onnx_files)} to ORT format:\n"
                              + (proc.stderr or proc.stdout)[-2000:])
