@@ -389,5 +389,7 @@ def test_reexport_into_the_same_folder_leaves_no_stale_files(exported, tmp_path)
     assert export_main([str(ckpt), "--target", "board", "--out", str(out), "--int8", "on", "--data", data]) == 0
     assert list(out.glob("*.ort")) and (out / "required_operators.config").exists()
     (out / "notes.txt").write_text("the user's own file")
+    (out / "tiny_cnn_quarter_fp32.onnx").write_bytes(b"another model's file, whose name starts the same")
     assert export_main([str(ckpt), "--out", str(out), "--int8", "off", "--data", data]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt", "tiny_cnn_fp32.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt", "tiny_cnn_fp32.onnx",
+                                                     "tiny_cnn_quarter_fp32.onnx"]

@@ -131,8 +131,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # A re-export into the same folder must not leave files of an earlier one (another target, a dropped INT8).
-    for old in [*out.glob(f"{name}_*.onnx"), *out.glob(f"{name}_*.ort"), out / OPERATORS_CONFIG, out / "manifest.json"]:
+    for old in [out / f"{name}_{kind}.{ext}" for kind in ("fp32", "int8", "fp16") for ext in ("onnx", "ort")]:
         old.unlink(missing_ok=True)
+    (out / OPERATORS_CONFIG).unlink(missing_ok=True)
     images, labels = validation_images(ckpt, data, max(calibration_images, 16))
     x = prep.batch(images)
     # A fixed-shape model takes exactly its batch size: every check feeds it slices of that size.
