@@ -206,7 +206,7 @@ def max_difference(a: dict[str, dict], b: dict[str, dict]) -> tuple[float, list[
     return worst, problems
 
 
-def test_images(work: Path, sources: list[Path]) -> list[Path]:
+def input_images(work: Path, sources: list[Path]) -> list[Path]:
     """The real NIH PNGs and a 12-bit DICOM (MONOCHROME2, with a window) made from the first."""
     from fedxr.data.dicom import write_dicom
 
@@ -248,7 +248,7 @@ def main() -> None:
 
     work = root / "work"  # seen as /work inside the root
     shutil.rmtree(work, ignore_errors=True)
-    images = test_images(work / "images", sources)
+    images = input_images(work / "images", sources)
     models: list[Path] = []
     for target in TARGETS:
         manifest = export_checkpoint(args.checkpoint, work / target, int8="on", data=args.data, target=target)

@@ -308,8 +308,10 @@ def test_nvflare_private_hooks_fedxr_relies_on_are_still_there(tmp_path):
     assert not [p for p in (tmp_path / "job").rglob("custom/fedxr/*")]
     assert any((tmp_path / "job").rglob("custom/fedxr_client.py"))  # the client script itself travels
     # POC names every site mandatory (the recipe's private _job.job), so a site that connects late is not left out.
+    from fedxr.federated.run import require_every_site
+
     job = build_job(recipe, tmp_path / "g", "poc")
-    job._job.job.mandatory_clients = ["site-1", "site-2", "site-3", "site-4"]
+    require_every_site(job, ["site-1", "site-2", "site-3", "site-4"])
     job.export(str(tmp_path / "job2"))
     meta = json.loads(next((tmp_path / "job2").rglob("meta.json")).read_text())
     assert meta["mandatory_clients"] == ["site-1", "site-2", "site-3", "site-4"] and meta["min_clients"] == 2

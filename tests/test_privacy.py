@@ -99,8 +99,8 @@ def test_check_and_federate_refuse_a_delta_too_large_for_a_site(tmp_path, capsys
     recipe = two_sites(tmp_path, "privacy.dp.delta=0.05")  # ~20 training images per site: 1/N > 0.05 nowhere
     assert main(["check", str(QUICKSTART), *ov]) == 1
     err = capsys.readouterr().err
-    assert "privacy.dp.delta: 0.05 is not below 1/N" in err and "site-1" in err and "site-2" in err
-    with pytest.raises(FedxrError, match="privacy.dp.delta: 0.05 is not below 1/N"):
+    assert "privacy.dp.delta = 0.05 is not below 1/N" in err and "site-1" in err and "site-2" in err
+    with pytest.raises(FedxrError, match="privacy.dp.delta = 0.05 is not below 1/N"):
         federate(recipe, "sim")
     assert not (recipe.layout.federate / "nvflare").exists()  # nothing was started
     assert main(["check", str(QUICKSTART), *two_site_overrides(tmp_path, "privacy.dp.delta=0.001")]) == 0

@@ -70,9 +70,7 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
     # Each POC site reads its own <site>.csv from this folder (a site fact given through the environment).
     with _env(NVFLARE_POC_WORKSPACE=str(workspace), **{SITES_DIR_ENV: str(sites_dir.resolve())}):
         env = PocEnv(num_clients=len(names), clients=names, use_he=recipe.privacy.he)
-        # Every POC site runs on this machine and must be in the job: NVFlare would otherwise schedule it as soon as
-        # min_clients sites have connected and leave a site that connects a moment later out of the whole run.
-        job._job.job.mandatory_clients = list(names)
+        require_every_site(job, names)
         try:
             with recipe_blob_is_not_a_secret():
                 run = job.run(env)
@@ -89,6 +87,13 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
     if server is None:
         raise FedxrError(f"POC result {results} holds no global model; logs: {workspace}")
     return server.parent, workspace
+
+
+def require_every_site(job, names: list[str]) -> None:
+    """Make every POC site mandatory for the job (through the recipe's private ``_job.job``). All POC sites run
+    on this machine: without this NVFlare schedules the job once min_clients sites have connected and leaves a
+    site that connects a moment later out of the whole run."""
+    job._job.job.mandatory_clients = list(names)
 
 
 def _wait_for_result(run, deadline_s: float, retry_s: float = 5.0):

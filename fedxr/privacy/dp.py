@@ -92,14 +92,9 @@ class SitePrivacy:
     def for_site(cls, dp, site: str, train_images: int, batch_size: int, rounds: int,
                  local_epochs: int, local_steps: int | None) -> "SitePrivacy":
         """The site's plan from the recipe's ``privacy.dp`` section and its own training split."""
-        if train_images < 2:
-            raise FedxrError(f"site {site!r}: differential privacy needs training images; it has {train_images}")
-        delta = dp.delta if dp.delta is not None else 1.0 / (10 * train_images)
-        if delta >= 1.0 / train_images:
-            raise FedxrError(
-                f"site {site!r}: privacy.dp.delta = {delta:g} is not below 1/N = 1/{train_images} (its training images); "
-                f"a δ that large allows leaking whole records. Set privacy.dp.delta below {1 / train_images:.2g}, "
-                "or leave it out (default 1/(10 N) at each site)")
+        delta = dp.delta if dp.delta is not None else 1.0 / (10 * max(train_images, 1))
+        if problem := delta_problem(site, delta, train_images):
+            raise FedxrError(problem)
         # Opacus' Poisson loader keeps the plain loader's number of batches per epoch and draws each image into a
         # batch with probability 1 / that number: the accountant must use the same two figures.
         sample_rate = 1.0 / math.ceil(train_images / batch_size)
@@ -213,20 +208,30 @@ def plot_ledger(book: dict, path) -> None:
         ax.legend(fontsize=8)
 
 
-def delta_problems(recipe, sites_dir) -> list[str]:
-    """``privacy.dp.delta`` against each site's training images (δ must be below 1/N), from the site manifests in
-    ``sites_dir``: what `fedxr check` and `fedxr federate` can know before any site starts (each site checks again)."""
-    import pandas as pd
+def delta_problem(site: str, delta: float, train_images: int, source: str = "") -> str | None:
+    """The one δ rule: a site needs training images, and δ must be below 1/N for its N training images
+    (a δ that large allows leaking whole records). ``source`` names the manifest the count came from."""
+    where = f" ({source})" if source else ""
+    if train_images < 2:
+        return f"site {site!r}{where}: differential privacy needs training images; it has {train_images}"
+    if delta >= 1.0 / train_images:
+        return (f"site {site!r}{where}: privacy.dp.delta = {delta:g} is not below 1/N = 1/{train_images} (its training "
+                f"images); a δ that large allows leaking whole records. Set privacy.dp.delta below "
+                f"{1 / train_images:.2g}, or leave it out (default 1/(10 N) at each site)")
+    return None
 
-    from fedxr.data.manifest import site_manifest_paths
+
+def delta_problems(recipe, sites_dir) -> list[str]:
+    """:func:`delta_problem` for every site manifest in ``sites_dir``: what `fedxr check` and `fedxr federate` can
+    know before any site starts (each site checks again with its own data)."""
+    from fedxr.data.manifest import read_manifest, site_manifest_paths
 
     dp = recipe.privacy.dp
     if not dp or dp.delta is None:
         return []
     problems = []
     for site, path in site_manifest_paths(sites_dir).items():
-        n = int((pd.read_csv(path, usecols=["split"])["split"] == "train").sum())
-        if n == 0 or dp.delta >= 1.0 / n:
-            problems.append(f"privacy.dp.delta: {dp.delta:g} is not below 1/N = 1/{n} for {site} ({path}: {n} training "
-                            f"images); set it below {1 / max(n, 1):.2g}, or leave it out (1/(10 N) at each site)")
+        n = int((read_manifest(path)["split"] == "train").sum())
+        if problem := delta_problem(site, dp.delta, n, str(path)):
+            problems.append(problem)
     return problems
