@@ -51,8 +51,18 @@ class PhantomConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["phantom", "nih"] = "phantom"
-    root: str = Field("data/phantom", description="data set folder (NIH layout); phantom data is generated here")
+    source: Literal["phantom", "nih", "csv", "chexpert", "padchest", "vindr", "mimic"] = Field(
+        "phantom", description="phantom (generated) | nih (ChestX-ray14 layout) | csv (a labels CSV: one row per image, "
+                               "blank = unknown) | chexpert | padchest | vindr | mimic (those data sets' own label files)")
+    root: str = Field("data/phantom", description="data set folder; phantom data is generated here")
+    labels_file: Optional[str] = Field(None, description="label file under root (csv: labels.csv; others: their file)")
+    metadata_file: Optional[str] = Field(None, description="mimic: mimic-cxr-2.0.0-metadata.csv under root")
+    boxes_file: Optional[str] = Field(None, description="ground-truth boxes in NIH's BBox_List_2017.csv form, under root")
+    extra_columns: list[str] = Field(default_factory=list, description="csv: columns kept as metadata, not labels")
+    uncertain: Literal["ignore", "zeros", "ones"] = Field(
+        "ignore", description="chexpert/mimic: what −1 (uncertain) becomes: unknown, 0 or 1 (the CheXpert paper's U-policies)")
+    vindr_rule: Literal["any", "majority"] = Field(
+        "majority", description="vindr: a finding is present when any / a majority of an image's radiologists mark it")
     phantom: PhantomConfig = Field(default_factory=PhantomConfig)
     image_size: int = Field(128, ge=16, le=1024, description="training input size in pixels")
     sites: int = Field(3, ge=1, description="number of federated sites to split the data into")
@@ -82,6 +92,8 @@ class ModelConfig(_Section):
                             "auto = all in central/local training, one inside a federated site")
     strategy: str = Field("auto", description="Lightning strategy; several devices per site train with ddp")
     lr: float = Field(1e-3, gt=0)
+    init_from: Optional[str] = Field(
+        None, description="a fedxr checkpoint of the same architecture to start from (e.g. a phantom-trained teacher)")
     seed: int = Field(0, description="training seed: initial weights, data order, augmentation and every site's "
                                      "per-round seed (data.seed fixes the data and the split)")
     weight_decay: float = Field(1e-4, ge=0)
@@ -242,6 +254,11 @@ class Recipe(_Section):
             )
         if self.data.scheme == "column" and not self.data.column:
             problems.append("data.column: scheme 'column' needs a column name, e.g. column: hospital")
+        if self.data.source in ("chexpert", "padchest", "vindr", "mimic") and not self.data.labels_file:
+            problems.append(f"data.labels_file: data.source {self.data.source!r} needs the data set's label file "
+                            "(relative to data.root), e.g. labels_file: train.csv")
+        if self.data.source == "mimic" and not self.data.metadata_file:
+            problems.append("data.metadata_file: data.source 'mimic' needs mimic-cxr-2.0.0-metadata.csv as well")
         m = self.model
         if isinstance(m.devices, int) and m.devices < 1:
             problems.append(f"model.devices: {m.devices} is not a number of devices; use 1 or more, or auto")

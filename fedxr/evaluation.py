@@ -51,7 +51,8 @@ def plot_roc(probs: torch.Tensor, targets: torch.Tensor, scores: dict, path: Pat
         for c, (ax, name) in enumerate(zip(axes.flat, LABELS)):
             auc = scores["auroc"][name]
             if auc is not None:
-                fpr, tpr, _ = binary_roc(probs[:, c], targets[:, c].int())
+                keep = ~torch.isnan(targets[:, c])  # unknown labels are not part of a curve
+                fpr, tpr, _ = binary_roc(probs[keep, c], targets[keep, c].int())
                 ax.plot(fpr.numpy(), tpr.numpy(), lw=1.5)
             ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
             if auc is None:
@@ -91,7 +92,10 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | Path, split: str = "t
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": 0, "unit": "image"},
         "auroc": scores["auroc"], "ap": scores["ap"], "excluded": scores["excluded"], "note": scores["note"],
         "at_thresholds": sensitivity_specificity(probs, targets, thresholds),
-        "prevalence": dict(zip(LABELS, np.round(targets.mean(0).numpy(), 4).tolist())),
+        # Among the images whose label is known; None where no image's is.
+        "prevalence": {c: (round(scores["positives"][c] / scores["known"][c], 4) if scores["known"][c] else None)
+                       for c in LABELS},
+        "known": scores["known"], "unknown": scores["unknown"],
     }
     out = Path(out) if out else Path(ckpt_path).parent / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
@@ -120,4 +124,113 @@ def format_result(result: dict) -> str:
     if result["note"]:
         lines.append(result["note"])
     lines.append(f"wrote {result['out']}/metrics.json and roc_curves.png")
+    return "\n".join(lines)
+
+
+def _site_scores(probs: torch.Tensor, targets: torch.Tensor, normal: np.ndarray, thresholds: torch.Tensor,
+                 trained: list[str] | None) -> dict:
+    """One model on one site's split: macro over known labels with enough known positives and negatives (95 %
+    bootstrap interval), per label AUROC or, where the site's split has one class only, sensitivity or
+    specificity at the validation threshold, and normal-vs-abnormal (``No Finding``) AUROC."""
+    scores = multilabel_scores(probs, targets, min_positives=MIN_TEST_POSITIVES)
+    counted = [c for c in scores["counted"] if scores["positives"][c] >= MIN_TEST_POSITIVES
+               and scores["negatives"][c] >= MIN_TEST_POSITIVES]
+    out = {"images": scores["n"], "counted": counted, "positives": scores["positives"], "negatives": scores["negatives"],
+           "auroc": {c: scores["auroc"][c] for c in counted}, "unknown": scores["unknown"]}
+    if counted:
+        samples = bootstrap_macro_auroc([probs.numpy()], targets.numpy(), counted, BOOTSTRAP_RESAMPLES)[0]
+        out["macro_auroc"] = sum(scores["auroc"][c] for c in counted) / len(counted)
+        out["macro_auroc_ci95"] = interval(samples)
+        out["per_label_ci95"] = {c: interval(bootstrap_macro_auroc([probs.numpy()], targets.numpy(), [c],
+                                                                   BOOTSTRAP_RESAMPLES)[0]) for c in counted}
+    else:
+        out["macro_auroc"], out["macro_auroc_ci95"] = None, None
+    at = sensitivity_specificity(probs, targets, thresholds)
+    # A label this site's split knows with enough positives but too few negatives for an AUROC (a COVID cohort:
+    # nearly every image Pneumonia) still has a sensitivity at the threshold chosen on validation.
+    out["sensitivity_only"] = {c: {"positives": v["positives"], "negatives": v["negatives"], "threshold": v["threshold"],
+                                   "sensitivity": v["sensitivity"], "specificity": v["specificity"]}
+                               for c, v in at.items() if c not in counted and v["positives"] >= MIN_TEST_POSITIVES}
+    known = ~np.isnan(normal)
+    if trained and known.sum():
+        idx = [LABELS.index(c) for c in trained]
+        abnormal = probs[:, idx].max(1).values.numpy()  # the most confident finding: how abnormal the film looks
+        y = 1.0 - normal[known]
+        if 0 < y.sum() < len(y):
+            from fedxr.models.metrics import batched_auroc
+
+            auc = float(batched_auroc(abnormal[known][None], y[None])[0])
+            draws = np.random.default_rng(0).integers(0, int(known.sum()), size=(BOOTSTRAP_RESAMPLES, int(known.sum())))
+            boot = batched_auroc(abnormal[known][draws], y[draws])
+            out["abnormal_auroc"] = {"auroc": auc, "ci95": interval(boot[~np.isnan(boot)]),
+                                     "normal": int((y == 0).sum()), "abnormal": int(y.sum())}
+    return out
+
+
+def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, split: str = "test",
+                   out: str | Path | None = None, cache_dir: str | Path = ".cache/fedxr", progress: bool = True) -> dict:
+    """Within-site figures (the primary ones across hospitals whose case mix differs): every model on each
+    site's own ``split``, beside the pooled figure over all sites. Writes ``per_site.json``."""
+    from fedxr.data.manifest import site_manifest_paths
+    from fedxr.labels import NO_FINDING
+
+    sites = site_manifest_paths(sites_dir)
+    loaded = {name: model_from_checkpoint(path) for name, path in checkpoints.items()}
+    result: dict = {"split": split, "models": {n: str(p) for n, p in checkpoints.items()}, "sites": {}, "pooled": {},
+                    "note": "within-site figures are primary: a pooled AUROC across hospitals with different case mix "
+                            "can reward recognising the hospital rather than the finding"}
+    pooled: dict[str, list] = {n: [] for n in loaded}
+    pooled_targets, pooled_normal = [], []
+    for site, manifest in sites.items():
+        per_model = {}
+        for name, (model, ckpt) in loaded.items():
+            dm = SiteDataModule([manifest], ckpt["preprocessing"], batch_size=64, num_workers=0, augment=False,
+                                cache_dir=cache_dir, progress=progress)
+            try:
+                loader = {"val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
+            except FedxrError as exc:
+                result["sites"][site] = {"skipped": str(exc)}
+                break
+            probs, targets = predict(model, loader)
+            rows = dm.rows[dm.rows["split"] == split]
+            normal = rows[NO_FINDING].to_numpy(dtype=float) if NO_FINDING in rows else np.full(len(rows), np.nan)
+            trained = (ckpt.get("trained_on") or {}).get("trained_labels") or list(LABELS)
+            per_model[name] = _site_scores(probs, targets, normal, torch.tensor(ckpt["thresholds"]), trained)
+            pooled[name].append((probs, targets, normal, torch.tensor(ckpt["thresholds"]), trained))
+        else:
+            result["sites"][site] = per_model
+    for name, parts in pooled.items():
+        if parts:
+            result["pooled"][name] = _site_scores(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                                                  np.concatenate([p[2] for p in parts]), parts[0][3], parts[0][4])
+    out = Path(out) if out else Path(sites_dir).parent / "evaluate"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "per_site.json").write_text(json.dumps(result, indent=2))
+    result["out"] = str(out)
+    return result
+
+
+def format_sites(result: dict) -> str:
+    """Per site and model: the within-site macro AUROC with its interval, one-class sensitivities, normal-vs-abnormal."""
+    def one(s: dict) -> str:
+        parts = []
+        if s.get("macro_auroc") is not None:
+            lo, hi = s["macro_auroc_ci95"]
+            parts.append(f"macro AUROC {s['macro_auroc']:.3f} ({lo:.3f}-{hi:.3f}) over {', '.join(s['counted'])}")
+        for c, v in s.get("sensitivity_only", {}).items():
+            parts.append(f"{c} sensitivity {v['sensitivity']:.2f} ({v['positives']} positives, {v['negatives']} negatives)")
+        if "abnormal_auroc" in s:
+            a = s["abnormal_auroc"]
+            parts.append(f"normal vs abnormal AUROC {a['auroc']:.3f} ({a['ci95'][0]:.3f}-{a['ci95'][1]:.3f})")
+        return "; ".join(parts) or "nothing to score (too few known positives and negatives)"
+
+    lines = [f"within-site figures on each site's {result['split']} split (primary):"]
+    for site, models in result["sites"].items():
+        if "skipped" in models:
+            lines.append(f"  {site}: skipped ({models['skipped']})")
+            continue
+        for name, s in models.items():
+            lines.append(f"  {site} [{name}, {s['images']} images]: {one(s)}")
+    lines.append("pooled over all sites (not comparable across hospitals; shown beside):")
+    lines += [f"  [{name}]: {one(s)}" for name, s in result["pooled"].items()]
     return "\n".join(lines)

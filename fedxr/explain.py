@@ -66,8 +66,11 @@ def boxed_test_images(data: Path, boxes_csv: Path | None = None, split: str = "t
     rows = rows[rows["split"] == split]
     if boxes_csv is None:
         folder = Path(data) if Path(data).is_dir() else Path(data).parent
-        root = Path(read_sites_summary(folder)["settings"]["root"]) if (folder / SUMMARY_FILE).is_file() else None
-        boxes_csv = next((root / n for n in BBOX_FILES if root and (root / n).is_file()), None)
+        settings = read_sites_summary(folder)["settings"] if (folder / SUMMARY_FILE).is_file() else {}
+        root = Path(settings["root"]) if settings.get("root") else None
+        # The recipe's data.boxes_file (a labels-CSV data set), else NIH's file name in the data root.
+        names = ([settings["boxes_file"]] if settings.get("boxes_file") else []) + list(BBOX_FILES)
+        boxes_csv = next((root / n for n in names if root and (root / n).is_file()), None)
     if boxes_csv is None or not Path(boxes_csv).is_file():
         raise FedxrError(f"no ground-truth boxes for {data}: pass --boxes BBox_List_2017.csv (NIH ships one; "
                          "phantom data sets have one in their root)")

@@ -122,12 +122,29 @@ def _evaluate(ctx: Context) -> EvaluateResult:
                                  cache_dir=recipe.data.cache_dir, progress=ctx.progress)
     print(format_result(result))
     metrics = str(Path(result["out"]) / "metrics.json")
+    per_site = _evaluate_sites(ctx)
     if not ctx.results.students:
-        return EvaluateResult(metrics=metrics)
+        return EvaluateResult(metrics=metrics, per_site=per_site)
     from fedxr.distill.report import compare_students
 
     report = compare_students(recipe, ctx.results.distill, teacher_result=result, progress=ctx.progress)
-    return EvaluateResult(metrics=metrics, distill_report=str(Path(report["out"]) / "distill_report.json"))
+    return EvaluateResult(metrics=metrics, distill_report=str(Path(report["out"]) / "distill_report.json"),
+                          per_site=per_site)
+
+
+def _evaluate_sites(ctx: Context) -> str:
+    """Teacher and students on each site's own test split (within-site: the primary figures)."""
+    from fedxr.evaluation import evaluate_sites, format_sites
+
+    models = {"teacher": ctx.teacher}
+    for name, s in ctx.results.students.items():
+        models[f"student {name}"] = s.kd
+        if s.no_kd:
+            models[f"student {name} (no teacher)"] = s.no_kd
+    result = evaluate_sites(models, ctx.layout.sites, out=ctx.layout.evaluate, cache_dir=ctx.recipe.data.cache_dir,
+                            progress=ctx.progress)
+    print(format_sites(result))
+    return str(Path(result["out"]) / "per_site.json")
 
 
 def _explain(ctx: Context) -> ExplainResult:

@@ -38,17 +38,24 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def plot_prevalence(sites: list[dict], path: Path) -> None:
     import numpy as np
 
-    grid = np.array([[s["prevalence"].get(c, 0.0) for c in LABELS] for s in sites])
+    # NaN: no image of the site has a known label for that finding (shown as '?', blank in the colour map).
+    grid = np.array([[np.nan if s["prevalence"].get(c) is None else s["prevalence"][c] for c in LABELS] for s in sites])
     with saved_figure(path, dpi=90, figsize=(11, 1.2 + 0.45 * len(sites))) as (fig, ax):
-        im = ax.imshow(grid, cmap="magma", aspect="auto", vmin=0)
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap="magma", aspect="auto", vmin=0)
         ax.set_xticks(range(len(LABELS)), LABELS, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(sites)), [f"{s['site']} ({s['images']} img)" for s in sites], fontsize=8)
         for i in range(len(sites)):
             for j in range(len(LABELS)):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if grid[i, j] < grid.max() / 2 else "black")
-        ax.set_title("label prevalence per site")
+                known = not np.isnan(grid[i, j])
+                ax.text(j, i, f"{grid[i, j]:.2f}" if known else "?", ha="center", va="center", fontsize=7,
+                        color="white" if not known or grid[i, j] < np.nanmax(grid) / 2 else "black")
+        ax.set_title("label prevalence per site (among images whose label is known; ? = never labelled there)")
         fig.colorbar(im, ax=ax)
+
+
+def _most_common(prevalence: dict) -> str:
+    known = {k: v for k, v in prevalence.items() if v is not None}
+    return max(known, key=known.get) if known else "–"
 
 
 def _data_section(layout: RunLayout, out: list[str]) -> None:
@@ -58,9 +65,15 @@ def _data_section(layout: RunLayout, out: list[str]) -> None:
     out += ["## Data per site", "",
             f"Data set `{info['settings']['root']}`, split `{info['settings']['scheme']}` into {len(sites)} sites "
             "(patient-wise: no patient is in two sites or two splits).", ""]
-    out += _table(["site", "patients", "images", "train", "val", "test", "no finding", "most common finding"],
-                  [[s["site"], s["patients"], s["images"], s["train"], s["val"], s["test"], _f(s.get("no_finding"), ".2f"),
-                    max(s["prevalence"], key=s["prevalence"].get)] for s in sites])
+    values = info["settings"].get("column_values") or {}
+    out += _table(["site", "holds", "patients", "images", "train", "val", "test", "no finding", "labels known",
+                   "most common finding"],
+                  [[s["site"], ", ".join(values.get(s["site"], [])) or "–", s["patients"], s["images"], s["train"],
+                    s["val"], s["test"], _f(s.get("no_finding"), ".2f"), 14 - len(s.get("unknown_labels", [])),
+                    _most_common(s["prevalence"])] for s in sites])
+    never = sorted(set(LABELS).intersection(*[set(s.get("unknown_labels", [])) for s in sites]))
+    if never:
+        out += ["", f"No site labels {', '.join(never)}: not trained, and reported as such."]
     plot_prevalence(sites, run / "report_prevalence.png")
     out += ["", "![prevalence](report_prevalence.png)", ""]
 
@@ -168,6 +181,45 @@ def _evaluate_section(layout: RunLayout, results: RunResults, out: list[str]) ->
         out += ["", f"![teacher vs students]({_rel(Path(ev.distill_report).parent / 'distill_report.png', run)})", ""]
 
 
+def _within_site_section(layout: RunLayout, results: RunResults, out: list[str]) -> None:
+    ev = results.evaluate
+    if not ev or not ev.per_site or not Path(ev.per_site).is_file():
+        return
+    rep = json.loads(Path(ev.per_site).read_text())
+    holds = read_sites_summary(layout.sites)["settings"].get("column_values") or {}
+
+    def cell(s: dict) -> str:
+        parts = []
+        if s.get("macro_auroc") is not None:
+            parts.append(f"{_f(s['macro_auroc'])} ({_ci(s['macro_auroc_ci95'])}), {len(s['counted'])} label(s)")
+        parts += [f"{c} sensitivity {_f(v['sensitivity'], '.2f')} ({v['positives']} pos., {v['negatives']} neg.)"
+                  for c, v in s.get("sensitivity_only", {}).items()]
+        return "; ".join(parts) or "too few"
+
+    def abnormal(s: dict) -> str:
+        a = s.get("abnormal_auroc")
+        return f"{_f(a['auroc'])} ({_ci(a['ci95'])})" if a else "–"
+
+    models = list(rep["models"])
+    rows = []
+    for site, per_model in rep["sites"].items():
+        name = f"{site} ({', '.join(holds[site])})" if holds.get(site) else site
+        if "skipped" in per_model:
+            rows.append([name, "skipped", *[""] * (2 * len(models) - 1)])
+            continue
+        rows.append([name, *[cell(per_model[m]) for m in models], *[abnormal(per_model[m]) for m in models]])
+    rows.append(["pooled (not within-site)", *[cell(rep["pooled"][m]) for m in models],
+                 *[abnormal(rep["pooled"][m]) for m in models]])
+    out += ["## Within-site test figures (primary)", "",
+            "Each model on each site's own test split: macro AUROC over the labels that site knows with at least "
+            "10 test positives and 10 negatives (95 % bootstrap interval over images); where a site's test split has "
+            "(nearly) one class only, the sensitivity at the threshold chosen on validation; and normal vs abnormal (No Finding, "
+            "scored by the most confident finding). A pooled AUROC across hospitals with different case mix can "
+            "reward recognising the hospital: it is shown last, for reference.", ""]
+    out += _table(["site", *[f"{m}: macro AUROC" for m in models], *[f"{m}: normal vs abnormal" for m in models]], rows)
+    out += [""]
+
+
 def _export_section(layout: RunLayout, results: RunResults, out: list[str]) -> None:
     run, ex = layout.root, results.export
     if not ex:
@@ -260,12 +312,16 @@ def write_report(recipe: Recipe, results: RunResults) -> Path:
            f"Written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Teacher `{recipe.model.name}`, "
            f"{recipe.federated.algorithm} × {recipe.federated.rounds} rounds in `{recipe.federated.env}`; students "
            f"{', '.join(f'`{s}`' for s in recipe.distill.students) or 'none'}.", ""]
+    from fedxr.data.provenance import describe, trained_on
+
+    out += [f"Data: {describe(trained_on(recipe.resolved()))}.", ""]
     if results.seconds:
         out += ["Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results.seconds.items()), ""]
     _data_section(layout, out)
     _rounds_section(layout, results, out)
     _privacy_section(layout, recipe, out)
     _baselines_section(layout, out)
+    _within_site_section(layout, results, out)
     _evaluate_section(layout, results, out)
     _export_section(layout, results, out)
     _explain_section(layout, results, out)

@@ -96,9 +96,10 @@ class ExportResult(StageResult):
 class EvaluateResult(StageResult):
     metrics: str                          # the teacher's pooled-test metrics.json
     distill_report: Optional[str] = None  # distill_report.json, when the run has students
+    per_site: Optional[str] = None        # per_site.json: every model on each site's own test split
 
     def outputs(self) -> list[str]:
-        return [self.metrics] + ([self.distill_report] if self.distill_report else [])
+        return [self.metrics] + [p for p in (self.distill_report, self.per_site) if p]
 
 
 @dataclass(frozen=True)

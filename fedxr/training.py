@@ -85,7 +85,12 @@ def make_classifier(recipe: Recipe, dm: SiteDataModule, cls: type[XRayClassifier
         # The model must be trained on the input it will be described (and exported) with.
         raise FedxrError(f"the model description's preprocessing {given['preprocessing']} differs from the data's "
                          f"{dm.preprocessing.as_dict()}; build both from the same recipe")
-    return cls(**{**args, **given})
+    module = cls(**{**args, **given})
+    if m.init_from and "model_name" not in given:
+        from fedxr.models.classifier import load_initial_weights
+
+        load_initial_weights(module, m.init_from)
+    return module
 
 
 def train(recipe: Recipe, sites_folder: Path, mode: str = "central", site: str | None = None,

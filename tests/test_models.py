@@ -193,7 +193,7 @@ def test_macro_counts_only_classes_with_enough_positives():
     assert s["counted"] == [LABELS[0]]
     assert s["macro_auroc"] == pytest.approx(s["auroc"][LABELS[0]])
     assert s["macro_auroc_all"] == pytest.approx((s["auroc"][LABELS[0]] + s["auroc"][LABELS[1]]) / 2)
-    assert "too few positives (< 10)" in s["note"]
+    assert "too few known positives or negatives (< 10)" in s["note"]
     assert LABELS[1] in s["note"]
     # A toy split where no class reaches the minimum still gets a macro, flagged as unstable.
     toy = multilabel_scores(probs, targets, min_positives=100)

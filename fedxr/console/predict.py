@@ -88,6 +88,7 @@ def predict_upload(data: bytes, name: str, folder: Path, checkpoint: str | None)
     cam, why = gradcam(checkpoint, gray, label)
     return {
         "model": str(model.path.name), "input": name, "size": list(gray.shape),
+        "trained_on": model.provenance, "synthetic": model.synthetic,
         "probabilities": [{"label": lab, "probability": result.probabilities[lab], "threshold": float(t),
                            "finding": result.probabilities[lab] >= float(t)}
                           for lab, t in zip(model.labels, model.thresholds)],

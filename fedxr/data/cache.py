@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from fedxr.errors import DataError
-from fedxr.imaging import load_for_model
+from fedxr.imaging import read_gray, resize_square
 
 
 def cache_key(paths: Sequence[str | Path], size: int) -> str:
@@ -36,9 +36,25 @@ def cache_path(paths: Sequence[str | Path], size: int, cache_dir: str | Path) ->
     return Path(cache_dir) / f"images_{size}px_{len(paths)}_{cache_key(paths, size)}.npy"
 
 
+#: An image whose shorter side is below size / MAX_UPSCALE is refused: enlarged that much it holds no detail
+#: the model could learn from, and a thumbnail in a folder of films is more often a mistake than a choice.
+MAX_UPSCALE = 2
+
+
 def _decode(args: tuple[str, int]) -> np.ndarray:
     path, size = args
-    return load_for_model(path, size)
+    try:
+        gray = read_gray(path)
+    except DataError:
+        raise
+    except Exception as exc:  # a corrupt file: name it, whatever the decoder raised
+        raise DataError(f"{path}: cannot read this image ({type(exc).__name__}: {exc}); replace it, or remove its row "
+                        "from the label file") from None
+    h, w = gray.shape
+    if min(h, w) * MAX_UPSCALE < size:
+        raise DataError(f"{path}: image is {w} x {h} px, too small for data.image_size {size} (it would be enlarged "
+                        f"more than {MAX_UPSCALE}x); use a smaller data.image_size or the full-size image")
+    return resize_square(gray, size)
 
 
 def build_cache(

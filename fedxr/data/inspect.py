@@ -23,11 +23,51 @@ def _is_bbox_file(path: Path) -> bool:
     return len(header) > 1 and header[1].strip() == "Finding Label"
 
 
+def _is_labels_csv(path: Path) -> bool:
+    """A generic labels CSV (``path``, ``patient_id`` and finding columns), or a folder holding ``labels.csv``
+    and no NIH label file."""
+    from fedxr.data.nih import LABEL_FILES
+
+    if path.is_dir():
+        return (path / "labels.csv").is_file() and not any((path / n).is_file() for n in LABEL_FILES)
+    if path.suffix != ".csv":
+        return False
+    with _open_text(path) as fh:
+        header = next(csv.reader([fh.readline()]), [])
+    return "path" in header and "patient_id" in header
+
+
+def _group_stats(rows) -> dict:
+    from fedxr.data.manifest import label_counts
+
+    return {"images": int(len(rows)), "patients": int(rows["patient_id"].nunique()),
+            "views": {str(k): int(v) for k, v in rows["view"].value_counts().items() if k},
+            "labels": label_counts(rows)}
+
+
+def inspect_labels_csv(path: Path) -> dict:
+    """Per source and site of a labels CSV: images, patients, views, and per label positives / negatives /
+    unknown (the source never labelled it)."""
+    from fedxr.data.labelcsv import dataset_from_table, read_labels_csv
+
+    label_file = path / "labels.csv" if path.is_dir() else path
+    ds = dataset_from_table(read_labels_csv(label_file), label_file.parent, label_file, missing="ignore")
+    t = ds.table
+    keys = [c for c in ("source", "site") if c in t]
+    groups = {" / ".join(map(str, k if isinstance(k, tuple) else (k,))): _group_stats(g)
+              for k, g in t.groupby(keys, sort=True)} if keys else {}
+    return {"path": str(path), "kind": "labels_csv", "label_file": str(label_file), **_group_stats(t),
+            "images_missing": len(ds.missing), "first_missing": ds.missing[:5], "groups": groups,
+            "grouped_by": keys}
+
+
 def inspect_path(path: str | Path) -> dict:
     """Statistics for a data folder, a label CSV or a bounding-box CSV (as a JSON-ready dict)."""
     path = Path(path)
     if path.is_file() and _is_bbox_file(path):
         return {"path": str(path), "kind": "bbox_list", **_box_stats(read_bbox_list(path))}
+    if _is_labels_csv(path):
+        return inspect_labels_csv(path)
     ds = load_dataset(path, missing="ignore")
     t = ds.table
     stats = {
@@ -50,8 +90,25 @@ def inspect_path(path: str | Path) -> dict:
     return stats
 
 
+def _format_group(name: str, g: dict) -> list[str]:
+    known = [f"{lab} {c['positive']}/{c['negative']}/{c['unknown']}" for lab, c in g["labels"].items()
+             if c["unknown"] < g["images"]]
+    never = [lab for lab, c in g["labels"].items() if c["unknown"] == g["images"]]
+    return [f"  {name}: {g['images']:,} images, {g['patients']:,} patients; views "
+            + (", ".join(f"{k} {v:,}" for k, v in g["views"].items()) or "–"),
+            "    labels (positive/negative/unknown): " + ", ".join(known),
+            "    never labelled: " + (", ".join(never) or "–")]
+
+
 def format_stats(stats: dict) -> str:
     lines = [f"{stats['path']}"]
+    if stats["kind"] == "labels_csv":
+        lines.append(f"  label file {stats['label_file']}")
+        lines += _format_group("all", stats)
+        lines += [line for name, g in stats["groups"].items() for line in _format_group(name, g)]
+        if stats["images_missing"]:
+            lines.append(f"  missing on disk: {stats['images_missing']:,} (first: {', '.join(stats['first_missing'])})")
+        return "\n".join(lines)
     if stats["kind"] == "dataset":
         lines += [
             f"  label file      {stats['label_file']}",

@@ -17,7 +17,7 @@ from fedxr.data import sites as S
 from fedxr.data.atomic import atomic_dir
 from fedxr.data.nih import NIHDataset
 from fedxr.errors import DataError
-from fedxr.labels import LABELS
+from fedxr.labels import LABELS, NO_FINDING
 from fedxr.layout import SITES_SUMMARY_FILE as SUMMARY_FILE
 
 MANIFEST_COLUMNS = ("image", "path", "patient_id", "split", "findings")
@@ -60,7 +60,9 @@ def assign_sites(
     elif scheme == "quantity":
         assign = S.partition_quantity(ids, num_sites, seed, alpha, min_size)
     elif scheme == "dirichlet":
-        assign = S.partition_dirichlet(ids, patients[list(LABELS)].to_numpy(), num_sites, seed, alpha, min_size)
+        # An unknown label (NaN) counts as not positive when drawing label-skewed sites.
+        assign = S.partition_dirichlet(ids, np.nan_to_num(patients[list(LABELS)].to_numpy(dtype=float)), num_sites,
+                                       seed, alpha, min_size)
     else:
         if not column:
             raise DataError("scheme 'column' needs --column NAME (e.g. --column hospital)")
@@ -100,7 +102,8 @@ def build_site_manifests(
         if rows.empty:
             raise DataError(f"{name} would be empty; use fewer sites or another scheme")
         rows["split"] = assign_splits(rows, val_fraction, test_fraction, seed + 1000 * (i + 1))
-        keep = list(MANIFEST_COLUMNS) + [c for c in ("view", "sex", "age", column) if c and c in rows] + list(LABELS)
+        keep = (list(MANIFEST_COLUMNS) + [c for c in ("view", "sex", "age", "source", "site", column) if c and c in rows]
+                + list(LABELS) + ([NO_FINDING] if NO_FINDING in rows else []))
         manifests[name] = rows[list(dict.fromkeys(keep))].sort_values("image").reset_index(drop=True)
     all_rows = pd.concat(manifests.values())
     S.assert_patient_disjoint(
@@ -111,15 +114,34 @@ def build_site_manifests(
     return manifests, details
 
 
+def label_counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Per label: known positives, known negatives and unknown images (NaN = the source never labelled it)."""
+    out = {}
+    for lab in LABELS:
+        v = frame[lab].to_numpy(dtype=float)
+        out[lab] = {"positive": int((v == 1).sum()), "negative": int((v == 0).sum()), "unknown": int(np.isnan(v).sum())}
+    return out
+
+
 def summarise(manifests: dict[str, pd.DataFrame]) -> list[dict]:
-    """Per site: patients, images per split, and label prevalence (fraction of images) over all splits."""
+    """Per site: patients, images per split, label prevalence (fraction of the images whose label is known, over
+    all splits; None where no image's label is known), and per label the known positives / negatives / unknown."""
     rows = []
     for name, m in manifests.items():
         row = {"site": name, "patients": int(m["patient_id"].nunique()), "images": len(m)}
         for sp in SPLITS:
             row[sp] = int((m["split"] == sp).sum())
-        row["prevalence"] = {lab: round(float(m[lab].mean()), 4) for lab in LABELS}
-        row["no_finding"] = round(float((m[list(LABELS)].sum(axis=1) == 0).mean()), 4)
+        counts = label_counts(m)
+        row["prevalence"] = {lab: (round(c["positive"] / (c["positive"] + c["negative"]), 4)
+                                   if c["positive"] + c["negative"] else None) for lab, c in counts.items()}
+        if NO_FINDING in m:
+            row["no_finding"] = round(float((m[NO_FINDING].to_numpy(dtype=float) == 1).mean()), 4)
+        else:
+            row["no_finding"] = round(float((m[list(LABELS)].sum(axis=1) == 0).mean()), 4)
+        row["labels"] = counts
+        row["unknown_labels"] = [lab for lab, c in counts.items() if c["unknown"] == len(m)]
+        if "source" in m:
+            row["sources"] = sorted(m["source"].astype(str).unique().tolist())
         rows.append(row)
     return rows
 
@@ -145,7 +167,21 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         raise DataError(f"{path}: not a fedxr site manifest (missing column(s) {', '.join(missing)})")
     if frame.empty:
         raise DataError(f"{path}: the site manifest has no rows; this site has no data")
+    for column in (*LABELS, NO_FINDING):
+        if column in frame:
+            frame[column] = _label_column(frame[column], path, column)
     return frame
+
+
+def _label_column(raw: pd.Series, path: Path, column: str) -> pd.Series:
+    """A manifest's label column as float: 1 / 0, blank = unknown (NaN). Anything else names its line."""
+    text = raw.astype(str).str.strip()
+    values = pd.to_numeric(text.replace("", "nan"), errors="coerce")
+    bad = ~(values.isin([0.0, 1.0]) | (text == ""))
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{path}, line {i + 2}, column {column!r}: label {text.iat[i]!r} is not 1, 0 or blank (unknown)")
+    return values.astype(float)
 
 
 def site_manifest_paths(folder: str | Path) -> dict[str, Path]:
@@ -163,7 +199,8 @@ def format_summary(rows: list[dict]) -> str:
     head = f"{'site':<8}{'pat':>6}{'img':>7}{'train':>7}{'val':>6}{'test':>6}{'NoF%':>6} " + " ".join(f"{s:>5}" for s in short)
     lines = [head, "-" * len(head)]
     for r in rows:
-        prev = " ".join(f"{100 * r['prevalence'][lab]:5.1f}" for lab in LABELS)
+        prev = " ".join(f"{100 * r['prevalence'][lab]:5.1f}" if r["prevalence"][lab] is not None else "    ?"
+                        for lab in LABELS)
         lines.append(
             f"{r['site']:<8}{r['patients']:>6}{r['images']:>7}{r['train']:>7}{r['val']:>6}{r['test']:>6}"
             f"{100 * r['no_finding']:6.1f} {prev}"

@@ -17,9 +17,15 @@ from fedxr.data.phantom import MARKER_FILE
 from fedxr.errors import DataError
 
 
+#: Sources read from a label file in the generic table form (fedxr.data.labelcsv, fedxr.data.formats).
+TABLE_SOURCES = ("csv", "chexpert", "padchest", "vindr", "mimic")
+
+
 def split_settings(recipe: Recipe) -> dict:
     d = recipe.data
-    return {"root": str(Path(d.root).resolve()), "sites": d.sites, "scheme": d.scheme, "alpha": d.alpha,
+    return {"root": str(Path(d.root).resolve()), "source": d.source, "labels_file": d.labels_file,
+            "metadata_file": d.metadata_file, "boxes_file": d.boxes_file, "extra_columns": list(d.extra_columns),
+            "uncertain": d.uncertain, "vindr_rule": d.vindr_rule, "sites": d.sites, "scheme": d.scheme, "alpha": d.alpha,
             "column": d.column if d.scheme == "column" else None, "seed": d.seed, "val_fraction": d.val_fraction,
             "test_fraction": d.test_fraction, "min_site_patients": d.min_site_patients,
             "missing_images": d.missing_images}
@@ -36,6 +42,12 @@ def ensure_dataset(recipe: Recipe, progress: bool = True) -> tuple[Path, bool]:
         print(f"{root}: phantom data made with other settings ({stale}); generating it again")
         _generate(recipe, root, progress, force=True)
         return root, True
+    if recipe.data.source in TABLE_SOURCES:
+        labels = root / (recipe.data.labels_file or "labels.csv")
+        if not labels.is_file():
+            raise DataError(f"{labels}: label file not found; set data.root to the data set's folder and "
+                            "data.labels_file to its label file (relative to data.root)")
+        return root, False
     if (root / "Data_Entry_2017.csv").is_file() or any(root.glob("Data_Entry_2017*")) or (root / "sample_labels.csv").is_file():
         return root, False
     if recipe.data.source != "phantom":
@@ -75,7 +87,7 @@ def ensure_sites(recipe: Recipe, force: bool = False) -> tuple[Path, bool]:
         old = read_sites_summary(folder).get("settings", {})
         if {k: old.get(k) for k in settings} == settings:
             return folder, False
-    dataset = load_dataset(recipe.data.root, missing=recipe.data.missing_images)
+    dataset = load_recipe_dataset(recipe)
     d = recipe.data
     manifests, details = build_site_manifests(
         dataset, d.sites, d.scheme, seed=d.seed, alpha=d.alpha, column=d.column, val_fraction=d.val_fraction,
@@ -84,6 +96,27 @@ def ensure_sites(recipe: Recipe, force: bool = False) -> tuple[Path, bool]:
     write_manifests(folder, manifests, {**settings, **details}, force=True)
     print(format_summary(summarise(manifests)))
     return folder, True
+
+
+def load_recipe_dataset(recipe: Recipe):
+    """The recipe's data set as one image table (NIH layout, a labels CSV, or a public data set's label file)."""
+    d = recipe.data
+    if d.source not in TABLE_SOURCES:
+        return load_dataset(d.root, missing=d.missing_images)
+    from fedxr.data.labelcsv import dataset_from_table, read_labels_csv
+
+    root = Path(d.root)
+    label_file = root / (d.labels_file or "labels.csv")
+    if d.source == "csv":
+        table = read_labels_csv(label_file, tuple(d.extra_columns))
+    else:
+        from fedxr.data.formats import read_format
+
+        table = read_format(d.source, label_file, metadata_file=root / d.metadata_file if d.metadata_file else None,
+                            uncertain=d.uncertain, vindr_rule=d.vindr_rule)
+    site_column = d.column if d.scheme == "column" else None
+    return dataset_from_table(table, root, label_file, missing=d.missing_images, site_column=site_column,
+                              boxes_file=d.boxes_file)
 
 
 def require_sites(recipe: Recipe, recipe_path: str | Path | None = None) -> Path:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from fedxr.models.loss import masked_bce_with_logits
+
 
 def bernoulli_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
     """T² · mean KL(σ(t/T) ‖ σ(s/T)); student/teacher logits (N, C). Zero iff they are equal."""
@@ -28,8 +30,12 @@ def bernoulli_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
 
 
 def task_loss(student_logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """BCE-with-logits against the labels (optionally with per-class pos_weight)."""
-    return F.binary_cross_entropy_with_logits(student_logits.float(), targets.float(), pos_weight=pos_weight)
+    """BCE-with-logits against the known labels (NaN = unknown, left out), optionally with per-class pos_weight.
+
+    The distillation term covers every class, unknown ones included: where a site never labelled a finding the
+    teacher's soft label is the only signal the student gets for it there.
+    """
+    return masked_bce_with_logits(student_logits, targets, pos_weight=pos_weight)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,

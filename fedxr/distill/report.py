@@ -47,7 +47,7 @@ def paired_differences(first: dict, second: dict, classes: list[str]) -> dict:
     from fedxr.models.metrics import bootstrap_macro_auroc, interval
 
     a, b = (np.load(m["predictions"]) for m in (first, second))
-    if not np.array_equal(a["targets"], b["targets"]):
+    if not np.array_equal(a["targets"], b["targets"], equal_nan=True):
         raise ValueError(f"{first['checkpoint']} and {second['checkpoint']} were not scored on the same images")
     samples = bootstrap_macro_auroc([a["probs"], b["probs"]], a["targets"], classes, BOOTSTRAP_RESAMPLES)
     diff = samples[0] - samples[1]

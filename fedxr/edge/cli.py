@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedxr.energy import ASSUMED_CORE_W, edge_energy_per_image_j
+from fedxr.data.provenance import SYNTHETIC_WARNING
 from fedxr.errors import EXIT_CHECK_FAILED, EXIT_OK, FedxrError, run_command
 from fedxr.imaging import IMAGE_SUFFIXES
 
@@ -42,6 +43,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise FedxrError("no input images found (give files, folders or globs of PNG, JPEG or DICOM)")
     # Results are written as they come (input order), so a folder of any size needs no more memory than a batch.
     failed = total = 0
+    # What the model was trained on, before its first prediction (stderr for the machine-readable formats).
+    print(f"model: {model.provenance}", file=sys.stderr if (args.csv or args.json) else sys.stdout)
+    warning = SYNTHETIC_WARNING if model.synthetic else None
     writer = csv.writer(sys.stdout) if args.csv else None
     if writer:
         writer.writerow(["input", "error", *model.labels, "findings"])
@@ -50,7 +54,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         for r in model.predict_iter(paths, batch_size=args.batch, workers=args.workers):
             if args.json:
-                sys.stdout.write(("," if total else "") + "\n" + json.dumps(r.as_dict(), indent=2))
+                item = {**r.as_dict(), **({"warning": warning} if warning else {})}
+                sys.stdout.write(("," if total else "") + "\n" + json.dumps(item, indent=2))
             elif writer:
                 writer.writerow([r.input, r.error or "", *(r.probabilities.get(l, "") for l in model.labels),
                                  "|".join(l for l, _ in r.findings)])
@@ -58,7 +63,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"{r.input}: ERROR {r.error}")
             else:
                 found = ", ".join(f"{l} {p:.2f}" for l, p in r.findings) or "no finding above threshold"
-                print(f"{r.input}: {found}")
+                print(f"{r.input}: {found}" + (f"  [{warning}]" if warning else ""))
             total += 1
             failed += r.error is not None
     finally:  # the JSON array is closed even when the run stops part-way, so what was written still parses

@@ -106,6 +106,19 @@ class EdgeModel:
         self.preprocessing = Preprocessing.from_metadata(self.meta)
         self.size = self.preprocessing.size
         self.thresholds = np.asarray(self.meta["thresholds"], dtype=np.float32)
+        #: What the model was trained on (fedxr.data.provenance), None for files from an older export.
+        self.trained_on: dict | None = self.meta.get("trained_on")
+
+    @property
+    def synthetic(self) -> bool:
+        """Trained on fedxr's synthetic phantom: its predictions are not for diagnosis."""
+        return bool(self.trained_on and self.trained_on.get("synthetic"))
+
+    @property
+    def provenance(self) -> str:
+        from fedxr.data.provenance import describe
+
+        return describe(self.trained_on)
 
     @property
     def provider(self) -> str:

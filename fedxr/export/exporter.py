@@ -198,7 +198,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
         if p.exists():
             f.update(size_bytes=p.stat().st_size, sha256=sha256_of(p), opset=opset)
     manifest = {
-        "checkpoint": str(ckpt_path), "checkpoint_sha256": sha256_of(ckpt_path), "model_name": name,
+        "checkpoint": str(ckpt_path), "checkpoint_sha256": sha256_of(ckpt_path), "model_name": name, "trained_on": ckpt.get("trained_on"),
         "target": tgt.name, "input_shape": [step or "batch", 1, prep.size, prep.size],
         "input_size": prep.size, "validation_images": len(images), "int8_decision": decision, "files": files,
         "recommended": _recommended(tgt, files), "ok": bool(checks_ok), **extra,

@@ -30,7 +30,7 @@ def model_metadata(ckpt: dict, ckpt_path: Path, fmt: str, val_auroc: float | Non
     """The fedxr metadata of one exported file: exactly :data:`fedxr.edge.metadata.KEYS`."""
     values = {"labels": list(ckpt["labels"]), **ckpt["preprocessing"].metadata(), "thresholds": list(ckpt["thresholds"]),
               "model_name": ckpt["model_name"], "fedxr_version": __version__, "checkpoint_sha256": sha256_of(ckpt_path),
-              "val_auroc": val_auroc, "format": fmt}
+              "val_auroc": val_auroc, "format": fmt, "trained_on": ckpt.get("trained_on")}
     if set(values) != set(metadata.KEYS):  # the edge runtime documents and reads these keys
         raise AssertionError(f"export metadata keys {sorted(values)} differ from fedxr.edge.metadata.KEYS")
     return values

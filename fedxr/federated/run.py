@@ -192,6 +192,20 @@ def _check_sites_trained(records: Path, recipe: Recipe, workspace: Path) -> None
             f"are in their logs under {workspace} (e.g. site-1/log.txt)")
 
 
+def _initial_model(recipe: Recipe, path: Path) -> Path:
+    """The round-0 model file for ``model.init_from``: the recipe's model built as the server builds it,
+    with the checkpoint's weights (NVFlare bundles the file into the job)."""
+    import torch
+
+    from fedxr.federated.job import model_config
+    from fedxr.models.classifier import XRayClassifier, load_initial_weights
+
+    module = load_initial_weights(XRayClassifier(**model_config(recipe)["args"]), recipe.model.init_from)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(module.state_dict(), path)
+    return path
+
+
 def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = None,
              export_job: str | Path | None = None, extra_args: str = "", recipe_path: str | None = None,
              stage: str = "federate", source: str = "federate", **job_options) -> dict:
@@ -203,6 +217,8 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     """
     folder = recipe.layout.stage(stage)
     records = folder / "records"
+    if recipe.model.init_from and "model" not in job_options and "initial_ckpt" not in job_options:
+        job_options["initial_ckpt"] = _initial_model(recipe, folder / "initial_model.pt")
     job_options = dict(extra_args=extra_args, stage=stage, **job_options)
     if export_job:
         job = build_job(recipe, folder, "prod", **job_options)

@@ -12,6 +12,8 @@ A checkpoint is a ``torch.save`` dict of tensors and plain data (loadable with `
 ``metrics``        validation (and test) scores at save time
 ``recipe``         the resolved recipe that produced it
 ``fedxr_version``  the fedxr version that wrote it; ``source``: train/federate/distill
+``trained_on``     what it was trained on: data source, synthetic or not, sites with image counts, the
+                   labels trained and those no site labelled (:func:`fedxr.data.provenance.trained_on`)
 ``norm``           optional: ``group`` when the network was trained with differential privacy (its
                    BatchNorm layers are GroupNorm); absent or ``batch`` otherwise
 =================  =====================================================================
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from fedxr import __version__
+from fedxr.data.provenance import trained_on
 from fedxr.errors import FedxrError
 from fedxr.labels import LABELS
 from fedxr.preprocessing import Preprocessing
@@ -55,7 +58,7 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
         "preprocessing": Preprocessing.coerce(preprocessing).as_dict(), "labels": list(LABELS),
         "thresholds": [float(t) for t in thresholds], "metrics": metrics or {}, "recipe": recipe or {},
-        "fedxr_version": __version__, "source": source, **(extra or {}),
+        "fedxr_version": __version__, "source": source, "trained_on": trained_on(recipe or {}), **(extra or {}),
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(payload, tmp)

@@ -13,6 +13,7 @@ from torch import nn
 
 from fedxr.labels import NUM_LABELS, TEST_AP, TEST_AUROC, TRAIN_LOSS, VAL_AP, VAL_AUROC, VAL_LOSS, per_class_metric
 from fedxr.models.checkpoint import save_checkpoint
+from fedxr.models.loss import masked_bce_with_logits
 from fedxr.models.metrics import choose_thresholds, multilabel_scores
 from fedxr.models.registry import build_model, get_spec
 from fedxr.preprocessing import Preprocessing
@@ -21,10 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def pos_weight_from_labels(labels: np.ndarray, cap: float) -> list[float]:
-    """BCE pos_weight per class = negatives / positives, capped; 1.0 for a class with no positives."""
+    """BCE pos_weight per class = known negatives / known positives, capped; 1.0 for a class with no
+    positives. Unknown labels (NaN) count as neither."""
     labels = np.asarray(labels, dtype=np.float64)
-    pos = labels.sum(0)
-    neg = labels.shape[0] - pos
+    pos = (labels == 1).sum(0)
+    neg = (labels == 0).sum(0)
     return [float(min(cap, n / p)) if p > 0 else 1.0 for p, n in zip(pos, neg)]
 
 
@@ -85,7 +87,7 @@ class XRayClassifier(L.LightningModule):
         return (self._compiled if self._compiled is not None else self.model)(x)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=self._pos_weight.to(logits.device))
+        return masked_bce_with_logits(logits, y, pos_weight=self._pos_weight.to(logits.device))
 
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixup (Zhang et al., 2018): each image blended with another of the batch, labels alike, with a
@@ -198,3 +200,18 @@ class XRayClassifier(L.LightningModule):
         module.model.load_state_dict(ckpt["state_dict"])
         module.thresholds.copy_(torch.tensor(ckpt["thresholds"]))
         return module
+
+
+def load_initial_weights(module: XRayClassifier, checkpoint: str | Path) -> XRayClassifier:
+    """Start ``module`` from a fedxr checkpoint's network (``model.init_from``): the same architecture and
+    normalisation, or a clear error. Thresholds are not taken: they are chosen again on this run's data."""
+    from fedxr.errors import FedxrError
+    from fedxr.models.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt["model_name"] != module.model_name or ckpt.get("norm", "batch") != module.norm:
+        raise FedxrError(f"model.init_from: {checkpoint} holds {ckpt['model_name']!r} (norm {ckpt.get('norm', 'batch')}), "
+                         f"but this run trains {module.model_name!r} (norm {module.norm}); start from a checkpoint of "
+                         "the same architecture")
+    module.model.load_state_dict(ckpt["state_dict"])
+    return module

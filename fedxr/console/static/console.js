@@ -97,6 +97,11 @@ function setupTry(form) {
     if (body.heatmap) heat.src = body.heatmap;
     document.getElementById("try-heatmap-note").textContent =
       body.heatmap ? `Grad-CAM for ${body.heatmap_label}` : (body.heatmap_note || "");
+    // A model trained on synthetic data says so above its findings; every model says what it was trained on.
+    const warning = document.getElementById("try-warning");
+    warning.hidden = !body.synthetic;
+    warning.textContent = body.synthetic ? "This model was trained on synthetic data — not for diagnosis." : "";
+    document.getElementById("try-provenance").textContent = body.trained_on || "";
     document.getElementById("try-findings").textContent = body.findings.length ?
       body.findings.map(f => `${f.label} ${fmt(f.probability)}`).join(", ") : "no finding above its threshold";
     const tbody = document.querySelector("#try-probabilities tbody");
