@@ -61,6 +61,8 @@ class DataConfig(_Section):
     extra_columns: list[str] = Field(default_factory=list, description="csv: columns kept as metadata, not labels")
     uncertain: Literal["ignore", "zeros", "ones"] = Field(
         "ignore", description="chexpert/mimic: what −1 (uncertain) becomes: unknown, 0 or 1 (the CheXpert paper's U-policies)")
+    blank: Literal["negative", "unknown"] = Field(
+        "negative", description="chexpert/mimic: what a blank (unmentioned) cell becomes; the CheXpert paper reads it as negative")
     vindr_rule: Literal["any", "majority"] = Field(
         "majority", description="vindr: a finding is present when any / a majority of an image's radiologists mark it")
     phantom: PhantomConfig = Field(default_factory=PhantomConfig)

@@ -168,9 +168,12 @@ def _site_scores(probs: torch.Tensor, targets: torch.Tensor, normal: np.ndarray,
 
 
 def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, split: str = "test",
-                   out: str | Path | None = None, cache_dir: str | Path = ".cache/fedxr", progress: bool = True) -> dict:
+                   out: str | Path | None = None, cache_dir: str | Path = ".cache/fedxr", progress: bool = True,
+                   keep_predictions: bool = False) -> dict:
     """Within-site figures (the primary ones across hospitals whose case mix differs): every model on each
-    site's own ``split``, beside the pooled figure over all sites. Writes ``per_site.json``."""
+    site's own ``split``, beside the pooled figure over all sites. Writes ``per_site.json``. With
+    ``keep_predictions`` the result also holds ``predictions[site][model] = (probs, targets)`` (numpy) for
+    paired comparisons between models on the same images."""
     from fedxr.data.manifest import site_manifest_paths
     from fedxr.labels import NO_FINDING
 
@@ -180,7 +183,7 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
                     "note": "within-site figures are primary: a pooled AUROC across hospitals with different case mix "
                             "can reward recognising the hospital rather than the finding"}
     pooled: dict[str, list] = {n: [] for n in loaded}
-    pooled_targets, pooled_normal = [], []
+    predictions: dict[str, dict] = {}
     for site, manifest in sites.items():
         per_model = {}
         for name, (model, ckpt) in loaded.items():
@@ -196,6 +199,8 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
             normal = rows[NO_FINDING].to_numpy(dtype=float) if NO_FINDING in rows else np.full(len(rows), np.nan)
             trained = (ckpt.get("trained_on") or {}).get("trained_labels") or list(LABELS)
             per_model[name] = _site_scores(probs, targets, normal, torch.tensor(ckpt["thresholds"]), trained)
+            if keep_predictions:
+                predictions.setdefault(site, {})[name] = (probs.numpy(), targets.numpy())
             pooled[name].append((probs, targets, normal, torch.tensor(ckpt["thresholds"]), trained))
         else:
             result["sites"][site] = per_model
@@ -207,6 +212,8 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
     out.mkdir(parents=True, exist_ok=True)
     (out / "per_site.json").write_text(json.dumps(result, indent=2))
     result["out"] = str(out)
+    if keep_predictions:
+        result["predictions"] = predictions
     return result
 
 

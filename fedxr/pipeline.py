@@ -203,12 +203,15 @@ class _Tee:
     def __init__(self, stream, log):
         self.stream, self.log = stream, log
 
+    # A logging handler made during a stage keeps this object after the stage's log is closed: then only the terminal.
     def write(self, text):
-        self.log.write(text)
+        if not self.log.closed:
+            self.log.write(text)
         return self.stream.write(text)
 
     def flush(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         self.stream.flush()
 
     def __getattr__(self, name):

@@ -125,3 +125,17 @@ def test_privacy_utility():
     assert 0 < max(dp["epsilon_spent"].values()) <= 3
     assert all(0 <= r["macro_auroc"] <= 1 for r in result["rows"])
     assert (BENCH.parent / result["plot"]).is_file()
+
+
+@pytest.mark.slow
+def test_real_cxr():
+    """The real-images comparison on a small real subset: every model scored per site, paired differences."""
+    result = run_smoke("real_cxr.py")
+    nih = result["sites"]["site-2"]
+    assert nih["holds"] == ["nih"]
+    for name in ("federated teacher", "local site-2", "central (pooled)", "student (KD)", "student (no teacher)"):
+        assert name in nih["models"]
+    assert "local site-1" not in nih["models"]  # a site's local-only model is scored at its own site only
+    fed_local = nih["federated_vs_local"]
+    assert fed_local["ci95"][0] <= fed_local["ci95"][1] and -1 <= fed_local["difference"] <= 1
+    assert result["edge"]["student_ms"] > 0 and result["edge"]["teacher_best"].endswith(".onnx")

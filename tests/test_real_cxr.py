@@ -272,3 +272,29 @@ def test_unknown_labels_reach_training_as_unknown(real_run):
     pneumonia = labels[:, LABELS.index("Pneumonia")]
     # Unknown stays NaN in the training targets (the masked loss leaves it out; tests/test_unknown_labels.py).
     assert np.isnan(emphysema[pneumonia == 1]).all() and (emphysema[pneumonia == 0] == 0).all()
+
+
+def test_a_chexpert_folder_loads_through_the_recipe(tmp_path):
+    """data.source: chexpert reads the CheXpert file with the recipe's uncertainty policy into the same table."""
+    from fedxr.config import load_recipe
+    from fedxr.data.formats import CHEXPERT_COLUMNS
+    from fedxr.data.prepare import load_recipe_dataset
+
+    rows = []
+    for i, (pneumonia, effusion) in enumerate([("1.0", ""), ("-1.0", "0.0"), ("0.0", "1.0"), ("", "")]):
+        path = f"CheXpert-v1.0-small/train/patient0000{i}/study1/view1_frontal.jpg"
+        _png(tmp_path / path)
+        values = {c: "" for c in CHEXPERT_COLUMNS} | {"Pneumonia": pneumonia, "Pleural Effusion": effusion}
+        rows.append(",".join([path, "Female", "60", "Frontal", "AP", *values.values()]))
+    header = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(CHEXPERT_COLUMNS)
+    (tmp_path / "train.csv").write_text("\n".join([header, *rows]) + "\n")
+    base = [f"data.root={tmp_path}", "data.source=chexpert", "data.labels_file=train.csv", "data.scheme=iid",
+            "data.boxes_file=null"]
+    for policy, expected in (("ignore", np.nan), ("ones", 1.0), ("zeros", 0.0)):
+        table = load_recipe_dataset(load_recipe(REAL_RECIPE, [*base, f"data.uncertain={policy}"])).table
+        assert len(table) == 4 and table["image"].is_unique  # same file names: the relative path names each image
+        got = table["Pneumonia"].iat[1]
+        assert (np.isnan(got) if np.isnan(expected) else got == expected), policy
+        assert table["Emphysema"].isna().all()  # CheXpert cannot provide it: unknown everywhere
+    blank = load_recipe_dataset(load_recipe(REAL_RECIPE, [*base, "data.blank=unknown"])).table
+    assert np.isnan(blank["Pneumonia"].iat[3]) and blank["Effusion"].iat[2] == 1

@@ -213,3 +213,17 @@ def dataset_from_table(table: pd.DataFrame, root: str | Path, label_file: str | 
         table, dropped = table[on_disk].reset_index(drop=True), len(absent)
     boxes = read_bbox_list(root / boxes_file) if boxes_file else None
     return NIHDataset(root=root, label_file=label_file, table=table, boxes=boxes, missing=absent, dropped=dropped)
+
+
+def sample_patients(table: pd.DataFrame, per_source: dict[str, int], seed: int = 0,
+                    column: str = "source") -> pd.DataFrame:
+    """A smaller labels table with every image of ``per_source[value]`` randomly drawn patients of each value of
+    ``column`` (whole patients: a sample never splits one). For quick runs and tests on a real data set."""
+    parts = []
+    for value, n in per_source.items():
+        rows = table[table[column] == value]
+        patients = rows["patient_id"].drop_duplicates()
+        if len(patients) < n:
+            raise DataError(f"{column} {value!r} has {len(patients)} patients; asked for {n}")
+        parts.append(rows[rows["patient_id"].isin(patients.sample(n, random_state=seed))])
+    return pd.concat(parts, ignore_index=True)

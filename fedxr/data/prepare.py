@@ -25,7 +25,7 @@ def split_settings(recipe: Recipe) -> dict:
     d = recipe.data
     return {"root": str(Path(d.root).resolve()), "source": d.source, "labels_file": d.labels_file,
             "metadata_file": d.metadata_file, "boxes_file": d.boxes_file, "extra_columns": list(d.extra_columns),
-            "uncertain": d.uncertain, "vindr_rule": d.vindr_rule, "sites": d.sites, "scheme": d.scheme, "alpha": d.alpha,
+            "uncertain": d.uncertain, "blank": d.blank, "vindr_rule": d.vindr_rule, "sites": d.sites, "scheme": d.scheme, "alpha": d.alpha,
             "column": d.column if d.scheme == "column" else None, "seed": d.seed, "val_fraction": d.val_fraction,
             "test_fraction": d.test_fraction, "min_site_patients": d.min_site_patients,
             "missing_images": d.missing_images}
@@ -113,7 +113,7 @@ def load_recipe_dataset(recipe: Recipe):
         from fedxr.data.formats import read_format
 
         table = read_format(d.source, label_file, metadata_file=root / d.metadata_file if d.metadata_file else None,
-                            uncertain=d.uncertain, vindr_rule=d.vindr_rule)
+                            uncertain=d.uncertain, blank=d.blank, vindr_rule=d.vindr_rule)
     site_column = d.column if d.scheme == "column" else None
     return dataset_from_table(table, root, label_file, missing=d.missing_images, site_column=site_column,
                               boxes_file=d.boxes_file)

@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch import nn
 
 from fedxr.labels import NUM_LABELS, TEST_AP, TEST_AUROC, TRAIN_LOSS, VAL_AP, VAL_AUROC, VAL_LOSS, per_class_metric
 from fedxr.models.checkpoint import save_checkpoint
