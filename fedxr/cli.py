@@ -43,9 +43,14 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_data_split(args: argparse.Namespace) -> int:
     from fedxr.data.manifest import build_site_manifests, format_summary, summarise, write_manifests
+    from fedxr.data.labelcsv import is_labels_csv, load_labels_dataset
     from fedxr.data.nih import load_dataset
 
-    dataset = load_dataset(args.root, missing=args.missing)
+    if is_labels_csv(Path(args.root)):  # a hospital's labels CSV (or a folder holding labels.csv)
+        dataset = load_labels_dataset(Path(args.root), missing=args.missing,
+                                      site_column=args.column if args.scheme == "column" else None)
+    else:
+        dataset = load_dataset(args.root, missing=args.missing)
     if dataset.dropped:
         print(f"dropped {dataset.dropped} listed image(s) not found under {args.root} (--missing drop)")
     settings = {

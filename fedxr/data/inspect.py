@@ -23,20 +23,6 @@ def _is_bbox_file(path: Path) -> bool:
     return len(header) > 1 and header[1].strip() == "Finding Label"
 
 
-def _is_labels_csv(path: Path) -> bool:
-    """A generic labels CSV (``path``, ``patient_id`` and finding columns), or a folder holding ``labels.csv``
-    and no NIH label file."""
-    from fedxr.data.nih import LABEL_FILES
-
-    if path.is_dir():
-        return (path / "labels.csv").is_file() and not any((path / n).is_file() for n in LABEL_FILES)
-    if path.suffix != ".csv":
-        return False
-    with _open_text(path) as fh:
-        header = next(csv.reader([fh.readline()]), [])
-    return "path" in header and "patient_id" in header
-
-
 def _group_stats(rows) -> dict:
     from fedxr.data.manifest import label_counts
 
@@ -48,10 +34,10 @@ def _group_stats(rows) -> dict:
 def inspect_labels_csv(path: Path) -> dict:
     """Per source and site of a labels CSV: images, patients, views, and per label positives / negatives /
     unknown (the source never labelled it)."""
-    from fedxr.data.labelcsv import dataset_from_table, read_labels_csv
+    from fedxr.data.labelcsv import load_labels_dataset
 
     label_file = path / "labels.csv" if path.is_dir() else path
-    ds = dataset_from_table(read_labels_csv(label_file), label_file.parent, label_file, missing="ignore")
+    ds = load_labels_dataset(path, missing="ignore")
     t = ds.table
     keys = [c for c in ("source", "site") if c in t]
     groups = {" / ".join(map(str, k if isinstance(k, tuple) else (k,))): _group_stats(g)
@@ -66,7 +52,9 @@ def inspect_path(path: str | Path) -> dict:
     path = Path(path)
     if path.is_file() and _is_bbox_file(path):
         return {"path": str(path), "kind": "bbox_list", **_box_stats(read_bbox_list(path))}
-    if _is_labels_csv(path):
+    from fedxr.data.labelcsv import is_labels_csv
+
+    if is_labels_csv(path):
         return inspect_labels_csv(path)
     ds = load_dataset(path, missing="ignore")
     t = ds.table

@@ -227,3 +227,27 @@ def sample_patients(table: pd.DataFrame, per_source: dict[str, int], seed: int =
             raise DataError(f"{column} {value!r} has {len(patients)} patients; asked for {n}")
         parts.append(rows[rows["patient_id"].isin(patients.sample(n, random_state=seed))])
     return pd.concat(parts, ignore_index=True)
+
+
+def is_labels_csv(path: Path) -> bool:
+    """A labels CSV (header with ``path`` and ``patient_id``), or a folder holding ``labels.csv`` and no NIH
+    label file."""
+    import csv
+
+    from fedxr.data.nih import LABEL_FILES
+
+    if path.is_dir():
+        return (path / "labels.csv").is_file() and not any((path / n).is_file() for n in LABEL_FILES)
+    if path.suffix != ".csv" or not path.is_file():
+        return False
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        header = next(csv.reader([fh.readline()]), [])
+    return "path" in header and "patient_id" in header
+
+
+def load_labels_dataset(path: Path, missing: str = "error", site_column: str | None = None,
+                        extra_columns: tuple[str, ...] = ()):
+    """A labels CSV (or a folder holding ``labels.csv``) as the image table; images relative to its folder."""
+    label_file = path / "labels.csv" if path.is_dir() else path
+    return dataset_from_table(read_labels_csv(label_file, extra_columns), label_file.parent, label_file,
+                              missing=missing, site_column=site_column)

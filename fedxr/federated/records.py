@@ -4,6 +4,7 @@ round table built from them. Plain Python: the console reads them while a run is
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def round_table(rows: list[dict], cross_site: dict | None) -> list[dict]:
         recs = by_round[rnd]
         start = min(r["t_receive"] for r in recs)
         end = min(r["t_receive"] for r in by_round[rounds[i + 1]]) if i + 1 < len(rounds) else max(r["t_trained"] for r in recs)
+        for r in recs:  # a site whose validation split has one class only has no AUROC: None, never NaN
+            if r["val_auroc"] is not None and math.isnan(r["val_auroc"]):
+                r["val_auroc"] = None
         scored = [r for r in recs if r["val_auroc"] is not None]
         weight = sum(r["val_images"] for r in scored)
         agg = sum(r["val_auroc"] * r["val_images"] for r in scored) / weight if weight else None
