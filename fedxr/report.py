@@ -40,16 +40,22 @@ def plot_prevalence(sites: list[dict], path: Path) -> None:
 
     # NaN: no image of the site has a known label for that finding (shown as '?', blank in the colour map).
     grid = np.array([[np.nan if s["prevalence"].get(c) is None else s["prevalence"][c] for c in LABELS] for s in sites])
-    with saved_figure(path, dpi=90, figsize=(11, 1.2 + 0.45 * len(sites))) as (fig, ax):
+    with saved_figure(path, dpi=90, figsize=(11, 1.2 + 0.6 * len(sites))) as (fig, ax):
         im = ax.imshow(np.ma.masked_invalid(grid), cmap="magma", aspect="auto", vmin=0)
         ax.set_xticks(range(len(LABELS)), LABELS, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(sites)), [f"{s['site']} ({s['images']} img)" for s in sites], fontsize=8)
         for i in range(len(sites)):
             for j in range(len(LABELS)):
                 known = not np.isnan(grid[i, j])
-                ax.text(j, i, f"{grid[i, j]:.2f}" if known else "?", ha="center", va="center", fontsize=7,
+                counts = (sites[i].get("labels") or {}).get(LABELS[j])
+                share = (counts["positive"] + counts["negative"]) / sites[i]["images"] if counts else 1.0
+                text = f"{grid[i, j]:.2f}" if known else "?"
+                if known and share < 1:  # say how many of the site's images this label is known for
+                    text += f"\n{100 * share:.0f}% kn."
+                ax.text(j, i, text, ha="center", va="center", fontsize=6 if share < 1 else 7,
                         color="white" if not known or grid[i, j] < np.nanmax(grid) / 2 else "black")
-        ax.set_title("label prevalence per site (among images whose label is known; ? = never labelled there)")
+        ax.set_title("label prevalence per site among images whose label is known (% kn. = share of the site's "
+                     "images with that label known; ? = never labelled there)", fontsize=9)
         fig.colorbar(im, ax=ax)
 
 

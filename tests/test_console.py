@@ -228,6 +228,7 @@ def test_try_predicts_in_memory_with_a_heatmap(coordinator, console_run, tmp_pat
         assert r.status_code == 200, r.text
         body = r.json()
         assert len(body["probabilities"]) == 14
+        assert body["synthetic"] is True and "SYNTHETIC DATA" in body["trained_on"]  # a phantom model says so
         assert body["heatmap"].startswith("data:image/png;base64,")
         assert all(p["finding"] == (p["probability"] >= p["threshold"]) for p in body["probabilities"])
     r = coordinator.post("/api/predict?model=t_tiny_cnn", content=b"\x89PNG broken", headers={"X-CSRF-Token": token})

@@ -121,6 +121,8 @@ def test_predict_formats_and_bad_inputs(exported, tmp_path, capsys):
     for good in ("00000001_000.png", "photo.jpg", "sixteen.png", "study.dcm"):
         assert results[good]["error"] is None, good
         assert len(results[good]["probabilities"]) == 14, good
+        # A model trained on the phantom says so beside every prediction.
+        assert results[good]["warning"] == "trained on synthetic data — not for diagnosis", good
     assert "notes.png" in results["notes.png"]["error"]
     assert "cut.png" in results["cut.png"]["error"]
     assert "nopixels.dcm: not a readable DICOM" in results["nopixels.dcm"]["error"]
