@@ -46,13 +46,14 @@ RESAMPLES = 1000
 
 def baseline(recipe, mode: str, site: str | None) -> str:
     """Train the teacher architecture locally (one site) or centrally (all sites pooled); its checkpoint."""
+    from fedxr.layout import chosen_checkpoint
     from fedxr.training import train
 
     epochs = recipe.federated.rounds * recipe.federated.local_epochs
     summary = train(recipe.changed(f"{mode} baseline", model={"max_epochs": epochs}), recipe.layout.sites, mode=mode,
                     site=site, progress=False)
     # A COVID site's validation split can hold one class only: no validation AUROC, so no "best"; then the last.
-    return summary["best"] if Path(summary["best"]).is_file() else summary["last"]
+    return str(chosen_checkpoint(summary["folder"]))
 
 
 def paired(a: np.ndarray, b: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict | None:
