@@ -159,6 +159,19 @@ class ExportConfig(_Section):
     opset: int = Field(18, ge=13)
     calibration_images: int = Field(200, ge=1)
     parity_tolerance: float = Field(1e-4, gt=0)
+    operating_point: str = Field("youden", description="per-finding threshold rule on validation: youden, "
+                                 "sensitivity:0.90 or specificity:0.95")
+    ood_quantile: float = Field(0.99, gt=0.5, lt=1, description="validation quantile of the OOD score above which an "
+                                "image is flagged as unlike the training data")
+    trust_images: int = Field(2000, ge=10, description="images per split read to fit the OOD score and calibration")
+
+    @field_validator("operating_point")
+    @classmethod
+    def _known_operating_point(cls, v: str) -> str:
+        from fedxr.trust.operating import parse_rule
+
+        parse_rule(v)
+        return v
 
 
 class ExplainConfig(_Section):

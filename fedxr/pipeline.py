@@ -103,7 +103,9 @@ def _export(ctx: Context) -> ExportResult:
     for name, (ckpt, out) in models.items():
         print(f"--- {name} → {out} ---")
         manifest = export_checkpoint(ckpt, out, int8=ex.int8, fp16=ex.fp16, opset=ex.opset, data=ctx.layout.sites,
-                                     calibration_images=ex.calibration_images, parity_tolerance=ex.parity_tolerance)
+                                     calibration_images=ex.calibration_images, parity_tolerance=ex.parity_tolerance,
+                                     operating_point=ex.operating_point, ood_quantile=ex.ood_quantile,
+                                     trust_images=ex.trust_images, progress=ctx.progress)
         print(format_manifest(manifest))
         if not manifest["ok"]:
             raise FedxrError(f"export checks failed for {name}; see {manifest['out']}/manifest.json")

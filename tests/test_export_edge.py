@@ -19,6 +19,9 @@ from fedxr.export.__main__ import main as export_main
 from helpers import GRADIENT, QUICKSTART, ROOT, SHARED_NIH, needs_shared, tiny_recipe_overrides, write_dicom
 
 
+#: What every export writes beside its model files (fedxr.trust): the model card and its two plots.
+TRUST_FILES = ("MODEL_CARD.md", "ood_scores.png", "reliability.png")
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
@@ -37,7 +40,8 @@ def test_export_files_metadata_and_manifest(exported):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["ok"]
     assert {f["format"] for f in manifest["files"]} == {"onnx-fp32", "onnx-int8-qdq"}
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tiny_cnn_fp32.onnx", "tiny_cnn_int8.onnx"]  # no side files
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "manifest.json", "ood_scores.png", "reliability.png",
+                                                     "tiny_cnn_fp32.onnx", "tiny_cnn_int8.onnx"]  # no side files
     fp32 = next(f for f in manifest["files"] if f["format"] == "onnx-fp32")
     assert fp32["parity_max_abs_logit"] <= 1e-4
     assert fp32["parity_ok"]
@@ -61,6 +65,15 @@ def test_export_files_metadata_and_manifest(exported):
     assert props["fedxr.checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert "resize" in props["fedxr.preprocessing"]
     assert props["fedxr.val_auroc"] == fp32["val_auroc"]
+    # Trust: the thresholds are the operating points', the calibration and OOD check travel in the file.
+    assert props["fedxr.thresholds"] == [p["threshold"] for p in props["fedxr.operating_points"]]
+    assert len(props["fedxr.calibration"]["a"]) == 14 and props["fedxr.calibration"]["method"] == "platt"
+    assert props["fedxr.ood"]["output"] == "ood_score" and props["fedxr.ood"]["threshold"] > 0
+    assert [o.name for o in model.graph.output] == ["logits", "ood_score"]
+    assert fp32["parity_ood_max_rel"] <= 1e-3
+    int8 = next(f for f in manifest["files"] if f["format"] == "onnx-int8-qdq")
+    assert 0 <= int8["ood_flag_agreement"] <= 1
+    assert manifest["model_card"] == "MODEL_CARD.md" and manifest["trust"]["ood"]["threshold"] == props["fedxr.ood"]["threshold"]
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param  # dynamic batch
     assert [d.dim_value for d in dims[1:]] == [1, 32, 32]
@@ -127,7 +140,7 @@ def test_predict_formats_and_bad_inputs(exported, tmp_path, capsys):
     assert "cut.png" in results["cut.png"]["error"]
     assert "nopixels.dcm: not a readable DICOM" in results["nopixels.dcm"]["error"]
     assert edge_main(["predict", str(out), str(real), "--csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[0].startswith("input,error,Atelectasis")
+    assert capsys.readouterr().out.splitlines()[0].startswith("input,error,in_distribution,ood_score,Atelectasis")
 
 
 def test_model_errors(exported, tmp_path, capsys):
@@ -309,7 +322,7 @@ def test_board_and_mobile_targets(exported, tmp_path, capsys, target):
     formats = {f["format"]: f for f in manifest["files"]}
     assert set(formats) == {"onnx-fp32", "onnx-int8-qdq", "ort-fp32", "ort-int8-qdq"}
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json", "required_operators.config", *(f["file"] for f in manifest["files"])])
+        ["manifest.json", "required_operators.config", *TRUST_FILES, *(f["file"] for f in manifest["files"])])
     assert "not measured on ARM" in manifest["int8_decision"]  # this machine is x86: INT8 kept on accuracy only
     assert manifest["recommended"] == formats["ort-fp32"]["file"]
     ops = (out / "required_operators.config").read_text()
@@ -393,5 +406,88 @@ def test_reexport_into_the_same_folder_leaves_no_stale_files(exported, tmp_path)
     (out / "notes.txt").write_text("the user's own file")
     (out / "tiny_cnn_quarter_fp32.onnx").write_bytes(b"another model's file, whose name starts the same")
     assert export_main([str(ckpt), "--out", str(out), "--int8", "off", "--data", data]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt", "tiny_cnn_fp32.onnx",
-                                                     "tiny_cnn_quarter_fp32.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "notes.txt", "tiny_cnn_fp32.onnx",
+                                                            "tiny_cnn_quarter_fp32.onnx", *TRUST_FILES])
+
+
+def test_ood_score_is_the_same_in_pytorch_and_onnx(exported):
+    """The exported graph's OOD output equals the PyTorch ScoredNetwork refitted from the same data (the fit is
+    deterministic), and the INT8 file keeps the OOD head in float."""
+    import torch
+
+    from fedxr.models.checkpoint import model_from_checkpoint
+    from fedxr.trust.fit import fit_trust
+    from fedxr.trust.ood import ScoredNetwork
+
+    tmp, ckpt, out = exported
+    net, ck = model_from_checkpoint(ckpt)
+    trust = fit_trust(net, ck, tmp / "runs" / "t" / "sites", progress=False)
+    scored = ScoredNetwork(net, trust["ood"]).eval()
+    images = sorted((tmp / "phantom" / "images").glob("*.png"))[:12]
+    fp32 = load_model(out / "tiny_cnn_fp32.onnx")
+    x = fp32.preprocessing.batch([fp32.preprocess(p) for p in images])
+    with torch.no_grad():
+        ref_logits, ref_ood = (t.numpy() for t in scored(torch.from_numpy(x)))
+    logits, ood = fp32.run(x)
+    assert np.abs(logits - ref_logits).max() <= 1e-4
+    assert np.abs(ood - ref_ood).max() <= 1e-3 * np.abs(ref_ood).max()
+    assert fp32.ood["threshold"] == trust["ood"]["threshold"]
+    q = onnx.load(str(out / "tiny_cnn_int8.onnx"))
+    ood_nodes = [n for n in q.graph.node if n.op_type == "MatMul"]
+    assert ood_nodes, "the OOD head's matrix products are in the INT8 graph"
+    assert not any(n.op_type == "QLinearMatMul" for n in q.graph.node)
+
+
+@needs_shared
+def test_predict_withholds_findings_for_images_the_model_is_not_for(exported, tmp_path, capsys):
+    """A phantom-trained model flags real radiographs more often than its own test images — compared with a
+    one-sided Fisher exact test, with the exporter's own threshold (nothing tuned here) — and predict says why
+    and shows no findings for a flagged image; a blank frame is flagged by name."""
+    import pandas as pd
+    from scipy.stats import fisher_exact
+
+    from fedxr.data.manifest import read_manifest
+
+    tmp, _, out = exported
+    real_root = (ROOT / ".." / "shared" / "data" / "real-cxr").resolve()
+    if not (real_root / "labels.csv").is_file():
+        pytest.skip(f"real chest X-rays not found at {real_root}")
+    real = [str(real_root / p) for p in pd.read_csv(real_root / "labels.csv")["path"].iloc[::180]][:40]
+    own = [p for m in sorted((tmp / "runs" / "t" / "sites").glob("site-*.csv"))
+           for p in read_manifest(m).query("split == 'test'")["path"]][:40]
+    model = load_model(out)
+    flagged = lambda paths: sum(r.in_distribution is False for r in model.predict(paths))  # noqa: E731
+    real_flagged, own_flagged = flagged(real), flagged(own)
+    _, p = fisher_exact([[real_flagged, len(real) - real_flagged], [own_flagged, len(own) - own_flagged]],
+                        alternative="greater")
+    assert p < 1e-3, (real_flagged, len(real), own_flagged, len(own))
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(tmp_path / "blank.png")
+    assert edge_main(["predict", str(out), str(tmp_path / "blank.png"), real[0], "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    for r in results:
+        assert r["in_distribution"] is False and r["findings"] == [] and "not like the images" in r["ood_reason"]
+        assert r["warning"] == "trained on synthetic data — not for diagnosis"
+    assert "blank" in results[0]["ood_reason"]
+    assert edge_main(["predict", str(out), real[0]]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("*** TRAINED ON SYNTHETIC DATA") and "findings withheld" in text
+
+
+def test_model_card_and_edge_info(exported, capsys):
+    _, _, out = exported
+    card = (out / "MODEL_CARD.md").read_text()
+    assert card.startswith("> **TRAINED ON SYNTHETIC DATA — NOT FOR DIAGNOSIS.**")
+    for section in ("# Model card: tiny_cnn", "**Intended use:**", "**Not intended for:**", "**Training data:**",
+                    "## Performance", "## Findings and operating points", "## Known limits", "**Calibration:**",
+                    "**Out-of-distribution check:**"):
+        assert section in card, section
+    assert edge_main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("*** TRAINED ON SYNTHETIC DATA") and "MODEL_CARD.md (summary)" in text
+    assert "## Performance" not in text  # the summary stops before the details
+    assert "out-of-distribution check:" in text and "calibration: platt" in text
+    # Every finding is listed with what its threshold means, or why it is not reliable.
+    assert sum(line.split()[:1] in (["Atelectasis"], ["Hernia"], ["Pneumonia"]) for line in text.splitlines()) == 3
+    assert edge_main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert len(info["operating_points"]) == 14 and info["model_card_summary"].startswith("> **TRAINED")

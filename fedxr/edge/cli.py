@@ -44,11 +44,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # Results are written as they come (input order), so a folder of any size needs no more memory than a batch.
     failed = total = 0
     # What the model was trained on, before its first prediction (stderr for the machine-readable formats).
-    print(f"model: {model.provenance}", file=sys.stderr if (args.csv or args.json) else sys.stdout)
+    side = sys.stderr if (args.csv or args.json) else sys.stdout
+    if model.synthetic:
+        print(f"*** {SYNTHETIC_WARNING.upper()} ***", file=side)
+    print(f"model: {model.provenance}", file=side)
+    if model.unreliable:
+        print(f"not reliable in this model (never shown as findings): {', '.join(model.unreliable)}", file=side)
+    if model.calibration is None:
+        print("this file has no calibration or out-of-distribution check (exported by an older fedxr): "
+              "probabilities are uncalibrated; re-export it", file=side)
     warning = SYNTHETIC_WARNING if model.synthetic else None
     writer = csv.writer(sys.stdout) if args.csv else None
     if writer:
-        writer.writerow(["input", "error", *model.labels, "findings"])
+        writer.writerow(["input", "error", "in_distribution", "ood_score", *model.labels, "findings"])
     elif args.json:
         sys.stdout.write("[")
     try:
@@ -57,12 +65,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 item = {**r.as_dict(), **({"warning": warning} if warning else {})}
                 sys.stdout.write(("," if total else "") + "\n" + json.dumps(item, indent=2))
             elif writer:
-                writer.writerow([r.input, r.error or "", *(r.probabilities.get(l, "") for l in model.labels),
-                                 "|".join(l for l, _ in r.findings)])
+                writer.writerow([r.input, r.error or "", "" if r.in_distribution is None else r.in_distribution,
+                                 "" if r.ood_score is None else r.ood_score,
+                                 *(r.probabilities.get(l, "") for l in model.labels), "|".join(l for l, _ in r.findings)])
             elif r.error:
                 print(f"{r.input}: ERROR {r.error}")
+            elif r.withheld:
+                print(f"{r.input}: WARNING {r.ood_reason} — findings withheld" + (f"  [{warning}]" if warning else ""))
             else:
-                found = ", ".join(f"{l} {p:.2f}" for l, p in r.findings) or "no finding above threshold"
+                found = "; ".join(f"{l} {p:.2f} ({r.statements[l]})" if l in r.statements else f"{l} {p:.2f}"
+                                  for l, p in r.findings) or "no finding above its threshold"
                 print(f"{r.input}: {found}" + (f"  [{warning}]" if warning else ""))
             total += 1
             failed += r.error is not None
@@ -72,6 +84,45 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"{failed} of {total} input(s) could not be read", file=sys.stderr)
         return EXIT_CHECK_FAILED
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """What a model is, what it was trained on, what its thresholds mean and the model card's summary."""
+    from fedxr.edge.model import load_model
+    from fedxr.trust.card import summary
+
+    model = load_model(args.model)
+    folder = model.path.parent
+    card = summary(folder)
+    meta = model.meta
+    lines = [f"model: {model.path} ({meta.get('format', '?')}, {meta.get('model_name', '?')}, input {model.size} px)"]
+    if model.synthetic:
+        lines.insert(0, f"*** {SYNTHETIC_WARNING.upper()} ***")
+    lines.append(f"data: {model.provenance}")
+    if model.ood:
+        lines.append(f"out-of-distribution check: {model.ood['method']}; flagged above {model.ood['threshold']:.3f} "
+                     f"(validation {model.ood.get('val_flagged')}, test {model.ood.get('test_flagged')} flagged)")
+    if model.calibration:
+        done = [l for l, c in zip(model.labels, model.calibration["calibrated"]) if c]
+        lines.append(f"calibration: {model.calibration['method']} on validation ({len(done)} of {len(model.labels)} findings)")
+    else:
+        lines.append("calibration: none (exported by an older fedxr; re-export for calibrated probabilities and the OOD check)")
+    if model.operating_points:
+        lines.append(f"{'finding':<20}{'threshold':>10}  operating point (validation)")
+        for p in model.operating_points:
+            text = model.statement(p["label"]) or f"not reliable in this model: {p['why']}"
+            lines.append(f"{p['label']:<20}{p['threshold']:>10.3f}  {text}")
+    if card:
+        lines += ["", f"--- {folder / 'MODEL_CARD.md'} (summary) ---", card]
+    else:
+        lines.append(f"no MODEL_CARD.md beside {model.path.name}")
+    if args.json:
+        print(json.dumps({"model": str(model.path), "trained_on": model.trained_on, "ood": model.ood,
+                          "calibration": model.calibration, "operating_points": model.operating_points,
+                          "model_card_summary": card}, indent=2))
+    else:
+        print("\n".join(lines))
     return EXIT_OK
 
 
@@ -132,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(default: one per core)")
     p.add_argument("--labels", help="comma-separated label names for an ONNX file without fedxr metadata")
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("info", help="what a model is, what it was trained on, its thresholds and model card")
+    p.add_argument("model", help="export folder or .onnx file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="latency and throughput of a model on this machine")
     p.add_argument("model")
     p.add_argument("--threads", type=int)

@@ -7,7 +7,8 @@ import json
 PREFIX = "fedxr."
 #: Every key an exported fedxr model carries (the exporter writes exactly these).
 KEYS = ("labels", "input_size", "channels", "mean", "std", "preprocessing", "thresholds", "model_name",
-        "fedxr_version", "checkpoint_sha256", "val_auroc", "format", "trained_on")
+        "fedxr_version", "checkpoint_sha256", "val_auroc", "format", "trained_on", "calibration",
+        "operating_points", "ood")
 #: What the runtime cannot work without (an ONNX file lacking them needs ``--labels``).
 REQUIRED = ("labels", "input_size", "mean", "std", "thresholds")
 

@@ -22,17 +22,33 @@ class ModelMetadataError(FedxrError):
     """The model file lacks the fedxr metadata needed to preprocess inputs and name outputs."""
 
 
+#: A frame whose gray levels vary less than this (standard deviation, 0-255) is blank: nothing to read.
+BLANK_STD = 2.0
+
+
 @dataclass
 class Prediction:
-    """One input's result: probabilities for every label and the findings above their thresholds."""
+    """One input's result: calibrated probabilities for every label; the reliable findings above their operating
+    point's threshold (sorted by how far they clear it, with what that threshold means); whether the image is
+    like those the model was trained on (when it is not, ``findings`` is empty and ``ood_reason`` says why)."""
 
     input: str
     probabilities: dict[str, float] = field(default_factory=dict)
     findings: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    statements: dict[str, str] = field(default_factory=dict)
+    in_distribution: bool | None = None
+    ood_score: float | None = None
+    ood_reason: str | None = None
+
+    @property
+    def withheld(self) -> bool:
+        return self.in_distribution is False
 
     def as_dict(self) -> dict:
-        return {"input": self.input, "error": self.error, "findings": [{"label": l, "probability": p} for l, p in self.findings],
+        return {"input": self.input, "error": self.error, "in_distribution": self.in_distribution,
+                "ood_score": self.ood_score, "ood_reason": self.ood_reason,
+                "findings": [{"label": l, "probability": p, "operating_point": self.statements.get(l)} for l, p in self.findings],
                 "probabilities": self.probabilities}
 
 
@@ -105,9 +121,18 @@ class EdgeModel:
         self.labels: list[str] = list(self.meta["labels"])
         self.preprocessing = Preprocessing.from_metadata(self.meta)
         self.size = self.preprocessing.size
-        self.thresholds = np.asarray(self.meta["thresholds"], dtype=np.float32)
+        self.thresholds = np.asarray(self.meta["thresholds"], dtype=np.float64)
         #: What the model was trained on (fedxr.data.provenance), None for files from an older export.
         self.trained_on: dict | None = self.meta.get("trained_on")
+        #: Platt scaling per finding (fedxr.trust.calibration); None: probabilities are the plain sigmoid.
+        self.calibration: dict | None = self.meta.get("calibration")
+        #: Per finding: threshold, rule, validation sensitivity/specificity, reliable/why (fedxr.trust.operating).
+        self.operating_points: list[dict] | None = self.meta.get("operating_points")
+        #: The out-of-distribution check: the graph output that computes it and the threshold.
+        self.ood: dict | None = self.meta.get("ood")
+        names = [o.name for o in self.session.get_outputs()]
+        self._ood_index = names.index(self.ood["output"]) if self.ood and self.ood.get("output") in names else None
+        self.unreliable: dict[str, str] = {p["label"]: p["why"] for p in (self.operating_points or []) if not p["reliable"]}
 
     @property
     def synthetic(self) -> bool:
@@ -133,27 +158,75 @@ class EdgeModel:
         return self.preprocessing.load(item)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 1, S, S) float32 → (N, 14) logits. The input must already be preprocessed. A fixed-shape
-        model (batch dimension fixed at export) is run on slices of its own batch size."""
+        """(N, 1, S, S) float32 → (N, 14) logits. The input must already be preprocessed."""
+        return self.run(batch)[0]
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (the file's Platt scaling; plain sigmoid for a file without one)."""
+        from fedxr.trust.calibration import apply_calibration
+
+        return apply_calibration(logits, self.calibration)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, 1, S, S) float32 → ((N, 14) logits, (N,) OOD scores or None for a file without the check). A
+        fixed-shape model (batch dimension fixed at export) is run on slices of its own batch size."""
         if batch.ndim != 4 or batch.shape[1:] != (1, self.size, self.size):
             raise FedxrError(f"model input must be (N, 1, {self.size}, {self.size}) float32; got {tuple(batch.shape)}")
         batch = batch.astype(np.float32, copy=False)
         step = self.fixed_batch
+        k = self._ood_index
         if step is None or len(batch) == step:
-            return self.session.run(None, {self.input_name: batch})[0]
-        parts = []
+            out = self.session.run(None, {self.input_name: batch})
+            return out[0], (out[k] if k is not None else None)
+        logits, scores = [], []
         for i in range(0, len(batch), step):
             part = batch[i:i + step]
             pad = step - len(part)  # only a model fixed at batch > 1 needs padding of its last slice
             if pad:
                 part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), np.float32)])
-            parts.append(self.session.run(None, {self.input_name: part})[0][:step - pad])
-        return np.concatenate(parts)
+            out = self.session.run(None, {self.input_name: part})
+            logits.append(out[0][:step - pad])
+            if k is not None:
+                scores.append(out[k][:step - pad])
+        return np.concatenate(logits), (np.concatenate(scores) if k is not None else None)
 
-    def _label(self, prediction: Prediction, probs: np.ndarray) -> None:
+    def statement(self, label: str) -> str | None:
+        """What crossing ``label``'s threshold means, in words (None for a file without operating points)."""
+        point = next((p for p in self.operating_points or [] if p["label"] == label), None)
+        if point is None or not point["reliable"]:
+            return None
+        from fedxr.trust.operating import parse_rule
+
+        kind, target = parse_rule(point["rule"])
+        sens, spec = point["sensitivity"][0], point["specificity"][0]
+        if kind == "sensitivity":
+            return f"above the threshold for {target:.0%} sensitivity (specificity {spec:.2f} on validation)"
+        if kind == "specificity":
+            return f"above the threshold for {target:.0%} specificity (sensitivity {sens:.2f} on validation)"
+        return f"above its threshold (Youden; sensitivity {sens:.2f}, specificity {spec:.2f} on validation)"
+
+    def _label(self, prediction: Prediction, logits: np.ndarray, probs: np.ndarray, ood: float | None, gray: np.ndarray) -> None:
         prediction.probabilities = {l: round(float(v), 6) for l, v in zip(self.labels, probs)}
-        prediction.findings = sorted(((l, round(float(v), 4)) for l, v, t in zip(self.labels, probs, self.thresholds)
-                                      if v >= t), key=lambda x: -x[1])
+        reasons = []
+        if ood is not None:
+            prediction.ood_score = round(float(ood), 4)
+            if ood > self.ood["threshold"]:
+                reasons.append(f"its features lie {ood / self.ood['threshold']:.1f}x beyond the distance that "
+                               f"{1 - self.ood['quantile']:.0%} of validation images exceed (score {ood:.2f}, threshold "
+                               f"{self.ood['threshold']:.2f})")
+        if float(gray.std()) < BLANK_STD:
+            reasons.append("the image is blank (a single gray level)")
+        if ood is not None or reasons:
+            prediction.in_distribution = not reasons
+            prediction.ood_reason = ("not like the images this model was trained on: " + "; ".join(reasons)) if reasons else None
+        if prediction.withheld:
+            return  # no confident list for an image the model is not for
+        # Sorted by how far each clears its threshold (in logits: a probability margin means little near 0 or 1).
+        margin = lambda v, t: np.log(v / (1 - v + 1e-12) + 1e-12) - np.log(t / (1 - t + 1e-12) + 1e-12)  # noqa: E731
+        above = [(l, float(v), margin(float(v), float(t))) for l, v, t in zip(self.labels, probs, self.thresholds)
+                 if v >= t and l not in self.unreliable]
+        prediction.findings = [(l, round(v, 4)) for l, v, _ in sorted(above, key=lambda x: -x[2])]
+        prediction.statements = {l: s for l, _ in prediction.findings if (s := self.statement(l))}
 
     def _prepare(self, index: int, item) -> tuple[Prediction, np.ndarray | None]:
         prediction = Prediction(input=f"array[{index}]" if isinstance(item, np.ndarray) else str(item))
@@ -182,9 +255,10 @@ class EdgeModel:
         def flush() -> Iterator[Prediction]:
             ready = [(p, g) for p, g in chunk if g is not None]
             if ready:
-                probs = 1.0 / (1.0 + np.exp(-self.logits(self.preprocessing.batch([g for _, g in ready]))))
-                for (p, _), row in zip(ready, probs):
-                    self._label(p, row)
+                logits, ood = self.run(self.preprocessing.batch([g for _, g in ready]))
+                probs = self.probabilities(logits)
+                for i, (p, g) in enumerate(ready):
+                    self._label(p, logits[i], probs[i], None if ood is None else float(ood[i]), g)
             yield from (p for p, _ in chunk)
             chunk.clear()
 

@@ -24,6 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--data", help="site manifests for validation images (default: the checkpoint's run)")
     p.add_argument("--calibration-images", type=int, default=200)
     p.add_argument("--parity-tolerance", type=float, default=1e-4, help="largest |logit| difference FP32 may have")
+    p.add_argument("--operating-point", default="youden",
+                   help="per-finding threshold rule on validation: youden, sensitivity:0.90 or specificity:0.95")
+    p.add_argument("--ood-quantile", type=float, default=0.99,
+                   help="validation quantile of the out-of-distribution score above which an image is flagged")
+    p.add_argument("--trust-images", type=int, default=2000,
+                   help="images per split read to fit calibration and the out-of-distribution score")
     p.set_defaults(func=export_command)
     return p
 
@@ -33,6 +39,7 @@ def export_command(args: argparse.Namespace) -> int:
 
     manifest = export_checkpoint(args.checkpoint, args.out, args.int8, args.fp16, args.opset, args.data,
                                  args.calibration_images, args.parity_tolerance,
-                                 target=args.target)
+                                 target=args.target, operating_point=args.operating_point,
+                                 ood_quantile=args.ood_quantile, trust_images=args.trust_images)
     print(format_manifest(manifest))
     return EXIT_OK if manifest["ok"] else EXIT_CHECK_FAILED

@@ -21,12 +21,18 @@ from fedxr.labels import LABELS
 from fedxr.layout import RunLayout
 from fedxr.models.checkpoint import model_from_checkpoint
 from fedxr.models.metrics import multilabel_scores
+from fedxr.trust.card import CARD_FILE, render, write_card
+from fedxr.trust.fit import DEFAULT_MAX_IMAGES, fit_trust, metadata_of, write_trust_files
+from fedxr.trust.ood import DEFAULT_QUANTILE, OOD_OUTPUT, ScoredNetwork
 
 MIN_CALIBRATION = 100
 INT8_MIN_SPEEDUP, INT8_MAX_AUROC_LOSS = 1.2, 0.01
 #: Largest |logit| difference allowed between the FP16 file and PyTorch FP32: half precision keeps ~3
 #: significant digits, so logits of a few units differ in the second or third decimal.
 FP16_PARITY_TOLERANCE = 0.05
+#: Largest relative difference of the OOD score between FP32 ONNX and PyTorch (a distance: float32 sums of
+#: hundreds of squared terms agree to ~1e-6 relative; 1e-3 leaves room for other kernels).
+OOD_PARITY_TOLERANCE = 1e-3
 
 
 def _run_layout(ckpt: dict) -> RunLayout | None:
@@ -34,15 +40,20 @@ def _run_layout(ckpt: dict) -> RunLayout | None:
     return RunLayout.of_resolved(ckpt.get("recipe") or {})
 
 
-def validation_images(ckpt: dict, data: str | Path | None, limit: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Up to ``limit`` validation images (uint8, resized for the model) and labels from site manifests
-    (default: the site manifests of the run that wrote the checkpoint)."""
+def sites_data(ckpt: dict, data: str | Path | None) -> Path:
+    """The site manifests to verify, calibrate and fit the trust checks on (default: the checkpoint's run's)."""
     if data is None:
         layout = _run_layout(ckpt)
         if layout is None:
             raise FedxrError("the checkpoint names no run to take validation images from; pass --data SITES_DIR")
         data = layout.sites
-    data = Path(data)
+    return Path(data)
+
+
+def validation_images(ckpt: dict, data: str | Path | None, limit: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Up to ``limit`` validation images (uint8, resized for the model) and labels from site manifests
+    (default: the site manifests of the run that wrote the checkpoint)."""
+    data = sites_data(ckpt, data)
     manifests = [data] if data.is_file() else sorted(data.glob("site-*.csv"))
     if not manifests:
         raise FedxrError(f"{data}: no site manifests for validation images; pass --data SITES_DIR (from `fedxr data split`)")
@@ -72,9 +83,18 @@ def _latency_ms(session, x1: np.ndarray, runs: int = 20) -> float:
     return round(float(np.median(times)) * 1000, 3)
 
 
-def _logits(session, x: np.ndarray, batch: int) -> np.ndarray:
+def _logits(session, x: np.ndarray, batch: int, output: int = 0) -> np.ndarray:
+    """One output (0: logits, 1: the OOD score) over ``x`` in batches."""
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: b})[0] for b in _batches(x, batch)])
+    return np.concatenate([session.run(None, {name: b})[output] for b in _batches(x, batch)])
+
+
+def _ood_agreement(session, reference: np.ndarray, x: np.ndarray, batch: int, threshold: float) -> dict:
+    """How a file's OOD score compares with the FP32 file's on the validation images: largest relative
+    difference and the share of images flagged the same way."""
+    got = _logits(session, x, batch, output=1)
+    rel = float(np.max(np.abs(got - reference) / np.maximum(np.abs(reference), 1e-6)))
+    return {"ood_max_rel_diff": round(rel, 6), "ood_flag_agreement": round(float(((got > threshold) == (reference > threshold)).mean()), 4)}
 
 
 def _auroc(session, x: np.ndarray, y: np.ndarray, batch: int = 16) -> float:
@@ -113,9 +133,12 @@ def _int8_decision(target: Target, int8: str, speedup: float, auroc: float, q_au
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8: str = "auto", fp16: bool = False,
                       opset: int = 18, data: str | Path | None = None, calibration_images: int = 200,
-                      parity_tolerance: float = 1e-4, target: str = "laptop") -> dict:
+                      parity_tolerance: float = 1e-4, target: str = "laptop", operating_point: str = "youden",
+                      ood_quantile: float = DEFAULT_QUANTILE, trust_images: int = DEFAULT_MAX_IMAGES,
+                      progress: bool = True) -> dict:
     """Export, verify and describe for a target (:data:`fedxr.export.targets.TARGETS`); returns the manifest
-    (``ok`` is False when a check failed)."""
+    (``ok`` is False when a check failed). The exported graph carries the OOD score as a second output and its
+    metadata the calibration and operating points (:mod:`fedxr.trust`); MODEL_CARD.md is written beside it."""
     import onnx
     import onnxruntime as ort
 
@@ -135,6 +158,13 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
         old.unlink(missing_ok=True)
     (out / OPERATORS_CONFIG).unlink(missing_ok=True)
     images, labels = validation_images(ckpt, data, max(calibration_images, 16))
+    print(f"fitting calibration, operating points ({operating_point}) and the OOD score on {sites_data(ckpt, data)}")
+    try:
+        trust = fit_trust(model, ckpt, sites_data(ckpt, data), operating_point, ood_quantile, trust_images, progress)
+    except ValueError as exc:
+        raise FedxrError(f"{ckpt_path}: cannot fit the trust checks: {exc}") from None
+    trust_meta = metadata_of(trust)
+    model = ScoredNetwork(model, trust["ood"]).eval()  # (logits, ood_score): what every exported file computes
     x = prep.batch(images)
     # A fixed-shape model takes exactly its batch size: every check feeds it slices of that size.
     step = tgt.fixed_batch
@@ -142,33 +172,37 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
     files, checks_ok = [], True
 
     def meta(fmt: str, auroc: float | None) -> dict:
-        return model_metadata(ckpt, ckpt_path, fmt, auroc)
+        return model_metadata(ckpt, ckpt_path, fmt, auroc, trust_meta)
 
     fp32 = export_fp32(model, prep.size, out / f"{name}_fp32.onnx", opset, fixed_batch=step)
     sess = _session(fp32)
-    diff = parity(model, sess, check_inputs)
-    passed = diff <= parity_tolerance
+    diff, ood_diff = parity(model, sess, check_inputs)
+    passed = diff <= parity_tolerance and ood_diff <= OOD_PARITY_TOLERANCE
     checks_ok &= passed
     auroc = _auroc(sess, x, labels, step or 16)
     set_metadata(fp32, meta("onnx-fp32", auroc))
     onnx.checker.check_model(str(fp32), full_check=True)
     lat32 = _latency_ms(_session(fp32), x[:1])
     files.append({"file": fp32.name, "format": "onnx-fp32", "parity_max_abs_logit": diff, "parity_tolerance": parity_tolerance,
-                  "parity_ok": passed, "val_auroc": auroc, "latency_ms_b1_p50": lat32, "kept": True})
+                  "parity_ood_max_rel": ood_diff, "parity_ok": passed, "val_auroc": auroc, "latency_ms_b1_p50": lat32,
+                  "kept": True})
+    ood_reference = _logits(sess, x, step or 16, output=1)
+    ood_threshold = trust["ood"]["threshold"]
 
     decision = "int8 off"
     if int8 != "off":
         if len(images) < MIN_CALIBRATION:
             warnings.warn(f"INT8 calibration uses only {len(images)} validation images (< {MIN_CALIBRATION}); "
                           "its ranges may not represent your data", stacklevel=2)
-        q = quantize_int8(fp32, out / f"{name}_int8.onnx", INPUT, _batches(x, step or 8))
+        q = quantize_int8(fp32, out / f"{name}_int8.onnx", INPUT, _batches(x, step or 8), float_outputs=(OOD_OUTPUT,))
         qs = _session(q)
         q_auroc, q_lat = _auroc(qs, x, labels, step or 16), _latency_ms(qs, x[:1])
         set_metadata(q, meta("onnx-int8-qdq", q_auroc))
         speedup = lat32 / q_lat if q_lat else 0.0
         keep, decision = _int8_decision(tgt, int8, speedup, auroc, q_auroc)
         files.append({"file": q.name, "format": "onnx-int8-qdq", "val_auroc": q_auroc, "latency_ms_b1_p50": q_lat,
-                      "speedup_vs_fp32": round(speedup, 3), "kept": keep})
+                      "speedup_vs_fp32": round(speedup, 3), "kept": keep,
+                      **_ood_agreement(qs, ood_reference, x, step or 16, ood_threshold)})
         if not keep:
             q.unlink()
     if fp16:
@@ -178,14 +212,15 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
         m16 = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
         onnx.save(m16, str(h))
         hs = _session(h)
-        d16 = parity(model, hs, check_inputs)
+        d16, _ = parity(model, hs, check_inputs)
         ok16 = d16 <= FP16_PARITY_TOLERANCE
         checks_ok &= ok16
         auroc16 = _auroc(hs, x, labels, step or 16)
         set_metadata(h, meta("onnx-fp16", auroc16))  # its own format, not the FP32 file's
         files.append({"file": h.name, "format": "onnx-fp16", "parity_max_abs_logit": d16,
                       "parity_tolerance": FP16_PARITY_TOLERANCE, "parity_ok": ok16, "val_auroc": auroc16,
-                      "latency_ms_b1_p50": _latency_ms(_session(h), x[:1]), "kept": True})
+                      "latency_ms_b1_p50": _latency_ms(_session(h), x[:1]), "kept": True,
+                      **_ood_agreement(hs, ood_reference, x, step or 16, ood_threshold)})
     extra: dict = {}
     if tgt.ort_style:
         extra, ok = _ort_files(tgt, model, out, files, meta, x, labels, parity_tolerance)
@@ -205,7 +240,10 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
         "runtime": {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__,
                     "python": platform.python_version(), "machine": platform.machine()},
     }
+    manifest["trust"] = write_trust_files(out, trust, name)
+    manifest["model_card"] = CARD_FILE
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_card(out, render(name, str(ckpt.get("source", "")).startswith("distill"), ckpt.get("trained_on"), trust, manifest))
     manifest["out"] = str(out)
     return manifest
 
@@ -223,7 +261,7 @@ def _ort_files(tgt: Target, model, out: Path, files: list[dict], meta, x: np.nda
         path = made[out / f["file"]]
         sess = _session(path)
         if f["format"] == "onnx-fp32":
-            diff = parity(model, sess, _batches(x[:8], tgt.fixed_batch))
+            diff, _ = parity(model, sess, _batches(x[:8], tgt.fixed_batch))
         else:
             converted = _logits(sess, x[:8], tgt.fixed_batch)
             diff = float(np.abs(converted - _logits(_session(out / f["file"]), x[:8], tgt.fixed_batch)).max())

@@ -15,7 +15,7 @@ from fedxr import __version__
 from fedxr.edge import metadata
 from fedxr.errors import FedxrError
 
-INPUT, OUTPUT = "image", "logits"
+INPUT, OUTPUT, OOD_OUTPUT = "image", "logits", "ood_score"
 
 
 def sha256_of(path: str | Path) -> str:
@@ -26,11 +26,13 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def model_metadata(ckpt: dict, ckpt_path: Path, fmt: str, val_auroc: float | None) -> dict:
-    """The fedxr metadata of one exported file: exactly :data:`fedxr.edge.metadata.KEYS`."""
-    values = {"labels": list(ckpt["labels"]), **ckpt["preprocessing"].metadata(), "thresholds": list(ckpt["thresholds"]),
+def model_metadata(ckpt: dict, ckpt_path: Path, fmt: str, val_auroc: float | None, trust: dict) -> dict:
+    """The fedxr metadata of one exported file: exactly :data:`fedxr.edge.metadata.KEYS`. ``thresholds`` are the
+    operating points' (on calibrated probabilities); ``trust`` is :func:`fedxr.trust.fit.metadata_of`."""
+    values = {"labels": list(ckpt["labels"]), **ckpt["preprocessing"].metadata(),
+              "thresholds": [p["threshold"] for p in trust["operating_points"]],
               "model_name": ckpt["model_name"], "fedxr_version": __version__, "checkpoint_sha256": sha256_of(ckpt_path),
-              "val_auroc": val_auroc, "format": fmt, "trained_on": ckpt.get("trained_on")}
+              "val_auroc": val_auroc, "format": fmt, "trained_on": ckpt.get("trained_on"), **trust}
     if set(values) != set(metadata.KEYS):  # the edge runtime documents and reads these keys
         raise AssertionError(f"export metadata keys {sorted(values)} differ from fedxr.edge.metadata.KEYS")
     return values
@@ -56,7 +58,7 @@ def export_fp32(model: torch.nn.Module, size: int, path: Path, opset: int, fixed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=dynamic,
-                          external_data=False, opset_version=opset, input_names=[INPUT], output_names=[OUTPUT],
+                          external_data=False, opset_version=opset, input_names=[INPUT], output_names=[OUTPUT, OOD_OUTPUT],
                           verbose=False)
     side = [p for p in path.parent.iterdir() if p.name.startswith(path.name) and p != path]
     for p in side:
@@ -67,12 +69,14 @@ def export_fp32(model: torch.nn.Module, size: int, path: Path, opset: int, fixed
     return path
 
 
-def parity(model: torch.nn.Module, session, batches: list[np.ndarray]) -> float:
-    """Max |logit difference| between PyTorch and onnxruntime over the given input batches."""
-    worst = 0.0
+def parity(model: torch.nn.Module, session, batches: list[np.ndarray]) -> tuple[float, float]:
+    """(max |logit difference|, max relative OOD-score difference) between PyTorch (a
+    :class:`fedxr.trust.ood.ScoredNetwork`) and onnxruntime over the given input batches."""
+    worst = worst_ood = 0.0
     with torch.no_grad():
         for x in batches:
-            ref = model(torch.from_numpy(x)).numpy()
-            got = session.run(None, {session.get_inputs()[0].name: x})[0]
-            worst = max(worst, float(np.abs(ref - got).max()))
-    return worst
+            ref_logits, ref_ood = (t.numpy() for t in model(torch.from_numpy(x)))
+            got = session.run(None, {session.get_inputs()[0].name: x})
+            worst = max(worst, float(np.abs(ref_logits - got[0]).max()))
+            worst_ood = max(worst_ood, float((np.abs(ref_ood - got[1]) / np.maximum(np.abs(ref_ood), 1e-6)).max()))
+    return worst, worst_ood

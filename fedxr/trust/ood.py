@@ -1,0 +1,134 @@
+"""Out-of-distribution score: how far an image's feature statistics lie from the training images', stage by stage.
+
+Method (justified in the README): at every stage of the network from 1/4 of the input resolution down, the feature map's
+per-channel mean and standard deviation — the statistics Gram-matrix and feature-statistics detectors use
+(Sastry & Oore, ICML 2020) — are modelled as one Gaussian per training site with a covariance shared by the sites
+(Lee et al., NeurIPS 2018, with "class" = site: a federation's sites differ in scanner and case mix, and one
+Gaussian over all of them would be wide where no image lies). Per stage, an image's score is its Mahalanobis
+distance to the nearest site divided by that distance's validation quantile; the image's score is the mean over
+stages (1 ≈ the edge of validation images). Early stages see what the image is made of (noise, contrast,
+texture — a photograph, an inverted film, a synthetic phantom), the last what the network makes of it; the
+last stage alone missed most of those in benchmarks/ood.py. Energy or max-logit scores come from the 14 sigmoid
+outputs alone and miss inputs the network maps to ordinary logits (measured beside, in the same benchmark).
+Each site contributes only feature sums per stage (n, Σf, Σffᵀ): no image or per-image feature leaves a site.
+
+The score is computed inside the exported graph (a second output ``ood_score``), so every runtime — laptop,
+board, phone, INT8 — gets it from onnxruntime alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+OOD_OUTPUT = "ood_score"
+#: Shrinkage of the shared covariance towards a multiple of the identity: pooled ReLU features have directions of
+#: (near) zero variance whose inverse would make any small change look infinitely far. Chosen a priori, not tuned.
+SHRINKAGE = 0.1
+#: Validation quantile the threshold is set at: about 1 % of in-distribution images are flagged.
+DEFAULT_QUANTILE = 0.99
+
+
+def stage_statistics(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """([per stage from 1/4 resolution down: (N, 2C) channel means and standard deviations], logits)."""
+    if hasattr(net, "forward_intermediates"):
+        final, maps = net.forward_intermediates(x, intermediates_only=False)
+        logits = net.forward_head(final)
+    elif hasattr(net, "pool") and hasattr(net, "head"):  # TinyCNN: the output of every conv-BN-ReLU block
+        maps, h = [], x
+        for layer in net.features:
+            h = layer(h)
+            if isinstance(layer, nn.ReLU):
+                maps.append(h)
+        logits = net.head(net.pool(h).flatten(1))
+    else:
+        raise TypeError(f"{type(net).__name__}: cannot read its stages for the out-of-distribution score")
+    # Stages at 1/4 of the input resolution and below: the stem's full-size map holds little the next stage does
+    # not, and its statistics were a quarter of a student's INT8 latency (a float pass over the largest map).
+    maps = [m for m in maps if m.shape[-1] * 4 <= x.shape[-1]]
+    # Population variance as E[x²] − E[x]²: two reductions and no broadcast subtraction over the whole map (the
+    # head's cost at the edge), and 0 — not NaN — for a 1 x 1 map at a toy input size.
+    stats = []
+    for m in maps:
+        mean = m.mean((2, 3))
+        var = ((m * m).mean((2, 3)) - mean * mean).clamp_min(0)
+        stats.append(torch.cat([mean, (var + 1e-6).sqrt()], 1))
+    return stats, logits
+
+
+class ScoredNetwork(nn.Module):
+    """The classifier with its OOD score: ``forward(x) -> (logits, ood_score)``."""
+
+    def __init__(self, net: nn.Module, ood: dict):
+        super().__init__()
+        self.net = net
+        self.whiten = nn.ParameterList()
+        self.means = nn.ParameterList()
+        for stage in ood["stages"]:
+            w = torch.tensor(np.asarray(stage["whiten"]), dtype=torch.float32)          # (d, d)
+            m = torch.tensor(np.asarray(stage["means"]), dtype=torch.float32)           # (sites, d)
+            self.whiten.append(nn.Parameter(w, requires_grad=False))
+            self.means.append(nn.Parameter(m @ w, requires_grad=False))
+        self.register_buffer("scales", torch.tensor([s["scale"] for s in ood["stages"]], dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stats, logits = stage_statistics(self.net, x)
+        parts = []
+        for f, w, m in zip(stats, self.whiten, self.means):
+            z = f @ w                                                                   # (N, d)
+            d2 = ((z[:, None, :] - m[None, :, :]) ** 2).mean(-1)                        # (N, sites)
+            parts.append(torch.sqrt(d2.min(dim=1).values))
+        return logits, (torch.stack(parts, 1) / self.scales).mean(1)
+
+
+def site_feature_sums(features: np.ndarray) -> dict:
+    """What one site sends for the OOD fit: image count, feature sum and sum of outer products."""
+    f = np.asarray(features, np.float64)
+    return {"n": int(len(f)), "sum": f.sum(0), "outer": f.T @ f}
+
+
+def fit_gaussians(sums: list[dict], shrinkage: float = SHRINKAGE) -> dict:
+    """One stage: site means and the whitening matrix of the shared (within-site) covariance, from the sites' sums."""
+    sums = [s for s in sums if s["n"] > 1]
+    if not sums:
+        raise ValueError("no site has two or more training images to fit the OOD statistics on")
+    means = np.stack([s["sum"] / s["n"] for s in sums])
+    n = sum(s["n"] for s in sums)
+    scatter = sum(s["outer"] - s["n"] * np.outer(m, m) for s, m in zip(sums, means))
+    cov = scatter / max(1, n - len(sums))
+    d = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * (np.trace(cov) / d) * np.eye(d)
+    vals, vecs = np.linalg.eigh(cov)
+    whiten = vecs / np.sqrt(np.maximum(vals, 1e-12))[None, :]
+    return {"means": means.astype(np.float32), "whiten": whiten.astype(np.float32), "images": n, "dim": d,
+            "shrinkage": shrinkage}
+
+
+def distances(features: np.ndarray, stage: dict) -> np.ndarray:
+    """One stage's distance to the nearest site (1 ≈ a typical training image), in numpy."""
+    z = np.asarray(features, np.float64) @ np.asarray(stage["whiten"], np.float64)
+    m = np.asarray(stage["means"], np.float64) @ np.asarray(stage["whiten"], np.float64)
+    return np.sqrt(((z[:, None, :] - m[None]) ** 2).mean(-1).min(1))
+
+
+def fit_stages(train_sums: list[list[dict]], val_stats: list[np.ndarray], quantile: float) -> dict:
+    """Every stage's Gaussians from the sites' sums (``train_sums[site][stage]``), each stage's distance scaled by
+    its validation quantile; returns ``{"stages": [...]}`` as :class:`ScoredNetwork` takes it."""
+    stages = []
+    for level, val in enumerate(val_stats):
+        stage = fit_gaussians([site[level] for site in train_sums])
+        stage["scale"] = float(max(np.quantile(distances(val, stage), quantile), 1e-6))
+        stages.append(stage)
+    return {"stages": stages}
+
+
+def scores(stats: list[np.ndarray], ood: dict) -> np.ndarray:
+    """The score :class:`ScoredNetwork` computes, in numpy: the mean over stages of the scaled distances."""
+    return np.mean([distances(f, st) / st["scale"] for f, st in zip(stats, ood["stages"])], axis=0)
+
+
+def joint_energy(logits: np.ndarray) -> np.ndarray:
+    """JointEnergy (Wang et al., NeurIPS 2021), the multi-label energy score: Σ log(1 + e^z); lower = more unusual.
+    Returned negated so that, like the Mahalanobis distance, higher means further from the training data."""
+    return -np.logaddexp(0, np.asarray(logits, np.float64)).sum(1)
