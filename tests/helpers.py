@@ -83,3 +83,11 @@ def assert_global_is_step_weighted_mean(recipe, last_round: int, sites=("site-1"
         torch.testing.assert_close(torch.as_tensor(value).double(), expected, rtol=0, atol=1e-6)
         checked += 1
     assert checked >= 10
+
+
+def phantom_training_image(console_run) -> Path:
+    """An image of the kind the console run's model was trained on (its first training image)."""
+    from fedxr.data.manifest import read_manifest
+
+    rows = read_manifest(console_run["runs"] / "t" / "sites" / "site-1.csv")
+    return Path(rows[rows["split"] == "train"]["path"].iloc[0])

@@ -139,3 +139,19 @@ def test_real_cxr():
     fed_local = nih["federated_vs_local"]
     assert fed_local["ci95"][0] <= fed_local["ci95"][1] and -1 <= fed_local["difference"] <= 1
     assert result["edge"]["student_ms"] > 0 and result["edge"]["teacher_best"].endswith(".onnx")
+
+
+def test_ood():
+    """The OOD benchmark on a one-epoch tiny phantom model: every set scored, flagged rates and AUROCs in range."""
+    result = run_smoke("ood.py")
+    phantom = result["results"]["phantom"]
+    fp32 = next(f for f in phantom["files"].values() if f["format"] == "onnx-fp32")
+    sets = fp32["sets"]
+    assert {"own test images", "natural photographs", "CT and MR slices", "inverted radiographs", "rotated 90°",
+            "blank frames"} <= set(sets)
+    assert sets["blank frames"]["flagged"] == 1.0  # blank frames are flagged by name whatever the score
+    for name, row in sets.items():
+        assert 0 <= row["flagged"] <= 1 and row["images"] > 0, name
+        if name != "own test images":
+            assert 0 <= row["mahalanobis_auroc"] <= 1 and 0 <= row["joint_energy_auroc"] <= 1, name
+    assert (BENCH.parent / result["plot"]).is_file()

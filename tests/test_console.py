@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import CONSOLE_PASSWORD, GRADIENT, SHARED_NIH, write_dicom
+from helpers import CONSOLE_PASSWORD, GRADIENT, SHARED_NIH, phantom_training_image, write_dicom
 
 pytest.importorskip("fastapi", reason="the console extra is not installed: pip install -e '.[console]'")
 from fastapi.routing import APIRoute  # noqa: E402
@@ -216,21 +216,30 @@ def test_try_predicts_in_memory_with_a_heatmap(coordinator, console_run, tmp_pat
         png = tmp_path / "ramp.png"
         Image.fromarray(GRADIENT).save(png)
     write_dicom(tmp_path / "study.dcm", GRADIENT.astype("uint16") * 16, window=(2000, 1000))
+    phantom = phantom_training_image(console_run)
     token = re.search(r'data-csrf="([^"]+)"', coordinator.get("/try").text).group(1)
     # Any temporary file (a spooled upload) would land in this empty folder.
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     watched = (tmp_path / "tmp", console_run["runs"], console_run["exports"])
     before, cwd_before = _files_under(*watched), set(os.listdir())
-    for path in (png, tmp_path / "study.dcm"):
+    for path in (phantom, png, tmp_path / "study.dcm"):
         r = coordinator.post("/api/predict?model=t_tiny_cnn", content=path.read_bytes(),
                              headers={"X-CSRF-Token": token, "X-Filename": path.name})
         assert r.status_code == 200, r.text
         body = r.json()
         assert len(body["probabilities"]) == 14
         assert body["synthetic"] is True and "SYNTHETIC DATA" in body["trained_on"]  # a phantom model says so
-        assert body["heatmap"].startswith("data:image/png;base64,")
-        assert all(p["finding"] == (p["probability"] >= p["threshold"]) for p in body["probabilities"])
+        assert body["calibrated"] is True
+        for p in body["probabilities"]:  # a finding: reliable and above its operating point's threshold
+            assert p["finding"] == (p["reliable"] and p["probability"] >= p["threshold"] and body["in_distribution"])
+            assert p["reliable"] == (p["why"] is None)
+        if path == phantom:  # the kind of image it was trained on: findings and a heatmap
+            assert body["in_distribution"] is True and body["ood_reason"] is None
+            assert body["heatmap"].startswith("data:image/png;base64,")
+        else:  # a real film and a gradient ramp are not: a warning, no findings, no heatmap
+            assert body["in_distribution"] is False and "not like the images" in body["ood_reason"]
+            assert body["findings"] == [] and body["heatmap"] is None
     r = coordinator.post("/api/predict?model=t_tiny_cnn", content=b"\x89PNG broken", headers={"X-CSRF-Token": token})
     assert r.status_code == 422
     assert "upload a PNG, JPEG or DICOM" in r.json()["detail"]
@@ -316,3 +325,30 @@ def test_federation_status_says_when_the_server_is_unreachable(tmp_path):
     assert "error" in status
     assert str(kit) in status["error"]
     assert time.time() - t < 60
+
+
+def test_models_page_shows_the_model_card_escaped(coordinator, console_run):
+    page = coordinator.get("/models").text
+    assert "Trained on synthetic data — not for diagnosis." in page
+    assert "<summary>Model card</summary>" in page and "Known limits" in page
+    assert "<strong>TRAINED ON SYNTHETIC DATA" in page  # the card's own banner, rendered
+    card = console_run["exports"] / "t_tiny_cnn" / "MODEL_CARD.md"
+    original = card.read_text()
+    try:  # a card is data: markup inside it is shown, never run
+        card.write_text(original + "\n- <script>alert(1)</script>\n")
+        page = coordinator.get("/models").text
+        assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+    finally:
+        card.write_text(original)
+
+
+def test_console_loads_the_try_models_in_the_background_at_start(console_run):
+    from fedxr.console import predict
+
+    predict._models.clear()
+    app = create_app(console_run["runs"], console_run["db"], console_run["exports"], warm_up=True)
+    client = TestClient(app)
+    assert client.get("/health").status_code == 200  # pages answer while the models load
+    app.state.warm_up.join(timeout=120)
+    assert not app.state.warm_up.is_alive()
+    assert str((console_run["exports"] / "t_tiny_cnn").resolve()) in predict._models

@@ -13,7 +13,8 @@ import time
 import pytest
 from PIL import Image
 
-from helpers import CONSOLE_PASSWORD, GRADIENT, QUICKSTART, ROOT, SHARED_NIH, console_overrides, write_dicom
+from helpers import (CONSOLE_PASSWORD, GRADIENT, QUICKSTART, ROOT, SHARED_NIH, console_overrides,
+                     phantom_training_image, write_dicom)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 pytest.importorskip("fastapi", reason="the console extra is not installed: pip install -e '.[console]'")
@@ -98,12 +99,23 @@ def test_console_in_a_browser(chromium, console_run, shots, tmp_path):
         data = open(download.value.path(), "rb").read()
         assert hashlib.sha256(data).hexdigest() == link.get_attribute("data-sha256")
         shot(page, shots, "models")
+        assert "Trained on synthetic data" in page.inner_text("main")  # the banner above a phantom model
+        assert "Model card" in page.inner_text(".model-card summary")
+        assert "Known limits" in page.inner_text(".model-card")
         page.goto(base + "/try")
-        for image in (png, tmp_path / "study.dcm"):
+        for image in (tmp_path / "study.dcm", png):  # not a chest film: the warning replaces the findings
             page.set_input_files("#try-file", str(image))
             page.click("#try-form button[type=submit]")
             page.wait_for_selector("#try-result:not([hidden])")
             wait_until(lambda: page.locator("#try-probabilities tbody tr").count() == 14, 20, "14 probabilities")
+            assert page.is_visible("#try-ood") and "Findings withheld" in page.inner_text("#try-ood")
+            assert "none shown" in page.inner_text("#try-findings")
+            assert not page.is_visible("#try-heatmap")
+        shot(page, shots, "try-not-for-this-model")
+        page.set_input_files("#try-file", str(phantom_training_image(console_run)))
+        page.click("#try-form button[type=submit]")
+        wait_until(lambda: page.is_hidden("#try-ood"), 20, "the warning to go for an in-distribution image")
+        assert "trained on synthetic data" in page.inner_text("#try-warning")
         assert page.inner_text("#try-findings")
         assert page.is_visible("#try-heatmap")
         shot(page, shots, "try")

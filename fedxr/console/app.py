@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from starlette.concurrency import run_in_threadpool
 
 from fedxr import __version__
@@ -53,7 +54,7 @@ class Forbidden(Exception):
 
 
 def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export", recipes: str | Path = "recipes",
-               startup_kit: str | Path | None = None, secure_cookies: bool = False) -> FastAPI:
+               startup_kit: str | Path | None = None, secure_cookies: bool = False, warm_up: bool = False) -> FastAPI:
     runs, exports = Path(runs), Path(exports)
     store = Store(db)
     launcher = RunLauncher(Path(recipes), runs, exports)
@@ -67,6 +68,13 @@ def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export",
     app.state.store, app.state.launcher = store, launcher
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
+    # A model card is Markdown written by the exporter: rendered like the report, escaped, without images.
+    templates.env.filters["card_html"] = lambda text: Markup(markdown_to_html(text, lambda _: None))
+    if warm_up:  # `fedxr console` loads the models for /try in the background; pages answer meanwhile
+        from fedxr.console.predict import warm_up as warm
+
+        ok = [m for m in data.list_models(exports) if m["ok"]]
+        app.state.warm_up = warm([exports / m["folder"] for m in ok], [m.get("checkpoint") for m in ok])
 
     # --- sessions -------------------------------------------------------------------------------------
     def session_of(request: Request) -> Session | None:
@@ -367,9 +375,10 @@ def _too_large() -> JSONResponse:
 
 
 def markdown_to_html(text: str, image_url) -> str:
-    """The subset of Markdown fedxr's report uses (headings, tables, images, code blocks, paragraphs),
-    escaped; images are shown only when ``image_url`` maps them to a file the console serves."""
-    out, table, code = [], [], None
+    """The subset of Markdown fedxr's report and model cards use (headings, tables, images, code blocks, bullet
+    lists, a quoted banner, paragraphs), escaped; images are shown only when ``image_url`` maps them to a file
+    the console serves."""
+    out, table, code, items = [], [], None, []
 
     def inline(s: str) -> str:
         s = html.escape(s)
@@ -388,6 +397,11 @@ def markdown_to_html(text: str, image_url) -> str:
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
             table.clear()
 
+    def flush_items():
+        if items:
+            out.append("<ul>" + "".join(f"<li>{inline(i)}</li>" for i in items) + "</ul>")
+            items.clear()
+
     for line in text.splitlines():
         if code is not None:
             if line.startswith("```"):
@@ -400,7 +414,13 @@ def markdown_to_html(text: str, image_url) -> str:
             table.append(line)
             continue
         flush_table()
-        if line.startswith("```"):
+        if line.startswith("- "):
+            items.append(line[2:])
+            continue
+        flush_items()
+        if line.startswith("> "):
+            out.append(f'<p class="error banner">{inline(line[2:])}</p>')
+        elif line.startswith("```"):
             code = []
         elif m := re.match(r"^(#{1,4}) (.*)$", line):
             level = len(m.group(1)) + 1  # the page has its own h1
@@ -412,6 +432,7 @@ def markdown_to_html(text: str, image_url) -> str:
         elif line.strip():
             out.append(f"<p>{inline(line)}</p>")
     flush_table()
+    flush_items()
     if code is not None:  # an unclosed code block: show what it holds
         out.append("<pre>" + html.escape("\n".join(code)) + "</pre>")
     return "\n".join(out)

@@ -92,7 +92,8 @@ def serve(args: argparse.Namespace) -> int:
         from fedxr.console.app import create_app
     except ModuleNotFoundError as exc:
         raise FedxrError(f"the console needs its extra (module {exc.name!r} is missing): pip install 'fedxr[console]'") from None
-    app = create_app(args.runs, args.db, args.exports, args.recipes, args.startup_kit, secure_cookies=bool(args.tls_cert))
+    app = create_app(args.runs, args.db, args.exports, args.recipes, args.startup_kit, secure_cookies=bool(args.tls_cert),
+                     warm_up=True)
     scheme = "https" if args.tls_cert else "http"
     print(f"fedxr console on {scheme}://{args.host}:{args.port}/  (runs: {args.runs}, models: {args.exports}; Ctrl-C stops)")
     try:

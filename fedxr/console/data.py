@@ -184,9 +184,14 @@ def list_models(exports: Path) -> list[dict]:
             continue
         files = [dict(f, available=(manifest.parent / f["file"]).is_file()) for f in m.get("files", [])
                  if isinstance(f, dict) and isinstance(f.get("file"), str) and _NAME.match(f["file"])]
+        card = manifest.parent / "MODEL_CARD.md"
+        trust = m.get("trust") if isinstance(m.get("trust"), dict) else {}
         out.append({"folder": manifest.parent.name, "model_name": m.get("model_name"), "input_size": m.get("input_size"),
                     "recommended": m.get("recommended"), "int8_decision": m.get("int8_decision"), "ok": m.get("ok"),
-                    "checkpoint": m.get("checkpoint"), "files": files})
+                    "checkpoint": m.get("checkpoint"), "files": files,
+                    "synthetic": bool((m.get("trained_on") or {}).get("synthetic")),
+                    "card": card.read_text() if card.is_file() else None,
+                    "ood": trust.get("ood", {}).get("threshold") if isinstance(trust.get("ood"), dict) else None})
     return out
 
 

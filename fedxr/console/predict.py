@@ -40,6 +40,29 @@ def edge_model(folder: Path):
         return _models[key]
 
 
+def warm_up(folders: list[Path], checkpoints: list[str]) -> threading.Thread:
+    """Load what /try needs — the export folders' onnxruntime sessions, torch and the checkpoints Grad-CAM uses —
+    in a background thread at start-up, so the first prediction does not wait for them (the pages answer
+    meanwhile: nothing here holds a lock a page needs)."""
+    def load() -> None:
+        for folder in folders:
+            try:
+                edge_model(folder)
+            except Exception:  # a broken export is reported when someone picks it, not at start-up
+                pass
+        for ckpt in checkpoints:
+            try:
+                if ckpt and Path(ckpt).is_file() and importlib.util.find_spec("torch") is not None:
+                    import fedxr.explain  # noqa: F401  (torch, grad-cam)
+                    _torch_model(str(Path(ckpt).resolve()), Path(ckpt).stat().st_mtime)
+            except Exception:
+                pass
+
+    thread = threading.Thread(target=load, name="fedxr-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def png_data_url(rgb_or_gray: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(rgb_or_gray).save(buf, format="PNG")
@@ -85,14 +108,22 @@ def predict_upload(data: bytes, name: str, folder: Path, checkpoint: str | None)
     shown = resize_square(gray, DISPLAY_SIZE)
     top = max(result.probabilities, key=result.probabilities.get)
     label = result.findings[0][0] if result.findings else top
-    cam, why = gradcam(checkpoint, gray, label)
+    if result.withheld:  # a heatmap on an image the model is not for would look like an answer
+        cam, why = None, "no heatmap: the image is not like those the model was trained on"
+    else:
+        cam, why = gradcam(checkpoint, gray, label)
+    found = {lab for lab, _ in result.findings}
     return {
         "model": str(model.path.name), "input": name, "size": list(gray.shape),
         "trained_on": model.provenance, "synthetic": model.synthetic,
+        "in_distribution": result.in_distribution, "ood_reason": result.ood_reason, "ood_score": result.ood_score,
+        "calibrated": model.calibration is not None,
         "probabilities": [{"label": lab, "probability": result.probabilities[lab], "threshold": float(t),
-                           "finding": result.probabilities[lab] >= float(t)}
+                           "finding": lab in found, "reliable": lab not in model.unreliable,
+                           "why": model.unreliable.get(lab), "operating_point": model.statement(lab)}
                           for lab, t in zip(model.labels, model.thresholds)],
-        "findings": [{"label": lab, "probability": p} for lab, p in result.findings],
+        "findings": [{"label": lab, "probability": p, "operating_point": result.statements.get(lab)}
+                     for lab, p in result.findings],
         "image": png_data_url(shown),
         "heatmap": png_data_url(_overlay(shown, cam)) if cam is not None else None,
         "heatmap_label": label if cam is not None else None, "heatmap_note": why,

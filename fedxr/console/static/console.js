@@ -85,11 +85,16 @@ function setupTry(form) {
       return;
     }
     const model = document.getElementById("try-model").value;
-    const res = await fetch(`/api/predict?model=${encodeURIComponent(model)}`, {
-      method: "POST", body: file, credentials: "same-origin",
-      headers: {"X-CSRF-Token": form.dataset.csrf, "X-Filename": file.name, "Content-Type": "application/octet-stream"},
-    });
-    const body = await res.json();
+    const busy = document.getElementById("try-busy"), submit = document.getElementById("try-submit");
+    busy.hidden = false; submit.disabled = true;
+    let res, body;
+    try {
+      res = await fetch(`/api/predict?model=${encodeURIComponent(model)}`, {
+        method: "POST", body: file, credentials: "same-origin",
+        headers: {"X-CSRF-Token": form.dataset.csrf, "X-Filename": file.name, "Content-Type": "application/octet-stream"},
+      });
+      body = await res.json();
+    } finally { busy.hidden = true; submit.disabled = false; }
     if (!res.ok) { error.textContent = body.detail || `error ${res.status}`; error.hidden = false; return; }
     document.getElementById("try-image").src = body.image;
     const heat = document.getElementById("try-heatmap");
@@ -102,13 +107,21 @@ function setupTry(form) {
     warning.hidden = !body.synthetic;
     warning.textContent = body.synthetic ? "This model was trained on synthetic data — not for diagnosis." : "";
     document.getElementById("try-provenance").textContent = body.trained_on || "";
-    document.getElementById("try-findings").textContent = body.findings.length ?
-      body.findings.map(f => `${f.label} ${fmt(f.probability)}`).join(", ") : "no finding above its threshold";
+    // An image the model is not for: the warning replaces the list of findings.
+    const ood = document.getElementById("try-ood");
+    ood.hidden = body.in_distribution !== false;
+    ood.textContent = body.in_distribution === false ? `Findings withheld — ${body.ood_reason}.` : "";
+    const findings = document.getElementById("try-findings");
+    findings.replaceChildren(...(body.in_distribution === false ? [el("li", {}, "none shown: see the warning above")] :
+      body.findings.length ? body.findings.map(f => el("li", {class: "finding"},
+        `${f.label} ${fmt(f.probability)}` + (f.operating_point ? ` — ${f.operating_point}` : ""))) :
+      [el("li", {}, "no finding above its threshold")]));
     const tbody = document.querySelector("#try-probabilities tbody");
     tbody.replaceChildren(...body.probabilities.map(p => {
-      const tr = el("tr", {class: p.finding ? "finding" : ""});
-      tr.append(el("td", {}, p.label), el("td", {}, fmt(p.probability)), el("td", {}, fmt(p.threshold)),
-                el("td", {}, p.finding ? "finding" : ""));
+      const tr = el("tr", {class: p.finding ? "finding" : (p.reliable ? "" : "unreliable")});
+      tr.append(el("td", {}, p.label), el("td", {}, p.reliable ? fmt(p.probability) : "not reliable in this model"),
+                el("td", {}, p.reliable ? fmt(p.threshold) : "–"),
+                el("td", {}, p.reliable ? (p.operating_point || "").replace(/^above /, "") : p.why || ""));
       return tr;
     }));
     document.getElementById("try-result").hidden = false;
