@@ -243,6 +243,35 @@ def _export_section(layout: RunLayout, results: RunResults, out: list[str]) -> N
             "manifest recommends.", ""]
     out += _table(["model", "file", "format", "size", "ms", "val AUROC", "kept", ""], rows)
     out += ["", f"Try it: `python -m fedxr.edge predict {ex.edge_model} IMAGE.png` (PNG, JPEG or DICOM).", ""]
+    _trust_section(run, ex.manifests, out)
+
+
+def _trust_section(run: Path, manifests: dict[str, str], out: list[str]) -> None:
+    """Per exported model: calibration before/after, reliable findings, the OOD check, its model card."""
+    rows, plots = [], []
+    for name, path in manifests.items():
+        m = json.loads(Path(path).read_text())
+        trust = m.get("trust")
+        if not trust:
+            continue
+        ece = trust["ece"].get("test") or trust["ece"]["val"]
+        ood = trust["ood"]
+        card = Path(path).parent / m.get("model_card", "MODEL_CARD.md")
+        rows.append([name, f"{_f(ece['macro_before'])} → {_f(ece['macro_after'])}",
+                     f"{sum(p['reliable'] for p in trust['operating_points'])} of {len(trust['operating_points'])}",
+                     f"{_f(ood['threshold'])} ({ood['quantile']:.0%} of validation)",
+                     _f(ood.get("test_flagged"), ".1%"), f"`{_rel(card, run)}`"])
+        plot = Path(path).parent / "reliability.png"
+        if plot.is_file():
+            plots.append(f"![calibration of {name}]({_rel(plot, run)})")
+    if not rows:
+        return
+    out += ["## Calibration, operating points and the out-of-distribution check", "",
+            "Fitted on validation at export (Platt scaling per finding; thresholds for "
+            "the recipe's `export.operating_point`; an OOD score in the exported graph); test figures reported only.", ""]
+    out += _table(["model", "macro ECE on test, before → after", "reliable findings", "OOD threshold",
+                   "test images flagged", "model card"], rows)
+    out += ["", *plots, ""]
 
 
 def _explain_section(layout: RunLayout, results: RunResults, out: list[str]) -> None:

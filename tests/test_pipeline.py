@@ -67,12 +67,13 @@ def test_report_references_only_files_that_exist(first_run):
     run = load_recipe(QUICKSTART, ov).layout.root
     text = (run / "report.md").read_text()
     for heading in ("## Data per site", "## Federated teacher", "## Teacher on the pooled test set",
-                    "## Teacher vs students", "## Exported models", "## Where the models look", "## Resolved recipe"):
+                    "## Teacher vs students", "## Exported models", "## Where the models look", "## Resolved recipe",
+                    "## Calibration, operating points and the out-of-distribution check"):
         assert heading in text
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    files = re.findall(r"`([^`\s]+\.(?:ckpt|onnx))`", text)
+    files = re.findall(r"`([^`\s]+\.(?:ckpt|onnx|md))`", text)
     assert len(images) >= 5
-    assert files
+    assert files and any(f.endswith("MODEL_CARD.md") for f in files)
     for ref in images + files:
         assert (run / ref).exists(), f"report.md links {ref}, which does not exist"
 
