@@ -32,9 +32,14 @@ MIN_CAM_CELLS = 6
 
 
 def cam_layer(model: nn.Module, size: int) -> nn.Module:
-    """The Grad-CAM layer for any CNN, found by running one dummy image: the last module (in execution
-    order) whose output is a spatial map of at least MIN_CAM_CELLS cells a side — the final conv before
-    global pooling at the usual input sizes (7 x 7 for a ResNet at 224 px), an earlier stage for small
+    """The Grad-CAM layer for any CNN (:func:`cam_choice`)."""
+    return cam_choice(model, size)[0]
+
+
+def cam_choice(model: nn.Module, size: int) -> tuple[nn.Module, int]:
+    """(the Grad-CAM layer, its map's cells a side), found by running one dummy image: the last module (in
+    execution order) whose output is a spatial map of at least MIN_CAM_CELLS cells a side — the final conv
+    before global pooling at the usual input sizes (7 x 7 for a ResNet at 224 px), an earlier stage for small
     inputs — or, if no map is that fine, the last spatial one."""
     order: list[tuple[nn.Module, tuple]] = []
     hooks = [m.register_forward_hook(lambda mod, _i, out: order.append((mod, tuple(out.shape))
@@ -49,8 +54,9 @@ def cam_layer(model: nn.Module, size: int) -> nn.Module:
     spatial = [(m, shape) for m, shape in order if len(shape) == 4 and shape[-1] > 1 and shape[-2] > 1]
     if not spatial:
         raise FedxrError("the model has no spatial feature map for Grad-CAM")
-    fine = [m for m, shape in spatial if min(shape[-2:]) >= MIN_CAM_CELLS]
-    return fine[-1] if fine else spatial[-1][0]
+    fine = [(m, shape) for m, shape in spatial if min(shape[-2:]) >= MIN_CAM_CELLS]
+    module, shape = fine[-1] if fine else spatial[-1]
+    return module, int(min(shape[-2:]))
 
 
 def boxed_test_images(data: Path, boxes_csv: Path | None = None, split: str = "test") -> list[dict]:
@@ -109,20 +115,45 @@ def heatmaps(model: nn.Module, ckpt: dict, items: list[dict]) -> list[np.ndarray
     return maps
 
 
-def pointing_game(items: list[dict], maps: list[np.ndarray]) -> dict:
-    """Per class: hits of the heatmap's peak inside the box, and a random heatmap's expected hit rate."""
-    hits, randoms, counts = defaultdict(int), defaultdict(float), defaultdict(int)
+def pointing_game(items: list[dict], maps: list[np.ndarray], cells: int | None = None) -> dict:
+    """Per class and overall, each beside what a random heatmap gets:
+
+    * ``score``: the heatmap's peak inside the box (strict pointing game); ``random``: the box's share of the image;
+    * ``ceiling``: what a perfect heatmap could score at the CAM's resolution (``cells`` a side): its upsampled
+      peak sits on a cell centre, so a box that holds no cell centre cannot be hit;
+    * ``margin_score``: the peak within one CAM cell of the box (the tolerance its resolution asks for);
+      ``margin_random``: the widened box's share;
+    * ``energy``: the share of the heatmap's mass inside the box (energy-based pointing game, Wang et al.
+      2020); a flat map puts the box's share there (``random``)."""
+    keys = ("score", "random", "ceiling", "margin_score", "margin_random", "energy")
+    sums = {k: defaultdict(float) for k in keys}
+    counts = defaultdict(int)
     for item, cam in zip(items, maps):
         size = cam.shape[-1]
         x0, y0, x1, y1 = item["box_px"]
         peak_y, peak_x = np.unravel_index(int(np.argmax(cam)), cam.shape)
-        label = item["label"]
+        label, evidence = item["label"], cam.max() > 0
+        step = size / cells if cells else 0.0
+        m = int(np.ceil(step))
+        wx0, wy0, wx1, wy1 = max(0, x0 - m), max(0, y0 - m), min(size, x1 + m), min(size, y1 + m)
+        centres = (np.arange(cells) + 0.5) * step if cells else np.zeros(0)
+        row = {"score": float(evidence and x0 <= peak_x < x1 and y0 <= peak_y < y1),
+               "random": min(1.0, max(0, x1 - x0) * max(0, y1 - y0) / size**2),
+               "ceiling": float(((centres >= x0) & (centres < x1)).any() and ((centres >= y0) & (centres < y1)).any()),
+               "margin_score": float(evidence and wx0 <= peak_x < wx1 and wy0 <= peak_y < wy1),
+               "margin_random": (wx1 - wx0) * (wy1 - wy0) / size**2,
+               "energy": float(cam[y0:y1, x0:x1].sum() / cam.sum()) if evidence else 0.0}
         counts[label] += 1
-        hits[label] += int(cam.max() > 0 and x0 <= peak_x < x1 and y0 <= peak_y < y1)
-        randoms[label] += min(1.0, max(0, x1 - x0) * max(0, y1 - y0) / size**2)
-    per_class = {c: {"boxes": counts[c], "score": hits[c] / counts[c], "random": randoms[c] / counts[c]} for c in counts}
+        for k in keys:
+            sums[k][label] += row[k]
+    per_class = {c: {"boxes": counts[c], **{k: sums[k][c] / counts[c] for k in keys}} for c in counts}
     total = sum(counts.values())
-    return {"per_class": per_class, "overall": sum(hits.values()) / total, "random_overall": sum(randoms.values()) / total,
+    overall = {k: sum(sums[k].values()) / total for k in keys}
+    if not cells:
+        for v in (*per_class.values(), overall):
+            v["ceiling"] = None
+    return {"per_class": per_class, "overall": overall["score"], "random_overall": overall["random"],
+            **{f"{k}_overall": overall[k] for k in keys if k not in ("score", "random")}, "cam_cells": cells,
             "boxes": total}
 
 
@@ -147,7 +178,8 @@ def explain(checkpoints: list[str | Path], data: str | Path, out: str | Path, n:
         items = [dict(p, box_px=_box_in_pixels(p["box"], size), gray=decoded[p["path"], size]) for p in pairs]
         maps = heatmaps(model, ckpt, items)
         key = f"{ckpt['model_name']} ({Path(path).parent.name}/{Path(path).stem})"
-        results[key] = {"checkpoint": str(path), "model_name": ckpt["model_name"], **pointing_game(items, maps)}
+        cells = cam_choice(model, size)[1]
+        results[key] = {"checkpoint": str(path), "model_name": ckpt["model_name"], **pointing_game(items, maps, cells)}
         all_maps[key] = (items, maps, size)
     # One image per row in the grid: the first box of each of the first n images.
     shown, seen = [], set()
@@ -191,6 +223,9 @@ def plot_grid(all_maps: dict, shown: list[int], path: Path) -> None:
 def format_explain(report: dict) -> str:
     lines = [f"pointing game on {report['boxes_scored']} boxes ({report['images_with_boxes']} boxed test images):"]
     for key, r in report["models"].items():
-        lines.append(f"  {key:<40} {r['overall']:.3f}   (random heatmap: {r['random_overall']:.3f})")
+        lines.append(f"  {key:<40} {r['overall']:.3f}   (random heatmap: {r['random_overall']:.3f}; a perfect heatmap "
+                     f"at {r['cam_cells']}x{r['cam_cells']} cells: {r['ceiling_overall']:.3f}); within one cell "
+                     f"{r['margin_score_overall']:.3f} (random {r['margin_random_overall']:.3f}); energy in the box "
+                     f"{r['energy_overall']:.3f} (random {r['random_overall']:.3f})")
     lines.append(f"wrote {report['out']}/gradcam_grid.png and pointing_game.json")
     return "\n".join(lines)

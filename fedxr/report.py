@@ -283,9 +283,14 @@ def _explain_section(layout: RunLayout, results: RunResults, out: list[str]) -> 
             f"Pointing game on {pg['boxes_scored']} ground-truth boxes: how often the heatmap's peak falls inside "
             "the box of the finding it explains. A random heatmap's expected score is the box's share of the image.", ""]
     classes = sorted({c for m in pg["models"].values() for c in m["per_class"]})
-    rows = [[key, _f(m["overall"]), _f(m["random_overall"]),
+    rows = [[key, _f(m["overall"]), _f(m["random_overall"]), _f(m.get("ceiling_overall")),
+             f"{_f(m.get('margin_score_overall'))} ({_f(m.get('margin_random_overall'))})",
+             f"{_f(m.get('energy_overall'))} ({_f(m['random_overall'])})",
              *[_f(m["per_class"].get(c, {}).get("score"), ".2f") for c in classes]] for key, m in pg["models"].items()]
-    out += _table(["model", "overall", "random", *classes], rows)
+    out += ["Ceiling: what a perfect heatmap could score at the CAM's resolution (its peak sits on a cell centre). "
+            "Within one cell: the peak at most one CAM cell outside the box (random in brackets). Energy: the share "
+            "of the heatmap inside the box (a flat map: the box's share).", ""]
+    out += _table(["model", "overall", "random", "ceiling", "within one cell", "energy in box", *classes], rows)
     out += ["", f"![Grad-CAM]({_rel(ex.grid, run)})", ""]
 
 

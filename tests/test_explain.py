@@ -52,3 +52,22 @@ def test_pointing_game_scores_hits_misses_and_random_baseline():
     assert result["per_class"]["Mass"]["random"] == pytest.approx(64 / 1024)
     assert result["boxes"] == 3
     assert result["overall"] == pytest.approx(1 / 3)
+
+
+def test_ceiling_margin_and_energy_scores():
+    """At 4 x 4 CAM cells on a 32-px input the cell centres are 4, 12, 20, 28: a 3-px box between them cannot be
+    hit by any heatmap (ceiling 0); a peak one cell outside the box counts within the margin; energy is the map's
+    share inside the box."""
+    small = (5, 5, 8, 8)                                    # holds no cell centre
+    big = (8, 8, 16, 16)                                    # holds (12, 12)
+    near = np.zeros((32, 32)); near[20, 12] = 1.0          # peak 5 px below the big box: inside one 8-px cell
+    half = np.zeros((32, 32)); half[8:16, 8:16] = 1.0; half[0:8, 0:8] = 0.999
+    items = [{"label": "Nodule", "box_px": small}, {"label": "Mass", "box_px": big}, {"label": "Mass", "box_px": big}]
+    result = pointing_game(items, [near, near, half], cells=4)
+    assert result["cam_cells"] == 4
+    assert result["per_class"]["Nodule"]["ceiling"] == 0.0 and result["per_class"]["Mass"]["ceiling"] == 1.0
+    assert result["per_class"]["Mass"]["score"] == pytest.approx(0.5)          # `half` peaks inside, `near` does not
+    assert result["per_class"]["Mass"]["margin_score"] == 1.0
+    assert result["per_class"]["Mass"]["energy"] == pytest.approx((0.0 + 0.5) / 2, abs=1e-3)
+    assert result["per_class"]["Mass"]["margin_random"] == pytest.approx(24 * 24 / 1024)
+    assert pointing_game(items, [near, near, half])["per_class"]["Mass"]["ceiling"] is None  # resolution unknown
