@@ -45,10 +45,13 @@ def _threshold(p: np.ndarray, y: np.ndarray, kind: str, target: float | None) ->
         # The lowest threshold above floor-enough negatives: specificity >= target.
         k = math.ceil(target * len(neg))
         return float(np.nextafter(neg[k - 1], np.inf)) if k > 0 else float(neg[0])
-    cands = np.unique(p)
-    sens = (p[None, y == 1] >= cands[:, None]).mean(1)
-    spec = (p[None, y == 0] < cands[:, None]).mean(1)
-    return float(cands[int(np.argmax(sens + spec))])
+    # Youden's J: fedxr's one rule for it (fedxr.models.metrics, torch; imported here so the edge, which reads
+    # rules only, stays torch-free).
+    import torch
+
+    from fedxr.models.metrics import choose_thresholds
+
+    return float(choose_thresholds(torch.from_numpy(p[:, None]), torch.from_numpy(y[:, None]))[0])
 
 
 def operating_points(probs: np.ndarray, targets: np.ndarray, labels: list[str], rule: str,
