@@ -166,3 +166,31 @@ def test_prepare_regenerates_a_phantom_made_with_other_settings(tmp_path, capsys
     # Without fedxr's marker the folder is somebody's data: never replaced.
     (root / "phantom.json").unlink()
     assert not ensure_dataset(load_recipe(quickstart, tiny_recipe_overrides(tmp_path, patients=20)), progress=False)[1]
+
+
+def test_atelectasis_raises_the_hemidiaphragm_on_the_boxed_side():
+    """Volume loss raises the diaphragm of the collapsed lung, and the box is drawn in that same lung: a
+    model that learns the raised dome then points inside the box (it once rose on the image left always)."""
+    from fedxr.data.phantom_render import draw_anatomy, draw_findings
+    from fedxr.labels import LABEL_INDEX
+
+    size = 128
+
+    def lung_bottoms(anat):
+        """Lowest lung row at each lung's centre column, in pixels."""
+        return [np.flatnonzero(m[:, int(c * size)] > 0.5).max() for m, c in zip(anat.lungs, anat.centres)]
+
+    sides = []
+    for seed in range(30):
+        drawn = np.zeros(len(LABELS), bool)
+        plain, _ = draw_anatomy(size, np.random.default_rng(seed), "PA", drawn)
+        drawn[LABEL_INDEX["Atelectasis"]] = True
+        rng = np.random.default_rng(seed)
+        anat, density = draw_anatomy(size, rng, "PA", drawn)
+        box = draw_findings(anat, density, drawn, rng)["Atelectasis"]
+        boxed = 0 if (box[0] + box[2]) / 2 < 0.5 else 1
+        rise = np.subtract(lung_bottoms(plain), lung_bottoms(anat))  # pixels the dome moved up, per side
+        assert rise[boxed] >= 3, (seed, rise, box)
+        assert abs(rise[1 - boxed]) <= 1, (seed, rise, box)
+        sides.append(boxed)
+    assert 0.2 < np.mean(sides) < 0.8, sides  # both sides occur

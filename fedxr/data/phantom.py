@@ -40,8 +40,9 @@ BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 _DETECTORS = ((0.143, 2500, 3056), (0.139, 2021, 2021), (0.168, 2048, 2500), (0.171, 2992, 2991))
 TEST_PATIENT_FRACTION = 0.2
 MARKER_FILE = "phantom.json"
-#: Bumped whenever the same settings would draw different images (v2: more conspicuous findings).
-GENERATOR = "fedxr phantom v2"
+#: Bumped whenever the same settings would draw different images (v2: more conspicuous findings; v3: the
+#: Atelectasis dome rises on the boxed side).
+GENERATOR = "fedxr phantom v3"
 
 
 def _render_patient(job: tuple[list[ImageCase], list[HospitalProfile], int, str]) -> list[tuple]:

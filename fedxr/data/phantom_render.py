@@ -76,6 +76,7 @@ class Anatomy:
     heart_box: tuple[float, float, float, float]
     dome: list[float]                # diaphragm height (v) per side
     centres: list[float]             # lung centre u per side
+    collapsed_side: int | None = None  # Atelectasis: the lung (0 image left, 1 image right) that lost volume
 
 
 def _ellipse(u, v, cu, cv, ru, rv, sharp):
@@ -99,11 +100,14 @@ def draw_anatomy(size: int, rng: np.random.Generator, view: str, drawn: np.ndarr
     base = rng.uniform(0.70, 0.76) + (0.05 if emph else 0.0)
     dome_h = rng.uniform(0.04, 0.07) * (0.35 if emph else 1.0)
     lungs, boxes, domes, centres = [], [], [], []
+    # Atelectasis: the volume loss raises the hemidiaphragm on the collapsed lung's side, and the finding
+    # (its band, its box) is drawn in that same lung, so the model's evidence lies inside the box.
+    collapsed = int(rng.integers(0, 2)) if drawn[LABEL_INDEX["Atelectasis"]] else None
     for side in (-1, 1):
         cu = 0.5 + side * 0.18 * width
         ru, top = 0.15 * width * rng.uniform(0.95, 1.05), rng.uniform(0.13, 0.18)
         dome = base + (0.02 if side == 1 else 0.0)  # the left dome sits a little lower
-        if drawn[LABEL_INDEX["Atelectasis"]] and side == -1:
+        if collapsed is not None and (side + 1) // 2 == collapsed:
             dome -= 0.03  # volume loss raises the hemidiaphragm
         rv = (dome - top) * 0.62
         shape = 1 - np.abs((u - cu) / ru) ** 2.4 - np.abs((v - (top + rv)) / rv) ** 2.0
@@ -151,7 +155,7 @@ def draw_anatomy(size: int, rng: np.random.Generator, view: str, drawn: np.ndarr
     # Gastric bubble under the left dome.
     density -= 0.1 * _ellipse(u, v, centres[1] + 0.02, domes[1] + 0.045, 0.045, 0.025, sharp) * body
     heart_box = (hcu - hw, hcv - hh, hcu + hw, hcv + hh)
-    anat = Anatomy(u, v, sharp, body, lungs, boxes, heart, heart_box, domes, centres)
+    anat = Anatomy(u, v, sharp, body, lungs, boxes, heart, heart_box, domes, centres, collapsed)
     return anat, density.astype(np.float32)
 
 
@@ -226,7 +230,7 @@ def draw_findings(anat: Anatomy, density: np.ndarray, drawn: np.ndarray, rng: np
         add("Pneumothorax", line, 0.06)
         boxes["Pneumothorax"] = _box_of(region, 0.5) or boxes.get("Pneumothorax")
     if has("Atelectasis"):
-        s = side()
+        s = anat.collapsed_side  # the side whose hemidiaphragm draw_anatomy raised
         cu, cv = lung_point(s, 0.6, 0.85)
         angle = rng.uniform(-0.3, 0.3)
         band = _sig((0.012 - np.abs((v - cv) - angle * (u - cu))) * sharp) * _ellipse(u, v, cu, cv, 0.09, 0.05, sharp)
