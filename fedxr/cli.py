@@ -166,7 +166,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from fedxr.explain import explain, format_explain
 
     out = args.out or str(Path(args.checkpoints[0]).parent / "explain")
-    report = explain(args.checkpoints, args.data, out, n=args.n, boxes_csv=args.boxes, max_boxes=args.max_boxes)
+    report = explain(args.checkpoints, args.data, out, n=args.n, boxes_csv=args.boxes, max_boxes=args.max_boxes,
+                     val_boxes=args.val_boxes)
     print(format_explain(report))
     return 0
 
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxes", help="BBox_List_2017.csv (default: the one in the data set's root)")
     p.add_argument("--n", type=int, default=16, help="images in the grid")
     p.add_argument("--max-boxes", type=int, default=200, help="boxes scored in the pointing game")
+    p.add_argument("--val-boxes", type=int, default=200,
+                   help="validation boxes that choose each model's Grad-CAM layer (0: the resolution rule)")
     p.add_argument("--out", help="output folder (default: explain/ beside the first checkpoint)")
     p.set_defaults(func=cmd_explain)
 

@@ -178,6 +178,8 @@ class ExplainConfig(_Section):
     enabled: bool = True
     images: int = Field(16, ge=1, description="test images with boxes shown in the Grad-CAM grid")
     max_boxes: int = Field(200, ge=1, description="ground-truth boxes scored in the pointing game")
+    val_boxes: int = Field(200, ge=0, description="validation boxes that choose each model's Grad-CAM layer "
+                                                  "(0: the last map of at least 6 cells a side)")
 
 
 class EnergyConfig(_Section):

@@ -5,6 +5,10 @@ one for 880 images), each model's Grad-CAM map (pytorch-grad-cam) for the boxed 
 the image with the box drawn, teacher and students side by side (``gradcam_grid.png``). The pointing
 game scores, per class, how often the heatmap's peak falls inside a true box; a random heatmap's peak
 is a uniformly random pixel, so its expected score is the box's share of the image, reported beside it.
+
+Which layer's map is drawn is chosen per model on the *validation* split's boxes (:func:`choose_cam_layer`):
+every stage's last map from 1/4 input resolution down is a candidate and the one with the best pointing game
+there is used on test. Too few validation boxes fall back to the resolution rule of :func:`cam_choice`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,37 @@ NIH_BOX_SPACE = 1024
 MIN_CAM_CELLS = 6
 
 
+#: Fewer validation boxes than this cannot choose a layer (one hit would swing the score by > 5 %).
+MIN_VAL_BOXES = 20
+
+#: Grad-CAM runs this many images per forward/backward pass (each image's map is independent in eval mode).
+CAM_BATCH = 32
+
+
+def _spatial_outputs(model: nn.Module, size: int) -> list[tuple[str, nn.Module, tuple]]:
+    """(name, leaf module, output shape) in execution order, for one dummy size × size image."""
+    order: list[tuple[str, nn.Module, tuple]] = []
+    hooks = [m.register_forward_hook(lambda mod, _i, out, name=name: order.append((name, mod, tuple(out.shape)))
+                                     if isinstance(out, torch.Tensor) else None)
+             for name, m in model.named_modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(n, m, shape) for n, m, shape in order if len(shape) == 4 and shape[-1] > 1 and shape[-2] > 1]
+
+
+def cam_candidates(model: nn.Module, size: int) -> list[tuple[str, nn.Module, int]]:
+    """(name, module, cells a side) of each resolution's last map, from 1/4 of the input side down (the stem's
+    finer maps see edges, not findings): a ResNet-18 at 96 px offers 24, 12, 6 and 3 cells."""
+    last: dict[int, tuple[str, nn.Module]] = {}
+    for name, module, shape in _spatial_outputs(model, size):
+        last[int(min(shape[-2:]))] = (name, module)
+    return [(name, module, cells) for cells, (name, module) in sorted(last.items()) if cells <= size // 4]
+
+
 def cam_layer(model: nn.Module, size: int) -> nn.Module:
     """The Grad-CAM layer for any CNN (:func:`cam_choice`)."""
     return cam_choice(model, size)[0]
@@ -41,17 +76,7 @@ def cam_choice(model: nn.Module, size: int) -> tuple[nn.Module, int]:
     execution order) whose output is a spatial map of at least MIN_CAM_CELLS cells a side — the final conv
     before global pooling at the usual input sizes (7 x 7 for a ResNet at 224 px), an earlier stage for small
     inputs — or, if no map is that fine, the last spatial one."""
-    order: list[tuple[nn.Module, tuple]] = []
-    hooks = [m.register_forward_hook(lambda mod, _i, out: order.append((mod, tuple(out.shape))
-                                                                       if isinstance(out, torch.Tensor) else None))
-             for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 1, size, size))
-    finally:
-        for h in hooks:
-            h.remove()
-    spatial = [(m, shape) for m, shape in order if len(shape) == 4 and shape[-1] > 1 and shape[-2] > 1]
+    spatial = [(m, shape) for _n, m, shape in _spatial_outputs(model, size)]
     if not spatial:
         raise FedxrError("the model has no spatial feature map for Grad-CAM")
     fine = [(m, shape) for m, shape in spatial if min(shape[-2:]) >= MIN_CAM_CELLS]
@@ -99,20 +124,47 @@ def _box_in_pixels(box: tuple, size: int) -> tuple[int, int, int, int]:
             min(size, int(np.ceil((y + h) * s))))
 
 
-def heatmaps(model: nn.Module, ckpt: dict, items: list[dict]) -> list[np.ndarray]:
-    """Grad-CAM map (size × size, 0..1) of every (image, boxed label) pair; each item's ``gray`` is the
-    image already decoded at the model's input size."""
+def heatmaps(model: nn.Module, ckpt: dict, items: list[dict], layer: nn.Module | None = None) -> list[np.ndarray]:
+    """Grad-CAM map (size × size, 0..1) of every (image, boxed label) pair at ``layer`` (default
+    :func:`cam_layer`); each item's ``gray`` is the image already decoded at the model's input size."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     prep = ckpt["preprocessing"]
-    layer = cam_layer(model, prep.size)
-    maps = []
+    layer = layer if layer is not None else cam_layer(model, prep.size)
+    maps: list[np.ndarray] = []
     with GradCAM(model=model, target_layers=[layer]) as cam:
-        for item in items:
-            x = torch.from_numpy(prep.batch([item["gray"]]))
-            maps.append(cam(input_tensor=x, targets=[ClassifierOutputTarget(LABELS.index(item["label"]))])[0])
+        for i in range(0, len(items), CAM_BATCH):
+            chunk = items[i:i + CAM_BATCH]
+            x = torch.from_numpy(prep.batch([item["gray"] for item in chunk]))
+            maps.extend(cam(input_tensor=x, targets=[ClassifierOutputTarget(LABELS.index(item["label"]))
+                                                     for item in chunk]))
     return maps
+
+
+def choose_cam_layer(model: nn.Module, ckpt: dict, val_items: list[dict]) -> tuple[nn.Module, dict]:
+    """The candidate layer (:func:`cam_candidates`) whose heatmaps point best at the validation boxes: the
+    strict pointing game, ties broken by the energy inside the box. Returns (layer, a record of the choice
+    with every candidate's validation scores). Fewer than MIN_VAL_BOXES boxes keep :func:`cam_choice`."""
+    size = ckpt["preprocessing"].size
+    default, default_cells = cam_choice(model, size)
+    names = {m: n for n, m in model.named_modules()}
+    record = {"layer": names.get(default, "?"), "cells": default_cells, "val_boxes": len(val_items),
+              "chosen_on": "resolution rule", "candidates": []}
+    if len(val_items) < MIN_VAL_BOXES:
+        record["chosen_on"] += f" (only {len(val_items)} validation boxes, fewer than {MIN_VAL_BOXES})"
+        return default, record
+    best = None
+    for name, module, cells in cam_candidates(model, size):
+        r = pointing_game(val_items, heatmaps(model, ckpt, val_items, module), cells)
+        record["candidates"].append({"layer": name, "cells": cells, "score": r["overall"], "energy": r["energy_overall"],
+                                     "ceiling": r["ceiling_overall"]})
+        if best is None or (r["overall"], r["energy_overall"]) > best[0]:
+            best = ((r["overall"], r["energy_overall"]), module, name, cells)
+    if best is None:
+        return default, record
+    record.update(layer=best[2], cells=best[3], chosen_on=f"validation boxes ({len(val_items)})")
+    return best[1], record
 
 
 def pointing_game(items: list[dict], maps: list[np.ndarray], cells: int | None = None) -> dict:
@@ -157,29 +209,64 @@ def pointing_game(items: list[dict], maps: list[np.ndarray], cells: int | None =
             "boxes": total}
 
 
+def cam_layer_file(checkpoint: str | Path) -> Path:
+    """Where `fedxr explain` records the CAM layer it chose for a checkpoint: beside it, ``NAME.cam.json``."""
+    return Path(checkpoint).with_suffix(".cam.json")
+
+
+def saved_cam_layer(model: nn.Module, checkpoint: str | Path) -> nn.Module | None:
+    """The layer `fedxr explain` chose on validation boxes for this checkpoint, so that other heatmaps (the
+    console's) use it too; None when none was chosen, the choice is older than the checkpoint, or the layer
+    is not in the model."""
+    path = cam_layer_file(checkpoint)
+    try:
+        if path.stat().st_mtime < Path(checkpoint).stat().st_mtime:
+            return None
+        name = json.loads(path.read_text())["layer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return dict(model.named_modules()).get(name)
+
+
+def _box_pairs(images: list[dict], rng: np.random.Generator, limit: int) -> list[dict]:
+    """One item per (image, box), images in random order, at most ``limit``."""
+    order = rng.permutation(len(images))
+    return [dict(image=images[i]["image"], path=images[i]["path"], label=b[0], box=b)
+            for i in order for b in images[i]["boxes"]][:limit]
+
+
 def explain(checkpoints: list[str | Path], data: str | Path, out: str | Path, n: int = 16,
-            boxes_csv: str | Path | None = None, max_boxes: int = 200, seed: int = 0) -> dict:
-    """Grad-CAM grid for ``n`` boxed test images and the pointing game on up to ``max_boxes`` boxes."""
+            boxes_csv: str | Path | None = None, max_boxes: int = 200, seed: int = 0,
+            val_boxes: int = 200) -> dict:
+    """Grad-CAM grid for ``n`` boxed test images and the pointing game on up to ``max_boxes`` test boxes, each
+    model's CAM layer chosen on up to ``val_boxes`` validation boxes (:func:`choose_cam_layer`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images = boxed_test_images(Path(data), Path(boxes_csv) if boxes_csv else None)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(images))
-    pairs = [dict(image=images[i]["image"], path=images[i]["path"], label=b[0], box=b)
-             for i in order for b in images[i]["boxes"]][:max_boxes]
+    pairs = _box_pairs(images, rng, max_boxes)
+    try:
+        val_pairs = _box_pairs(boxed_test_images(Path(data), Path(boxes_csv) if boxes_csv else None, split="val"),
+                               rng, val_boxes)
+    except FedxrError:  # no validation image has a box: the resolution rule decides
+        val_pairs = []
     results, all_maps, decoded = {}, {}, {}
     for path in checkpoints:
         model, ckpt = model_from_checkpoint(path)
         prep = ckpt["preprocessing"]
         size = prep.size
-        for p in pairs:  # each file decoded once per input size, for the maps and the grid alike
+        for p in pairs + val_pairs:  # each file decoded once per input size, for the maps and the grid alike
             if (p["path"], size) not in decoded:
                 decoded[p["path"], size] = prep.load(p["path"])
-        items = [dict(p, box_px=_box_in_pixels(p["box"], size), gray=decoded[p["path"], size]) for p in pairs]
-        maps = heatmaps(model, ckpt, items)
+        items, val_items = ([dict(p, box_px=_box_in_pixels(p["box"], size), gray=decoded[p["path"], size]) for p in ps]
+                            for ps in (pairs, val_pairs))
+        layer, choice = choose_cam_layer(model, ckpt, val_items)
+        if choice["candidates"]:  # chosen on validation boxes: the console's heatmaps use it too
+            cam_layer_file(path).write_text(json.dumps(choice, indent=2))
+        maps = heatmaps(model, ckpt, items, layer)
         key = f"{ckpt['model_name']} ({Path(path).parent.name}/{Path(path).stem})"
-        cells = cam_choice(model, size)[1]
-        results[key] = {"checkpoint": str(path), "model_name": ckpt["model_name"], **pointing_game(items, maps, cells)}
+        results[key] = {"checkpoint": str(path), "model_name": ckpt["model_name"], "cam_layer": choice,
+                        **pointing_game(items, maps, choice["cells"])}
         all_maps[key] = (items, maps, size)
     # One image per row in the grid: the first box of each of the first n images.
     shown, seen = [], set()
@@ -188,7 +275,8 @@ def explain(checkpoints: list[str | Path], data: str | Path, out: str | Path, n:
             seen.add(p["image"])
             shown.append(i)
     plot_grid(all_maps, shown, out / "gradcam_grid.png")
-    report = {"data": str(data), "images_with_boxes": len(images), "boxes_scored": len(pairs), "models": results}
+    report = {"data": str(data), "images_with_boxes": len(images), "boxes_scored": len(pairs),
+              "validation_boxes": len(val_pairs), "models": results}
     (out / "pointing_game.json").write_text(json.dumps(report, indent=2))
     report["out"] = str(out)
     return report
@@ -227,5 +315,8 @@ def format_explain(report: dict) -> str:
                      f"at {r['cam_cells']}x{r['cam_cells']} cells: {r['ceiling_overall']:.3f}); within one cell "
                      f"{r['margin_score_overall']:.3f} (random {r['margin_random_overall']:.3f}); energy in the box "
                      f"{r['energy_overall']:.3f} (random {r['random_overall']:.3f})")
+        c = r.get("cam_layer")
+        if c:
+            lines.append(f"  {'':<40} CAM layer {c['layer']} ({c['cells']}x{c['cells']}), chosen by {c['chosen_on']}")
     lines.append(f"wrote {report['out']}/gradcam_grid.png and pointing_game.json")
     return "\n".join(lines)

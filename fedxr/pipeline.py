@@ -155,7 +155,7 @@ def _explain(ctx: Context) -> ExplainResult:
     e = ctx.recipe.explain
     ckpts = [ctx.teacher, *[s.kd for s in ctx.results.students.values()]]
     report = explain(ckpts, ctx.layout.sites, ctx.layout.explain, n=e.images, max_boxes=e.max_boxes,
-                     seed=ctx.recipe.data.seed)
+                     val_boxes=e.val_boxes, seed=ctx.recipe.data.seed)
     print(format_explain(report))
     out = Path(report["out"])
     return ExplainResult(grid=str(out / "gradcam_grid.png"), pointing_game=str(out / "pointing_game.json"))

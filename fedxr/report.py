@@ -283,14 +283,20 @@ def _explain_section(layout: RunLayout, results: RunResults, out: list[str]) -> 
             f"Pointing game on {pg['boxes_scored']} ground-truth boxes: how often the heatmap's peak falls inside "
             "the box of the finding it explains. A random heatmap's expected score is the box's share of the image.", ""]
     classes = sorted({c for m in pg["models"].values() for c in m["per_class"]})
-    rows = [[key, _f(m["overall"]), _f(m["random_overall"]), _f(m.get("ceiling_overall")),
+    def cam(m: dict) -> str:
+        c = m.get("cam_layer")
+        return f"`{c['layer']}` {c['cells']}×{c['cells']} ({c['chosen_on']})" if c else "—"
+
+    rows = [[key, cam(m), _f(m["overall"]), _f(m["random_overall"]), _f(m.get("ceiling_overall")),
              f"{_f(m.get('margin_score_overall'))} ({_f(m.get('margin_random_overall'))})",
              f"{_f(m.get('energy_overall'))} ({_f(m['random_overall'])})",
              *[_f(m["per_class"].get(c, {}).get("score"), ".2f") for c in classes]] for key, m in pg["models"].items()]
-    out += ["Ceiling: what a perfect heatmap could score at the CAM's resolution (its peak sits on a cell centre). "
+    out += ["CAM layer: each model's stage whose heatmaps pointed best at the validation boxes (test boxes are "
+            "scored only). Ceiling: what a perfect heatmap could score at the CAM's resolution (its peak sits on a cell centre). "
             "Within one cell: the peak at most one CAM cell outside the box (random in brackets). Energy: the share "
             "of the heatmap inside the box (a flat map: the box's share).", ""]
-    out += _table(["model", "overall", "random", "ceiling", "within one cell", "energy in box", *classes], rows)
+    out += _table(["model", "CAM layer", "overall", "random", "ceiling", "within one cell", "energy in box", *classes],
+                  rows)
     out += ["", f"![Grad-CAM]({_rel(ex.grid, run)})", ""]
 
 

@@ -71,3 +71,67 @@ def test_ceiling_margin_and_energy_scores():
     assert result["per_class"]["Mass"]["energy"] == pytest.approx((0.0 + 0.5) / 2, abs=1e-3)
     assert result["per_class"]["Mass"]["margin_random"] == pytest.approx(24 * 24 / 1024)
     assert pointing_game(items, [near, near, half])["per_class"]["Mass"]["ceiling"] is None  # resolution unknown
+
+
+def _boxed_items(n: int, size: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    labels = ["Mass", "Nodule", "Effusion", "Cardiomegaly"]
+    items = []
+    for i in range(n):
+        x0, y0 = (int(v) for v in rng.integers(0, size - 16, 2))
+        items.append({"label": labels[i % 4], "gray": rng.integers(0, 256, (size, size), dtype=np.uint8),
+                      "box_px": (x0, y0, x0 + 16, y0 + 16)})
+    return items
+
+
+def test_batched_heatmaps_equal_one_image_at_a_time():
+    from fedxr.explain import CAM_BATCH, heatmaps
+    from fedxr.preprocessing import Preprocessing
+
+    torch.manual_seed(0)
+    model, ckpt = build_model("resnet18").eval(), {"preprocessing": Preprocessing(64)}
+    items = _boxed_items(CAM_BATCH + 3, 64)  # two batches, the second partial; labels differ within a batch
+    together = heatmaps(model, ckpt, items)
+    alone = [heatmaps(model, ckpt, [item])[0] for item in items[:4] + items[-2:]]
+    assert np.allclose(np.stack(together[:4] + together[-2:]), np.stack(alone), atol=1e-4)
+
+
+def test_cam_layer_chosen_on_validation_boxes():
+    from fedxr.explain import MIN_VAL_BOXES, cam_candidates, choose_cam_layer
+    from fedxr.preprocessing import Preprocessing
+
+    torch.manual_seed(0)
+    model, ckpt = build_model("resnet18").eval(), {"preprocessing": Preprocessing(96)}
+    candidates = cam_candidates(model, 96)
+    assert [c for _n, _m, c in candidates] == [3, 6, 12, 24]  # the stem's 48-cell maps are not offered
+    few = _boxed_items(MIN_VAL_BOXES - 1, 96)
+    layer, record = choose_cam_layer(model, ckpt, few)
+    assert layer is cam_layer(model, 96) and record["chosen_on"].startswith("resolution rule") and not record["candidates"]
+    layer, record = choose_cam_layer(model, ckpt, _boxed_items(MIN_VAL_BOXES, 96))
+    scored = record["candidates"]
+    assert [c["cells"] for c in scored] == [3, 6, 12, 24]
+    best = max(scored, key=lambda c: (c["score"], c["energy"]))
+    assert (record["layer"], record["cells"]) == (best["layer"], best["cells"])
+    assert layer is dict(model.named_modules())[best["layer"]]
+    assert record["chosen_on"] == f"validation boxes ({MIN_VAL_BOXES})"
+
+
+def test_chosen_layer_is_saved_beside_the_checkpoint(tmp_path):
+    """The console's heatmaps use the layer `fedxr explain` chose, unless the checkpoint changed since."""
+    import json
+    import os
+
+    from fedxr.explain import cam_layer_file, saved_cam_layer
+
+    model = build_model("resnet18").eval()
+    ckpt = tmp_path / "global_best.ckpt"
+    ckpt.write_bytes(b"weights")
+    assert saved_cam_layer(model, ckpt) is None                       # nothing chosen yet
+    cam_layer_file(ckpt).write_text(json.dumps({"layer": "layer2.1.act2", "cells": 12}))
+    assert saved_cam_layer(model, ckpt) is dict(model.named_modules())["layer2.1.act2"]
+    cam_layer_file(ckpt).write_text(json.dumps({"layer": "no.such.layer"}))
+    assert saved_cam_layer(model, ckpt) is None
+    cam_layer_file(ckpt).write_text(json.dumps({"layer": "layer2.1.act2"}))
+    later = cam_layer_file(ckpt).stat().st_mtime + 10
+    os.utime(ckpt, (later, later))                                    # retrained after the choice
+    assert saved_cam_layer(model, ckpt) is None

@@ -92,12 +92,13 @@ def gradcam(checkpoint: str | None, gray: np.ndarray, label: str) -> tuple[np.nd
         return None, "no heatmap: the model's checkpoint is not on this machine"
     if importlib.util.find_spec("torch") is None:
         return None, "no heatmap: torch is not installed (pip install 'fedxr[train]')"
-    from fedxr.explain import heatmaps
+    from fedxr.explain import heatmaps, saved_cam_layer
 
     with _cam_lock:
         model, ckpt = _torch_model(str(Path(checkpoint).resolve()), Path(checkpoint).stat().st_mtime)
         size = ckpt["preprocessing"].size
-        return heatmaps(model, ckpt, [{"gray": resize_square(gray, size), "label": label}])[0], None
+        layer = saved_cam_layer(model, checkpoint)  # the layer `fedxr explain` chose on validation boxes, if any
+        return heatmaps(model, ckpt, [{"gray": resize_square(gray, size), "label": label}], layer)[0], None
 
 
 def predict_upload(data: bytes, name: str, folder: Path, checkpoint: str | None) -> dict:
