@@ -102,3 +102,34 @@ def test_ood_statistics_from_site_sums_match_the_pooled_fit():
     assert between[0] < O.distances(np.full((1, 6), 6.0), fitted)[0]
     with pytest.raises(ValueError, match="two or more training images"):
         O.fit_gaussians([O.site_feature_sums(a[:1])])
+
+
+def test_image_statistics_see_texture_and_polarity():
+    """Grain (the Laplacian's energy) tells a rendered-smooth image from a grainy film of the same shape, and an
+    inverted film flips the third moment."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:64] / 64.0
+    smooth = np.exp(-((xx - 0.5) ** 2 + (yy - 0.6) ** 2) / 0.05) - 0.3 * yy
+    grainy = smooth + 0.05 * rng.standard_normal(smooth.shape)
+    x = torch.tensor(np.stack([smooth, grainy, -grainy])[:, None], dtype=torch.float32)
+    f = O.image_statistics(x).numpy()
+    assert f.shape == (3, 2 * O.IMAGE_SCALES + 3)
+    assert O.image_layout(x).shape == (3, O.LAYOUT_CELLS ** 2)
+    assert f[1, 0] > 5 * f[0, 0]                       # finest-scale |Laplacian|: grain
+    assert np.sign(f[1, -1]) == -np.sign(f[2, -1]) != 0  # third moment: polarity
+    assert np.allclose(f[1, :-3], f[2, :-3], rtol=1e-5)  # texture does not depend on polarity
+
+
+def test_score_is_the_larger_of_the_network_mean_and_the_image_statistics():
+    import torch
+
+    assert O.IMAGE_STAGES == 2  # texture, layout
+    parts = np.array([[0.5, 0.7, 3.0, 0.1],    # normal features, an image made differently (texture)
+                      [0.5, 0.7, 0.1, 2.0],    # normal features and texture, laid out differently (rotated)
+                      [2.0, 3.0, 0.2, 0.3],    # unusual features, an ordinary-looking image
+                      [0.4, 0.6, 0.5, 0.2]])
+    assert np.allclose(O.combined(parts), [3.0, 2.0, 2.5, 0.5])
+    assert np.allclose(O.combined(torch.tensor(parts)).numpy(), O.combined(parts))
+    assert np.allclose(O.combined(parts[:, :2]), parts[:, :2].max(1))  # only image stages (no network stage)

@@ -113,8 +113,10 @@ def combine(ckpt: dict, sites: dict[str, dict], rule: str, quantile: float) -> d
     threshold = float(np.quantile(val_d, quantile))
     test_d = O.scores(test.stages, fitted) if len(test.logits) else np.zeros(0)
     ood = {**fitted, "threshold": round(threshold, 6), "quantile": quantile, "images": sum(s[0]["n"] for s in trained_sites),
-           "method": ("Mahalanobis distance of per-stage channel means and standard deviations to the nearest site "
-                      f"({len(fitted['stages'])} stages, one Gaussian per site, shared covariance shrunk by {O.SHRINKAGE})"),
+           "method": ("Mahalanobis distance of per-stage channel means and standard deviations, and of the input's "
+                      "texture and intensity statistics and of its coarse layout, to the nearest site (the largest of "
+                      f"the network stages' mean and the image's two; {len(fitted['stages']) - O.IMAGE_STAGES} network "
+                      f"stages, one Gaussian per site, shared covariance shrunk by {O.SHRINKAGE})"),
            "val_flagged": _flagged(val_d, threshold), "test_flagged": _flagged(test_d, threshold),
            "test_flagged_per_site": {name: _flagged(O.scores(s["test"].stages, fitted), threshold)
                                      for name, s in sites.items() if len(s["test"].logits)}}

@@ -5,10 +5,13 @@ per-channel mean and standard deviation — the statistics Gram-matrix and featu
 (Sastry & Oore, ICML 2020) — are modelled as one Gaussian per training site with a covariance shared by the sites
 (Lee et al., NeurIPS 2018, with "class" = site: a federation's sites differ in scanner and case mix, and one
 Gaussian over all of them would be wide where no image lies). Per stage, an image's score is its Mahalanobis
-distance to the nearest site divided by that distance's validation quantile; the image's score is the mean over
-stages (1 ≈ the edge of validation images). Early stages see what the image is made of (noise, contrast,
-texture — a photograph, an inverted film, a synthetic phantom), the last what the network makes of it; the
-last stage alone missed most of those in benchmarks/ood.py. Energy or max-logit scores come from the 14 sigmoid
+distance to the nearest site divided by that distance's validation quantile (1 ≈ the edge of validation images).
+The same is done for two small descriptions of the input image itself — its texture at four scales with its
+intensity moments (:func:`image_statistics`) and its coarse layout (:func:`image_layout`) — and the image's score
+is the largest of the network stages' mean and those two distances (:func:`combined`). Early stages see what the image is made of (noise, contrast,
+texture — a photograph, an inverted film), the last what the network makes of it; the last stage alone missed
+most of those in benchmarks/ood.py, and the network's stages alone put most phantom images inside a real-film
+model's distribution, which the input's texture gives away. Energy or max-logit scores come from the 14 sigmoid
 outputs alone and miss inputs the network maps to ordinary logits (measured beside, in the same benchmark).
 Each site contributes only feature sums per stage (n, Σf, Σffᵀ): no image or per-image feature leaves a site.
 
@@ -30,8 +33,46 @@ SHRINKAGE = 0.1
 DEFAULT_QUANTILE = 0.99
 
 
+#: 3 x 3 Laplacian: the image's fine structure (film grain, edges, vessels) at each scale it is applied at.
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).reshape(1, 1, 3, 3)
+#: Scales (halvings of the input) the image statistics look at.
+IMAGE_SCALES = 4
+#: The image's mean intensity on a LAYOUT_CELLS x LAYOUT_CELLS grid: where it is bright and dark (a rotated film has
+#: its abdomen at the side).
+LAYOUT_CELLS = 4
+#: Stages the image itself contributes after the network's: its texture statistics and its layout.
+IMAGE_STAGES = 2
+
+
+def image_statistics(x: torch.Tensor) -> torch.Tensor:
+    """(N, 2 * IMAGE_SCALES + 3) statistics of the model's input itself, before any learned filter: the mean
+    absolute and RMS Laplacian at 4 scales (texture and noise: a rendered phantom is smooth where a film has
+    grain, a photograph has edges everywhere) and the intensity mean, spread and third moment (contrast and
+    polarity: an inverted film). The network's feature statistics describe what it learned to look at; an
+    image made differently can still land among them (a model trained on real films put 78 % of phantom
+    images inside its training distribution on those alone)."""
+    feats, h = [], x[:, :1]
+    lap = _LAPLACIAN.to(x.dtype)
+    for _ in range(IMAGE_SCALES):
+        e = torch.nn.functional.conv2d(h, lap, padding=1)
+        feats += [e.abs().mean((2, 3)), ((e * e).mean((2, 3)) + 1e-6).sqrt()]
+        h = torch.nn.functional.avg_pool2d(h, 2)
+    mean = x[:, :1].mean((2, 3), keepdim=True)
+    c = x[:, :1] - mean
+    feats += [mean.flatten(1), ((c * c).mean((2, 3)) + 1e-6).sqrt(), (c * c * c).mean((2, 3))]
+    return torch.cat(feats, 1)
+
+
+def image_layout(x: torch.Tensor) -> torch.Tensor:
+    """(N, LAYOUT_CELLS²): the input's mean intensity on a coarse grid — where the film is bright and dark (a
+    rotated film has its mediastinum across and its abdomen at the side). Kept apart from the texture
+    statistics: in one Gaussian, the layout's wide spread between patients hid the phantom's texture."""
+    return torch.nn.functional.adaptive_avg_pool2d(x[:, :1], LAYOUT_CELLS).flatten(1)
+
+
 def stage_statistics(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """([per stage from 1/4 resolution down: (N, 2C) channel means and standard deviations], logits)."""
+    """([per network stage from 1/4 resolution down: (N, 2C) channel means and standard deviations, then the
+    image's own texture statistics and layout (:func:`image_statistics`, :func:`image_layout`)], logits)."""
     if hasattr(net, "forward_intermediates"):
         final, maps = net.forward_intermediates(x, intermediates_only=False)
         logits = net.forward_head(final)
@@ -54,7 +95,19 @@ def stage_statistics(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor
         mean = m.mean((2, 3))
         var = ((m * m).mean((2, 3)) - mean * mean).clamp_min(0)
         stats.append(torch.cat([mean, (var + 1e-6).sqrt()], 1))
-    return stats, logits
+    return stats + [image_statistics(x), image_layout(x)], logits
+
+
+def combined(parts: torch.Tensor | np.ndarray):
+    """The image's score from its scaled per-stage distances (N, stages), the last IMAGE_STAGES being the image's
+    own (texture, layout): the largest of the network stages' mean and those. Each may see what the others
+    miss (a rotated film has a normal texture; a phantom has normal-looking features to a real-film model)."""
+    k = IMAGE_STAGES
+    if parts.shape[1] <= k:
+        return parts.max(1).values if isinstance(parts, torch.Tensor) else parts.max(1)
+    if isinstance(parts, torch.Tensor):
+        return torch.maximum(parts[:, :-k].mean(1), parts[:, -k:].max(1).values)
+    return np.maximum(parts[:, :-k].mean(1), parts[:, -k:].max(1))
 
 
 class ScoredNetwork(nn.Module):
@@ -79,7 +132,7 @@ class ScoredNetwork(nn.Module):
             z = f @ w                                                                   # (N, d)
             d2 = ((z[:, None, :] - m[None, :, :]) ** 2).mean(-1)                        # (N, sites)
             parts.append(torch.sqrt(d2.min(dim=1).values))
-        return logits, (torch.stack(parts, 1) / self.scales).mean(1)
+        return logits, combined(torch.stack(parts, 1) / self.scales)
 
 
 def site_feature_sums(features: np.ndarray) -> dict:
@@ -124,8 +177,8 @@ def fit_stages(train_sums: list[list[dict]], val_stats: list[np.ndarray], quanti
 
 
 def scores(stats: list[np.ndarray], ood: dict) -> np.ndarray:
-    """The score :class:`ScoredNetwork` computes, in numpy: the mean over stages of the scaled distances."""
-    return np.mean([distances(f, st) / st["scale"] for f, st in zip(stats, ood["stages"])], axis=0)
+    """The score :class:`ScoredNetwork` computes, in numpy (:func:`combined` of the scaled distances)."""
+    return combined(np.stack([distances(f, st) / st["scale"] for f, st in zip(stats, ood["stages"])], axis=1))
 
 
 def joint_energy(logits: np.ndarray) -> np.ndarray:
