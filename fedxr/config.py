@@ -96,6 +96,12 @@ class ModelConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     init_from: Optional[str] = Field(
         None, description="a fedxr checkpoint of the same architecture to start from (e.g. a phantom-trained teacher)")
+    norm: Literal["auto", "batch", "group"] = Field(
+        "auto", description="normalisation layers: auto = GroupNorm with privacy.dp, else BatchNorm; group also "
+                            "without DP (e.g. a public model that a DP federation will fine-tune)")
+    trainable: Literal["all", "last_blocks", "head"] = Field(
+        "all", description="what training changes: all weights, the last stage of blocks and the head, or the head "
+                           "alone (fine-tuning from model.init_from; fewer trainable weights = less DP noise)")
     seed: int = Field(0, description="training seed: initial weights, data order, augmentation and every site's "
                                      "per-round seed (data.seed fixes the data and the split)")
     weight_decay: float = Field(1e-4, ge=0)
@@ -196,6 +202,11 @@ class DPConfig(_Section):
     delta: Optional[float] = Field(None, description="target δ; must be below 1/N for a site with N training "
                                                      "images; default 1/(10 N) at each site")
     max_grad_norm: float = Field(1.0, gt=0, description="every image's gradient is clipped to this L2 norm")
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="sgd (with privacy.dp.momentum; DP-SGD as published) or adamw (whose second-moment "
+                           "estimate is mostly noise under DP, so it takes lr-sized steps where nothing was learned)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of DP-SGD")
+    lr: Optional[float] = Field(None, gt=0, description="learning rate under DP; default model.lr")
 
     @field_validator("epsilon")
     @classmethod
@@ -335,6 +346,9 @@ class Recipe(_Section):
             if m.compile or (isinstance(m.devices, int) and m.devices > 1) or runs_ddp(m.devices, m.strategy):
                 problems.append("privacy.dp: Opacus trains one process per site, without DDP or torch.compile; set "
                                 "model.compile: false, model.devices: 1 and model.strategy: auto")
+            if m.norm == "batch":
+                problems.append("privacy.dp: BatchNorm mixes the images of a batch, so no image's gradient can be "
+                                "clipped alone; set model.norm: group (or auto)")
             if fed.algorithm != "fedavg":
                 problems.append(f"privacy.dp: federated.algorithm {fed.algorithm} changes the gradient after Opacus "
                                 "has clipped and noised it (or replaces it: FedProx's proximal term would be lost); "
@@ -356,9 +370,12 @@ class Recipe(_Section):
 
     @property
     def norm(self) -> str:
-        """The model's normalisation layers: GroupNorm when it trains with differential privacy."""
+        """The model's normalisation layers: ``model.norm``, where auto means GroupNorm when it trains with
+        differential privacy and BatchNorm otherwise."""
         from fedxr.privacy.dp import DP_NORM
 
+        if self.model.norm != "auto":
+            return self.model.norm
         return DP_NORM if self.privacy.dp else "batch"
 
     @property
@@ -393,11 +410,16 @@ class Recipe(_Section):
 
 
 def _known_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    import typing
+
     for part in path:
         field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        # A section or `false` (privacy.dp: Union[DPConfig, Literal[False]]): its keys are the section's.
+        kinds = [field.annotation, *typing.get_args(field.annotation)] if field is not None else []
+        sections = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+        if not sections:
             return []
-        model = field.annotation
+        model = sections[0]
     return list(model.model_fields)
 
 
@@ -405,6 +427,11 @@ def _format_errors(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
         loc = tuple(e["loc"])
+        # A section that may also be `false` (privacy.dp): pydantic tries both; a mapping given for it is meant
+        # as the section, so the "should be False" alternative says nothing, and the class name is not a key.
+        if isinstance(e.get("input"), dict) and any(str(p).startswith("literal[") for p in loc):
+            continue
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p.endswith("Config") and p[:1].isupper()))
         key = ".".join(str(p) for p in loc) or "<recipe>"
         if e["type"] == "extra_forbidden":
             known = _known_keys(Recipe, loc[:-1])

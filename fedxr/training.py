@@ -79,8 +79,11 @@ def make_classifier(recipe: Recipe, dm: SiteDataModule, cls: type[XRayClassifier
         model_name=m.name, pretrained=m.pretrained, lr=m.lr, weight_decay=m.weight_decay,
         warmup_epochs=m.warmup_epochs, pos_weight=pos_weight_from_labels(dm.split_labels("train"), m.pos_weight_cap),
         channels_last=m.channels_last, compile_model=m.compile, threshold_rule=m.threshold_rule,
-        preprocessing=dm.preprocessing, init_seed=m.seed, mixup=m.mixup, norm=recipe.norm,
+        preprocessing=dm.preprocessing, init_seed=m.seed, mixup=m.mixup, norm=recipe.norm, trainable=m.trainable,
     )
+    if recipe.privacy.dp:  # DP's own optimiser and learning rate (see privacy.dp.optimizer)
+        dp = recipe.privacy.dp
+        args.update(optimizer=dp.optimizer, momentum=dp.momentum, lr=dp.lr or m.lr)
     if "preprocessing" in given and Preprocessing.coerce(given["preprocessing"]) != dm.preprocessing:
         # The model must be trained on the input it will be described (and exported) with.
         raise FedxrError(f"the model description's preprocessing {given['preprocessing']} differs from the data's "

@@ -63,6 +63,9 @@ def val_loss(message: dict) -> float:
     (["privacy.dp=true", "model.name=mobilenetv3_small_100"], "BatchNormAct2d"),
     (["privacy.dp=true", "distill.students=[resnet18_quarter]"], "Set distill.students: []"),
     (["privacy.dp=true", "model.mixup=0.2"], "set model.mixup: 0"),
+    (["privacy.dp=true", "model.norm=batch"], "set model.norm: group (or auto)"),
+    (["model.trainable=some"], "model.trainable"),
+    (["privacy.dp.optimizer=adam"], "privacy.dp.optimizer"),
     (["privacy.filter=svt", "federated.algorithm=scaffold"], "privacy.filter: svt filters weight differences"),
     (["privacy.he=true", "federated.env=poc", "distill.students=[resnet18_quarter]"], "privacy.he: it covers the teacher"),
     (["privacy.filter=percentile"], "cross-site evaluation sends each site's whole local model unfiltered"),
@@ -176,6 +179,61 @@ def test_an_empty_poisson_batch_is_a_step_not_a_crash():
     loss.backward()
     opt.step()
     assert privacy.end_round(0)["steps"] == 1 and privacy.epsilon_spent > 0
+
+
+def _dp_and_plain(name: str, trainable: str = "all", optimizer: str = "sgd"):
+    """The same GroupNorm classifier twice: one as plain training has it, one under DP-SGD with no noise and a
+    clipping norm no gradient reaches (each image's gradient norm here is < 10), and their optimisers."""
+    import copy
+
+    torch.manual_seed(0)
+    plain = XRayClassifier(name, norm="group", lr=0.05, trainable=trainable, optimizer=optimizer)
+    private = copy.deepcopy(plain)
+    groups = lambda m: [p for p in m.model.parameters() if p.requires_grad]  # noqa: E731
+    make = (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)) if optimizer == "sgd" else \
+        (lambda ps: torch.optim.AdamW(ps, lr=0.05))
+    privacy = SitePrivacy(epsilon=8, delta=1e-3, max_grad_norm=1e6, sample_rate=0.25, planned_steps=8)
+    privacy.noise_multiplier = 0.0  # no noise at all (even 1e-9 noise can flip a ReLU near zero: a random test)
+    attach(private, privacy)
+    return plain, make(groups(plain)), private, privacy.optimizer(make(groups(private)), expected_batch_size=8)
+
+
+def _train_both(plain, opt_plain, private, opt_dp, steps: int = 4):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(8, 1, 32, 32, generator=g), (torch.rand(8, 14, generator=g) < 0.3).float()
+        y[0, :3] = float("nan")  # unknown labels, as real sources have
+        for module, opt in ((plain, opt_plain), (private, opt_dp)):
+            opt.zero_grad()
+            module.train()
+            module._loss(module(x), y).backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "resnet18"])
+def test_null_dp_trains_exactly_as_plain_training(name):
+    """With no noise and no clipping, DP-SGD is plain SGD on the same batches: per-image gradients summed and
+    divided by the batch size are the batch's gradient. Float summation order differs (about 1e-6 relative in
+    one step; 1e-6 to 3e-6 of how far the weights moved after 4 momentum steps, measured, or 5.5e-4 where such a
+    difference flips a ReLU near zero), so they must agree to 2e-3 of it — clipping at norm 1 instead makes them
+    differ by 5-30 % in one step. (AdamW would not: it
+    turns the 1e-6 differences of near-zero gradient coordinates into ±lr steps, which is why DP uses SGD.)"""
+    plain, opt_plain, private, opt_dp = _dp_and_plain(name)
+    start = torch.cat([p.detach().flatten() for p in plain.model.parameters()]).clone()
+    _train_both(plain, opt_plain, private, opt_dp)
+    a = torch.cat([p.detach().flatten() for p in plain.model.parameters()])
+    b = torch.cat([p.detach().flatten() for p in private.model.parameters()])
+    moved = (a - start).abs().max()
+    assert moved > 1e-3
+    assert (a - b).abs().max() <= 2e-3 * moved, float((a - b).abs().max() / moved)
+
+
+def test_trainable_head_under_dp_changes_only_the_head():
+    plain, opt_plain, private, opt_dp = _dp_and_plain("resnet18", trainable="head")
+    before = {n: p.detach().clone() for n, p in private.model.named_parameters()}
+    _train_both(plain, opt_plain, private, opt_dp, steps=2)
+    changed = {n for n, p in private.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"fc.weight", "fc.bias"}
 
 
 def test_dp_model_is_groupnorm_and_checkpoints_remember_it(tmp_path):

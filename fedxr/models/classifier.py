@@ -15,6 +15,7 @@ from fedxr.models.checkpoint import save_checkpoint
 from fedxr.models.loss import masked_bce_with_logits
 from fedxr.models.metrics import choose_thresholds, multilabel_scores
 from fedxr.models.registry import build_model, get_spec
+from fedxr.models.trainable import freeze_except
 from fedxr.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class XRayClassifier(L.LightningModule):
         compile_model: bool = False, threshold_rule: str = "youden",
         preprocessing: Preprocessing | dict | None = None, schedule_epochs: int | None = None,
         schedule_steps: int | None = None, init_seed: int | None = None, mixup: float = 0.0, norm: str = "batch",
+        trainable: str = "all", optimizer: str = "adamw", momentum: float = 0.9,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -67,6 +69,10 @@ class XRayClassifier(L.LightningModule):
             if init_seed is not None:
                 torch.manual_seed(init_seed)
             self.model = build_model(model_name, pretrained=pretrained, norm=norm)
+        # Frozen weights keep requires_grad False: the optimiser never sees them and DP-SGD neither clips nor
+        # noises them (less noise for the weights that do train).
+        self.trainable, self.optimizer_name, self.momentum = trainable, optimizer, momentum
+        freeze_except(self.model, trainable)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Kept out of the module tree (plain __dict__ entry) so state_dict keys stay `model.*` only.
@@ -161,9 +167,14 @@ class XRayClassifier(L.LightningModule):
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
-            (no_decay if p.ndim <= 1 else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.momentum)
+        else:
+            opt = torch.optim.AdamW(groups, lr=self.hparams.lr)
         if self.privacy is not None:  # DP-SGD: every step clips each image's gradient and adds noise
             opt = self.privacy.optimizer(opt, expected_batch_size=self.trainer.datamodule.batch_size)
         total = max(1, int(self.trainer.estimated_stepping_batches))
