@@ -127,6 +127,23 @@ def test_privacy_utility():
     assert (BENCH.parent / result["plot"]).is_file()
 
 
+def test_privacy_finetune():
+    """Public pretraining then private fine-tuning: every row from the public start except the from-scratch one,
+    DP rows within their budget, the ε = 1 row uses the setting validation chose at ε = 8."""
+    result = run_smoke("privacy_finetune.py")
+    rows = {r["label"]: r for r in result["rows"]}
+    assert [r["init"] for r in result["rows"]] == ["public", "public", "public", "public", "scratch"]
+    assert result["rows"][0]["trainable"] == "none"  # the public model as it is, before any fine-tuning
+    assert rows["no DP, all weights"]["epsilon"] is None and rows["no DP, all weights"]["trainable"] == "all"
+    dp = [r for r in result["rows"] if r["epsilon"]]
+    assert [r["epsilon"] for r in dp] == [8.0, 1.0, 8.0] and all(r["within_target"] for r in dp)
+    assert all(r["optimizer"] == "sgd" and 0 < max(r["epsilon_spent"].values()) <= r["epsilon"] for r in dp)
+    chosen = result["chosen_on_validation"]
+    assert (dp[1]["trainable"], dp[1]["lr"]) == (chosen["trainable"], chosen["lr"])
+    assert set(result["gap_to_non_private"]) == {"epsilon_8", "epsilon_1"}
+    assert (BENCH.parent / result["plot"]).is_file()
+
+
 @pytest.mark.slow
 def test_real_cxr():
     """The real-images comparison on a small real subset: every model scored per site, paired differences."""
