@@ -22,12 +22,11 @@ import argparse
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, toy_federation, write_result  # noqa: E402
-from privacy_utility import _prepare, _variant  # noqa: E402
+from privacy_utility import _prepare, _variant, federate_and_score  # noqa: E402
 
 from fedxr.config import load_recipe  # noqa: E402
 
@@ -52,9 +51,6 @@ def public_model(base, epochs: int) -> Path:
 
 def fine_tune(base, label: str, rounds: int, init: Path | None, epsilon: float | None, trainable: str,
               lr: float | None) -> dict:
-    from fedxr.evaluation import evaluate_checkpoint
-    from fedxr.federated.run import federate
-    from fedxr.layout import chosen_checkpoint
     from fedxr.models.checkpoint import load_checkpoint
 
     dp = {"epsilon": epsilon, **({"lr": lr} if lr else {})} if epsilon else False
@@ -68,28 +64,17 @@ def fine_tune(base, label: str, rounds: int, init: Path | None, epsilon: float |
         return json.loads(saved.read_text())
     _prepare(recipe)
     print(f"--- {label}: {rounds} rounds", flush=True)
-    t0 = time.time()
-    federate(recipe, "sim")
-    seconds = time.time() - t0
-    ckpt = chosen_checkpoint(recipe.layout.federate)
-    selection = load_checkpoint(ckpt)["metrics"].get("selection", {})
+    scored = federate_and_score(recipe)
+    selection = load_checkpoint(scored["checkpoint"])["metrics"].get("selection", {})
     val = max(selection.get("val_auroc", {}).values(), default=None)
     if val is None:  # no best-model selection (a toy run): the best validation AUROC of a global model by round
         table = json.loads((recipe.layout.federate / "rounds.json").read_text())
         val = max((r["aggregate_val_auroc"] for r in table if r.get("aggregate_val_auroc") is not None), default=0.0)
-    score = evaluate_checkpoint(ckpt, recipe.layout.sites, split="test", cache_dir=recipe.data.cache_dir,
-                                out=recipe.layout.federate / "eval_test", progress=False)
-    book_path = recipe.layout.federate / "privacy.json"
-    book = json.loads(book_path.read_text()) if book_path.is_file() else None
     row = {"label": label, "init": "public" if init else "scratch", "epsilon": epsilon, "trainable": trainable,
            "lr": lr or recipe.model.lr, "optimizer": recipe.privacy.dp.optimizer if epsilon else "adamw",
-           "val_auroc": val, "macro_auroc": score["macro_auroc"], "macro_auroc_ci95": score["macro_auroc_ci95"],
-           "seconds": round(seconds, 1),
-           "epsilon_spent": {s: v["epsilon_spent"] for s, v in book["sites"].items()} if book else None,
-           "noise_multiplier": {s: v["noise_multiplier"] for s, v in book["sites"].items()} if book else None,
-           "within_target": book["within_target"] if book else None}
+           "val_auroc": val, **scored}
     print(f"    val {val:.4f}, test {row['macro_auroc']:.4f} ({row['macro_auroc_ci95'][0]:.3f}–"
-          f"{row['macro_auroc_ci95'][1]:.3f}), {seconds:.0f} s", flush=True)
+          f"{row['macro_auroc_ci95'][1]:.3f}), {row['seconds']:.0f} s", flush=True)
     row["rounds"] = rounds
     saved.write_text(json.dumps(row, indent=2))
     return row

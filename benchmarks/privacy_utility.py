@@ -53,11 +53,29 @@ def _prepare(recipe) -> None:
     ensure_sites(recipe)
 
 
-def utility(base, epsilons: list[float], rounds: int) -> list[dict]:
+def federate_and_score(recipe) -> dict:
+    """Run the recipe's federation in the simulator, score the checkpoint chosen on validation once on the
+    pooled test split, and read each site's privacy ledger: the fields every privacy benchmark row has."""
     from fedxr.evaluation import evaluate_checkpoint
     from fedxr.federated.run import federate
     from fedxr.layout import chosen_checkpoint
 
+    t0 = time.time()
+    federate(recipe, "sim")
+    seconds = time.time() - t0
+    ckpt = chosen_checkpoint(recipe.layout.federate)
+    score = evaluate_checkpoint(ckpt, recipe.layout.sites, split="test", cache_dir=recipe.data.cache_dir,
+                                out=recipe.layout.federate / "eval_test", progress=False)
+    book_path = recipe.layout.federate / "privacy.json"
+    book = json.loads(book_path.read_text()) if book_path.is_file() else None
+    return {"macro_auroc": score["macro_auroc"], "macro_auroc_ci95": score["macro_auroc_ci95"],
+            "test_images": score["images"], "seconds": round(seconds, 1),
+            "epsilon_spent": ({s: v["epsilon_spent"] for s, v in book["sites"].items()} if book else None),
+            "noise_multiplier": ({s: v["noise_multiplier"] for s, v in book["sites"].items()} if book else None),
+            "within_target": book["within_target"] if book else None, "checkpoint": str(ckpt)}
+
+
+def utility(base, epsilons: list[float], rounds: int) -> list[dict]:
     rows = []
     for eps in epsilons:
         tag = "inf" if math.isinf(eps) else f"{eps:g}".replace("+", "")  # 1e+06 → 1e06: a folder name
@@ -66,23 +84,12 @@ def utility(base, epsilons: list[float], rounds: int) -> list[dict]:
                           federated={"rounds": rounds})
         _prepare(recipe)
         print(f"--- ε = {tag}: {rounds} rounds of {recipe.model.name} ({recipe.norm} norm)", flush=True)
-        t0 = time.time()
-        federate(recipe, "sim")
-        seconds = time.time() - t0
-        ckpt = chosen_checkpoint(recipe.layout.federate)
-        score = evaluate_checkpoint(ckpt, recipe.layout.sites, split="test", cache_dir=recipe.data.cache_dir,
-                                    out=recipe.layout.federate / "eval_test", progress=False)
-        book_path = recipe.layout.federate / "privacy.json"
-        book = json.loads(book_path.read_text()) if book_path.is_file() else None
         rows.append({"epsilon": None if math.isinf(eps) else eps, "label": tag, "norm": recipe.norm,
-                     "macro_auroc": score["macro_auroc"], "macro_auroc_ci95": score["macro_auroc_ci95"],
-                     "test_images": score["images"], "seconds": round(seconds, 1),
-                     "epsilon_spent": ({s: v["epsilon_spent"] for s, v in book["sites"].items()} if book else None),
-                     "noise_multiplier": ({s: v["noise_multiplier"] for s, v in book["sites"].items()} if book else None),
-                     "within_target": book["within_target"] if book else None, "checkpoint": str(ckpt)})
+                     **federate_and_score(recipe)})
         r = rows[-1]
         print(f"    macro AUROC {r['macro_auroc']:.4f} ({r['macro_auroc_ci95'][0]:.3f}–{r['macro_auroc_ci95'][1]:.3f}), "
-              f"{seconds:.0f} s" + (f", ε spent {max(r['epsilon_spent'].values()):.2f}" if book else ""), flush=True)
+              f"{r['seconds']:.0f} s" + (f", ε spent {max(r['epsilon_spent'].values()):.2f}" if r["epsilon_spent"] else ""),
+              flush=True)
     return rows
 
 

@@ -84,3 +84,16 @@ def test_trainer_logs_task_and_distillation_losses_separately(tmp_path):
     assert {TRAIN_TASK_LOSS, TRAIN_KD_LOSS, "train_loss_epoch"} <= set(metrics)
     assert float(metrics[TRAIN_KD_LOSS]) > 0
     assert float(metrics[TRAIN_TASK_LOSS]) > 0
+
+
+def test_students_do_not_inherit_the_teachers_fine_tuning_settings():
+    """model.init_from, model.trainable and model.norm describe the teacher; a student trains all its weights from
+    its own initialisation (a frozen random student, or the teacher's weights loaded into it, would be wrong)."""
+    from fedxr.config import load_recipe
+    from fedxr.distill.run import student_recipe
+
+    from helpers import QUICKSTART
+
+    recipe = load_recipe(QUICKSTART, ["model.trainable=head", "model.norm=group", "model.init_from=public.ckpt"])
+    student = student_recipe(recipe, "resnet18_quarter").model
+    assert (student.name, student.trainable, student.init_from, student.norm) == ("resnet18_quarter", "all", None, "auto")

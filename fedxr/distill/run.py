@@ -63,7 +63,10 @@ def student_recipe(recipe: Recipe, student: str) -> Recipe:
     return recipe.changed(
         f"student {student}",
         # mixup for the KD student and its no-teacher ablation alike
-        model={"name": student, "mixup": d.mixup, "lr": d.lr or recipe.model.lr},
+        # A student starts fresh and trains every weight: the teacher's init_from, trainable and norm are about the
+        # teacher's architecture and its fine-tuning.
+        model={"name": student, "mixup": d.mixup, "lr": d.lr or recipe.model.lr, "init_from": None,
+               "trainable": "all", "norm": "auto"},
         data={"image_size": d.image_size or recipe.data.image_size},
         federated={"rounds": d.rounds, "local_epochs": d.local_epochs, "algorithm": "fedavg", "fedbn": False,
                    "cross_site_eval": False})
