@@ -72,6 +72,7 @@ def federate_and_score(recipe) -> dict:
             "test_images": score["images"], "seconds": round(seconds, 1),
             "epsilon_spent": ({s: v["epsilon_spent"] for s, v in book["sites"].items()} if book else None),
             "noise_multiplier": ({s: v["noise_multiplier"] for s, v in book["sites"].items()} if book else None),
+            "val_epsilon_spent": ({s: v.get("val_epsilon_spent") for s, v in book["sites"].items()} if book else None),
             "within_target": book["within_target"] if book else None, "checkpoint": str(ckpt)}
 
 

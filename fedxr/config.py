@@ -207,6 +207,14 @@ class DPConfig(_Section):
                            "estimate is mostly noise under DP, so it takes lr-sized steps where nothing was learned)")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum of DP-SGD")
     lr: Optional[float] = Field(None, gt=0, description="learning rate under DP; default model.lr")
+    unit: Literal["image", "patient"] = Field(
+        "image", description="what ε protects: one training image, or one patient (Poisson sampling and clipping "
+                             "over patients, all of a patient's images together; δ below 1/patients)")
+    logical_batch_size: Optional[int] = Field(
+        None, ge=1, description="images per DP-SGD step on average (Poisson); trained in physical chunks of "
+                                "data.batch_size, so it may be far above what fits in memory; default data.batch_size")
+    augmentations: int = Field(1, ge=1, le=32, description="augmented copies of every image whose gradients are "
+                                                           "averaged before clipping (augmentation multiplicity)")
 
     @field_validator("epsilon")
     @classmethod

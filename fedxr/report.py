@@ -128,9 +128,11 @@ def _privacy_section(layout: RunLayout, recipe: Recipe, out: list[str]) -> None:
     if book_path.is_file():
         book = json.loads(book_path.read_text())
         out += ["### Differential privacy spent", "", book["mechanism"] + ".", ""]
-        out += _table(["site", "target ε", "δ", "noise σ", "ε spent", "within target"],
-                      [[name, _f(s["target_epsilon"], "g"), _f(s["delta"], ".2g"), _f(s["noise_multiplier"], ".3f"),
-                        _f(s["epsilon_spent"], ".3f"), "yes" if s["within_target"] else "**no**"]
+        out += _table(["site", "ε per", "target ε", "δ", "noise σ", "ε spent (training)", "ε spent (validation scores)",
+                       "within target"],
+                      [[name, s.get("unit") or "image", _f(s["target_epsilon"], "g"), _f(s["delta"], ".2g"),
+                        _f(s["noise_multiplier"], ".3f"), _f(s["epsilon_spent"], ".3f"),
+                        _f(s.get("val_epsilon_spent"), ".3f"), "yes" if s["within_target"] else "**no**"]
                        for name, s in book["sites"].items()]) + [""]
         if (fed / "privacy.png").is_file():
             out += [f"![privacy]({_rel(fed / 'privacy.png', run)})", ""]

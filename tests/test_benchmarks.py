@@ -129,18 +129,24 @@ def test_privacy_utility():
 
 def test_privacy_finetune():
     """Public pretraining then private fine-tuning: every row from the public start except the from-scratch one,
-    DP rows within their budget, the ε = 1 row uses the setting validation chose at ε = 8."""
+    DP rows within their budget (training and validation scores), the ε = 1 and per-patient rows use the setting
+    validation chose at ε = 8 (here logical batches of 16 with 2 augmented copies)."""
     result = run_smoke("privacy_finetune.py")
     rows = {r["label"]: r for r in result["rows"]}
-    assert [r["init"] for r in result["rows"]] == ["public", "public", "public", "public", "scratch"]
+    assert [r["init"] for r in result["rows"]] == ["public"] * 6 + ["scratch"]
     assert result["rows"][0]["trainable"] == "none"  # the public model as it is, before any fine-tuning
     assert rows["no DP, all weights"]["epsilon"] is None and rows["no DP, all weights"]["trainable"] == "all"
     dp = [r for r in result["rows"] if r["epsilon"]]
-    assert [r["epsilon"] for r in dp] == [8.0, 1.0, 8.0] and all(r["within_target"] for r in dp)
+    assert [(r["epsilon"], r["unit"]) for r in dp] == [(8.0, "image"), (1.0, "image"), (8.0, "patient"),
+                                                       (1.0, "patient"), (8.0, "image")]
+    assert all(r["within_target"] for r in dp)
     assert all(r["optimizer"] == "sgd" and 0 < max(r["epsilon_spent"].values()) <= r["epsilon"] for r in dp)
+    assert all(0 < max(r["val_epsilon_spent"].values()) <= r["epsilon"] for r in dp)
     chosen = result["chosen_on_validation"]
-    assert (dp[1]["trainable"], dp[1]["lr"]) == (chosen["trainable"], chosen["lr"])
-    assert set(result["gap_to_non_private"]) == {"epsilon_8", "epsilon_1"}
+    assert chosen == {"trainable": "head", "lr": 0.5, "logical": 16, "copies": 2}
+    assert all((r["trainable"], r["lr"], r["logical_batch_size"], r["copies"]) == ("head", 0.5, 16, 2) for r in dp)
+    assert set(result["gap_to_non_private"]) == {"epsilon_8", "epsilon_1", "epsilon_8_per_patient",
+                                                 "epsilon_1_per_patient"}
     assert (BENCH.parent / result["plot"]).is_file()
 
 

@@ -160,25 +160,21 @@ def test_dp_noise_cannot_be_recomputed_from_the_recipe_seed():
     assert moved[0].abs().sum() > 0 and not torch.allclose(moved[0], moved[1])
 
 
-def test_an_empty_poisson_batch_is_a_step_not_a_crash():
-    """Poisson sampling can draw no image: the batch passes augmentation and trains as a zero-loss DP step."""
+def test_an_empty_poisson_batch_passes_augmentation():
+    """Poisson sampling can draw no image: the batch (with its privacy units) passes augmentation as an empty float
+    batch; that it then trains as a counted DP step is in test_dp_units (a logical batch is one DP step)."""
     from fedxr.data.datamodule import SiteDataModule
     from fedxr.preprocessing import Preprocessing
 
     dm = SiteDataModule.__new__(SiteDataModule)
     dm.preprocessing = Preprocessing(32)
-    x, y = dm.on_after_batch_transfer((torch.zeros(0, 1, 32, 32, dtype=torch.uint8), torch.zeros(0, 14)), 0)
-    assert x.dtype == torch.float32 and x.shape == (0, 1, 32, 32)
-    module = XRayClassifier("tiny_cnn", norm="group")
-    privacy = SitePrivacy(epsilon=8, delta=1e-3, max_grad_norm=1.0, sample_rate=0.25, planned_steps=8)
-    attach(module, privacy)
-    opt = privacy.optimizer(torch.optim.SGD(module.model.parameters(), lr=0.1), expected_batch_size=8)
-    privacy.start_round("site-1", 0, 1)
-    loss = module.training_step((x, y), 0)
-    assert float(loss) == 0.0
-    loss.backward()
-    opt.step()
-    assert privacy.end_round(0)["steps"] == 1 and privacy.epsilon_spent > 0
+    x, y, units = dm.on_after_batch_transfer((torch.zeros(0, 1, 32, 32, dtype=torch.uint8), torch.zeros(0, 14),
+                                              torch.zeros(0, dtype=torch.int64)), 0)
+    assert x.dtype == torch.float32 and x.shape == (0, 1, 32, 32) and units.shape == (0,)
+    dm.dp_copies = 3  # augmentation multiplicity: copies of an image stay together, with its unit
+    x, y, units = dm.on_after_batch_transfer((torch.zeros(2, 1, 32, 32, dtype=torch.uint8), torch.eye(2, 14),
+                                              torch.tensor([5, 9])), 0)
+    assert x.shape == (6, 1, 32, 32) and units.tolist() == [5, 5, 5, 9, 9, 9] and y[:3, 0].tolist() == [1, 1, 1]
 
 
 def _dp_and_plain(name: str, trainable: str = "all", optimizer: str = "sgd"):
@@ -251,16 +247,35 @@ def test_dp_model_is_groupnorm_and_checkpoints_remember_it(tmp_path):
 
 @pytest.mark.slow
 def test_dp_federation_spends_within_its_target_and_reports_it(tmp_path):
-    recipe = two_sites(tmp_path, "privacy.dp.epsilon=3")
+    """Per-patient DP with logical batches of 16 images (physical 8) and 2 augmented copies per image, through the
+    real simulator: every site within its ε for training and for the validation scores it released, and those
+    scores are all that left besides the weights (no loss, AP or per-label score)."""
+    recipe = two_sites(tmp_path, "privacy.dp.epsilon=3", "privacy.dp.unit=patient",
+                       "privacy.dp.logical_batch_size=16", "privacy.dp.augmentations=2")
     summary = federate(recipe, "sim")
     book = json.loads((recipe.layout.federate / "privacy.json").read_text())
     assert book["within_target"] and set(book["sites"]) == {"site-1", "site-2"}
+    assert "per-patient clipping" in book["mechanism"]
     for name, site in book["sites"].items():
         eps = [r["epsilon"] for r in site["rounds"]]
         assert [r["round"] for r in site["rounds"]] == [0, 1]
         assert 0 < eps[0] < eps[1] <= 3.0, name       # each round spends, and the total stays within the target
         assert eps[1] > 2.5, name                      # ...and the noise was not wastefully large
-        assert site["delta"] < 1 / 20 and site["noise_multiplier"] > 0.3
+        assert site["unit"] == "patient" and site["copies"] == 2 and site["units"] < 40
+        assert site["delta"] < 1 / site["units"] and site["noise_multiplier"] > 0.3
+        # One validation score per round was released, noised, within the same target (3 planned: 2 rounds + final).
+        assert site["val_releases_planned"] == 3 and 0 < site["val_epsilon_spent"] <= 3.0
+        assert all(r["val_noise_std"] > 0 for r in site["rounds"])
+    sent = [m for m in outgoing(recipe) if m["task"] == "train"]
+    for m in sent:
+        keys = set(m["values"]) | set((m.get("meta") or {}).get("initial_metrics", {}))
+        assert not {VAL_LOSS, VAL_AP} & keys and not any("/" in k for k in keys), keys
+    records = [json.loads(line) for f in (recipe.layout.federate / "records").glob("*.jsonl")
+               for line in f.read_text().splitlines()]
+    dp_records = [r for r in records if "privacy" in r]
+    assert len(dp_records) == 4
+    for r in dp_records:  # Lightning counts logical steps: one epoch = ⌈training images / 16⌉ DP steps, not chunks
+        assert r["steps"] == round(1 / r["privacy"]["sample_rate"]) == -(-r["train_images"] // 16), r
     assert (recipe.layout.federate / "privacy.png").is_file()
     ckpt = load_checkpoint(summary["checkpoint"])
     assert ckpt["norm"] == "group"

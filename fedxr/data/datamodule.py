@@ -115,10 +115,15 @@ class SiteDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Training batches arrive as uint8 on the training device: augment and normalise them there.
-        x, y = batch
+        # DP training batches carry a third item, each image's privacy unit (fedxr.privacy.sampling).
+        x, y, *units = batch
+        if x.dtype == torch.uint8 and units and self.dp_copies > 1:
+            # Augmentation multiplicity: each image's copies stay next to each other (same unit, same chunk).
+            x, y, units = x.repeat_interleave(self.dp_copies, 0), y.repeat_interleave(self.dp_copies, 0), \
+                [units[0].repeat_interleave(self.dp_copies, 0)]
         if x.dtype == torch.uint8 and len(x) == 0:
             # Poisson sampling (differential privacy) can draw an empty batch: nothing to augment.
-            return torch.zeros(x.shape, dtype=torch.float32, device=x.device), y
+            return (torch.zeros(x.shape, dtype=torch.float32, device=x.device), y, *units)
         if x.dtype == torch.uint8:
             x = augment_batch(x, self.preprocessing.mean, self.preprocessing.std)
             trainer = getattr(self, "trainer", None)
@@ -126,21 +131,26 @@ class SiteDataModule(L.LightningDataModule):
                 # Lightning casts a batch to the precision (bf16-true, 16-true) before this hook; uint8 was
                 # left alone then, so the augmented float batch is cast here.
                 x = trainer.precision_plugin.convert_input(x)
-        return x, y
+        return (x, y, *units)
 
-    #: Set by a site training with differential privacy: batches drawn by Poisson sampling (each image in each
-    #: batch with probability batch_size / N), which is what the DP accountant's guarantee assumes.
-    poisson_sampling = False
+    #: Set by a site training with differential privacy: the privacy units of the training split (row indices
+    #: per image or per patient) and the chance of each to be in a step's batch (Poisson sampling, which is
+    #: what the DP accountant's guarantee assumes); and how many augmented copies of each image to train on.
+    dp_sampling: tuple[list[np.ndarray], float] | None = None
+    dp_copies = 1
+
+    def split_patients(self, split: str) -> np.ndarray:
+        """Patient id of every image of a split, in the dataset's order."""
+        self.setup()
+        return self.rows.loc[self.rows["split"] == split, "patient_id"].to_numpy()
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train", shuffle=True)
-        if self.poisson_sampling:
-            from opacus.data_loader import DPDataLoader
+        if self.dp_sampling is not None:
+            from fedxr.privacy.sampling import poisson_loader
 
-            from fedxr.privacy.dp import unpredictable_generator
-
-            loader = DPDataLoader.from_data_loader(loader, generator=unpredictable_generator())
-        return loader
+            units, rate = self.dp_sampling
+            return poisson_loader(self._dataset("train"), units, rate, self.num_workers)
+        return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

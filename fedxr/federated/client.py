@@ -159,9 +159,23 @@ def main(argv=None) -> None:
     if recipe.privacy.dp:
         from fedxr.privacy.dp import SitePrivacy, attach
 
-        privacy = SitePrivacy.for_site(recipe.privacy.dp, site, len(dm.datasets["train"]), dm.batch_size, fed.rounds,
-                                       fed.local_epochs, fed.local_steps)
-        dm.poisson_sampling = True
+        import numpy as np
+
+        from fedxr.privacy.sampling import units_of
+
+        dp = recipe.privacy.dp
+        train_patients = dm.split_patients("train")
+        # Every validation the server asks for releases one score: one per round, then the cross-site (every
+        # site's model and the global ones) or final global evaluation.
+        releases = fed.rounds + (recipe.data.sites + 2 if fed.cross_site_eval else 1)
+        privacy = SitePrivacy.for_site(dp, site, len(dm.datasets["train"]), dm.batch_size, fed.rounds,
+                                       fed.local_epochs, fed.local_steps, train_patients=len(set(train_patients)),
+                                       val_releases=releases)
+        dm.dp_sampling = (units_of(train_patients, dp.unit), privacy.sample_rate)
+        dm.dp_copies = dp.augmentations
+        if dp.unit == "patient":
+            val_patients = dm.split_patients("val")
+            module.val_unit_images = int(np.unique(val_patients, return_counts=True)[1].max()) if len(val_patients) else 1
         attach(module, privacy)
     per_round = {"max_steps": fed.local_steps, "max_epochs": -1} if fed.local_steps else {"max_epochs": fed.local_epochs}
     counter = sample_counter()

@@ -61,8 +61,10 @@ class XRayClassifier(L.LightningModule):
         self.preprocessing = (Preprocessing.coerce(preprocessing) if preprocessing is not None
                               else get_spec(model_name).preprocessing())
         self.init_seed, self.mixup, self.norm = init_seed, mixup, norm
-        # Set by fedxr.privacy.dp.attach at a site that trains with differential privacy.
+        # Set by fedxr.privacy.dp.attach at a site that trains with differential privacy (and, there, the most
+        # validation images one privacy unit has: 1 per image, a patient's count per patient).
         self.privacy = None
+        self.val_unit_images = 1
         # A seeded initialisation that leaves the caller's random state alone: the NVFlare server builds
         # the round-0 model from this class, and an unseeded server would start every run elsewhere.
         with torch.random.fork_rng(devices=[]):
@@ -104,18 +106,44 @@ class XRayClassifier(L.LightningModule):
         return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
 
     def training_step(self, batch, batch_idx):
-        if len(batch[0]) == 0:
-            # An empty Poisson batch (differential privacy): a zero loss keeps the step (and its noise) in the plan.
-            return self(batch[0]).sum()
+        if self.privacy is not None:
+            return self._dp_training_step(*batch)
         x, y = self.mix(*batch)
         loss = self._loss(self(x), y)
         self.log(TRAIN_LOSS, loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
         return loss
 
+    def _dp_training_step(self, x: torch.Tensor, y: torch.Tensor, units: torch.Tensor):
+        """One DP-SGD step on a Poisson-sampled logical batch (manual optimisation, see privacy.dp.attach): the
+        batch is taken in physical chunks that never split a privacy unit; each chunk's per-image gradients are
+        summed per unit (augmented copies averaged), clipped and accumulated; the last chunk's step adds the
+        noise once and updates the weights. An empty batch still takes its (noise-only) step: it is in the plan."""
+        from fedxr.privacy.sampling import group_grad_samples, physical_chunks
+
+        opt = self.optimizers()
+        dp_opt = opt.optimizer
+        opt.zero_grad()
+        chunks = physical_chunks(units, self.privacy.physical_batch_size or max(1, len(x))) or [slice(0, 0)]
+        total = 0.0
+        for i, part in enumerate(chunks):
+            xs, ys = x[part], y[part]
+            loss = self._loss(self(xs), ys) if len(xs) else self(xs).sum()
+            self.manual_backward(loss)
+            group_grad_samples(dp_opt.params, units[part], self.privacy.copies)
+            if i < len(chunks) - 1:
+                dp_opt.clip_and_accumulate()  # adds this chunk's clipped unit gradients to p.summed_grad
+                for p in dp_opt.params:
+                    p.grad_sample = None
+            total += float(loss.detach()) * len(xs)
+        opt.step()
+        self.lr_schedulers().step()
+        if len(x):
+            self.log(TRAIN_LOSS, total / len(x), prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
+
     def _eval_step(self, batch, stage: str):
         x, y = batch
         logits = self(x)
-        if stage == "val":
+        if stage == "val" and self.privacy is None:  # under DP only the noised AUROC leaves (see _epoch_end)
             self.log(VAL_LOSS, self._loss(logits, y), prog_bar=False, batch_size=len(x))
         self._outputs[stage].append((torch.sigmoid(logits.float()).detach(), y.detach()))
 
@@ -148,6 +176,13 @@ class XRayClassifier(L.LightningModule):
             # rather than an invented value (model selection then skips this evaluation).
             log.warning("%s: no class has both positives and negatives; %s not logged", stage, auroc_name)
             return
+        if stage == "val" and self.privacy is not None:
+            # A DP site: the validation patients' data leaves only as one noised, accounted score (no AP, no
+            # per-label scores, no thresholds re-chosen on them); none once its planned releases are spent.
+            released = self.privacy.release_val_auroc(macro, targets, self.val_unit_images)
+            if released is not None:
+                self.log(auroc_name, released, prog_bar=True, sync_dist=False)
+            return
         self.log(auroc_name, macro, prog_bar=True, sync_dist=False)
         if not math.isnan(scores["macro_ap"]):
             self.log(ap_name, scores["macro_ap"], sync_dist=False)
@@ -176,7 +211,7 @@ class XRayClassifier(L.LightningModule):
         else:
             opt = torch.optim.AdamW(groups, lr=self.hparams.lr)
         if self.privacy is not None:  # DP-SGD: every step clips each image's gradient and adds noise
-            opt = self.privacy.optimizer(opt, expected_batch_size=self.trainer.datamodule.batch_size)
+            opt = self.privacy.optimizer(opt)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         if self.schedule_steps:

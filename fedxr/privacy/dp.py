@@ -7,8 +7,12 @@ that the site's whole share of the federation (every round, every local epoch or
 target ``(epsilon, delta)`` under Opacus' RDP accountant; the accountant then tracks what each round spent.
 A round that would take the site past its target is refused before it starts (:class:`BudgetExceeded`).
 
-The guarantee is per site and about that site's training images: what the site sends (its weights) is
-a post-processing of DP-SGD's output. Validation scores a site reports are not covered (see README).
+The guarantee is per site and about one *privacy unit* of its training data (``privacy.dp.unit``: an image,
+or all of a patient's images; :mod:`fedxr.privacy.sampling`): what the site sends (its weights) is a
+post-processing of DP-SGD's output. The validation score a site reports each round is the other thing that
+leaves it: under DP it is released with Gaussian noise sized to its sensitivity and accounted against the same
+ε for the validation patients (:meth:`SitePrivacy.release_val_auroc`). The splits are patient-disjoint, so a
+patient's data feeds either the training ledger or the validation one, never both (parallel composition).
 
 Per-sample gradients need layers whose gradient Opacus can split per image: BatchNorm mixes images, so
 :func:`private_model` replaces it by GroupNorm (``ModuleValidator.fix``); timm's fused BatchNorm+activation
@@ -72,9 +76,14 @@ class SitePrivacy:
     epsilon: float            # the target over every round
     delta: float
     max_grad_norm: float
-    sample_rate: float        # batch size / the site's training images (Poisson sampling)
+    sample_rate: float        # each unit's chance to be in a step's logical batch (Poisson sampling)
     planned_steps: int        # every optimizer step the federation asks of this site
     noise_multiplier: float = 0.0
+    unit: str = "image"       # what ε is about: one image, or one patient (all of their images)
+    units: int = 0            # training units at the site (images or patients)
+    physical_batch_size: int = 0   # most images per forward/backward pass (0: the whole logical batch)
+    copies: int = 1           # augmented copies of each image, averaged before clipping
+    val_releases: int = 0     # validation scores the site may release under DP over the federation
     spent: list[dict] = field(default_factory=list)  # per round: {"round", "steps", "epsilon"}
 
     def __post_init__(self):
@@ -87,21 +96,42 @@ class SitePrivacy:
                 steps=self.planned_steps, accountant="rdp")
         self.accountant = RDPAccountant()
         self._round_steps = 0
+        # Validation releases: the Gaussian mechanism on every score, all of them within the same (ε, δ).
+        self.val_noise_multiplier = (get_noise_multiplier(target_epsilon=self.epsilon, target_delta=self.delta,
+                                                          sample_rate=1.0, steps=self.val_releases, accountant="rdp")
+                                     if self.val_releases else 0.0)
+        self.val_accountant = RDPAccountant()
+        self.val_noise_std: list[float] = []
+
+    @property
+    def expected_batch(self) -> float:
+        """Units in a step's logical batch on average: what DP-SGD divides the noised sum of clipped unit
+        gradients by (per patient this is fewer than images, so the same σ is more noise per example)."""
+        if not self.units:
+            raise ValueError("SitePrivacy.units is not set: pass expected_batch_size to optimizer()")
+        return self.sample_rate * self.units
 
     @classmethod
     def for_site(cls, dp, site: str, train_images: int, batch_size: int, rounds: int,
-                 local_epochs: int, local_steps: int | None) -> "SitePrivacy":
-        """The site's plan from the recipe's ``privacy.dp`` section and its own training split."""
-        delta = dp.delta if dp.delta is not None else 1.0 / (10 * max(train_images, 1))
-        if problem := delta_problem(site, delta, train_images):
+                 local_epochs: int, local_steps: int | None, train_patients: int | None = None,
+                 val_releases: int = 0) -> "SitePrivacy":
+        """The site's plan from the recipe's ``privacy.dp`` section and its own training split. ``batch_size`` is
+        the physical batch (``data.batch_size``); the logical one is ``privacy.dp.logical_batch_size`` or that."""
+        unit = getattr(dp, "unit", "image")
+        units = train_images if unit == "image" else (train_patients or train_images)
+        delta = dp.delta if dp.delta is not None else 1.0 / (10 * max(units, 1))
+        if problem := delta_problem(site, delta, units, unit=unit):
             raise FedxrError(problem)
-        # Opacus' Poisson loader keeps the plain loader's number of batches per epoch and draws each image into a
-        # batch with probability 1 / that number: the accountant must use the same two figures.
-        sample_rate = 1.0 / math.ceil(train_images / batch_size)
+        logical = getattr(dp, "logical_batch_size", None) or batch_size
+        # One epoch = as many steps as the plain loader's batches of the logical size, each unit drawn with
+        # probability 1 / that number (as Opacus' Poisson loader does): the accountant uses the same two figures.
+        # Per patient the expected images per step stay the logical batch (every drawn patient brings all theirs).
+        sample_rate = 1.0 / math.ceil(train_images / logical)
         per_epoch = int(1 / sample_rate)  # as Opacus computes it (float rounding can make it one less)
         steps = rounds * (local_steps or local_epochs * per_epoch)
         return cls(epsilon=dp.epsilon, delta=delta, max_grad_norm=dp.max_grad_norm, sample_rate=sample_rate,
-                   planned_steps=steps)
+                   planned_steps=steps, unit=unit, units=units, physical_batch_size=batch_size,
+                   copies=getattr(dp, "augmentations", 1), val_releases=val_releases)
 
     @property
     def epsilon_spent(self) -> float:
@@ -127,13 +157,14 @@ class SitePrivacy:
                 "privacy.dp.epsilon or plan fewer rounds/steps to train further")
         self._round_steps = 0
 
-    def optimizer(self, optimizer, expected_batch_size: int):
-        """``optimizer`` as Opacus' DPOptimizer (clip per image, add noise), each step entered in the ledger."""
+    def optimizer(self, optimizer, expected_batch_size: float | None = None):
+        """``optimizer`` as Opacus' DPOptimizer (clip per unit, add noise), each step entered in the ledger.
+        ``expected_batch_size`` defaults to :attr:`expected_batch` (units per logical batch on average)."""
         from opacus.optimizers import DPOptimizer
 
         device = optimizer.param_groups[0]["params"][0].device
         dp_opt = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                             expected_batch_size=expected_batch_size, loss_reduction="mean",
+                             expected_batch_size=expected_batch_size or self.expected_batch, loss_reduction="mean",
                              generator=unpredictable_generator(device))
 
         def count(_opt):
@@ -151,7 +182,40 @@ class SitePrivacy:
     def summary(self) -> dict:
         return {"target_epsilon": self.epsilon, "delta": self.delta, "max_grad_norm": self.max_grad_norm,
                 "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-                "planned_steps": self.planned_steps, "accountant": "rdp (Opacus)"}
+                "planned_steps": self.planned_steps, "accountant": "rdp (Opacus)", "unit": self.unit,
+                "units": self.units, "expected_batch": self.expected_batch, "copies": self.copies,
+                "val_releases_planned": self.val_releases, "val_releases": len(self.val_noise_std),
+                "val_epsilon": self.val_epsilon_spent,
+                "val_noise_std": self.val_noise_std[-1] if self.val_noise_std else None}
+
+    @property
+    def val_epsilon_spent(self) -> float:
+        return float(self.val_accountant.get_epsilon(self.delta)) if self.val_accountant.history else 0.0
+
+    def release_val_auroc(self, macro: float, targets: torch.Tensor, unit_images: int = 1) -> float | None:
+        """The macro validation AUROC this site may send, with Gaussian noise of std σ_val · Δ, or None once the
+        planned releases are spent (the server then has no score from this site for that round).
+
+        Δ bounds how much one validation unit (an image, or a patient with up to ``unit_images`` images) can move
+        the macro AUROC: a label's AUROC is a mean over positive×negative pairs, and removing m of its P positives
+        and N negatives removes at most m / min(P, N) of the pairs, so it moves by at most m / (min(P, N) − m)
+        (counts of the smaller data set). The label counts are treated as public (they are the site's prevalence,
+        shown by `fedxr data inspect`); a strict reading would need a public lower bound on them."""
+        if len(self.val_noise_std) >= self.val_releases:
+            return None
+        y = targets.float()
+        bounds = []
+        for k in range(y.shape[1]):
+            pos, neg = int((y[:, k] == 1).sum()), int((y[:, k] == 0).sum())
+            if pos and neg:  # the labels multilabel_scores averages
+                small = min(pos, neg) - unit_images
+                bounds.append(1.0 if small <= 0 else min(1.0, unit_images / small))
+        sensitivity = sum(bounds) / len(bounds) if bounds else 1.0
+        std = self.val_noise_multiplier * sensitivity
+        self.val_accountant.step(noise_multiplier=self.val_noise_multiplier, sample_rate=1.0)
+        self.val_noise_std.append(std)
+        noise = torch.normal(0.0, std, (1,), generator=unpredictable_generator()).item() if std else 0.0
+        return float(macro + noise)
 
 
 def unpredictable_generator(device="cpu") -> torch.Generator:
@@ -172,6 +236,9 @@ def attach(module, privacy: SitePrivacy) -> None:
     # so the state dict the federation exchanges keeps its keys. The wrapper is kept alive beside it.
     module.__dict__["_grad_sampler"] = GradSampleModule(module.model)
     module.privacy = privacy
+    # The classifier takes each logical batch in physical chunks, grouping and clipping per unit itself
+    # (XRayClassifier._dp_training_step), so Lightning's loop must not step the optimizer for it.
+    module.automatic_optimization = False
 
 
 def ledger(records: list[dict]) -> dict | None:
@@ -182,15 +249,21 @@ def ledger(records: list[dict]) -> dict | None:
         p = r.get("privacy")
         if not p:
             continue
-        site = sites.setdefault(r["site"], {k: p[k] for k in ("target_epsilon", "delta", "noise_multiplier",
-                                                             "sample_rate", "max_grad_norm", "planned_steps")})
-        site.setdefault("rounds", []).append({"round": r["round"], "steps": p["steps"], "epsilon": p["epsilon"]})
+        site = sites.setdefault(r["site"], {k: p.get(k) for k in (
+            "target_epsilon", "delta", "noise_multiplier", "sample_rate", "max_grad_norm", "planned_steps", "unit",
+            "units", "expected_batch", "copies", "val_releases_planned")})
+        site.setdefault("rounds", []).append({"round": r["round"], "steps": p["steps"], "epsilon": p["epsilon"],
+                                              "val_epsilon": p.get("val_epsilon"), "val_noise_std": p.get("val_noise_std")})
     if not sites:
         return None
     for site in sites.values():
         site["epsilon_spent"] = max(x["epsilon"] for x in site["rounds"])
-        site["within_target"] = site["epsilon_spent"] <= site["target_epsilon"] * (1 + 1e-6)
-    return {"mechanism": "DP-SGD (Opacus): per-image clipping, Gaussian noise, Poisson sampling; RDP accountant",
+        site["val_epsilon_spent"] = max((x["val_epsilon"] or 0.0) for x in site["rounds"])
+        site["within_target"] = max(site["epsilon_spent"], site["val_epsilon_spent"]) <= site["target_epsilon"] * (1 + 1e-6)
+    units = sorted({s["unit"] or "image" for s in sites.values()})
+    return {"mechanism": f"DP-SGD (Opacus): per-{'/'.join(units)} clipping, Gaussian noise, Poisson sampling; RDP "
+                         "accountant. Validation scores: Gaussian mechanism within the same ε (patient-disjoint "
+                         "splits: parallel composition)",
             "sites": sites, "within_target": all(s["within_target"] for s in sites.values())}
 
 
@@ -208,16 +281,18 @@ def plot_ledger(book: dict, path) -> None:
         ax.legend(fontsize=8)
 
 
-def delta_problem(site: str, delta: float, train_images: int, source: str = "") -> str | None:
-    """The one δ rule: a site needs training images, and δ must be below 1/N for its N training images
-    (a δ that large allows leaking whole records). ``source`` names the manifest the count came from."""
+def delta_problem(site: str, delta: float, train_units: int, source: str = "", unit: str = "image") -> str | None:
+    """The one δ rule: a site needs training data, and δ must be below 1/N for its N training units (images, or
+    patients with ``unit='patient'``; a δ that large allows leaking whole records). ``source`` names the manifest
+    the count came from."""
     where = f" ({source})" if source else ""
-    if train_images < 2:
-        return f"site {site!r}{where}: differential privacy needs training images; it has {train_images}"
-    if delta >= 1.0 / train_images:
-        return (f"site {site!r}{where}: privacy.dp.delta = {delta:g} is not below 1/N = 1/{train_images} (its training "
-                f"images); a δ that large allows leaking whole records. Set privacy.dp.delta below "
-                f"{1 / train_images:.2g}, or leave it out (default 1/(10 N) at each site)")
+    what = "images" if unit == "image" else "patients"
+    if train_units < 2:
+        return f"site {site!r}{where}: differential privacy needs training {what}; it has {train_units}"
+    if delta >= 1.0 / train_units:
+        return (f"site {site!r}{where}: privacy.dp.delta = {delta:g} is not below 1/N = 1/{train_units} (its training "
+                f"{what}); a δ that large allows leaking whole records. Set privacy.dp.delta below "
+                f"{1 / train_units:.2g}, or leave it out (default 1/(10 N) at each site)")
     return None
 
 
@@ -231,7 +306,9 @@ def delta_problems(recipe, sites_dir) -> list[str]:
         return []
     problems = []
     for site, path in site_manifest_paths(sites_dir).items():
-        n = int((read_manifest(path)["split"] == "train").sum())
-        if problem := delta_problem(site, dp.delta, n, str(path)):
+        train = read_manifest(path)
+        train = train[train["split"] == "train"]
+        n = len(train) if dp.unit == "image" else train["patient_id"].nunique()
+        if problem := delta_problem(site, dp.delta, n, str(path), unit=dp.unit):
             problems.append(problem)
     return problems
