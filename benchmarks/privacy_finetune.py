@@ -93,16 +93,17 @@ def fine_tune(base, label: str, rounds: int, init: Path | None, epsilon: float |
     return row
 
 
-def public_as_is(base, public: Path) -> dict:
+def public_as_is(base, public: Path, label: str = "public model, no fine-tuning") -> dict:
     """The public model on the sites' test images without any fine-tuning: what fine-tuning has to add."""
     from fedxr.evaluation import evaluate_checkpoint
+    from fedxr.models.checkpoint import load_checkpoint
 
     score = evaluate_checkpoint(public, base.layout.sites, split="test", cache_dir=base.data.cache_dir,
                                 out=public.parent / "eval_quickstart_test", progress=False)
     val = evaluate_checkpoint(public, base.layout.sites, split="val", cache_dir=base.data.cache_dir,
                               out=public.parent / "eval_quickstart_val", progress=False)
-    print(f"--- public model, no fine-tuning: val {val['macro_auroc']:.4f}, test {score['macro_auroc']:.4f}", flush=True)
-    return {"label": "public model, no fine-tuning", "init": "public", "epsilon": None, "trainable": "none",
+    print(f"--- {label}: val {val['macro_auroc']:.4f}, test {score['macro_auroc']:.4f}", flush=True)
+    return {"label": label, "init": "public", "norm": load_checkpoint(public)["norm"], "epsilon": None, "trainable": "none",
             "lr": None, "optimizer": None, "val_auroc": val["macro_auroc"], "macro_auroc": score["macro_auroc"],
             "macro_auroc_ci95": score["macro_auroc_ci95"], "seconds": 0.0, "epsilon_spent": None,
             "noise_multiplier": None, "within_target": None}
@@ -129,7 +130,7 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"))
     ap.add_argument("--rounds", type=int, default=3, help="fine-tuning rounds of every row")
     ap.add_argument("--public-epochs", type=int, default=4)
-    ap.add_argument("--sweep", nargs="+", default=["head:0.1", "head:0.5", "head:0.5:256", "head:0.1:32:4"],
+    ap.add_argument("--sweep", nargs="+", default=["head:0.1", "head:0.5", "head:0.5:256", "head:2:256", "head:0.1:32:2"],
                     help="DP settings tried at ε = 8, each TRAINABLE:LR[:LOGICAL_BATCH[:COPIES]] (model.trainable, "
                          "privacy.dp.lr, privacy.dp.logical_batch_size, privacy.dp.augmentations)")
     ap.add_argument("--smoke", action="store_true")
@@ -145,8 +146,10 @@ def main() -> None:
     public = public_model(base, args.public_epochs)
     rows = [public_as_is(base, public), fine_tune(base, "no DP, all weights", args.rounds, public, None, "all", None)]
     if not args.smoke:  # the BatchNorm public model and its non-private fine-tuning (norm measured alone)
-        rows.append(fine_tune(base, "no DP, BatchNorm, all weights", args.rounds, public_model(
-            base, args.public_epochs, norm="batch"), None, "all", None, norm="batch"))
+        public_bn = public_model(base, args.public_epochs, norm="batch")
+        rows.append(public_as_is(base, public_bn, "BatchNorm public model, no fine-tuning"))
+        rows.append(fine_tune(base, "no DP, BatchNorm, all weights", args.rounds, public_bn, None, "all", None,
+                              norm="batch"))
     settings = [dict(zip(("trainable", "lr", "logical", "copies"), item.split(":"))) for item in args.sweep]
     for s in settings:
         s["lr"], s["logical"] = float(s["lr"]), int(s["logical"]) if s.get("logical") else None

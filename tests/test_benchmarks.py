@@ -151,6 +151,34 @@ def test_privacy_finetune():
 
 
 @pytest.mark.slow
+def test_privacy_real():
+    """DP on real films: the public model sees the NIH source only, the private federation the three others; the
+    DP rows stay within budget and are compared with non-private fine-tuning at the pediatric site, paired."""
+    import pandas as pd
+
+    result = run_smoke("privacy_real.py")
+    work = BENCH.parent / "runs" / "bench_privacy_real_smoke"
+    public = pd.read_csv(work / "public" / "labels.csv", dtype=str)
+    private = pd.read_csv(work / "private" / "labels.csv", dtype=str)
+    assert set(public["source"]) == {"nih"} and set(private["source"]) == {"hannover", "ieee8023", "kermany"}
+    assert not set(public["patient_id"]) & set(private["patient_id"])
+    assert all(str(p).startswith("/") and "shared/data/real-cxr" in p for p in private["path"])  # films stay in shared
+    holds = sorted(h for site in result["within_site"].values() for h in site["holds"])
+    assert holds == ["hannover", "ieee8023", "kermany"]
+    dp = [r for r in result["rows"] if r["epsilon"]]
+    assert [(r["epsilon"], r["unit"]) for r in dp] == [(8.0, "image"), (8.0, "patient")]
+    assert all(r["within_target"] and 0 < max(r["epsilon_spent"].values()) <= 8 for r in dp)
+    kermany = next(s for s in result["within_site"].values() if s["holds"] == ["kermany"])
+    assert kermany["positives"] and kermany["negatives"]
+    reference = kermany["models"]["no DP, all weights"]
+    assert 0 <= reference["auroc"] <= 1 and reference["ci95"][0] <= reference["auroc"] <= reference["ci95"][1]
+    assert set(result["primary_site_gap_to_non_private"]) == {r["label"] for r in dp}
+    vs = kermany["models"][dp[0]["label"]]["vs_reference"]
+    assert abs(vs["difference"] - (kermany["models"][dp[0]["label"]]["auroc"] - reference["auroc"])) < 1e-9
+    assert (BENCH.parent / result["plot"]).is_file()
+
+
+@pytest.mark.slow
 def test_real_cxr():
     """The real-images comparison on a small real subset: every model scored per site, paired differences."""
     result = run_smoke("real_cxr.py")
