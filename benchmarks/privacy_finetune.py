@@ -37,7 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Bumped when what a DP row measures changes, so rows measured before are not reused (2: noised validation
 #: scores choose the global model; per-unit expected batch).
-DP_ROW_VERSION = 2
+DP_ROW_VERSION = 3  # 3: released validation scores average only labels with privacy.dp.val_min_count cases
+
+#: privacy.dp settings every DP row adds (the smoke runs' toy validation splits need a lower val_min_count).
+DP_EXTRA: dict = {}
 
 
 def public_model(base, epochs: int, norm: str = "group") -> Path:
@@ -63,7 +66,7 @@ def fine_tune(base, label: str, rounds: int, init: Path | None, epsilon: float |
     from fedxr.models.checkpoint import load_checkpoint
 
     dp = {"epsilon": epsilon, "unit": unit, "logical_batch_size": logical, "augmentations": copies,
-          **({"lr": lr} if lr else {})} if epsilon else False
+          **({"lr": lr} if lr else {}), **DP_EXTRA} if epsilon else False
     slug = re.sub(r"[^A-Za-z0-9]+", "_", label.replace("ε", "eps").replace(".", "p")).strip("_")
     name = f"{base.output.name}_ft_{slug}"
     recipe = _variant(base, label, name, privacy={"dp": dp}, federated={"rounds": rounds},
@@ -103,7 +106,7 @@ def public_as_is(base, public: Path, label: str = "public model, no fine-tuning"
     val = evaluate_checkpoint(public, base.layout.sites, split="val", cache_dir=base.data.cache_dir,
                               out=public.parent / "eval_quickstart_val", progress=False)
     print(f"--- {label}: val {val['macro_auroc']:.4f}, test {score['macro_auroc']:.4f}", flush=True)
-    return {"label": label, "init": "public", "norm": load_checkpoint(public)["norm"], "epsilon": None, "trainable": "none",
+    return {"label": label, "init": "public", "norm": load_checkpoint(public).get("norm", "batch"), "epsilon": None, "trainable": "none",
             "lr": None, "optimizer": None, "val_auroc": val["macro_auroc"], "macro_auroc": score["macro_auroc"],
             "macro_auroc_ci95": score["macro_auroc_ci95"], "seconds": 0.0, "epsilon_spent": None,
             "noise_multiplier": None, "within_target": None}
@@ -141,6 +144,7 @@ def main() -> None:
         work = ROOT / "runs" / "bench_privacy_finetune_smoke"
         overrides = [*toy_federation(work), "federated.cross_site_eval=false", "distill.students=[]", *overrides]
         args.rounds, args.public_epochs, args.sweep = 1, 1, ["head:0.5:16:2"]
+        DP_EXTRA["val_min_count"] = 2
     base = load_recipe(args.recipe, overrides)
     _prepare(base)  # the sites every row fine-tunes at (and is scored on): the same manifests for all
     public = public_model(base, args.public_epochs)

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
-from privacy_finetune import fine_tune  # noqa: E402
+from privacy_finetune import DP_EXTRA, fine_tune  # noqa: E402
 from privacy_utility import _prepare  # noqa: E402
 from real_cxr import REAL, RESAMPLES, paired  # noqa: E402
 
@@ -173,6 +173,7 @@ def main() -> None:
     if args.smoke:
         shutil.rmtree(work, ignore_errors=True)
         args.rounds, args.public_epochs, args.image_size, args.sweep = 1, 1, 32, ["head:0.5"]
+        DP_EXTRA["val_min_count"] = 2  # a handful of validation films per site
     public_recipe, base = recipes(args, work)
     public = public_model(public_recipe)
     _prepare(base)

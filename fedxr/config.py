@@ -215,6 +215,10 @@ class DPConfig(_Section):
                                 "data.batch_size, so it may be far above what fits in memory; default data.batch_size")
     augmentations: int = Field(1, ge=1, le=32, description="augmented copies of every image whose gradients are "
                                                            "averaged before clipping (augmentation multiplicity)")
+    val_min_count: int = Field(
+        20, ge=2, description="a DP site's released validation AUROC averages only the labels with at least this "
+                              "many validation positives and negatives: one image moves a label with few of either "
+                              "so much that its noise would drown the score")
 
     @field_validator("epsilon")
     @classmethod

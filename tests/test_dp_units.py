@@ -153,21 +153,35 @@ def test_per_patient_clipping_bounds_each_patients_influence():
 
 
 def test_validation_scores_are_noised_within_the_budget():
+    from fedxr.labels import LABELS
+
     privacy = SitePrivacy(epsilon=8, delta=1e-3, max_grad_norm=1.0, sample_rate=0.1, planned_steps=10, units=100,
                           val_releases=3)
     g = torch.Generator().manual_seed(0)
-    few = (torch.rand(40, 14, generator=g) < 0.2).float()
-    many = (torch.rand(4000, 14, generator=g) < 0.2).float()
-    released = [privacy.release_val_auroc(0.7, many) for _ in range(2)]
+    scores = {name: 0.7 for name in LABELS}
+    few = (torch.rand(40, 14, generator=g) < 0.2).float()      # ~8 positives per label: below val_min_count
+    some = (torch.rand(200, 14, generator=g) < 0.2).float()    # ~40
+    many = (torch.rand(4000, 14, generator=g) < 0.2).float()   # ~800
+    assert privacy.release_val_auroc(scores, few) is None and privacy.val_epsilon_spent == 0  # nothing released
+    released = [privacy.release_val_auroc(scores, many) for _ in range(2)]
     assert all(r is not None and r != 0.7 for r in released)
     assert privacy.val_noise_std[0] < 0.01  # ~800 positives per label: one image moves the AUROC little
-    assert privacy.release_val_auroc(0.7, few) is not None and privacy.val_noise_std[-1] > 10 * privacy.val_noise_std[0]
-    assert privacy.release_val_auroc(0.7, many) is None  # the three planned releases are spent
+    assert privacy.release_val_auroc(scores, some) is not None
+    assert 5 * privacy.val_noise_std[0] < privacy.val_noise_std[-1] < 0.1  # ~40: more noise, still a usable score
+    assert privacy.release_val_auroc(scores, many) is None  # the three planned releases are spent
     assert 7.5 < privacy.val_epsilon_spent <= 8 * (1 + 1e-6)
+    # Only labels with enough cases are averaged: one rare label neither enters the score nor its noise.
+    rare = many.clone()
+    rare[:, 0] = 0
+    rare[:3, 0] = 1
+    floor = SitePrivacy(epsilon=8, delta=1e-3, max_grad_norm=1.0, sample_rate=0.1, planned_steps=10, units=100,
+                        val_releases=3)
+    floor.noise_multiplier, floor.val_noise_multiplier = 0.0, 0.0
+    assert floor.release_val_auroc({**scores, LABELS[0]: 0.1}, rare) == pytest.approx(0.7)
     # A patient with 5 validation images can move the score 5x as much: more noise for the same ε.
     per_patient = SitePrivacy(epsilon=8, delta=1e-3, max_grad_norm=1.0, sample_rate=0.1, planned_steps=10, units=100,
                               val_releases=3)
-    per_patient.release_val_auroc(0.7, many, unit_images=5)
+    per_patient.release_val_auroc(scores, many, unit_images=5)
     assert per_patient.val_noise_std[0] == pytest.approx(5 * privacy.val_noise_std[0], rel=0.01)
 
 

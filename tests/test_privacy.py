@@ -29,15 +29,15 @@ ALLOWED_KEYS = {VAL_LOSS, VAL_AUROC, VAL_AP, "NUM_STEPS_CURRENT_ROUND", "PROCESS
                 "PROCESSED_ALGORITHM", "filter_history"}
 
 
-def two_site_overrides(tmp, *extra, rounds=2) -> list[str]:
-    return tiny_recipe_overrides(tmp, patients=50, extra=(
+def two_site_overrides(tmp, *extra, rounds=2, patients=50) -> list[str]:
+    return tiny_recipe_overrides(tmp, patients=patients, extra=(
         "data.phantom.hospitals=2", "data.sites=2", "data.scheme=column", "data.column=hospital",
         "federated.min_clients=2", f"federated.rounds={rounds}", "data.batch_size=8", "federated.cross_site_eval=false",
         "distill.students=[]", *extra))
 
 
-def two_sites(tmp, *extra, rounds=2):
-    recipe = load_recipe(QUICKSTART, two_site_overrides(tmp, *extra, rounds=rounds))
+def two_sites(tmp, *extra, rounds=2, patients=50):
+    recipe = load_recipe(QUICKSTART, two_site_overrides(tmp, *extra, rounds=rounds, patients=patients))
     ensure_dataset(recipe, progress=False)
     ensure_sites(recipe)
     return recipe
@@ -251,7 +251,10 @@ def test_dp_federation_spends_within_its_target_and_reports_it(tmp_path):
     real simulator: every site within its ε for training and for the validation scores it released, and those
     scores are all that left besides the weights (no loss, AP or per-label score)."""
     recipe = two_sites(tmp_path, "privacy.dp.epsilon=3", "privacy.dp.unit=patient",
-                       "privacy.dp.logical_batch_size=16", "privacy.dp.augmentations=2")
+                       "privacy.dp.logical_batch_size=16", "privacy.dp.augmentations=2",
+                       # validation splits big enough that some label has more cases than a patient has images
+                       # (fewer, and one patient could swing it: nothing would be released)
+                       "data.val_fraction=0.4", "privacy.dp.val_min_count=2", patients=160)
     summary = federate(recipe, "sim")
     book = json.loads((recipe.layout.federate / "privacy.json").read_text())
     assert book["within_target"] and set(book["sites"]) == {"site-1", "site-2"}
@@ -261,7 +264,7 @@ def test_dp_federation_spends_within_its_target_and_reports_it(tmp_path):
         assert [r["round"] for r in site["rounds"]] == [0, 1]
         assert 0 < eps[0] < eps[1] <= 3.0, name       # each round spends, and the total stays within the target
         assert eps[1] > 2.5, name                      # ...and the noise was not wastefully large
-        assert site["unit"] == "patient" and site["copies"] == 2 and site["units"] < 40
+        assert site["unit"] == "patient" and site["copies"] == 2 and site["units"] < 100
         assert site["delta"] < 1 / site["units"] and site["noise_multiplier"] > 0.3
         # One validation score per round was released, noised, within the same target (3 planned: 2 rounds + final).
         assert site["val_releases_planned"] == 3 and 0 < site["val_epsilon_spent"] <= 3.0

@@ -179,7 +179,7 @@ class XRayClassifier(L.LightningModule):
         if stage == "val" and self.privacy is not None:
             # A DP site: the validation patients' data leaves only as one noised, accounted score (no AP, no
             # per-label scores, no thresholds re-chosen on them); none once its planned releases are spent.
-            released = self.privacy.release_val_auroc(macro, targets, self.val_unit_images)
+            released = self.privacy.release_val_auroc(scores["auroc"], targets, self.val_unit_images)
             if released is not None:
                 self.log(auroc_name, released, prog_bar=True, sync_dist=False)
             return

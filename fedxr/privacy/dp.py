@@ -84,6 +84,7 @@ class SitePrivacy:
     physical_batch_size: int = 0   # most images per forward/backward pass (0: the whole logical batch)
     copies: int = 1           # augmented copies of each image, averaged before clipping
     val_releases: int = 0     # validation scores the site may release under DP over the federation
+    val_min_count: int = 20   # labels with fewer validation positives or negatives are left out of a release
     spent: list[dict] = field(default_factory=list)  # per round: {"round", "steps", "epsilon"}
 
     def __post_init__(self):
@@ -131,7 +132,8 @@ class SitePrivacy:
         steps = rounds * (local_steps or local_epochs * per_epoch)
         return cls(epsilon=dp.epsilon, delta=delta, max_grad_norm=dp.max_grad_norm, sample_rate=sample_rate,
                    planned_steps=steps, unit=unit, units=units, physical_batch_size=batch_size,
-                   copies=getattr(dp, "augmentations", 1), val_releases=val_releases)
+                   copies=getattr(dp, "augmentations", 1), val_releases=val_releases,
+                   val_min_count=getattr(dp, "val_min_count", 20))
 
     @property
     def epsilon_spent(self) -> float:
@@ -185,6 +187,7 @@ class SitePrivacy:
                 "planned_steps": self.planned_steps, "accountant": "rdp (Opacus)", "unit": self.unit,
                 "units": self.units, "expected_batch": self.expected_batch, "copies": self.copies,
                 "val_releases_planned": self.val_releases, "val_releases": len(self.val_noise_std),
+                "val_min_count": self.val_min_count,
                 "val_epsilon": self.val_epsilon_spent,
                 "val_noise_std": self.val_noise_std[-1] if self.val_noise_std else None}
 
@@ -192,26 +195,35 @@ class SitePrivacy:
     def val_epsilon_spent(self) -> float:
         return float(self.val_accountant.get_epsilon(self.delta)) if self.val_accountant.history else 0.0
 
-    def release_val_auroc(self, macro: float, targets: torch.Tensor, unit_images: int = 1) -> float | None:
-        """The macro validation AUROC this site may send, with Gaussian noise of std σ_val · Δ, or None once the
-        planned releases are spent (the server then has no score from this site for that round).
+    def release_val_auroc(self, per_label: dict[str, float | None], targets: torch.Tensor,
+                          unit_images: int = 1) -> float | None:
+        """The macro validation AUROC this site may send, with Gaussian noise of std σ_val · Δ, or None when
+        no label has enough validation cases or the planned releases are spent (the server then has no score
+        from this site for that round, and none of the validation budget is used).
 
-        Δ bounds how much one validation unit (an image, or a patient with up to ``unit_images`` images) can move
-        the macro AUROC: a label's AUROC is a mean over positive×negative pairs, and removing m of its P positives
-        and N negatives removes at most m / min(P, N) of the pairs, so it moves by at most m / (min(P, N) − m)
-        (counts of the smaller data set). The label counts are treated as public (they are the site's prevalence,
-        shown by `fedxr data inspect`); a strict reading would need a public lower bound on them."""
+        The macro averages only the labels with at least ``val_min_count`` known validation positives and as many
+        negatives (``per_label``: each label's AUROC, None where undefined). Δ bounds how much one validation unit
+        (an image, or a patient with up to ``unit_images`` images) can move that macro: a label's AUROC is a mean
+        over positive×negative pairs, and removing m of its P positives and N negatives removes at most
+        m / min(P, N) of the pairs, so it moves by at most m / (min(P, N) − m). A label with two positives would
+        give Δ = 1 and noise far above any AUROC (measured: releases of 2.2 and −0.19 on the quickstart's sites at
+        ε = 8 before this floor), so such labels stay out of the release. The label counts are treated as public
+        (they are the site's prevalence, shown by `fedxr data inspect`); a strict reading would need a public
+        lower bound on them."""
         if len(self.val_noise_std) >= self.val_releases:
             return None
         y = targets.float()
-        bounds = []
-        for k in range(y.shape[1]):
+        names = list(per_label)
+        kept, bounds = [], []
+        for k, name in enumerate(names):
             pos, neg = int((y[:, k] == 1).sum()), int((y[:, k] == 0).sum())
-            if pos and neg:  # the labels multilabel_scores averages
-                small = min(pos, neg) - unit_images
-                bounds.append(1.0 if small <= 0 else min(1.0, unit_images / small))
-        sensitivity = sum(bounds) / len(bounds) if bounds else 1.0
-        std = self.val_noise_multiplier * sensitivity
+            if per_label[name] is not None and min(pos, neg) >= max(self.val_min_count, unit_images + 1):
+                kept.append(per_label[name])
+                bounds.append(min(1.0, unit_images / (min(pos, neg) - unit_images)))
+        if not kept:
+            return None
+        macro = sum(kept) / len(kept)
+        std = self.val_noise_multiplier * sum(bounds) / len(bounds)
         self.val_accountant.step(noise_multiplier=self.val_noise_multiplier, sample_rate=1.0)
         self.val_noise_std.append(std)
         noise = torch.normal(0.0, std, (1,), generator=unpredictable_generator()).item() if std else 0.0
@@ -251,7 +263,7 @@ def ledger(records: list[dict]) -> dict | None:
             continue
         site = sites.setdefault(r["site"], {k: p.get(k) for k in (
             "target_epsilon", "delta", "noise_multiplier", "sample_rate", "max_grad_norm", "planned_steps", "unit",
-            "units", "expected_batch", "copies", "val_releases_planned")})
+            "units", "expected_batch", "copies", "val_releases_planned", "val_min_count")})
         site.setdefault("rounds", []).append({"round": r["round"], "steps": p["steps"], "epsilon": p["epsilon"],
                                               "val_epsilon": p.get("val_epsilon"), "val_noise_std": p.get("val_noise_std")})
     if not sites:
