@@ -99,9 +99,10 @@ class ModelConfig(_Section):
     norm: Literal["auto", "batch", "group"] = Field(
         "auto", description="normalisation layers: auto = GroupNorm with privacy.dp, else BatchNorm; group also "
                             "without DP (e.g. a public model that a DP federation will fine-tune)")
-    trainable: Literal["all", "last_blocks", "head"] = Field(
-        "all", description="what training changes: all weights, the last stage of blocks and the head, or the head "
-                           "alone (fine-tuning from model.init_from; fewer trainable weights = less DP noise)")
+    trainable: Literal["all", "last_blocks", "norms_and_head", "head"] = Field(
+        "all", description="what training changes: all weights, the last stage of blocks and the head, every "
+                           "normalisation layer's scale and shift and the head, or the head alone (fine-tuning from "
+                           "model.init_from; fewer trainable weights = less DP noise)")
     seed: int = Field(0, description="training seed: initial weights, data order, augmentation and every site's "
                                      "per-round seed (data.seed fixes the data and the split)")
     weight_decay: float = Field(1e-4, ge=0)

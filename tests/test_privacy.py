@@ -232,6 +232,16 @@ def test_trainable_head_under_dp_changes_only_the_head():
     assert changed == {"fc.weight", "fc.bias"}
 
 
+def test_trainable_norms_and_head_under_dp_changes_only_those():
+    plain, opt_plain, private, opt_dp = _dp_and_plain("resnet18", trainable="norms_and_head")
+    before = {n: p.detach().clone() for n, p in private.model.named_parameters()}
+    _train_both(plain, opt_plain, private, opt_dp, steps=2)
+    changed = {n for n, p in private.model.named_parameters() if not torch.equal(p, before[n])}
+    norms = {f"{m}.{n}" for m, mod in private.model.named_modules() if isinstance(mod, torch.nn.GroupNorm)
+             for n, _ in mod.named_parameters(recurse=False)}
+    assert len(norms) == 40 and changed == norms | {"fc.weight", "fc.bias"}  # 20 GroupNorms in ResNet-18, no conv
+
+
 def test_dp_model_is_groupnorm_and_checkpoints_remember_it(tmp_path):
     model = build_model("tiny_cnn", norm="group")
     kinds = {type(m).__name__ for m in model.modules()}

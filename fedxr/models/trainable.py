@@ -1,9 +1,13 @@
-"""Which weights training may change (``model.trainable``): all, the last stage of blocks and the head, or the head.
+"""Which weights training may change (``model.trainable``): all, the last stage of blocks and the head, every
+normalisation layer's scale and shift with the head, or the head.
 
 Fine-tuning a model trained elsewhere (``model.init_from``, e.g. on public images) changes few weights where a
 site's data is scarce, and under differential privacy the noise DP-SGD adds grows with the number of weights it
 trains (its norm is about σ·C·√d / B). The groups follow timm's own coarse grouping of a network (stem, each stage
 of blocks, head: what layer-wise learning-rate decay uses); fedxr's TinyCNN has its conv blocks and its head.
+``norms_and_head`` trains the normalisation layers' affine weights everywhere in the network (~10 k for ResNet-18)
+with the head: few weights, yet every layer's features can shift toward the sites' images (another population,
+other equipment), which the head alone cannot do.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from torch import nn
 
 from fedxr.errors import FedxrError
 
-TRAINABLE = ("all", "last_blocks", "head")
+TRAINABLE = ("all", "last_blocks", "norms_and_head", "head")
+NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
 
 
 def parameter_groups(model: nn.Module) -> list[list[str]]:
@@ -41,8 +46,11 @@ def trainable_names(model: nn.Module, which: str) -> set[str]:
     if which == "all":
         return set(names)
     groups = parameter_groups(model)
-    keep = groups[-1:] if which == "head" else groups[-2:]
-    return {n for g in keep for n in g}
+    keep = {n for g in (groups[-2:] if which == "last_blocks" else groups[-1:]) for n in g}
+    if which == "norms_and_head":
+        keep |= {f"{m}.{n}" if m else n for m, module in model.named_modules() if isinstance(module, NORM_LAYERS)
+                 for n, _ in module.named_parameters(recurse=False)}
+    return keep
 
 
 def freeze_except(model: nn.Module, which: str) -> nn.Module:
