@@ -1,6 +1,6 @@
 """Differential privacy on real radiographs: a public NIH model, fine-tuned privately at real hospitals.
 
-    python benchmarks/privacy_real.py                  # ../shared/data/real-cxr, 64 px (~30 min, 2 cores)
+    python benchmarks/privacy_real.py                  # ../shared/data/real-cxr, 64 px (~27 min, 2 cores)
     python benchmarks/privacy_real.py --smoke          # a few real patients at 32 px, 1 round (CI)
 
 NIH ChestX-ray14 is itself public, so a hospital federation can pretrain on it and fine-tune privately. Here:
@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--public-epochs", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--sweep", nargs="+", default=["head:0.1", "head:0.5:256"],
+    ap.add_argument("--sweep", nargs="+", default=["head:0.1", "head:0.5:256", "norms_and_head:0.1", "norms_and_head:0.5"],
                     help="DP settings tried at ε = 8, TRAINABLE:LR[:LOGICAL_BATCH[:COPIES]] (see privacy_finetune.py)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="changes to the private federation's recipe")
