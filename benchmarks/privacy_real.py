@@ -138,24 +138,29 @@ def within_site(rows: list[dict], public: Path, base) -> dict:
 
 
 def plot(per_site: dict, names: list[str], path: Path) -> None:
+    """Each model's within-site AUROC with its interval, for the sites whose test split has enough positives and
+    negatives to mean something (a COVID site's one normal film does not; its figures stay in the JSON)."""
+    from fedxr.models.metrics import MIN_TEST_POSITIVES
     from fedxr.plots import saved_figure
 
-    sites = [s for s, r in per_site.items() if "skipped" not in r and r["positives"] and r["negatives"]]
-    with saved_figure(path, dpi=90, figsize=(7, 1.2 + 0.45 * len(names) * max(1, len(sites)))) as (fig, ax):
-        y, ticks = 0, []
-        for s in sites:
-            for name in names:
-                m = per_site[s]["models"][name]
+    both = [s for s, r in per_site.items() if "skipped" not in r and r["positives"] and r["negatives"]]
+    sites = [s for s in both if min(per_site[s]["positives"], per_site[s]["negatives"]) >= MIN_TEST_POSITIVES] or both
+    with saved_figure(path, dpi=90, nrows=max(1, len(sites)), squeeze=False, layout_rect=(0.04, 0, 1, 1),
+                      figsize=(8, 0.8 + 0.4 * len(names) * max(1, len(sites)))) as (fig, axes):
+        for ax, s in zip(axes[:, 0], sites):
+            r = per_site[s]
+            for y, name in enumerate(names):
+                m = r["models"][name]
                 if m["auroc"] is not None:
                     lo, hi = m["ci95"] or (m["auroc"], m["auroc"])
                     ax.errorbar([m["auroc"]], [y], xerr=[[m["auroc"] - lo], [hi - m["auroc"]]], fmt="o", capsize=3)
-                ticks.append((y, f"{s} ({', '.join(per_site[s]['holds'])}): {name}"))
-                y += 1
-            y += 0.5
-        ax.set_yticks([t for t, _ in ticks], [n for _, n in ticks], fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel(f"within-site test {FINDING} AUROC (95 % interval)")
-        ax.set_title("real films: public NIH model, private fine-tuning", fontsize=9)
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.invert_yaxis()
+            ax.axvline(0.5, color="r", ls=":", lw=1)
+            ax.set_xlim(0.3, 1.0)
+            ax.set_title(f"{s} ({', '.join(r['holds'])}): {r['positives']} positive / {r['negatives']} normal test "
+                         "films — public NIH model, private fine-tuning", fontsize=8)
+        axes[-1, 0].set_xlabel(f"within-site test {FINDING} AUROC (95 % interval)")
 
 
 def main() -> None:
