@@ -43,6 +43,19 @@ DP_ROW_VERSION = 3  # 3: released validation scores average only labels with pri
 DP_EXTRA: dict = {}
 
 
+def parse_setting(item: str) -> dict:
+    """A ``--sweep`` item TRAINABLE:LR[:LOGICAL_BATCH[:COPIES]] as fine_tune's keyword arguments."""
+    s = dict(zip(("trainable", "lr", "logical", "copies"), item.split(":")))
+    return {"trainable": s["trainable"], "lr": float(s["lr"]), "logical": int(s["logical"]) if s.get("logical") else None,
+            "copies": int(s.get("copies") or 1)}
+
+
+def describe(s: dict) -> str:
+    """A DP setting as a row label: ``head lr=0.5 batch 256 ×2 aug``."""
+    extra = (f" batch {s['logical']}" if s["logical"] else "") + (f" ×{s['copies']} aug" if s["copies"] > 1 else "")
+    return f"{s['trainable']} lr={s['lr']:g}{extra}"
+
+
 def public_model(base, epochs: int, norm: str = "group") -> Path:
     """The public checkpoint: central training on another phantom population, no DP (GroupNorm by default)."""
     from fedxr.training import train
@@ -154,15 +167,7 @@ def main() -> None:
         rows.append(public_as_is(base, public_bn, "BatchNorm public model, no fine-tuning"))
         rows.append(fine_tune(base, "no DP, BatchNorm, all weights", args.rounds, public_bn, None, "all", None,
                               norm="batch"))
-    settings = [dict(zip(("trainable", "lr", "logical", "copies"), item.split(":"))) for item in args.sweep]
-    for s in settings:
-        s["lr"], s["logical"] = float(s["lr"]), int(s["logical"]) if s.get("logical") else None
-        s["copies"] = int(s.get("copies") or 1)
-
-    def describe(s: dict) -> str:
-        extra = (f" batch {s['logical']}" if s["logical"] else "") + (f" ×{s['copies']} aug" if s["copies"] > 1 else "")
-        return f"{s['trainable']} lr={s['lr']:g}{extra}"
-
+    settings = [parse_setting(item) for item in args.sweep]
     sweep = [fine_tune(base, f"ε=8 {describe(s)}", args.rounds, public, 8.0, **s) for s in settings]
     rows += sweep
     best_row = max(sweep, key=lambda r: r["val_auroc"] or 0)  # chosen on (noised) validation, never on test

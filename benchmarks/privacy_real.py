@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
-from privacy_finetune import DP_EXTRA, fine_tune  # noqa: E402
+from privacy_finetune import DP_EXTRA, describe, fine_tune, parse_setting  # noqa: E402
 from privacy_utility import _prepare  # noqa: E402
 from real_cxr import REAL, RESAMPLES, paired  # noqa: E402
 
@@ -183,16 +183,7 @@ def main() -> None:
     public = public_model(public_recipe)
     _prepare(base)
     rows = [fine_tune(base, "no DP, all weights", args.rounds, public, None, "all", None)]
-    settings = []
-    for item in args.sweep:
-        s = dict(zip(("trainable", "lr", "logical", "copies"), item.split(":")))
-        settings.append({"trainable": s["trainable"], "lr": float(s["lr"]),
-                         "logical": int(s["logical"]) if s.get("logical") else None, "copies": int(s.get("copies") or 1)})
-
-    def describe(s: dict) -> str:
-        extra = (f" batch {s['logical']}" if s["logical"] else "") + (f" ×{s['copies']} aug" if s["copies"] > 1 else "")
-        return f"{s['trainable']} lr={s['lr']:g}{extra}"
-
+    settings = [parse_setting(item) for item in args.sweep]
     sweep = [fine_tune(base, f"ε=8 {describe(s)}", args.rounds, public, 8.0, **s) for s in settings]
     rows += sweep
     best_row = max(sweep, key=lambda r: r["val_auroc"] or 0)  # on (noised) validation, never on test
