@@ -10,9 +10,10 @@ Every model is scored on each site's own test split (within-site figures are the
 figure is shown beside, never instead). Models:
 
 * the federated teacher and the distilled student (and the student without the teacher) of the recipe's run;
-* local-only: the teacher architecture trained at one site on that site's data alone, for as many epochs as
-  the federation ran rounds × local epochs (scored at its own site);
-* central: the same, on every site's training data pooled (the upper bound a federation aims at);
+* local-only: the teacher architecture trained at one site on that site's data alone, for the steps that site
+  trained in the federation (rounded up to whole epochs; scored at its own site);
+* central: the same, on every site's training data pooled, for the steps of all sites together (the upper
+  bound a federation aims at, at the same compute);
 * optionally the federation started from another checkpoint (``model.init_from``, e.g. the phantom teacher).
 
 Paired differences (the same bootstrap resamples of a site's test images for both models) with 95 % intervals:
@@ -44,12 +45,35 @@ REAL = (ROOT / ".." / "shared" / "data" / "real-cxr").resolve()
 RESAMPLES = 1000
 
 
-def baseline(recipe, mode: str, site: str | None) -> str:
+def federation_steps(layout) -> dict[str, int]:
+    """Optimisation steps each site trained in the teacher's federation (rounds.json), summed over rounds."""
+    import json
+
+    steps: dict[str, int] = {}
+    for rnd in json.loads((layout.federate / "rounds.json").read_text()):
+        if rnd["round"] == "final":
+            continue
+        for site, rec in rnd["sites"].items():
+            steps[site] = steps.get(site, 0) + int(rec.get("steps") or 0)
+    return steps
+
+
+def baseline_epochs(recipe, steps: int, sites: list[str]) -> int:
+    """Whole epochs over ``sites``' training images that hold at least ``steps`` batches: a baseline gets the
+    compute the federation spent (at that site, or at all sites together for the pooled model), rounded up."""
+    from fedxr.data.manifest import read_manifest, site_manifest_paths
+
+    paths = site_manifest_paths(recipe.layout.sites)
+    images = sum(int((read_manifest(paths[s])["split"] == "train").sum()) for s in sites)
+    per_epoch = -(-images // recipe.data.batch_size)
+    return max(1, -(-steps // per_epoch))
+
+
+def baseline(recipe, mode: str, site: str | None, epochs: int) -> str:
     """Train the teacher architecture locally (one site) or centrally (all sites pooled); its checkpoint."""
     from fedxr.layout import chosen_checkpoint
     from fedxr.training import train
 
-    epochs = recipe.federated.rounds * recipe.federated.local_epochs
     summary = train(recipe.changed(f"{mode} baseline", model={"max_epochs": epochs}), recipe.layout.sites, mode=mode,
                     site=site, progress=False)
     # A COVID site's validation split can hold one class only: no validation AUROC, so no "best"; then the last.
@@ -146,15 +170,21 @@ def main() -> None:
               "student (KD)": str(chosen_checkpoint(layout.stage(RunLayout.student_stage(student)))),
               "student (no teacher)": str(chosen_checkpoint(layout.stage(RunLayout.student_stage(student, False))))}
     seconds = {}
-    t = time.perf_counter()
-    models["central (pooled)"] = baseline(recipe, "central", None)
-    seconds["central"] = round(time.perf_counter() - t, 1)
     from fedxr.data.manifest import site_manifest_paths
 
     sites = list(site_manifest_paths(layout.sites))
+    # Each baseline gets the compute the federation spent: a site alone trains as many steps as it trained in
+    # the federation (with federated.max_local_steps the largest site trained fewer than its whole epochs), the
+    # pooled model as many as all sites together; rounded up to whole epochs.
+    steps = federation_steps(layout)
+    epochs = {"central": baseline_epochs(recipe, sum(steps.values()), sites)}
+    epochs.update({site: baseline_epochs(recipe, steps.get(site, 0), [site]) for site in sites})
+    t = time.perf_counter()
+    models["central (pooled)"] = baseline(recipe, "central", None, epochs["central"])
+    seconds["central"] = round(time.perf_counter() - t, 1)
     for site in sites:
         t = time.perf_counter()
-        models[f"local {site}"] = baseline(recipe, "local", site)
+        models[f"local {site}"] = baseline(recipe, "local", site, epochs[site])
         seconds[f"local {site}"] = round(time.perf_counter() - t, 1)
     if args.phantom_init:
         from fedxr.federated.run import federate
@@ -195,7 +225,9 @@ def main() -> None:
         edge = edge_speed(teacher_export, student_export)
     pooled = {k: v for k, v in scored["pooled"].items() if not k.startswith("local ")}
     payload = {"recipe": str(args.recipe), "run": str(layout.root), "smoke": args.smoke, "labels": list(LABELS),
-               "epochs_per_baseline": recipe.federated.rounds * recipe.federated.local_epochs,
+               "federation_steps": steps, "baseline_epochs": epochs,
+               "baseline_rule": "each baseline trains the steps the federation trained (at that site; all sites "
+                                "for the pooled model), rounded up to whole epochs",
                "sites": per_site, "pooled_not_within_site": pooled, "edge": edge, "seconds": seconds,
                "total_seconds": round(time.perf_counter() - t0, 1), "export_root": str(export_root),
                "note": "within-site figures are primary; pooled is shown for reference only"}

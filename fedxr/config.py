@@ -120,6 +120,10 @@ class FederatedConfig(_Section):
     min_clients: int = Field(2, ge=1)
     local_epochs: int = Field(1, ge=1)
     local_steps: Optional[int] = Field(None, ge=1, description="steps per round; overrides local_epochs")
+    max_local_steps: Optional[int] = Field(
+        None, ge=1, description="cap on a site's steps per round: a site whose local epochs are longer trains this "
+        "many steps instead (FedAvg weights sites by steps, so a site with most of the images otherwise outweighs "
+        "all others together); shorter sites train their whole epochs")
     fedprox_mu: float = Field(0.01, ge=0)
     fedbn: bool = False
     env: Literal["sim", "poc", "prod"] = "sim"
@@ -308,6 +312,9 @@ class Recipe(_Section):
                 and not m.strategy.startswith("ddp_find_unused_parameters"):
             problems.append(f"model.strategy: several devices per site train with DDP under torchrun; use ddp (or auto, "
                             f"or ddp_find_unused_parameters_true), not {m.strategy!r}")
+        if self.federated.local_steps and self.federated.max_local_steps:
+            problems.append("federated.max_local_steps: it caps whole local epochs; with federated.local_steps every "
+                            "site already trains the same number of steps — set one of the two")
         problems += self._privacy_problems()
         if self.data.val_fraction + self.data.test_fraction >= 1:
             problems.append("data.val_fraction + data.test_fraction must be below 1")

@@ -50,6 +50,23 @@ def test_cross_section_checks(tmp_path):
         load_recipe(None, ["data.sites=2", "federated.min_clients=4"])
 
 
+def test_step_cap_caps_only_the_sites_with_longer_epochs():
+    from fedxr.federated.client import round_steps
+
+    fed = load_recipe(None, ["federated.max_local_steps=32", "federated.local_epochs=1"]).federated
+    assert round_steps(fed, 4017, 32) == 32     # the pediatric site: 126 batches, capped
+    assert round_steps(fed, 626, 32) is None    # NIH: 20 batches, its whole epoch
+    assert round_steps(fed, 1024, 32) is None   # exactly the cap: an epoch
+    assert round_steps(fed, 1025, 32) == 32
+    two = load_recipe(None, ["federated.max_local_steps=32", "federated.local_epochs=2"]).federated
+    assert round_steps(two, 626, 32) == 32      # two epochs of NIH are 40 steps
+    fixed = load_recipe(None, ["federated.local_steps=5"]).federated
+    assert round_steps(fixed, 4017, 32) == 5
+    assert round_steps(load_recipe(None, []).federated, 4017, 32) is None
+    with pytest.raises(RecipeError, match="federated.max_local_steps: it caps whole local epochs"):
+        load_recipe(None, ["federated.max_local_steps=32", "federated.local_steps=5"])
+
+
 def test_overrides_are_typed_and_applied():
     r = load_recipe(None, ["federated.rounds=7", "model.channels_last=true", "distill.students=[resnet18, tiny_cnn]"])
     assert r.federated.rounds == 7

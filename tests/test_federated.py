@@ -8,6 +8,7 @@ import torch
 
 from fedxr.cli import main
 from fedxr.config import RecipeError, load_recipe
+from fedxr.data.manifest import read_manifest
 from fedxr.data.prepare import ensure_dataset, ensure_sites
 from fedxr.federated.run import federate
 from fedxr.models.checkpoint import load_checkpoint
@@ -31,7 +32,8 @@ def two_site_recipe(tmp, rounds=1, extra=()):
 @pytest.fixture(scope="module")
 def sim_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sim")
-    recipe, ov = two_site_recipe(tmp, rounds=2)
+    # The step cap binds at the larger site only (checked in test_sim_outputs).
+    recipe, ov = two_site_recipe(tmp, rounds=3, extra=("federated.max_local_steps=4",))
     summary = federate(recipe, "sim", extra_args="--save-updates")
     return recipe, ov, summary
 
@@ -54,6 +56,17 @@ def test_sim_outputs(sim_run, tmp_path, capsys):
     assert all(v["train_s"] > 0 and v["steps"] > 0 for v in rounds[0]["sites"].values())
     assert 0 <= rounds[0]["aggregate_val_auroc"] <= 1
     assert rounds[-1]["round"] == "final"
+    # federated.max_local_steps=4: the larger site trains 4 steps in every round (they once doubled from round to
+    # round), the smaller its whole epoch; the capped site's learning rate reaches the end of its schedule.
+    epochs = {site: -(-int((read_manifest(recipe.layout.sites / f"{site}.csv")["split"] == "train").sum()) // 8)
+              for site in ("site-1", "site-2")}
+    assert max(epochs.values()) > 4 >= min(epochs.values())
+    for r in rounds[:3]:
+        assert {site: v["steps"] for site, v in r["sites"].items()} == {s: min(4, n) for s, n in epochs.items()}
+    capped = max(epochs, key=epochs.get)
+    lr_end = [json.loads(line)["lr_end"] for line in (out / "records" / f"{capped}.jsonl").read_text().splitlines()]
+    # cosine over 3 rounds x 4 steps: 0.5 (1 + cos(pi k/3)) of the rate after round k
+    assert lr_end[:3] == pytest.approx([recipe.model.lr * 0.75, recipe.model.lr * 0.25, 0.0], abs=1e-9)
     cross = json.loads((out / "cross_site.json").read_text())
     assert set(cross["sites"]) == {"site-1", "site-2"}
     assert {"global (last)", "site-1 (local)", "site-2 (local)"} <= set(cross["models"])
@@ -69,7 +82,7 @@ def test_sim_outputs(sim_run, tmp_path, capsys):
 def test_global_model_is_step_weighted_mean(sim_run):
     """FedAvg check computed independently: global = Σ steps_i · θ_i / Σ steps_i after the last round."""
     recipe, _, summary = sim_run
-    assert_global_is_step_weighted_mean(recipe, last_round=1)
+    assert_global_is_step_weighted_mean(recipe, last_round=2)
 
 
 def test_same_recipe_and_seed_give_the_same_model(sim_run, tmp_path_factory):

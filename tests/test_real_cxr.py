@@ -203,7 +203,7 @@ def real_run(tmp_path_factory):
     labels = _small_real_csv(tmp)
     overrides = [f"data.root={labels.parent}", "data.sites=2", "data.image_size=48", "data.batch_size=16",
                  "data.num_workers=0", f"data.cache_dir={tmp / 'cache'}", "model.name=tiny_cnn",
-                 "federated.rounds=1", "federated.min_clients=2", "distill.students=[resnet18_eighth]",
+                 "federated.rounds=1", "federated.min_clients=2", "federated.max_local_steps=3", "distill.students=[resnet18_eighth]",
                  "distill.rounds=1", "distill.ablation_no_teacher=false", "explain.images=2", "explain.max_boxes=10",
                  "export.calibration_images=16", f"export.out={tmp / 'export'}", f"output.runs_dir={tmp / 'runs'}",
                  "output.name=real"]
@@ -233,6 +233,12 @@ def test_real_federation_scores_each_site_on_its_known_labels_only(real_run):
     assert "trained on csv data" in report and "SYNTHETIC" not in report
     pg = json.loads((run / "explain" / "pointing_game.json").read_text())
     assert pg["boxes_scored"] > 0  # NIH's own boxes on real films (data.boxes_file)
+    # federated.max_local_steps: a site with more batches than the cap trains the cap, a smaller one its epoch.
+    steps = json.loads((run / "federate" / "rounds.json").read_text())[0]["sites"]
+    epochs = {site: -(-int((read_manifest(run / "sites" / f"{site}.csv")["split"] == "train").sum()) // 16)
+              for site in ("site-1", "site-2")}
+    assert max(epochs.values()) > 3
+    assert {site: s["steps"] for site, s in steps.items()} == {site: min(3, n) for site, n in epochs.items()}
 
 
 @pytest.mark.slow

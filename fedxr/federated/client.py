@@ -23,9 +23,13 @@ import argparse
 import copy
 import importlib
 import json
+import math
 import os
 import time
 from pathlib import Path
+
+#: The epoch limit of a round limited by steps (never reached).
+UNBOUNDED_EPOCHS = 1_000_000
 
 #: Fault injection for resilience tests: ``site-3:2`` makes site-3 fail from round 2 on (0-based).
 FAIL_ENV = "FEDXR_TEST_FAIL_SITE"
@@ -100,6 +104,23 @@ def sample_counter():
     return SampleCounter()
 
 
+def round_steps(fed, train_images: int, batch_size: int) -> int | None:
+    """Steps this site trains per round, or None for its whole local epochs.
+
+    ``federated.local_steps`` fixes the steps of every site. ``federated.max_local_steps`` caps them: a site
+    whose epochs hold more batches trains the cap, a smaller site its whole epochs. FedAvg weights each site by
+    its steps, so without a cap the site with most of the images (the pediatric set: 126 of 157 steps) sets
+    the average almost alone; with it, the large site still contributes the most steps of any site but no
+    longer outweighs every other site together.
+    """
+    if fed.local_steps:
+        return fed.local_steps
+    epochs_steps = math.ceil(train_images / batch_size) * fed.local_epochs
+    if fed.max_local_steps and epochs_steps > fed.max_local_steps:
+        return fed.max_local_steps
+    return None
+
+
 def trainer_devices(recipe, ranks) -> dict:
     """Trainer settings for this site's processes: all of torchrun's workers under DDP, else one device
     (never ``auto``: Lightning would start DDP workers of its own behind NVFlare's back)."""
@@ -149,7 +170,8 @@ def main(argv=None) -> None:
     ranks.share(None)
     # One learning-rate schedule over every round: NVFlare's patch restores the optimizer and scheduler
     # state between rounds, and a schedule sized to one round would leave later rounds at zero rate.
-    schedule = ({"schedule_steps": fed.rounds * fed.local_steps} if fed.local_steps
+    local_steps = round_steps(fed, len(dm.split_patients("train")), dm.batch_size * ranks.world_size)
+    schedule = ({"schedule_steps": fed.rounds * local_steps} if local_steps
                 else {"schedule_epochs": fed.rounds * fed.local_epochs})
     # Whatever the description holds is built with random weights here and overwritten by the round-0
     # global model (which, for a student, includes the frozen teacher's weights).
@@ -169,7 +191,7 @@ def main(argv=None) -> None:
         # site's model and the global ones) or final global evaluation.
         releases = fed.rounds + (recipe.data.sites + 2 if fed.cross_site_eval else 1)
         privacy = SitePrivacy.for_site(dp, site, len(dm.datasets["train"]), dm.batch_size, fed.rounds,
-                                       fed.local_epochs, fed.local_steps, train_patients=len(set(train_patients)),
+                                       fed.local_epochs, local_steps, train_patients=len(set(train_patients)),
                                        val_releases=releases)
         dm.dp_sampling = (units_of(train_patients, dp.unit), privacy.sample_rate)
         dm.dp_copies = dp.augmentations
@@ -177,7 +199,10 @@ def main(argv=None) -> None:
             val_patients = dm.split_patients("val")
             module.val_unit_images = int(np.unique(val_patients, return_counts=True)[1].max()) if len(val_patients) else 1
         attach(module, privacy)
-    per_round = {"max_steps": fed.local_steps, "max_epochs": -1} if fed.local_steps else {"max_epochs": fed.local_epochs}
+    # A round limited by steps gets an epoch limit it never reaches, not -1: NVFlare's Lightning patch re-reads
+    # max_steps as "steps per round" every round while max_epochs is -1, so the rounds doubled (32, 64, 128…).
+    per_round = ({"max_steps": local_steps, "max_epochs": UNBOUNDED_EPOCHS} if local_steps
+                 else {"max_epochs": fed.local_epochs})
     counter = sample_counter()
     trainer = make_trainer(recipe, work, callbacks=[counter], progress=False, enable_model_summary=False,
                            logger=[ClientLogger()], num_sanity_val_steps=0, **trainer_devices(recipe, ranks),

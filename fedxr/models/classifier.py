@@ -213,7 +213,11 @@ class XRayClassifier(L.LightningModule):
         if self.privacy is not None:  # DP-SGD: every step clips each image's gradient and adds noise
             opt = self.privacy.optimizer(opt)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        # estimated_stepping_batches has set up the training data: its batches per epoch are known here. A
+        # round limited by steps runs with an unbounded epoch count, so dividing the total by it would not say.
+        batches = self.trainer.num_training_batches
+        per_epoch = (max(1, int(batches)) if math.isfinite(batches) and batches > 0
+                     else max(1, total // max(1, self.trainer.max_epochs or 1)))
         if self.schedule_steps:
             total = self.schedule_steps
         elif self.schedule_epochs:
