@@ -26,6 +26,7 @@ demo: $(STAMP)
 	@echo "  $(VENV)/bin/fedxr console"
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check fedxr benchmarks tests
 	$(PY) -m pytest
 
 clean:

@@ -161,7 +161,7 @@ def nih_scale(args) -> None:
 
         torch.manual_seed(0)
         t, done = time.perf_counter(), 0
-        for i in range(max(2, args.batches // 4)):
+        for _ in range(max(2, args.batches // 4)):
             x, _ = next_batch()
             augment_batch(x, dataset.mean, dataset.std)
             done += len(x)

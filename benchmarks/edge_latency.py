@@ -101,12 +101,12 @@ def main() -> None:
                         if path is None:
                             torch.set_num_threads(threads)
                             with torch.no_grad():
-                                p50, p95 = timed(lambda: model(torch.from_numpy(xb)), runs)
+                                p50, p95 = timed(lambda: model(torch.from_numpy(xb)), runs)  # noqa: B023 (called here)
                         else:
                             so = ort.SessionOptions()
                             so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
                             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-                            p50, p95 = timed(lambda: sess.run(None, {"image": xb}), runs)
+                            p50, p95 = timed(lambda: sess.run(None, {"image": xb}), runs)  # noqa: B023 (called here)
                         gflops = 2 * complexity(name, size)[1] * batch / (p50 / 1000) / 1e9
                         rows.append({"role": role, "model": name, "format": fmt, "threads": threads, "batch": batch,
                                      "p50_ms": p50, "p95_ms": p95, "size_mb": round(nbytes / 1e6, 2), "val_auroc": auc,

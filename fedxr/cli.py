@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from fedxr import __version__
+from fedxr import defaults as D
 from fedxr.errors import FedxrError, run_command
 from fedxr.export.cli import DESCRIPTION as EXPORT_DESCRIPTION
 from fedxr.export.cli import add_arguments as add_export_arguments
@@ -214,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = data.add_parser("phantom", help="generate the built-in phantom data set in the NIH layout")
     p.add_argument("--out", required=True, help="output folder (created atomically)")
-    p.add_argument("--patients", type=int, default=300)
-    p.add_argument("--hospitals", type=int, default=3)
-    p.add_argument("--size", type=int, default=256, help="image size in pixels (>= 32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patients", type=int, default=D.PHANTOM_PATIENTS)
+    p.add_argument("--hospitals", type=int, default=D.PHANTOM_HOSPITALS)
+    p.add_argument("--size", type=int, default=D.PHANTOM_SIZE, help="image size in pixels (>= 32)")
+    p.add_argument("--seed", type=int, default=D.PHANTOM_SEED)
     p.add_argument("--labels-from", help="NIH label CSV to sample label sets and patient structure from")
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
@@ -226,13 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("split", help="partition a data set into hospital sites (patient-wise)")
     p.add_argument("root", help="data folder in the NIH layout")
     p.add_argument("--sites", type=int, required=True)
-    p.add_argument("--scheme", choices=["iid", "dirichlet", "quantity", "column"], default="iid")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (dirichlet, quantity)")
-    p.add_argument("--column", help="per-patient column for --scheme column (e.g. hospital, view)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--test-fraction", type=float, default=0.2, help="used when there is no test_list.txt")
-    p.add_argument("--min-site-patients", type=int, default=1)
+    # The recipe's defaults (fedxr/defaults.py), so that this command and `fedxr data prepare` split a folder alike.
+    p.add_argument("--scheme", choices=["iid", "dirichlet", "quantity", "column"], default=D.SPLIT_SCHEME,
+                   help=f"default {D.SPLIT_SCHEME} (one site per --column value); iid for random patient-wise sites")
+    p.add_argument("--alpha", type=float, default=D.DIRICHLET_ALPHA, help="Dirichlet concentration (dirichlet, quantity)")
+    p.add_argument("--column", default=D.SITE_COLUMN,
+                   help=f"per-patient column for --scheme column (default {D.SITE_COLUMN}; e.g. source, view)")
+    p.add_argument("--seed", type=int, default=D.DATA_SEED)
+    p.add_argument("--val-fraction", type=float, default=D.VAL_FRACTION)
+    p.add_argument("--test-fraction", type=float, default=D.TEST_FRACTION, help="used when there is no test_list.txt")
+    p.add_argument("--min-site-patients", type=int, default=D.MIN_SITE_PATIENTS)
     p.add_argument("--missing", choices=["error", "drop"], default="error", help="listed images not on disk")
     p.add_argument("--out", required=True, help="folder for site-N.csv manifests")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
@@ -297,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--out", help="output folder (default: eval_SPLIT beside the checkpoint)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--cache-dir", default=".cache/fedxr")
+    p.add_argument("--cache-dir", default=D.CACHE_DIR)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
     return parser

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedxr import defaults as D
 from fedxr.errors import FedxrError
 from fedxr.layout import RunLayout
 
@@ -44,10 +45,10 @@ class _Section(BaseModel):
 class PhantomConfig(_Section):
     """How to generate the built-in phantom data set (used when ``data.source`` is ``phantom``)."""
 
-    patients: int = Field(300, ge=2, description="number of synthetic patients")
-    hospitals: int = Field(3, ge=1, description="number of hospitals with their own acquisition profile")
-    size: int = Field(128, ge=32, le=1024, description="stored image size in pixels (square)")
-    seed: int = 0
+    patients: int = Field(D.PHANTOM_PATIENTS, ge=2, description="number of synthetic patients")
+    hospitals: int = Field(D.PHANTOM_HOSPITALS, ge=1, description="number of hospitals with their own acquisition profile")
+    size: int = Field(D.PHANTOM_SIZE, ge=32, le=1024, description="stored image size in pixels (square)")
+    seed: int = D.PHANTOM_SEED
 
 
 class DataConfig(_Section):
@@ -67,16 +68,16 @@ class DataConfig(_Section):
         "majority", description="vindr: a finding is present when any / a majority of an image's radiologists mark it")
     phantom: PhantomConfig = Field(default_factory=PhantomConfig)
     image_size: int = Field(128, ge=16, le=1024, description="training input size in pixels")
-    sites: int = Field(3, ge=1, description="number of federated sites to split the data into")
-    scheme: Literal["iid", "dirichlet", "quantity", "column"] = "column"
-    column: Optional[str] = Field("hospital", description="column holding the natural site, for scheme=column")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more label skew)")
-    val_fraction: float = Field(0.15, ge=0, lt=1)
-    test_fraction: float = Field(0.2, ge=0, lt=1, description="used only when no official test_list.txt")
-    min_site_patients: int = Field(2, ge=1)
+    sites: int = Field(D.SITES, ge=1, description="number of federated sites to split the data into")
+    scheme: Literal["iid", "dirichlet", "quantity", "column"] = D.SPLIT_SCHEME
+    column: Optional[str] = Field(D.SITE_COLUMN, description="column holding the natural site, for scheme=column")
+    alpha: float = Field(D.DIRICHLET_ALPHA, gt=0, description="Dirichlet concentration (smaller = more label skew)")
+    val_fraction: float = Field(D.VAL_FRACTION, ge=0, lt=1)
+    test_fraction: float = Field(D.TEST_FRACTION, ge=0, lt=1, description="used only when no official test_list.txt")
+    min_site_patients: int = Field(D.MIN_SITE_PATIENTS, ge=1)
     missing_images: Literal["error", "drop"] = "error"
-    seed: int = 0
-    cache_dir: str = ".cache/fedxr"
+    seed: int = D.DATA_SEED
+    cache_dir: str = D.CACHE_DIR
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(2, ge=0)
     augment: bool = True

@@ -168,7 +168,7 @@ def edge_comparison(manifests: dict[str, str], core_w: float | None, training_wh
                     "basis": (f"estimate: batch-1 latency at export x {cores} busy core(s) x {core_w or ASSUMED_CORE_W:.1f} W"
                               + (" (CodeCarbon's TDP model)" if core_w else " (assumed)"))}
     if teacher and students and training_wh:
-        for label, s in students.items():
+        for s in students.values():
             saved_wh = (teacher["wh_per_1000"] - s["wh_per_1000"]) / 1000
             s["break_even_predictions"] = round(training_wh / saved_wh) if saved_wh > 0 else None
         result["distillation_training_wh"] = training_wh

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedxr.data.datamodule import SiteDataModule
+from fedxr.defaults import CACHE_DIR
 from fedxr.data.manifest import site_manifest_paths
 from fedxr.errors import FedxrError
 from fedxr.labels import LABELS
@@ -70,7 +71,7 @@ def plot_roc(probs: torch.Tensor, targets: torch.Tensor, scores: dict, path: Pat
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
-                        batch_size: int = 64, num_workers: int = 0, cache_dir: str | Path = ".cache/fedxr",
+                        batch_size: int = 64, num_workers: int = 0, cache_dir: str | Path = CACHE_DIR,
                         progress: bool = True) -> dict:
     """Per-class AUROC/AP, macro AUROC and sensitivity/specificity at the checkpoint's thresholds."""
     model, ckpt = model_from_checkpoint(ckpt_path)
@@ -168,7 +169,7 @@ def _site_scores(probs: torch.Tensor, targets: torch.Tensor, normal: np.ndarray,
 
 
 def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, split: str = "test",
-                   out: str | Path | None = None, cache_dir: str | Path = ".cache/fedxr", progress: bool = True,
+                   out: str | Path | None = None, cache_dir: str | Path = CACHE_DIR, progress: bool = True,
                    keep_predictions: bool = False) -> dict:
     """Within-site figures (the primary ones across hospitals whose case mix differs): every model on each
     site's own ``split``, beside the pooled figure over all sites. Writes ``per_site.json``. With

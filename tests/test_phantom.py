@@ -15,7 +15,7 @@ from fedxr.errors import FedxrError
 from fedxr.imaging import read_gray
 from fedxr.labels import LABELS
 
-from helpers import V2020, needs_shared
+from helpers import QUICKSTART, V2020, needs_shared
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,25 @@ def test_lists_are_patient_disjoint(phantom):
     assert (t.groupby("patient_id")["hospital"].nunique() == 1).all()
 
 
-def test_natural_split_by_hospital(phantom, tmp_path, capsys):
-    assert main(["data", "split", str(phantom), "--sites", "3", "--scheme", "column", "--column", "hospital",
-                 "--out", str(tmp_path / "sites")]) == 0
+def test_natural_split_by_hospital_is_the_same_from_the_cli_and_a_recipe(phantom, tmp_path, capsys):
+    """`fedxr data split` with its defaults and `fedxr data prepare` with the recipe's defaults give the same
+    sites, splits and settings (they once disagreed on the scheme and the smallest site)."""
+    from fedxr.config import load_recipe
+    from fedxr.data.manifest import read_manifest
+
+    assert main(["data", "split", str(phantom), "--sites", "3", "--out", str(tmp_path / "sites")]) == 0
     summary = json.loads((tmp_path / "sites" / "sites.json").read_text())
     assert summary["settings"]["column_values"] == {"site-1": ["H1"], "site-2": ["H2"], "site-3": ["H3"]}
+    overrides = [f"data.root={phantom}", "data.phantom.patients=60", "data.phantom.size=64", "data.phantom.seed=5",
+                 f"output.runs_dir={tmp_path / 'runs'}", "output.name=p"]
+    assert main(["data", "prepare", str(QUICKSTART), *overrides]) == 0
+    prepared = load_recipe(QUICKSTART, overrides).layout.sites
+    recipe_settings = json.loads((prepared / "sites.json").read_text())["settings"]
+    for key in ("scheme", "column", "seed", "val_fraction", "test_fraction", "min_site_patients", "column_values"):
+        assert recipe_settings[key] == summary["settings"][key], key
+    for site in ("site-1", "site-2", "site-3"):
+        cli, recipe = (read_manifest(folder / f"{site}.csv") for folder in (tmp_path / "sites", prepared))
+        assert dict(zip(cli["image"], cli["split"])) == dict(zip(recipe["image"], recipe["split"]))
 
 
 def test_boxes_inside_image_and_over_the_finding(tmp_path):

@@ -59,7 +59,7 @@ def test_split_empty_site_fails_cleanly(mini_nih, tmp_path, capsys):
     assert "only 2 distinct value(s)" in capsys.readouterr().err
     assert not out.exists()
     assert not list(tmp_path.glob(".sites*"))  # nothing half-written
-    assert main(["data", "split", str(mini_nih), "--sites", "500", "--out", str(out)]) == 1
+    assert main(["data", "split", str(mini_nih), "--scheme", "iid", "--sites", "500", "--out", str(out)]) == 1
     assert "cannot make 500 sites" in capsys.readouterr().err
 
 
@@ -67,7 +67,7 @@ def test_split_refuses_to_overwrite_foreign_folder(mini_nih, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    assert main(["data", "split", str(mini_nih), "--sites", "2", "--out", str(out)]) == 1
+    assert main(["data", "split", str(mini_nih), "--scheme", "iid", "--sites", "2", "--out", str(out)]) == 1
     assert "--force" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep me"
 
@@ -132,7 +132,7 @@ def test_manifest_paths_are_absolute_for_a_relative_root(mini_nih, tmp_path, mon
 
     shutil.copytree(mini_nih, tmp_path / "ds")
     monkeypatch.chdir(tmp_path)
-    assert main(["data", "split", "ds", "--sites", "1", "--out", "sites"]) == 0
+    assert main(["data", "split", "ds", "--scheme", "iid", "--sites", "1", "--out", "sites"]) == 0
     paths = read_manifest(tmp_path / "sites" / "site-1.csv")["path"]
     assert all(os.path.isabs(p) and os.path.exists(p) for p in paths)  # site processes run from other folders
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedxr.data.augment import augment_batch
 from fedxr.data.cache import build_cache
 from fedxr.data.manifest import SPLITS, read_manifest
+from fedxr.defaults import CACHE_DIR
 from fedxr.errors import DataError
 from fedxr.imaging import standardize, to_unit
 from fedxr.labels import LABELS
@@ -67,7 +68,7 @@ class SiteDataModule(L.LightningDataModule):
 
     def __init__(
         self, manifests: Sequence[str | Path], preprocessing: Preprocessing, batch_size: int = 32, num_workers: int = 2,
-        augment: bool = True, cache_dir: str | Path = ".cache/fedxr", progress: bool = True,
+        augment: bool = True, cache_dir: str | Path = CACHE_DIR, progress: bool = True,
     ):
         super().__init__()
         if not manifests:

@@ -33,7 +33,9 @@ def patient_table(table: pd.DataFrame, column: str | None = None) -> pd.DataFram
     if column:
         if column not in table.columns:
             raise DataError(
-                f"column {column!r} not found; available columns: {', '.join(c for c in table.columns if c not in LABELS)}"
+                f"column {column!r} not found; available columns: {', '.join(c for c in table.columns if c not in LABELS)}. "
+                f"Name the column that holds each patient's site (--column / data.column), or split without one "
+                f"(--scheme iid / data.scheme: iid: random patient-wise sites)"
             )
         mode = (
             table.assign(_v=table[column].astype(str))

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedxr.defaults import CACHE_DIR
 from fedxr.evaluation import BOOTSTRAP_RESAMPLES, PREDICTIONS_FILE
 from fedxr.labels import LABELS
 from fedxr.plots import saved_figure
@@ -69,7 +70,7 @@ def compare_students(recipe, distilled: "DistillResult", teacher_result: dict | 
 
 
 def build_report(teacher_ckpt: str | Path, students: dict[str, "StudentResult"], sites_dir: Path, out: Path,
-                 cache_dir: str = ".cache/fedxr", progress: bool = True, teacher_result: dict | None = None) -> dict:
+                 cache_dir: str = CACHE_DIR, progress: bool = True, teacher_result: dict | None = None) -> dict:
     """``students``: {name: StudentResult (kd checkpoint, optional no_kd)}. Writes the JSON and PNG into
     ``out``. ``teacher_result``: the teacher's pooled-test `evaluate_checkpoint` result, when already computed."""
     out.mkdir(parents=True, exist_ok=True)
