@@ -56,7 +56,8 @@ def cmd_data_split(args: argparse.Namespace) -> int:
         print(f"dropped {dataset.dropped} listed image(s) not found under {args.root} (--missing drop)")
     settings = {
         "root": str(Path(args.root).resolve()), "sites": args.sites, "scheme": args.scheme, "alpha": args.alpha,
-        "column": args.column, "seed": args.seed, "val_fraction": args.val_fraction,
+        # as `fedxr data prepare` records it: a column only where it decides the sites
+        "column": args.column if args.scheme == "column" else None, "seed": args.seed, "val_fraction": args.val_fraction,
         "test_fraction": args.test_fraction, "min_site_patients": args.min_site_patients,
     }
     manifests, details = build_site_manifests(

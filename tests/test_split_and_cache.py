@@ -41,6 +41,7 @@ def test_split_writes_patient_disjoint_manifests(manifests, mini_nih, capsys):
         assert all(os.path.isabs(p) and os.path.exists(p) for p in f["path"])
     summary = json.loads((manifests / "sites.json").read_text())
     assert summary["settings"]["scheme"] == "iid"
+    assert summary["settings"]["column"] is None  # recorded as `fedxr data prepare` records it: no column decides
     assert len(summary["sites"]) == 2
 
 
