@@ -143,6 +143,38 @@ def test_predict_formats_and_bad_inputs(exported, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0].startswith("input,error,in_distribution,ood_score,Atelectasis")
 
 
+def test_a_changed_or_truncated_model_file_is_refused_before_it_loads(exported, tmp_path, capsys):
+    """The export manifest's size and SHA-256 are checked before a listed file is loaded; --no-verify skips it."""
+    import shutil
+
+    from fedxr.edge.model import ModelIntegrityError
+
+    _, _, out = exported
+    assert load_model(out).verified
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(load_model(out).path, alone)
+    assert not load_model(alone).verified  # no manifest beside it: nothing to check against
+    folder = tmp_path / "copy"
+    shutil.copytree(out, folder)
+    name = load_model(folder).path.name
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: len(data) // 2])  # a copy cut short (a full disk, a transfer cut off)
+    with pytest.raises(ModelIntegrityError, match=rf"{name}: {len(data) // 2:,} bytes, but manifest.json lists {len(data):,}"):
+        load_model(folder)
+    assert edge_main(["predict", str(folder), str(tmp_path / "x.png")]) == 1
+    assert "--no-verify" in capsys.readouterr().err
+    # Same size, one byte changed inside the weights: onnxruntime would load it and predict from other weights.
+    changed = bytearray(data)
+    changed[len(data) // 2] ^= 0xFF
+    (folder / name).write_bytes(bytes(changed))
+    with pytest.raises(ModelIntegrityError, match=f"{name}: its SHA-256 differs from the one manifest.json lists"):
+        load_model(folder)
+    assert not load_model(folder, verify=False).verified
+    Image.fromarray(GRADIENT).save(tmp_path / "x.png")
+    assert edge_main(["predict", str(folder), str(tmp_path / "x.png"), "--no-verify", "--json"]) == 0
+
+
 def test_model_errors(exported, tmp_path, capsys):
     import torch
 

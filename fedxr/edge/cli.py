@@ -37,7 +37,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fedxr.edge.model import load_model
 
-    model = load_model(args.model, threads=args.threads, labels=args.labels.split(",") if args.labels else None)
+    model = load_model(args.model, threads=args.threads, labels=args.labels.split(",") if args.labels else None,
+                       verify=not args.no_verify)
     paths = expand_inputs(args.inputs)
     if not paths:
         raise FedxrError("no input images found (give files, folders or globs of PNG, JPEG or DICOM)")
@@ -92,7 +93,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from fedxr.edge.model import load_model
     from fedxr.trust.card import summary
 
-    model = load_model(args.model)
+    model = load_model(args.model, verify=not args.no_verify)
     folder = model.path.parent
     card = summary(folder)
     meta = model.meta
@@ -100,6 +101,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if model.synthetic:
         lines.insert(0, f"*** {SYNTHETIC_WARNING.upper()} ***")
     lines.append(f"data: {model.provenance}")
+    lines.append("integrity: size and SHA-256 match the export manifest" if model.verified else
+                 "integrity: not checked (--no-verify, or no export manifest lists this file)")
     if model.ood:
         lines.append(f"out-of-distribution check: {model.ood['method']}; flagged above {model.ood['threshold']:.3f} "
                      f"(validation {model.ood.get('val_flagged')}, test {model.ood.get('test_flagged')} flagged)")
@@ -118,7 +121,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         lines.append(f"no MODEL_CARD.md beside {model.path.name}")
     if args.json:
-        print(json.dumps({"model": str(model.path), "trained_on": model.trained_on, "ood": model.ood,
+        print(json.dumps({"model": str(model.path), "verified": model.verified, "trained_on": model.trained_on, "ood": model.ood,
                           "calibration": model.calibration, "operating_points": model.operating_points,
                           "model_card_summary": card}, indent=2))
     else:
@@ -129,7 +132,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fedxr.edge.model import load_model
 
-    model = load_model(args.model, threads=args.threads, spinning=True)
+    model = load_model(args.model, threads=args.threads, spinning=True, verify=not args.no_verify)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 1, model.size, model.size)).astype(np.float32)
     for _ in range(args.warmup):
@@ -167,6 +170,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _add_no_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true",
+                   help="load the model file without checking it against the SHA-256 its export manifest lists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fedxr.edge", description="Torch-free chest X-ray inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,10 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, help="threads decoding and resizing images while the model runs "
                                                "(default: one per core)")
     p.add_argument("--labels", help="comma-separated label names for an ONNX file without fedxr metadata")
+    _add_no_verify(p)
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("info", help="what a model is, what it was trained on, its thresholds and model card")
     p.add_argument("model", help="export folder or .onnx file")
     p.add_argument("--json", action="store_true")
+    _add_no_verify(p)
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="latency and throughput of a model on this machine")
     p.add_argument("model")
@@ -196,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--core-watts", type=float, help="power of one busy core, for the energy estimate "
                                                      "(default: an assumed 10 W)")
     p.add_argument("--json", action="store_true")
+    _add_no_verify(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import deque
@@ -74,14 +75,58 @@ def resolve_model_path(path: str | Path) -> Path:
     raise FedxrError(f"{path}: model not found; give an export folder, a .onnx or a .ort file")
 
 
+class ModelIntegrityError(FedxrError):
+    """A model file is not the file its export manifest lists (changed, truncated or half-copied)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_model_file(path: Path) -> bool:
+    """Check a model file against the size and SHA-256 that the export manifest beside it records.
+
+    True when checked and equal; False when no manifest lists the file (a file copied out of its export folder,
+    or renamed: nothing to check it against). A difference raises ModelIntegrityError naming the file: a
+    truncated copy (a full disk, a transfer cut short) or an altered file would otherwise load — a truncated
+    ONNX file sometimes does — and predict from weights nobody checked.
+    """
+    manifest = path.parent / "manifest.json"
+    if not manifest.is_file():
+        return False
+    fix = ("copy the export folder again from the machine that exported it, or export again "
+           "(`python -m fedxr.export CKPT`); --no-verify (verify=False) loads it unchecked")
+    try:
+        entries = json.loads(manifest.read_text()).get("files") or []
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelIntegrityError(f"{manifest}: the export manifest cannot be read ({exc}); {fix}") from None
+    entry = next((f for f in entries if isinstance(f, dict) and f.get("file") == path.name and f.get("sha256")), None)
+    if entry is None:
+        return False
+    size = path.stat().st_size
+    if entry.get("size_bytes") is not None and size != entry["size_bytes"]:
+        raise ModelIntegrityError(f"{path}: {size:,} bytes, but {manifest.name} lists {entry['size_bytes']:,} — the file is "
+                                  f"incomplete or not the one exported; {fix}")
+    if _sha256(path) != entry["sha256"]:
+        raise ModelIntegrityError(f"{path}: its SHA-256 differs from the one {manifest.name} lists — the file was changed "
+                                  f"after export; {fix}")
+    return True
+
+
 class EdgeModel:
     """An ONNX chest X-ray classifier with its labels, preprocessing and thresholds."""
 
     def __init__(self, path: str | Path, threads: int | None = None, labels: Sequence[str] | None = None,
-                 spinning: bool = False):
+                 spinning: bool = False, verify: bool = True):
         import onnxruntime as ort
 
         self.path = resolve_model_path(path)
+        #: Whether the file was checked against its export manifest's SHA-256 (False: no manifest lists it).
+        self.verified = verify_model_file(self.path) if verify else False
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -288,6 +333,7 @@ class EdgeModel:
 
 
 def load_model(path: str | Path, threads: int | None = None, labels: Sequence[str] | None = None,
-               spinning: bool = False) -> EdgeModel:
-    """Load an export folder, .onnx or .ort file for inference."""
-    return EdgeModel(path, threads=threads, labels=labels, spinning=spinning)
+               spinning: bool = False, verify: bool = True) -> EdgeModel:
+    """Load an export folder, .onnx or .ort file for inference; a file its export manifest lists is checked
+    against the manifest's size and SHA-256 first (``verify=False`` skips that)."""
+    return EdgeModel(path, threads=threads, labels=labels, spinning=spinning, verify=verify)
