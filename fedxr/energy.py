@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from fedxr.data.atomic import write_json_atomic
+
 ENERGY_FILE = "energy.json"
 #: CodeCarbon CPU modes that read a hardware power counter; every other mode is a model of power.
 MEASURED_CPU_MODES = ("intel_rapl", "intel_power_gadget", "apple_powermetrics", "amd_rapl")
@@ -91,7 +93,7 @@ def tracked(folder: str | Path, stage: str, country: str | None) -> Iterator[Non
             except Exception as exc:
                 record["error"] = f"energy tracker failed at the end: {type(exc).__name__}: {exc}"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / ENERGY_FILE).write_text(json.dumps(record, indent=2))
+        write_json_atomic(folder / ENERGY_FILE, record)
 
 
 def read(folder: Path) -> dict | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedxr.data.atomic import write_json_atomic
 from fedxr.data.datamodule import SiteDataModule
 from fedxr.defaults import CACHE_DIR
 from fedxr.data.manifest import site_manifest_paths
@@ -100,7 +100,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | Path, split: str = "t
     }
     out = Path(out) if out else Path(ckpt_path).parent / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(out / "metrics.json", result)
     # Kept for paired comparisons between models scored on the same images (KD gain, student vs teacher).
     np.savez_compressed(out / PREDICTIONS_FILE, probs=probs.numpy(), targets=targets.numpy())
     plot_roc(probs, targets, scores, out / "roc_curves.png", f"{ckpt['model_name']} on {split}")
@@ -211,7 +211,7 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
                                                   np.concatenate([p[2] for p in parts]), parts[0][3], parts[0][4])
     out = Path(out) if out else Path(sites_dir).parent / "evaluate"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "per_site.json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(out / "per_site.json", result)
     result["out"] = str(out)
     if keep_predictions:
         result["predictions"] = predictions

@@ -25,6 +25,7 @@ from fedxr.errors import FedxrError
 from fedxr.labels import LABELS
 from fedxr.models.checkpoint import model_from_checkpoint
 from fedxr.plots import saved_figure
+from fedxr.data.atomic import write_json_atomic
 
 #: NIH box coordinates are pixels of the released 1024 × 1024 PNGs (the phantom writes the same frame).
 NIH_BOX_SPACE = 1024
@@ -262,7 +263,7 @@ def explain(checkpoints: list[str | Path], data: str | Path, out: str | Path, n:
                             for ps in (pairs, val_pairs))
         layer, choice = choose_cam_layer(model, ckpt, val_items)
         if choice["candidates"]:  # chosen on validation boxes: the console's heatmaps use it too
-            cam_layer_file(path).write_text(json.dumps(choice, indent=2))
+            write_json_atomic(cam_layer_file(path), choice)
         maps = heatmaps(model, ckpt, items, layer)
         key = f"{ckpt['model_name']} ({Path(path).parent.name}/{Path(path).stem})"
         results[key] = {"checkpoint": str(path), "model_name": ckpt["model_name"], "cam_layer": choice,
@@ -277,7 +278,7 @@ def explain(checkpoints: list[str | Path], data: str | Path, out: str | Path, n:
     plot_grid(all_maps, shown, out / "gradcam_grid.png")
     report = {"data": str(data), "images_with_boxes": len(images), "boxes_scored": len(pairs),
               "validation_boxes": len(val_pairs), "models": results}
-    (out / "pointing_game.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(out / "pointing_game.json", report)
     report["out"] = str(out)
     return report
 

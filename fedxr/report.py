@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fedxr.config import Recipe
+from fedxr.data.atomic import write_json_atomic, write_text_atomic
 from fedxr.labels import LABELS
 from fedxr.layout import RunLayout, read_sites_summary
 from fedxr.plots import saved_figure
@@ -319,7 +320,7 @@ def _energy_section(layout: RunLayout, recipe: Recipe, results: RunResults, out:
         # The export timed batch 1 with onnxruntime's default threads: every core of this machine.
         summary["edge"] = energy.edge_comparison(results.export.manifests, core_w, students_wh or None,
                                                  cores=teacher.get("cpu_count") or 1)
-    layout.energy.write_text(json.dumps(summary, indent=2))
+    write_json_atomic(layout.energy, summary)
     methods = next((v["methods"] for v in summary["jobs"].values() if "methods" in v), {})
     out += [f"CodeCarbon offline tracker, machine mode (it covers the server and every site process on this machine); "
             f"grid {summary['country']}. How: CPU {methods.get('cpu', '–')}; GPU {methods.get('gpu', '–')}; "
@@ -376,5 +377,5 @@ def write_report(recipe: Recipe, results: RunResults) -> Path:
     _energy_section(layout, recipe, results, out)
     out += ["## Resolved recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
     path = layout.report
-    path.write_text("\n".join(out))
+    write_text_atomic(path, "\n".join(out))
     return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from fedxr.labels import VAL_AUROC
 from fedxr.layout import BEST, LAST
 from fedxr.models.classifier import XRayClassifier, pos_weight_from_labels
 from fedxr.preprocessing import Preprocessing
+from fedxr.data.atomic import write_json_atomic
 
 
 class BestCheckpoint(Callback):
@@ -120,6 +120,6 @@ def train(recipe: Recipe, sites_folder: Path, mode: str = "central", site: str |
         trainer.fit(module, datamodule=dm)
     summary = {"mode": mode, "site": site, "folder": str(folder), "best_val_auroc": ckpt_cb.best,
                "best": str(ckpt_cb.best_path), "last": str(ckpt_cb.last_path)}
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(folder / "summary.json", summary)
     return summary
 

@@ -173,6 +173,10 @@ def test_a_changed_or_truncated_model_file_is_refused_before_it_loads(exported, 
     assert not load_model(folder, verify=False).verified
     Image.fromarray(GRADIENT).save(tmp_path / "x.png")
     assert edge_main(["predict", str(folder), str(tmp_path / "x.png"), "--no-verify", "--json"]) == 0
+    manifest = (folder / "manifest.json").read_text()
+    (folder / "manifest.json").write_text(manifest[: len(manifest) // 2])
+    with pytest.raises(ModelIntegrityError, match="manifest.json: the export manifest cannot be read"):
+        load_model(folder)
 
 
 def test_model_errors(exported, tmp_path, capsys):

@@ -158,3 +158,21 @@ def test_batch_augmentation_is_seeded_mild_and_normalised():
     # The normalised range: [0, 1] mapped by (x - 0.5) / 0.25.
     assert float(first.min()) >= -2.0 - 1e-6
     assert float(first.max()) <= 2.0 + 1e-6
+
+
+def test_atomic_text_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    """A write that fails half-way (a full disk) keeps the previous file whole and leaves no temporary file."""
+    import fedxr.data.atomic as atomic
+
+    target = tmp_path / "rounds.json"
+    atomic.write_json_atomic(target, {"round": 1})
+    assert json.loads(target.read_text()) == {"round": 1}
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic.write_json_atomic(target, {"round": 2, "sites": list(range(1000))})
+    assert json.loads(target.read_text()) == {"round": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["rounds.json"]

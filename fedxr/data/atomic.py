@@ -41,3 +41,29 @@ def atomic_dir(out: str | Path, replace: bool = False, replace_if: str | None = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file beside it and a rename: a reader (another process, or
+    the next run after a crash or a full disk) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | Path, obj, **dumps_args) -> Path:
+    """``json.dumps(obj, indent=2, **dumps_args)`` written with :func:`write_text_atomic`."""
+    import json
+
+    return write_text_atomic(path, json.dumps(obj, indent=2, **dumps_args))

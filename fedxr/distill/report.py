@@ -8,7 +8,6 @@ written down, met or not.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +15,7 @@ from fedxr.defaults import CACHE_DIR
 from fedxr.evaluation import BOOTSTRAP_RESAMPLES, PREDICTIONS_FILE
 from fedxr.labels import LABELS
 from fedxr.plots import saved_figure
+from fedxr.data.atomic import write_json_atomic
 
 if TYPE_CHECKING:
     from fedxr.results import DistillResult, StudentResult
@@ -93,7 +93,7 @@ def build_report(teacher_ckpt: str | Path, students: dict[str, "StudentResult"],
         rows[name] = kd
     report = {"test_set": str(sites_dir), "split": "test (every site's test split, pooled)", "teacher": teacher,
               "students": rows, "goals": {"auroc_margin": AUROC_MARGIN, "mac_ratio": MAC_RATIO_GOAL}}
-    (out / "distill_report.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(out / "distill_report.json", report)
     plot_report(report, out / "distill_report.png")
     report["out"] = str(out)
     return report

@@ -14,7 +14,6 @@ With ``distill.ablation_no_teacher`` each student is also trained the same way w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +26,7 @@ from fedxr.layout import RunLayout, chosen_checkpoint
 from fedxr.models.checkpoint import load_checkpoint
 from fedxr.models.registry import UnknownModelError, get_spec
 from fedxr.results import DistillResult, StudentResult
+from fedxr.data.atomic import write_json_atomic
 
 #: Regex of the teacher's tensors in a DistillClassifier state_dict (kept out of aggregation).
 TEACHER_VARS = r"^teacher\."
@@ -182,5 +182,5 @@ def distill(recipe: Recipe, teacher_path: str | Path | None = None, mode: str | 
               + (f"   (no-KD ablation: {students[student].no_kd})" if students[student].no_kd else ""))
     out = recipe.layout.distill
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summaries, indent=2, default=str))
+    write_json_atomic(out / "summary.json", summaries, default=str)
     return DistillResult(teacher=str(teacher_path), students=students)

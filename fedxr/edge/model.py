@@ -65,7 +65,11 @@ def resolve_model_path(path: str | Path) -> Path:
     if path.is_dir():
         manifest = path / "manifest.json"
         if manifest.is_file():
-            rec = json.loads(manifest.read_text()).get("recommended")
+            try:
+                rec = json.loads(manifest.read_text()).get("recommended")
+            except (OSError, ValueError, AttributeError) as exc:
+                raise ModelIntegrityError(f"{manifest}: the export manifest cannot be read ({exc}); copy the export "
+                                          "folder again, export again, or give the model file itself") from None
             if rec and (path / rec).is_file():
                 return path / rec
         files = sorted(p for p in path.iterdir() if p.suffix in MODEL_SUFFIXES)

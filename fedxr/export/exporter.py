@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 import warnings
@@ -24,6 +23,7 @@ from fedxr.models.metrics import multilabel_scores
 from fedxr.trust.card import CARD_FILE, render, write_card
 from fedxr.trust.fit import DEFAULT_MAX_IMAGES, fit_trust, metadata_of, write_trust_files
 from fedxr.trust.ood import DEFAULT_QUANTILE, OOD_OUTPUT, ScoredNetwork
+from fedxr.data.atomic import write_json_atomic
 
 MIN_CALIBRATION = 100
 INT8_MIN_SPEEDUP, INT8_MAX_AUROC_LOSS = 1.2, 0.01
@@ -242,7 +242,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
     }
     manifest["trust"] = write_trust_files(out, trust, name)
     manifest["model_card"] = CARD_FILE
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_json_atomic(out / "manifest.json", manifest)
     write_card(out, render(name, str(ckpt.get("source", "")).startswith("distill"), ckpt.get("trained_on"), trust, manifest))
     manifest["out"] = str(out)
     return manifest

@@ -15,6 +15,7 @@ from fedxr.federated.records import read_records, round_table
 from fedxr.federated.records import OUTGOING
 from fedxr.models.checkpoint import save_checkpoint
 from fedxr.plots import saved_figure
+from fedxr.data.atomic import write_json_atomic
 
 #: NVFlare's file names for the last and the best global model, and how fedxr names them.
 GLOBAL_MODELS = {"FL_global_model.pt": GLOBAL_LAST, "best_FL_global_model.pt": GLOBAL_BEST}
@@ -140,11 +141,11 @@ def _privacy_outputs(rows: list[dict], records: Path | None, out: Path, summary:
     if outgoing is not None and outgoing.is_dir():
         from fedxr.privacy.audit import read_outgoing, summarise
 
-        (out / "outgoing.json").write_text(json.dumps(summarise(read_outgoing(outgoing)), indent=2))
+        write_json_atomic(out / "outgoing.json", summarise(read_outgoing(outgoing)))
         summary["outgoing"] = str(out / "outgoing.json")
     book = ledger(rows)
     if book is not None:
-        (out / "privacy.json").write_text(json.dumps(book, indent=2))
+        write_json_atomic(out / "privacy.json", book)
         plot_ledger(book, out / "privacy.png")
         summary["privacy"] = str(out / "privacy.json")
 
@@ -175,13 +176,13 @@ def collect(recipe: Recipe, server_dir: Path, out: Path, records: Path | None, w
     if selection:
         summary["selection"] = selection
     if table:
-        (out / "rounds.json").write_text(json.dumps(table, indent=2))
+        write_json_atomic(out / "rounds.json", table)
         plot_rounds(table, out / "rounds.png")
         summary["rounds"] = str(out / "rounds.json")
     _privacy_outputs(rows, records, out, summary)
     if cross:
-        (out / "cross_site.json").write_text(json.dumps(cross, indent=2))
+        write_json_atomic(out / "cross_site.json", cross)
         plot_cross_site(cross, out / "cross_site.png")
         summary["cross_site"] = str(out / "cross_site.json")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(out / "summary.json", summary)
     return summary

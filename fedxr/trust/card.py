@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedxr.data.atomic import write_text_atomic
 from fedxr.data.provenance import SYNTHETIC_WARNING, describe
 
 CARD_FILE = "MODEL_CARD.md"
@@ -102,7 +103,7 @@ def render(model_name: str, student: bool, trained_on: dict | None, trust: dict,
 
 def write_card(folder: Path, text: str) -> Path:
     path = Path(folder) / CARD_FILE
-    path.write_text(text)
+    write_text_atomic(path, text)
     return path
 
 
