@@ -367,6 +367,10 @@ class Recipe(_Section):
             if m.compile or (isinstance(m.devices, int) and m.devices > 1) or runs_ddp(m.devices, m.strategy):
                 problems.append("privacy.dp: Opacus trains one process per site, without DDP or torch.compile; set "
                                 "model.compile: false, model.devices: 1 and model.strategy: auto")
+            if fed.max_local_steps:
+                problems.append("privacy.dp: federated.max_local_steps counts batches of data.batch_size, but a DP "
+                                "site samples logical batches (privacy.dp.logical_batch_size) whose steps the budget "
+                                "is planned for; set federated.local_steps (every site the same steps) instead")
             if m.norm == "batch":
                 problems.append("privacy.dp: BatchNorm mixes the images of a batch, so no image's gradient can be "
                                 "clipped alone; set model.norm: group (or auto)")

@@ -65,6 +65,8 @@ def test_step_cap_caps_only_the_sites_with_longer_epochs():
     assert round_steps(load_recipe(None, []).federated, 4017, 32) is None
     with pytest.raises(RecipeError, match="federated.max_local_steps: it caps whole local epochs"):
         load_recipe(None, ["federated.max_local_steps=32", "federated.local_steps=5"])
+    with pytest.raises(RecipeError, match="privacy.dp: federated.max_local_steps counts batches"):
+        load_recipe(None, ["federated.max_local_steps=32", "privacy.dp.epsilon=8", "distill.students=[]"])
 
 
 def test_overrides_are_typed_and_applied():

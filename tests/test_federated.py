@@ -33,7 +33,7 @@ def two_site_recipe(tmp, rounds=1, extra=()):
 def sim_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sim")
     # The step cap binds at the larger site only (checked in test_sim_outputs).
-    recipe, ov = two_site_recipe(tmp, rounds=3, extra=("federated.max_local_steps=4",))
+    recipe, ov = two_site_recipe(tmp, rounds=3, extra=("federated.max_local_steps=4", "model.warmup_epochs=1"))
     summary = federate(recipe, "sim", extra_args="--save-updates")
     return recipe, ov, summary
 
@@ -65,8 +65,9 @@ def test_sim_outputs(sim_run, tmp_path, capsys):
         assert {site: v["steps"] for site, v in r["sites"].items()} == {s: min(4, n) for s, n in epochs.items()}
     capped = max(epochs, key=epochs.get)
     lr_end = [json.loads(line)["lr_end"] for line in (out / "records" / f"{capped}.jsonl").read_text().splitlines()]
-    # cosine over 3 rounds x 4 steps: 0.5 (1 + cos(pi k/3)) of the rate after round k
-    assert lr_end[:3] == pytest.approx([recipe.model.lr * 0.75, recipe.model.lr * 0.25, 0.0], abs=1e-9)
+    # warm-up of one epoch = one round's 4 steps (not the capped site's whole 6-batch epoch), then a cosine over the
+    # remaining 8 steps: the full rate after round 0, half after round 1, zero after round 2
+    assert lr_end[:3] == pytest.approx([recipe.model.lr, recipe.model.lr * 0.5, 0.0], abs=1e-9)
     cross = json.loads((out / "cross_site.json").read_text())
     assert set(cross["sites"]) == {"site-1", "site-2"}
     assert {"global (last)", "site-1 (local)", "site-2 (local)"} <= set(cross["models"])

@@ -167,6 +167,9 @@ def test_atomic_text_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypa
     target = tmp_path / "rounds.json"
     atomic.write_json_atomic(target, {"round": 1})
     assert json.loads(target.read_text()) == {"round": 1}
+    (tmp_path / "plain.json").write_text("{}")
+    assert target.stat().st_mode == (tmp_path / "plain.json").stat().st_mode  # not owner-only, as mkstemp makes it
+    (tmp_path / "plain.json").unlink()
 
     def full_disk(fd):
         raise OSError(28, "No space left on device")

@@ -43,6 +43,12 @@ def atomic_dir(out: str | Path, replace: bool = False, replace_if: str | None = 
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file beside it and a rename: a reader (another process, or
     the next run after a crash or a full disk) sees the old file or the new one, never half of one."""
@@ -50,6 +56,9 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        # mkstemp makes an owner-only file; give it the mode a plain write would (the old file's, else 0666 less
+        # the umask), or an export folder copied to a board would hold files its runtime user cannot read.
+        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

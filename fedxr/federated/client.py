@@ -171,7 +171,7 @@ def main(argv=None) -> None:
     # One learning-rate schedule over every round: NVFlare's patch restores the optimizer and scheduler
     # state between rounds, and a schedule sized to one round would leave later rounds at zero rate.
     local_steps = round_steps(fed, len(dm.split_patients("train")), dm.batch_size * ranks.world_size)
-    schedule = ({"schedule_steps": fed.rounds * local_steps} if local_steps
+    schedule = ({"schedule_steps": fed.rounds * local_steps, "epoch_steps": local_steps} if local_steps
                 else {"schedule_epochs": fed.rounds * fed.local_epochs})
     # Whatever the description holds is built with random weights here and overwritten by the round-0
     # global model (which, for a student, includes the frozen teacher's weights).

@@ -43,7 +43,7 @@ class XRayClassifier(L.LightningModule):
         warmup_epochs: float = 0.0, pos_weight: list[float] | None = None, channels_last: bool = False,
         compile_model: bool = False, threshold_rule: str = "youden",
         preprocessing: Preprocessing | dict | None = None, schedule_epochs: int | None = None,
-        schedule_steps: int | None = None, init_seed: int | None = None, mixup: float = 0.0, norm: str = "batch",
+        schedule_steps: int | None = None, epoch_steps: int | None = None, init_seed: int | None = None, mixup: float = 0.0, norm: str = "batch",
         trainable: str = "all", optimizer: str = "adamw", momentum: float = 0.9,
     ):
         super().__init__()
@@ -56,6 +56,9 @@ class XRayClassifier(L.LightningModule):
         # Length of the learning-rate schedule when it spans several fits (federated rounds): the
         # whole federation, not one round, so later rounds do not train at a decayed-to-zero rate.
         self.schedule_epochs, self.schedule_steps = schedule_epochs, schedule_steps
+        # Rounds limited by steps (federated.local_steps / max_local_steps): one round counts as one epoch for the
+        # warm-up, for every site alike — a capped site's whole epoch would stretch its warm-up over many rounds.
+        self.epoch_steps = epoch_steps
         # The input this model is trained on: given by the caller (resolved from the recipe, or read from a
         # checkpoint); the registry's own default only when the module is built bare.
         self.preprocessing = (Preprocessing.coerce(preprocessing) if preprocessing is not None
@@ -216,8 +219,8 @@ class XRayClassifier(L.LightningModule):
         # estimated_stepping_batches has set up the training data: its batches per epoch are known here. A
         # round limited by steps runs with an unbounded epoch count, so dividing the total by it would not say.
         batches = self.trainer.num_training_batches
-        per_epoch = (max(1, int(batches)) if math.isfinite(batches) and batches > 0
-                     else max(1, total // max(1, self.trainer.max_epochs or 1)))
+        per_epoch = self.epoch_steps or (max(1, int(batches)) if math.isfinite(batches) and batches > 0
+                                         else max(1, total // max(1, self.trainer.max_epochs or 1)))
         if self.schedule_steps:
             total = self.schedule_steps
         elif self.schedule_epochs:
