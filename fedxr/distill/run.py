@@ -134,7 +134,8 @@ def distill_central(recipe: Recipe, teacher_path: Path, teacher: dict, student: 
     else:
         module = make_classifier(srecipe, dm)
     best = BestCheckpoint(folder, srecipe.resolved(), source=SOURCE if with_teacher else "train:no_kd")
-    epochs = srecipe.distill.rounds * srecipe.distill.local_epochs  # the federated run's local work
+    # the federated run's local work in whole epochs (with federated.max_local_steps a large site trains fewer)
+    epochs = srecipe.distill.rounds * srecipe.distill.local_epochs
     with tracked(folder, RunLayout.student_stage(student, with_teacher), srecipe.energy_country):
         make_trainer(srecipe, folder, callbacks=[best], max_epochs=epochs, progress=progress).fit(module, datamodule=dm)
     return {"mode": "central", "site": site, "teacher": str(teacher_path), "folder": str(folder),
