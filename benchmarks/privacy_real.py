@@ -75,7 +75,9 @@ def write_tables(work: Path, smoke: bool) -> tuple[Path, Path]:
 def recipes(args, work: Path):
     public_root, private_root = write_tables(work, args.smoke)
     common = [f"data.image_size={args.image_size}", "data.boxes_file=null", f"output.runs_dir={work / 'runs'}",
-              "distill.students=[]", "explain.enabled=false", "federated.cross_site_eval=false"]
+              "distill.students=[]", "explain.enabled=false", "federated.cross_site_eval=false",
+              # DP plans its budget in logical batches; the real recipe's step cap is for its plain FedAvg run
+              "federated.max_local_steps=null"]
     if args.smoke:
         common += ["data.batch_size=16", "data.num_workers=0", "model.name=tiny_cnn", f"data.cache_dir={work / 'cache'}"]
     public = load_recipe(args.recipe, [*common, f"data.root={public_root}", "data.sites=1", "federated.min_clients=1", "model.norm=group",
