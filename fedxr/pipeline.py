@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from fedxr.data.atomic import write_json_atomic
 from fedxr.errors import FedxrError
 from fedxr.layout import RunLayout
 from fedxr.results import (DataResult, DistillResult, EvaluateResult, ExplainResult, ExportResult, ReportResult,
@@ -325,6 +326,4 @@ def _example_image(layout: RunLayout) -> str | None:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    tmp.replace(path)
+    write_json_atomic(path, state, default=str)

@@ -83,9 +83,10 @@ class ModelIntegrityError(FedxrError):
     """A model file is not the file its export manifest lists (changed, truncated or half-copied)."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (the exporter records it, the edge runtime checks it)."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -115,7 +116,7 @@ def verify_model_file(path: Path) -> bool:
     if entry.get("size_bytes") is not None and size != entry["size_bytes"]:
         raise ModelIntegrityError(f"{path}: {size:,} bytes, but {manifest.name} lists {entry['size_bytes']:,} — the file is "
                                   f"incomplete or not the one exported; {fix}")
-    if _sha256(path) != entry["sha256"]:
+    if sha256_of(path) != entry["sha256"]:
         raise ModelIntegrityError(f"{path}: its SHA-256 differs from the one {manifest.name} lists — the file was changed "
                                   f"after export; {fix}")
     return True

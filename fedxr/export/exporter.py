@@ -12,7 +12,8 @@ import torch
 
 from fedxr.data.manifest import read_manifest
 from fedxr.errors import FedxrError
-from fedxr.export.onnx import INPUT, export_fp32, model_metadata, parity, set_metadata, sha256_of
+from fedxr.edge.model import sha256_of
+from fedxr.export.onnx import INPUT, export_fp32, model_metadata, parity, set_metadata
 from fedxr.export.quantize import quantize_int8
 from fedxr.export.targets import (OPERATORS_CONFIG, Target, convert_to_ort, format_usability, get_target,
                                   mobile_usability, runs_on_arm)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -13,17 +12,11 @@ import torch
 
 from fedxr import __version__
 from fedxr.edge import metadata
+from fedxr.edge.model import sha256_of
 from fedxr.errors import FedxrError
 
 INPUT, OUTPUT, OOD_OUTPUT = "image", "logits", "ood_score"
 
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_metadata(ckpt: dict, ckpt_path: Path, fmt: str, val_auroc: float | None, trust: dict) -> dict:
