@@ -17,12 +17,16 @@ from fedxr.errors import FedxrError
 from fedxr.labels import LABELS
 from fedxr.models.checkpoint import model_from_checkpoint
 from fedxr.models.metrics import (MIN_TEST_POSITIVES, bootstrap_macro_auroc, interval, multilabel_scores,
-                                  sensitivity_specificity)
+                                  sensitivity_specificity, thresholds_at_specificity)
 from fedxr.plots import saved_figure
 
 #: Bootstrap resamples of the images for the 95 % interval of a macro AUROC (seeded: same interval every run).
 BOOTSTRAP_RESAMPLES = 1000
 PREDICTIONS_FILE = "predictions.npz"
+#: Where a site's test split holds one class only (a COVID cohort), its sensitivity is also read at the threshold
+#: that leaves this share of all sites' validation negatives below it: the same rule for every model, so a model
+#: that calls every film positive (all a site with positives only can learn) does not get its sensitivity free.
+OPERATING_SPECIFICITY = 0.90
 
 
 @torch.no_grad()
@@ -129,10 +133,11 @@ def format_result(result: dict) -> str:
 
 
 def _site_scores(probs: torch.Tensor, targets: torch.Tensor, normal: np.ndarray, thresholds: torch.Tensor,
-                 trained: list[str] | None) -> dict:
+                 trained: list[str] | None, at_specificity: tuple[float, torch.Tensor] | None = None) -> dict:
     """One model on one site's split: macro over known labels with enough known positives and negatives (95 %
     bootstrap interval), per label AUROC or, where the site's split has one class only, sensitivity or
-    specificity at the validation threshold, and normal-vs-abnormal (``No Finding``) AUROC."""
+    specificity at the validation threshold (and, given ``at_specificity`` = (specificity, thresholds), the
+    sensitivity at those thresholds too), and normal-vs-abnormal (``No Finding``) AUROC."""
     scores = multilabel_scores(probs, targets, min_positives=MIN_TEST_POSITIVES)
     counted = [c for c in scores["counted"] if scores["positives"][c] >= MIN_TEST_POSITIVES
                and scores["negatives"][c] >= MIN_TEST_POSITIVES]
@@ -152,6 +157,13 @@ def _site_scores(probs: torch.Tensor, targets: torch.Tensor, normal: np.ndarray,
     out["sensitivity_only"] = {c: {"positives": v["positives"], "negatives": v["negatives"], "threshold": v["threshold"],
                                    "sensitivity": v["sensitivity"], "specificity": v["specificity"]}
                                for c, v in at.items() if c not in counted and v["positives"] >= MIN_TEST_POSITIVES}
+    if at_specificity is not None and out["sensitivity_only"]:
+        specificity, spec_thresholds = at_specificity
+        fixed = sensitivity_specificity(probs, targets, spec_thresholds)
+        for c, v in out["sensitivity_only"].items():
+            if not np.isnan(fixed[c]["threshold"]):
+                v["at_specificity"] = {"validation_specificity": specificity, "threshold": fixed[c]["threshold"],
+                                       "sensitivity": fixed[c]["sensitivity"]}
     known = ~np.isnan(normal)
     if trained and known.sum():
         idx = [LABELS.index(c) for c in trained]
@@ -170,11 +182,13 @@ def _site_scores(probs: torch.Tensor, targets: torch.Tensor, normal: np.ndarray,
 
 def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, split: str = "test",
                    out: str | Path | None = None, cache_dir: str | Path = CACHE_DIR, progress: bool = True,
-                   keep_predictions: bool = False) -> dict:
+                   keep_predictions: bool = False, operating_specificity: float | None = OPERATING_SPECIFICITY) -> dict:
     """Within-site figures (the primary ones across hospitals whose case mix differs): every model on each
     site's own ``split``, beside the pooled figure over all sites. Writes ``per_site.json``. With
     ``keep_predictions`` the result also holds ``predictions[site][model] = (probs, targets)`` (numpy) for
-    paired comparisons between models on the same images."""
+    paired comparisons between models on the same images. With ``operating_specificity`` (test split only) a
+    one-class site's sensitivity is also read at each model's threshold for that specificity on every site's
+    validation negatives (:data:`OPERATING_SPECIFICITY`)."""
     from fedxr.data.manifest import site_manifest_paths
     from fedxr.labels import NO_FINDING
 
@@ -185,6 +199,11 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
                             "can reward recognising the hospital rather than the finding"}
     pooled: dict[str, list] = {n: [] for n in loaded}
     predictions: dict[str, dict] = {}
+    at_spec: dict[str, tuple[float, torch.Tensor]] = {}
+    if operating_specificity is not None and split == "test":
+        at_spec = {name: (operating_specificity, t) for name, t in
+                   _validation_thresholds(loaded, sites, operating_specificity, cache_dir, progress).items()}
+        result["operating_specificity"] = operating_specificity
     for site, manifest in sites.items():
         per_model = {}
         for name, (model, ckpt) in loaded.items():
@@ -199,7 +218,8 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
             rows = dm.rows[dm.rows["split"] == split]
             normal = rows[NO_FINDING].to_numpy(dtype=float) if NO_FINDING in rows else np.full(len(rows), np.nan)
             trained = (ckpt.get("trained_on") or {}).get("trained_labels") or list(LABELS)
-            per_model[name] = _site_scores(probs, targets, normal, torch.tensor(ckpt["thresholds"]), trained)
+            per_model[name] = _site_scores(probs, targets, normal, torch.tensor(ckpt["thresholds"]), trained,
+                                           at_spec.get(name))
             if keep_predictions:
                 predictions.setdefault(site, {})[name] = (probs.numpy(), targets.numpy())
             pooled[name].append((probs, targets, normal, torch.tensor(ckpt["thresholds"]), trained))
@@ -208,7 +228,8 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
     for name, parts in pooled.items():
         if parts:
             result["pooled"][name] = _site_scores(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                                                  np.concatenate([p[2] for p in parts]), parts[0][3], parts[0][4])
+                                                  np.concatenate([p[2] for p in parts]), parts[0][3], parts[0][4],
+                                                  at_spec.get(name))
     out = Path(out) if out else Path(sites_dir).parent / "evaluate"
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "per_site.json", result)
@@ -216,6 +237,26 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
     if keep_predictions:
         result["predictions"] = predictions
     return result
+
+
+def _validation_thresholds(loaded: dict, sites: dict[str, Path], specificity: float, cache_dir: str | Path,
+                           progress: bool) -> dict[str, torch.Tensor]:
+    """Per model, the thresholds at ``specificity`` on the validation splits of all sites together (the known
+    negatives of every site: a site with positives only has none of its own)."""
+    out = {}
+    for name, (model, ckpt) in loaded.items():
+        parts = []
+        for manifest in sites.values():
+            dm = SiteDataModule([manifest], ckpt["preprocessing"], batch_size=64, num_workers=0, augment=False,
+                                cache_dir=cache_dir, progress=progress)
+            try:
+                parts.append(predict(model, dm.val_dataloader()))
+            except FedxrError:
+                continue  # a site without a validation split adds no negatives
+        if parts:
+            out[name] = thresholds_at_specificity(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                                                  specificity)
+    return out
 
 
 def format_sites(result: dict) -> str:
@@ -226,7 +267,11 @@ def format_sites(result: dict) -> str:
             lo, hi = s["macro_auroc_ci95"]
             parts.append(f"macro AUROC {s['macro_auroc']:.3f} ({lo:.3f}-{hi:.3f}) over {', '.join(s['counted'])}")
         for c, v in s.get("sensitivity_only", {}).items():
-            parts.append(f"{c} sensitivity {v['sensitivity']:.2f} ({v['positives']} positives, {v['negatives']} negatives)")
+            text = f"{c} sensitivity {v['sensitivity']:.2f} ({v['positives']} positives, {v['negatives']} negatives)"
+            if "at_specificity" in v:
+                a = v["at_specificity"]
+                text += f", {a['sensitivity']:.2f} at {a['validation_specificity']:.0%} validation specificity"
+            parts.append(text)
         if "abnormal_auroc" in s:
             a = s["abnormal_auroc"]
             parts.append(f"normal vs abnormal AUROC {a['auroc']:.3f} ({a['ci95'][0]:.3f}-{a['ci95'][1]:.3f})")

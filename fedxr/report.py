@@ -97,9 +97,24 @@ def _rounds_section(layout: RunLayout, results: RunResults, out: list[str]) -> N
         out += ["Validation AUROC of the global model received each round, per site (last row: the final model).", ""]
         out += _table(["round", *sites, "aggregate", "round s"], rows)
         out += ["", f"![rounds]({_rel(fed / 'rounds.png', run)})", ""]
+        precisions = sorted({v["precision"] for r in table for v in r["sites"].values() if v.get("precision")})
+        if precisions:
+            why = _precision_reason(fed)
+            out += [f"Trained in {' and '.join(precisions)}{f' ({why})' if why else ''}: `model.precision: auto` "
+                    "is bf16 autocast on a CPU with AMX or AVX512-BF16 or a bf16 GPU, FP32 elsewhere.", ""]
     if (fed / "cross_site.png").is_file():
         out += [f"![cross-site]({_rel(fed / 'cross_site.png', run)})", ""]
     out += [f"Teacher checkpoint: `{_rel(results.teacher.checkpoint, run)}`", ""]
+
+
+def _precision_reason(fed: Path) -> str | None:
+    """Why the sites trained in the precision they did (the first record that says), from the round records."""
+    from fedxr.federated.records import read_records
+
+    records = fed / "records"
+    if not records.is_dir():
+        return None
+    return next((r["precision_why"] for r in read_records(records) if r.get("precision_why")), None)
 
 
 def _privacy_section(layout: RunLayout, recipe: Recipe, out: list[str]) -> None:
@@ -201,8 +216,12 @@ def _within_site_section(layout: RunLayout, results: RunResults, out: list[str])
         parts = []
         if s.get("macro_auroc") is not None:
             parts.append(f"{_f(s['macro_auroc'])} ({_ci(s['macro_auroc_ci95'])}), {len(s['counted'])} label(s)")
-        parts += [f"{c} sensitivity {_f(v['sensitivity'], '.2f')} ({v['positives']} pos., {v['negatives']} neg.)"
-                  for c, v in s.get("sensitivity_only", {}).items()]
+        for c, v in s.get("sensitivity_only", {}).items():
+            text = f"{c} sensitivity {_f(v['sensitivity'], '.2f')} ({v['positives']} pos., {v['negatives']} neg.)"
+            if "at_specificity" in v:
+                a = v["at_specificity"]
+                text += f", {_f(a['sensitivity'], '.2f')} at {a['validation_specificity']:.0%} val. specificity"
+            parts.append(text)
         return "; ".join(parts) or "too few"
 
     def abnormal(s: dict) -> str:

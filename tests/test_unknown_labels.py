@@ -12,7 +12,7 @@ from fedxr.labels import LABELS
 from fedxr.models.classifier import pos_weight_from_labels
 from fedxr.models.loss import masked_bce_with_logits
 from fedxr.models.metrics import (batched_auroc, bootstrap_macro_auroc, choose_thresholds, multilabel_scores,
-                                  sensitivity_specificity)
+                                  sensitivity_specificity, thresholds_at_specificity)
 
 
 def test_masked_bce_equals_plain_bce_when_every_label_is_known():
@@ -89,3 +89,49 @@ def test_thresholds_class_weights_and_sensitivity_use_known_labels():
     assert (at["positives"], at["negatives"], at["sensitivity"], at["specificity"]) == (2, 2, 1.0, 1.0)
     labels = np.array([[1.0], [np.nan], [np.nan], [0.0], [0.0]])
     assert pos_weight_from_labels(labels, cap=10) == [2.0]  # 2 known negatives / 1 positive; unknowns ignored
+
+
+def test_threshold_at_specificity_leaves_that_share_of_known_negatives_below_it():
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(200, 14, generator=g)
+    targets = (torch.rand(200, 14, generator=g) > 0.5).float()
+    targets[:50, 2] = float("nan")  # unknown: not a negative
+    targets[:, 5] = 1.0  # no negative at all: no threshold
+    thr = thresholds_at_specificity(probs, targets, 0.9)
+    assert torch.isnan(thr[5]) and not torch.isnan(thr[[0, 2]]).any()
+    for c in (0, 2):
+        neg = probs[targets[:, c] == 0, c]
+        spec = float((neg < thr[c]).double().mean())
+        assert 0.9 <= spec < 0.9 + 1 / len(neg) + 1e-9  # the lowest threshold that reaches 90 %
+    # ties: every negative scores the same; the threshold must still leave them all below it
+    same = torch.full((10, 14), 0.7)
+    assert float((same[:, 0] < thresholds_at_specificity(same, torch.zeros(10, 14), 0.9)[0]).float().mean()) == 1.0
+
+
+def test_a_one_class_site_does_not_get_sensitivity_free_from_a_model_that_calls_everything_positive():
+    """A COVID cohort's test split is all Pneumonia: a model that says "Pneumonia" to every film has sensitivity
+    1.0 at a low threshold of its own; at the threshold for 90 % specificity on validation negatives it has what
+    a coin has. A model that separates the classes keeps its sensitivity."""
+    from fedxr.evaluation import _site_scores
+
+    pneumonia = LABELS.index("Pneumonia")
+    g = torch.Generator().manual_seed(4)
+    val_targets = torch.full((200, 14), float("nan"))
+    val_targets[:, pneumonia] = (torch.arange(200) % 2).float()
+    test_targets = torch.full((60, 14), float("nan"))
+    test_targets[:, pneumonia] = 1.0
+    normal = np.full(60, np.nan)
+    for name, val_probs, test_probs, want in (
+            ("everything positive", 0.95 + 0.04 * torch.rand(200, 14, generator=g),
+             0.95 + 0.04 * torch.rand(60, 14, generator=g), (1.0, 0.2)),
+            ("separates", 0.2 + 0.6 * val_targets.nan_to_num(0) + 0.1 * torch.rand(200, 14, generator=g),
+             0.8 + 0.1 * torch.rand(60, 14, generator=g), (1.0, 1.0))):
+        spec_thr = thresholds_at_specificity(val_probs, val_targets, 0.9)
+        s = _site_scores(test_probs, test_targets, normal, torch.full((14,), 0.5), ["Pneumonia"], (0.9, spec_thr))
+        v = s["sensitivity_only"]["Pneumonia"]
+        assert v["sensitivity"] == want[0], name
+        assert v["at_specificity"]["validation_specificity"] == 0.9
+        if want[1] < 1:
+            assert v["at_specificity"]["sensitivity"] < want[1], name
+        else:
+            assert v["at_specificity"]["sensitivity"] == 1.0, name
