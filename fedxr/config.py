@@ -86,7 +86,9 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     name: str = Field("densenet121", description="registry name; `fedxr models list` shows them")
     pretrained: bool = False
-    precision: Literal["32-true", "16-mixed", "bf16-mixed", "bf16-true"] = "32-true"
+    precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true"] = Field(
+        "auto", description="auto = bf16-mixed on a CPU with AMX or AVX512-BF16 or a bf16 GPU, else 32-true; "
+                            "32-true under privacy.dp (fedxr/precision.py)")
     channels_last: bool = False
     compile: bool = False
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"

@@ -207,3 +207,11 @@ def test_ood():
         if name != "own test images":
             assert 0 <= row["mahalanobis_auroc"] <= 1 and 0 <= row["joint_energy_auroc"] <= 1, name
     assert (BENCH.parent / result["plot"]).is_file()
+
+
+def test_cpu_precision():
+    result = run_smoke("cpu_precision.py")
+    row = result["rows"][0]
+    assert row["fp32_images_per_s"] > 0 and row["bf16_images_per_s"] > 0
+    assert result["auto_resolves_to"] in ("bf16-mixed", "32-true")
+    assert [t["threads_per_site"] for t in result["site_threads"]][0] == 1

@@ -56,6 +56,9 @@ def test_sim_outputs(sim_run, tmp_path, capsys):
     assert all(v["train_s"] > 0 and v["steps"] > 0 for v in rounds[0]["sites"].values())
     assert 0 <= rounds[0]["aggregate_val_auroc"] <= 1
     assert rounds[-1]["round"] == "final"
+    # model.precision: auto — every site trained in what this machine resolves it to, and the records say so
+    from fedxr.precision import resolve_precision
+    assert {v["precision"] for r in rounds[:3] for v in r["sites"].values()} == {resolve_precision("auto", "auto")[0]}
     # federated.max_local_steps=4: the larger site trains 4 steps in every round (they once doubled from round to
     # round), the smaller its whole epoch; the capped site's learning rate reaches the end of its schedule.
     epochs = {site: -(-int((read_manifest(recipe.layout.sites / f"{site}.csv")["split"] == "train").sum()) // 8)

@@ -145,7 +145,7 @@ def main(argv=None) -> None:
     from fedxr.federated.records import record_file
     from fedxr.federated.site import resolve_site_manifest
     from fedxr.labels import VAL_AUROC
-    from fedxr.training import make_classifier, make_datamodule, make_trainer
+    from fedxr.training import make_classifier, make_datamodule, make_trainer, training_precision
 
     args = parse_args(argv)
     if args.threads:
@@ -204,6 +204,7 @@ def main(argv=None) -> None:
     per_round = ({"max_steps": local_steps, "max_epochs": UNBOUNDED_EPOCHS} if local_steps
                  else {"max_epochs": fed.local_epochs})
     counter = sample_counter()
+    precision_why = training_precision(recipe)[1]
     trainer = make_trainer(recipe, work, callbacks=[counter], progress=False, enable_model_summary=False,
                            logger=[ClientLogger()], num_sanity_val_steps=0, **trainer_devices(recipe, ranks),
                            **per_round)
@@ -262,7 +263,8 @@ def main(argv=None) -> None:
                    "validate_s": t1 - t0, "train_s": t2 - t1,
                    "rank": ranks.rank, "world_size": ranks.world_size, "samples": counter.samples - samples_before,
                    "received_digest": received, "trained_digest": weights_digest(module),
-                   "lr_end": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None}
+                   "lr_end": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None,
+                   "precision": str(trainer.precision), "precision_why": precision_why}
             if spent is not None:
                 rec["privacy"] = {**spent, **privacy.summary()}
             with open(records, "a") as fh:

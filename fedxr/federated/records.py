@@ -61,7 +61,8 @@ def round_table(rows: list[dict], cross_site: dict | None) -> list[dict]:
             "round": rnd, "aggregate_val_auroc": agg, "wall_s": round(wall, 3),
             "overhead_share": round(max(0.0, 1 - site_train / wall), 4) if wall > 0 else None,
             "sites": {r["site"]: {"val_auroc": r["val_auroc"], "train_s": round(r["train_s"], 3),
-                                  "validate_s": round(r["validate_s"], 3), "steps": r["steps"]} for r in recs},
+                                  "validate_s": round(r["validate_s"], 3), "steps": r["steps"],
+                                  "precision": r.get("precision")} for r in recs},
         })
     if cross_site:
         last = {site: scores.get("global (last)") for site, scores in cross_site["by_data_site"].items()}

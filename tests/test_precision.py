@@ -1,0 +1,66 @@
+"""`model.precision: auto`: bf16 autocast where the CPU (AMX, AVX512-BF16) or GPU does bf16 natively, FP32
+elsewhere and under differential privacy; the precision a run trained in is recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedxr.config import load_recipe
+from fedxr.precision import BF16_CPU_FLAGS, cpu_bf16_flags, resolve_precision
+
+from helpers import QUICKSTART
+
+
+@pytest.fixture
+def cpu_flags(monkeypatch):
+    """Set FEDXR_CPU_BF16 for one test (the flag check is cached per process)."""
+    def set_to(value: str | None):
+        if value is None:
+            monkeypatch.delenv("FEDXR_CPU_BF16", raising=False)
+        else:
+            monkeypatch.setenv("FEDXR_CPU_BF16", value)
+        cpu_bf16_flags.cache_clear()
+    yield set_to
+    cpu_bf16_flags.cache_clear()
+
+
+def test_flags_are_read_from_proc_cpuinfo(cpu_flags):
+    cpu_flags(None)
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "flags:")
+    want = tuple(f for f in BF16_CPU_FLAGS if f in line.split(":", 1)[1].split())
+    assert cpu_bf16_flags() == want
+
+
+def test_auto_is_bf16_on_a_bf16_cpu_and_fp32_elsewhere(cpu_flags):
+    cpu_flags("1")
+    assert resolve_precision("auto", "cpu")[0] == "bf16-mixed"
+    assert resolve_precision("auto", "cpu", dp=True) == ("32-true", "privacy.dp: per-image clipping in FP32")
+    cpu_flags("0")
+    precision, why = resolve_precision("auto", "cpu")
+    assert precision == "32-true" and "AMX" in why
+    # what the recipe says is what runs
+    assert resolve_precision("bf16-mixed", "cpu") == ("bf16-mixed", "as the recipe says")
+    assert resolve_precision("32-true", "cpu")[0] == "32-true"
+
+
+def test_the_trainer_trains_in_the_resolved_precision(cpu_flags, tmp_path):
+    from fedxr.training import make_trainer, training_precision
+
+    recipe = load_recipe(QUICKSTART, [f"output.runs_dir={tmp_path}", "model.accelerator=cpu"])
+    assert recipe.model.precision == "auto"
+    for flag, want in (("1", "bf16-mixed"), ("0", "32-true")):
+        cpu_flags(flag)
+        assert training_precision(recipe)[0] == want
+        trainer = make_trainer(recipe, tmp_path, progress=False, logger=False)
+        assert str(trainer.precision) == want
+        with trainer.precision_plugin.forward_context():
+            y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+        assert y.dtype == (torch.bfloat16 if want == "bf16-mixed" else torch.float32)
+    dp = load_recipe(QUICKSTART, [f"output.runs_dir={tmp_path}", "model.accelerator=cpu", "privacy.dp=true",
+                                   "distill.students=[]"])
+    cpu_flags("1")
+    assert training_precision(dp)[0] == "32-true"
