@@ -137,6 +137,36 @@ def test_checkpoint_round_trip_identical_outputs(trained, tmp_path):
     assert ckpt2["thresholds"] == ckpt["thresholds"]
 
 
+def test_a_damaged_checkpoint_is_refused_with_its_name_and_the_fix(trained, tmp_path, capsys):
+    """A byte flipped inside the weights (torch's file format loads that silently, with the wrong weights) or a
+    truncated file: a clear error naming the file and what to do, from the library and from a command."""
+    from fedxr.errors import FedxrError
+    from fedxr.models.checkpoint import state_dict_sha256
+
+    tmp, _ = trained
+    good = tmp / "runs" / "t" / "train_central" / "best.ckpt"
+    ckpt = load_checkpoint(good)
+    assert ckpt["weights_sha256"] == state_dict_sha256(ckpt["state_dict"])
+    data = bytearray(good.read_bytes())
+    # the largest tensor's stored bytes (its storage: channels_last is not the logical order): flip one in the middle
+    name, biggest = max(ckpt["state_dict"].items(), key=lambda kv: kv[1].numel())
+    raw = torch.empty(0, dtype=torch.uint8).set_(biggest.untyped_storage()).numpy().tobytes()
+    at = bytes(data).find(raw)
+    assert at > 0, name
+    data[at + len(raw) // 2] ^= 0x40
+    flipped = tmp_path / "flipped.ckpt"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(FedxrError, match=r"flipped.ckpt: its weights are not the ones written .*Copy it again"):
+        load_checkpoint(flipped)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(FedxrError, match="truncated.ckpt: not a readable fedxr checkpoint"):
+        load_checkpoint(truncated)
+    capsys.readouterr()
+    assert main(["evaluate", str(flipped), "--data", str(tmp / "runs" / "t" / "sites"), "--json"]) == 1
+    assert "flipped.ckpt: its weights are not the ones written" in capsys.readouterr().err
+
+
 def test_train_local_and_evaluate(trained, capsys):
     tmp, ov = trained
     assert main(["train", str(QUICKSTART), "--mode", "local", "--site", "site-2", *ov]) == 0

@@ -82,12 +82,9 @@ def _should_fail(site: str, current_round: int | None, rank: int = 0) -> bool:
 
 def weights_digest(module) -> str:
     """SHA-256 of a module's weights (the records show that every DDP rank held the same model)."""
-    import hashlib
+    from fedxr.models.checkpoint import state_dict_sha256
 
-    digest = hashlib.sha256()
-    for value in module.state_dict().values():
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return state_dict_sha256(module.state_dict())[:16]
 
 
 def sample_counter():

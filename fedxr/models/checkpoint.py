@@ -16,6 +16,9 @@ A checkpoint is a ``torch.save`` dict of tensors and plain data (loadable with `
                    labels trained and those no site labelled (:func:`fedxr.data.provenance.trained_on`)
 ``norm``           optional: ``group`` when the network was trained with differential privacy (its
                    BatchNorm layers are GroupNorm); absent or ``batch`` otherwise
+``weights_sha256`` SHA-256 of ``state_dict`` (names, dtypes, shapes, bytes: :func:`state_dict_sha256`),
+                   checked on every load: a torch file whose weights changed after it was written (a bit
+                   flipped on a disk, a bad copy) otherwise loads silently with the wrong weights
 =================  =====================================================================
 
 Version 1 files (``image_size``, ``mean``, ``std`` at the top level) still load. :func:`load_checkpoint`
@@ -24,6 +27,7 @@ returns the dict with ``preprocessing`` as a :class:`~fedxr.preprocessing.Prepro
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,17 @@ REQUIRED_KEYS = ("format", "model_name", "state_dict", "preprocessing", "labels"
 _V1_REQUIRED = ("format", "model_name", "state_dict", "image_size", "mean", "std", "labels", "thresholds")
 
 
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes, in name order (independent of the file's
+    layout, so the same weights give the same digest however they were saved)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # as bytes: bf16 has no numpy dtype
+    return digest.hexdigest()
+
+
 def save_checkpoint(
     path: str | Path, *, model_name: str, state_dict: dict[str, torch.Tensor], preprocessing: Preprocessing,
     thresholds: list[float] | torch.Tensor, metrics: dict | None = None,
@@ -53,9 +68,10 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(thresholds, torch.Tensor):
         thresholds = thresholds.detach().cpu().tolist()
+    weights = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
     payload: dict[str, Any] = {
-        "format": CHECKPOINT_FORMAT, "model_name": model_name,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
+        "format": CHECKPOINT_FORMAT, "model_name": model_name, "state_dict": weights,
+        "weights_sha256": state_dict_sha256(weights),
         "preprocessing": Preprocessing.coerce(preprocessing).as_dict(), "labels": list(LABELS),
         "thresholds": [float(t) for t in thresholds], "metrics": metrics or {}, "recipe": recipe or {},
         "fedxr_version": __version__, "source": source, "trained_on": trained_on(recipe or {}), **(extra or {}),
@@ -80,6 +96,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing or version not in (CHECKPOINT_FORMAT, _V1_FORMAT):
         raise FedxrError(f"{path}: not a {CHECKPOINT_FORMAT} file (missing {', '.join(missing) or 'format tag'})")
+    if "weights_sha256" in ckpt and state_dict_sha256(ckpt["state_dict"]) != ckpt["weights_sha256"]:
+        raise FedxrError(f"{path}: its weights are not the ones written (SHA-256 differs from the one recorded "
+                         "inside the file): the file was damaged or altered after it was saved. Copy it again from "
+                         "where it was written, or rerun the stage that wrote it (`fedxr run RECIPE --from STAGE`)")
     if list(ckpt["labels"]) != list(LABELS):
         raise FedxrError(f"{path}: its labels {ckpt['labels']} differ from this fedxr's label order")
     if version == _V1_FORMAT:
