@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from fedxr.artifacts import ExportManifest, ManifestError
 from fedxr.data.atomic import write_json_atomic
 
 ENERGY_FILE = "energy.json"
@@ -155,13 +156,12 @@ def edge_comparison(manifests: dict[str, str], core_w: float | None, training_wh
     rows = {}
     for label, path in manifests.items():
         try:
-            m = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError):
+            f = ExportManifest.read(path).recommended_file
+        except ManifestError:
             continue
-        f = next((f for f in m["files"] if f["file"] == m["recommended"]), None)
-        if f and f.get("latency_ms_b1_p50"):
-            j = edge_energy_per_image_j(f["latency_ms_b1_p50"], cores, core_w)
-            rows[label] = {"file": f["file"], "latency_ms": f["latency_ms_b1_p50"], "wh_per_1000": j * 1000 / 3600}
+        if f.latency_ms_b1_p50:
+            j = edge_energy_per_image_j(f.latency_ms_b1_p50, cores, core_w)
+            rows[label] = {"file": f.file, "latency_ms": f.latency_ms_b1_p50, "wh_per_1000": j * 1000 / 3600}
     teacher = next((v for k, v in rows.items() if k.startswith("teacher")), None)
     students = {k: v for k, v in rows.items() if k.startswith("student")}
     if not rows:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from fedxr.artifacts import MANIFEST_FILE, ExportManifest
 from fedxr.data.atomic import write_json_atomic
 from fedxr.errors import FedxrError
 from fedxr.layout import RunLayout
@@ -108,11 +109,11 @@ def _export(ctx: Context) -> ExportResult:
                                      operating_point=ex.operating_point, ood_quantile=ex.ood_quantile,
                                      trust_images=ex.trust_images, progress=ctx.progress)
         print(format_manifest(manifest))
-        if not manifest["ok"]:
-            raise FedxrError(f"export checks failed for {name}; see {manifest['out']}/manifest.json")
-        manifests[name] = str(Path(manifest["out"]) / "manifest.json")
-        recommended = next(f for f in manifest["files"] if f["file"] == manifest["recommended"])
-        sizes[manifest["out"]] = recommended["size_bytes"]
+        written = ExportManifest.read(out)
+        if not written.ok:
+            raise FedxrError(f"export checks failed for {name}; see {out / MANIFEST_FILE}")
+        manifests[name] = str(out / MANIFEST_FILE)
+        sizes[str(out)] = written.recommended_file.size_bytes or 0
     # The smallest exported model (its recommended file) is the one to try on a laptop or a board.
     return ExportResult(manifests=manifests, edge_model=min(sizes, key=sizes.get))
 

@@ -12,6 +12,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fedxr.artifacts import ExportManifest
 from fedxr.config import Recipe
 from fedxr.data.atomic import write_json_atomic, write_text_atomic
 from fedxr.labels import LABELS
@@ -254,13 +255,13 @@ def _export_section(layout: RunLayout, results: RunResults, out: list[str]) -> N
         return
     rows = []
     for name, path in ex.manifests.items():
-        m = json.loads(Path(path).read_text())
-        for f in m["files"]:
-            file = Path(path).parent / f["file"]
-            shown = f"`{_rel(file, run)}`" if file.is_file() else f"{f['file']} (not kept)"
-            rows.append([name, shown, f["format"], _f(f["size_bytes"] / 1e6 if "size_bytes" in f else None, ".2f") + " MB",
-                         _f(f.get("latency_ms_b1_p50"), ".2f"), _f(f.get("val_auroc")),
-                         "yes" if f.get("kept") else "no", "★" if m.get("recommended") == f["file"] else ""])
+        m = ExportManifest.read(path)
+        for f in m.files:
+            file = Path(path).parent / f.file
+            shown = f"`{_rel(file, run)}`" if file.is_file() else f"{f.file} (not kept)"
+            rows.append([name, shown, f.format, _f(f.size_bytes / 1e6 if f.size_bytes is not None else None, ".2f") + " MB",
+                         _f(f.latency_ms_b1_p50, ".2f"), _f(f.val_auroc), "yes" if f.kept else "no",
+                         "★" if m.recommended == f.file else ""])
     out += ["## Exported models", "", "Latency: median batch-1 CPU ms (onnxruntime, this machine). ★: the file the "
             "manifest recommends.", ""]
     out += _table(["model", "file", "format", "size", "ms", "val AUROC", "kept", ""], rows)
@@ -272,13 +273,13 @@ def _trust_section(run: Path, manifests: dict[str, str], out: list[str]) -> None
     """Per exported model: calibration before/after, reliable findings, the OOD check, its model card."""
     rows, plots = [], []
     for name, path in manifests.items():
-        m = json.loads(Path(path).read_text())
-        trust = m.get("trust")
+        m = ExportManifest.read(path)
+        trust = m.trust
         if not trust:
             continue
         ece = trust["ece"].get("test") or trust["ece"]["val"]
         ood = trust["ood"]
-        card = Path(path).parent / m.get("model_card", "MODEL_CARD.md")
+        card = Path(path).parent / m.extra.get("model_card", "MODEL_CARD.md")
         rows.append([name, f"{_f(ece['macro_before'])} → {_f(ece['macro_after'])}",
                      f"{sum(p['reliable'] for p in trust['operating_points'])} of {len(trust['operating_points'])}",
                      f"{_f(ood['threshold'])} ({ood['quantile']:.0%} of validation)",

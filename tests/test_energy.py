@@ -59,7 +59,8 @@ def test_edge_estimate_and_break_even(tmp_path):
     manifests = {}
     for label, ms in (("teacher t", 10.0), ("student s", 1.0)):
         path = tmp_path / f"{label.split()[1]}.json"
-        path.write_text(json.dumps({"recommended": "m.onnx", "files": [{"file": "m.onnx", "latency_ms_b1_p50": ms}]}))
+        path.write_text(json.dumps({"recommended": "m.onnx", "files": [{"file": "m.onnx", "format": "onnx-fp32",
+                                                                            "latency_ms_b1_p50": ms}]}))
         manifests[label] = str(path)
     edge = energy.edge_comparison(manifests, 3.6, training_wh=9.0)
     per = edge["per_1000_predictions"]

@@ -107,6 +107,7 @@ ONE_DEFINITION = {
     r"timeout_s\s*\*": "fedxr/federated/job.py",                       # how long a job may take
     r'matplotlib\.use\(': "fedxr/plots.py",                            # the plot boilerplate
     r"zlib\.compress": "fedxr/federated/codec.py",                     # what a job carries to its sites
+    r'"manifest\.json"': "fedxr/artifacts.py",                          # the export manifest's name
 }
 
 

@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+from fedxr.artifacts import MANIFEST_FILE, ExportManifest, ManifestError
 from fedxr.errors import FedxrError
 from fedxr.federated.records import read_records, round_table
 from fedxr.layout import RunLayout, read_sites_summary
@@ -178,18 +179,20 @@ def site_detail(runs: Path, site: str) -> dict:
 def list_models(exports: Path) -> list[dict]:
     """Every export folder's manifest: files (format, size, SHA-256, AUROC, latency, kept), INT8 decision."""
     out = []
-    for manifest in sorted(Path(exports).glob("*/manifest.json")) if Path(exports).is_dir() else []:
-        m = _json(manifest)
-        if not isinstance(m, dict) or not _NAME.match(manifest.parent.name):
+    for manifest in sorted(Path(exports).glob(f"*/{MANIFEST_FILE}")) if Path(exports).is_dir() else []:
+        if not _NAME.match(manifest.parent.name):
             continue
-        files = [dict(f, available=(manifest.parent / f["file"]).is_file()) for f in m.get("files", [])
-                 if isinstance(f, dict) and isinstance(f.get("file"), str) and _NAME.match(f["file"])]
+        try:
+            m = ExportManifest.read(manifest)
+        except ManifestError:
+            continue  # not an export this console can show
+        files = [dict(f.to_json(), available=(manifest.parent / f.file).is_file()) for f in m.files
+                 if isinstance(f.file, str) and _NAME.match(f.file)]
         card = manifest.parent / "MODEL_CARD.md"
-        trust = m.get("trust") if isinstance(m.get("trust"), dict) else {}
-        out.append({"folder": manifest.parent.name, "model_name": m.get("model_name"), "input_size": m.get("input_size"),
-                    "recommended": m.get("recommended"), "int8_decision": m.get("int8_decision"), "ok": m.get("ok"),
-                    "checkpoint": m.get("checkpoint"), "files": files,
-                    "synthetic": bool((m.get("trained_on") or {}).get("synthetic")),
+        trust = m.trust if isinstance(m.trust, dict) else {}
+        out.append({"folder": manifest.parent.name, "model_name": m.model_name, "input_size": m.input_size,
+                    "recommended": m.recommended, "int8_decision": m.int8_decision, "ok": m.ok,
+                    "checkpoint": m.checkpoint, "files": files, "synthetic": m.synthetic,
                     "card": card.read_text() if card.is_file() else None,
                     "ood": trust.get("ood", {}).get("threshold") if isinstance(trust.get("ood"), dict) else None})
     return out
@@ -202,9 +205,10 @@ def model_file(exports: Path, folder: str, file: str) -> Path:
     base = (Path(exports) / folder).resolve()
     if not base.is_relative_to(Path(exports).resolve()):  # a linked export folder pointing elsewhere
         raise NotFound(f"no export {folder!r}")
-    manifest = _json(base / "manifest.json")
-    listed = ({f.get("file") for f in manifest.get("files", []) if isinstance(f, dict)}
-              if isinstance(manifest, dict) else set())
+    try:
+        listed = {f.file for f in ExportManifest.read(base / MANIFEST_FILE).files}
+    except ManifestError:
+        listed = set()
     path = (base / file)
     if file not in listed or not path.is_file() or path.resolve().parent != base:
         raise NotFound(f"no file {file!r} in the export {folder!r}")
@@ -213,6 +217,6 @@ def model_file(exports: Path, folder: str, file: str) -> Path:
 
 def model_folder(exports: Path, folder: str) -> Path:
     path = Path(exports) / _plain_name(folder, "model folder")
-    if not (path / "manifest.json").is_file():
+    if not (path / MANIFEST_FILE).is_file():
         raise NotFound(f"no exported model {folder!r}")
     return path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +12,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from fedxr.artifacts import MANIFEST_FILE, ExportManifest, ManifestError
 from fedxr.edge import metadata
 from fedxr.errors import FedxrError
 from fedxr.imaging import ImageReadError, resize_square
@@ -63,13 +63,11 @@ def resolve_model_path(path: str | Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        manifest = path / "manifest.json"
-        if manifest.is_file():
+        if (path / MANIFEST_FILE).is_file():
             try:
-                rec = json.loads(manifest.read_text()).get("recommended")
-            except (OSError, ValueError, AttributeError) as exc:
-                raise ModelIntegrityError(f"{manifest}: the export manifest cannot be read ({exc}); copy the export "
-                                          "folder again, export again, or give the model file itself") from None
+                rec = ExportManifest.read(path).recommended
+            except ManifestError as exc:
+                raise ModelIntegrityError(f"{exc}; or give the model file itself") from None
             if rec and (path / rec).is_file():
                 return path / rec
         files = sorted(p for p in path.iterdir() if p.suffix in MODEL_SUFFIXES)
@@ -100,23 +98,22 @@ def verify_model_file(path: Path) -> bool:
     truncated copy (a full disk, a transfer cut short) or an altered file would otherwise load — a truncated
     ONNX file sometimes does — and predict from weights nobody checked.
     """
-    manifest = path.parent / "manifest.json"
+    manifest = path.parent / MANIFEST_FILE
     if not manifest.is_file():
         return False
     fix = ("copy the export folder again from the machine that exported it, or export again "
            "(`python -m fedxr.export CKPT`); --no-verify (verify=False) loads it unchecked")
     try:
-        entries = json.loads(manifest.read_text()).get("files") or []
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ModelIntegrityError(f"{manifest}: the export manifest cannot be read ({exc}); {fix}") from None
-    entry = next((f for f in entries if isinstance(f, dict) and f.get("file") == path.name and f.get("sha256")), None)
-    if entry is None:
+        entry = ExportManifest.read(manifest).file(path.name)
+    except ManifestError as exc:
+        raise ModelIntegrityError(f"{exc}; --no-verify (verify=False) loads the model unchecked") from None
+    if entry is None or not entry.sha256:
         return False
     size = path.stat().st_size
-    if entry.get("size_bytes") is not None and size != entry["size_bytes"]:
-        raise ModelIntegrityError(f"{path}: {size:,} bytes, but {manifest.name} lists {entry['size_bytes']:,} — the file is "
+    if entry.size_bytes is not None and size != entry.size_bytes:
+        raise ModelIntegrityError(f"{path}: {size:,} bytes, but {manifest.name} lists {entry.size_bytes:,} — the file is "
                                   f"incomplete or not the one exported; {fix}")
-    if sha256_of(path) != entry["sha256"]:
+    if sha256_of(path) != entry.sha256:
         raise ModelIntegrityError(f"{path}: its SHA-256 differs from the one {manifest.name} lists — the file was changed "
                                   f"after export; {fix}")
     return True

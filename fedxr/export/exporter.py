@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedxr.artifacts import MANIFEST_FILE, ExportManifest
 from fedxr.data.manifest import read_manifest
 from fedxr.errors import FedxrError
 from fedxr.edge.model import sha256_of
@@ -243,8 +244,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
     }
     manifest["trust"] = write_trust_files(out, trust, name)
     manifest["model_card"] = CARD_FILE
-    write_json_atomic(out / "manifest.json", manifest)
-    write_card(out, render(name, str(ckpt.get("source", "")).startswith("distill"), ckpt.get("trained_on"), trust, manifest))
+    typed = ExportManifest.from_json(manifest, folder=out)  # what every reader will see: checked before it is written
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+    write_card(out, render(name, str(ckpt.get("source", "")).startswith("distill"), ckpt.get("trained_on"), trust, typed))
     manifest["out"] = str(out)
     return manifest
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedxr.artifacts import ExportManifest
 from fedxr.data.atomic import write_text_atomic
 from fedxr.data.provenance import SYNTHETIC_WARNING, describe
 
@@ -40,7 +41,7 @@ def _point(p: dict) -> str:
             f"specificity {sp[0]:.2f} ({sp[1]:.2f}–{sp[2]:.2f}) on validation")
 
 
-def render(model_name: str, student: bool, trained_on: dict | None, trust: dict, manifest: dict) -> str:
+def render(model_name: str, student: bool, trained_on: dict | None, trust: dict, manifest: ExportManifest) -> str:
     report, ood, points = trust["report"], trust["ood"], trust["operating_points"]
     synthetic = bool(trained_on and trained_on.get("synthetic"))
     lines = []
@@ -48,8 +49,8 @@ def render(model_name: str, student: bool, trained_on: dict | None, trust: dict,
         lines += [f"> **{SYNTHETIC_WARNING.upper()}.** {_PHANTOM}", ""]
     lines += [f"# Model card: {model_name} ({'student, distilled' if student else 'teacher'})", "",
               f"- **Training data:** {describe(trained_on)}",
-              f"- **Recommended file:** `{manifest.get('recommended')}` (target {manifest.get('target')}, "
-              f"input {manifest.get('input_size')} px gray)",
+              f"- **Recommended file:** `{manifest.recommended}` (target {manifest.target}, "
+              f"input {manifest.input_size} px gray)",
               f"- **Intended use:** {'software testing and demonstration only' if synthetic else 'a second reader that flags frontal (PA/AP) adult or pediatric chest radiographs for a clinician to review, at sites like those it was trained on'}.",
               "- **Not intended for:** diagnosis without a clinician; lateral views, CT, MR or anything not a frontal "
               "chest radiograph (the out-of-distribution check below flags them); findings marked *not reliable*; "
