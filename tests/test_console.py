@@ -54,10 +54,17 @@ def csrf_of(client: TestClient) -> str:
     return re.search(r'name="csrf" value="([^"]+)"', client.get("/").text).group(1)
 
 
+def all_routes(routes):
+    """Every route, including those of included routers (FastAPI >= 0.16x keeps an included router whole)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        yield from all_routes(inner.routes) if inner is not None else [route]
+
+
 def test_every_route_needs_a_session(app):
     client = TestClient(app)
     checked = 0
-    for route in app.routes:
+    for route in all_routes(app.routes):
         path = getattr(route, "path", "")
         if path in ("/login", "/health") or path.startswith("/static"):
             continue
@@ -73,6 +80,20 @@ def test_every_route_needs_a_session(app):
             checked += 1
     assert checked >= 18  # the enumeration found the app's routes (19 today)
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_every_route_but_sign_in_and_health_sits_behind_the_session_dependency(app):
+    """Not only what the routes answer today: each one is registered with the router-level dependency that
+    demands a session before the route's own code runs, so a new route cannot forget it."""
+    public = {"/login", "/health"}
+    guarded, unguarded = [], []
+    for route in all_routes(app.routes):
+        if not isinstance(route, APIRoute):
+            continue  # static files; FastAPI's own openapi route is guarded by middleware (checked above)
+        deps = {getattr(d.dependency, "__name__", "") for d in route.dependencies}
+        (guarded if "signed_in" in deps else unguarded).append(route.path)
+    assert {p for p in unguarded} == public
+    assert len(guarded) >= 18
 
 
 def test_session_cookie_flags_and_sign_out(app):

@@ -15,7 +15,7 @@ import secrets
 from pathlib import Path
 from urllib.parse import quote
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -173,7 +173,11 @@ def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export",
         return response
 
     # --- signed in ------------------------------------------------------------------------------------
-    @app.post("/logout")
+    # Every route from here on sits on a router whose dependency demands a session before the route runs: a
+    # route added here cannot forget it (tests/test_console.py checks the route table). Routes still take the
+    # session with signed_in(request) where they use it (FastAPI asks the store once per dependency call).
+    protected = APIRouter(dependencies=[Depends(signed_in)])
+    @protected.post("/logout")
     async def logout(request: Request):
         s = signed_in(request)
         check_csrf(s, str((await request.form(**FORM_LIMITS)).get("csrf", "")))
@@ -182,28 +186,28 @@ def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export",
         response.delete_cookie(SESSION_COOKIE)
         return response
 
-    @app.get("/", response_class=HTMLResponse)
+    @protected.get("/", response_class=HTMLResponse)
     def index(request: Request):
         s = signed_in(request)
         return page(request, "index.html", s, runs=data.list_runs(runs), federation=federation.status() if federation else None,
                     launched=launcher.status(), sites=_visible_sites(s))
 
-    @app.get("/api/runs")
+    @protected.get("/api/runs")
     def api_runs(request: Request) -> list[dict]:
         signed_in(request)
         return data.list_runs(runs)
 
-    @app.get("/api/federation")
+    @protected.get("/api/federation")
     def api_federation(request: Request) -> dict:
         signed_in(request)
         return federation.status() if federation else {"error": "no --startup-kit given: only local run folders are shown"}
 
-    @app.get("/runs/new", response_class=HTMLResponse)
+    @protected.get("/runs/new", response_class=HTMLResponse)
     def new_run_page(request: Request):
         s = coordinator(request)
         return page(request, "new_run.html", s, recipes=launcher.recipe_names(), launched=launcher.status(), error=None)
 
-    @app.post("/runs/new", response_class=HTMLResponse)
+    @protected.post("/runs/new", response_class=HTMLResponse)
     async def new_run(request: Request):
         s = coordinator(request)
         form = await request.form(**FORM_LIMITS)
@@ -219,19 +223,19 @@ def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export",
         store.audit(s.user.name, "run-started", f"{started['recipe']} {' '.join(overrides)} ({started['env']})")
         return RedirectResponse(f"/runs/{quote(started['name'])}", status_code=303)
 
-    @app.get("/runs/{name}", response_class=HTMLResponse)
+    @protected.get("/runs/{name}", response_class=HTMLResponse)
     def run_page(request: Request, name: str):
         s = signed_in(request)
         detail = _visible(s, data.run_detail(runs, name))
         return page(request, "run.html", s, run=detail, report_html=_markdown(detail["report"], name),
                     launched=_launched(name, s))
 
-    @app.get("/api/runs/{name}")
+    @protected.get("/api/runs/{name}")
     def api_run(request: Request, name: str) -> dict:
         s = signed_in(request)
         return {**_visible(s, data.run_detail(runs, name)), "launched": _launched(name, s)}
 
-    @app.get("/api/runs/{name}/progress")
+    @protected.get("/api/runs/{name}/progress")
     def api_progress(request: Request, name: str) -> dict:
         """What the run page polls: stages, the round table so far, and a console-started run's state."""
         s = signed_in(request)
@@ -242,49 +246,49 @@ def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export",
         return {"stages": data.stages(layout), "rounds": _visible(s, {"rounds": data.rounds(layout)})["rounds"],
                 "launched": launched, "failed": failed}
 
-    @app.get("/runs/{name}/image/{key}")
+    @protected.get("/runs/{name}/image/{key}")
     def run_image(request: Request, name: str, key: str):
         s = signed_in(request)
         if not s.user.is_coordinator and key in data.PER_SITE_IMAGES:
             raise Forbidden("that picture shows every site's data; it is for the coordinators")
         return FileResponse(data.run_image(runs, name, key), media_type="image/png")
 
-    @app.get("/sites/{site}", response_class=HTMLResponse)
+    @protected.get("/sites/{site}", response_class=HTMLResponse)
     def site_page(request: Request, site: str):
         s = signed_in(request)
         _may_see(s, site)
         return page(request, "site.html", s, site=data.site_detail(runs, site))
 
-    @app.get("/api/sites/{site}")
+    @protected.get("/api/sites/{site}")
     def api_site(request: Request, site: str) -> dict:
         s = signed_in(request)
         _may_see(s, site)
         return data.site_detail(runs, site)
 
-    @app.get("/models", response_class=HTMLResponse)
+    @protected.get("/models", response_class=HTMLResponse)
     def models_page(request: Request):
         s = signed_in(request)
         return page(request, "models.html", s, models=data.list_models(exports))
 
-    @app.get("/api/models")
+    @protected.get("/api/models")
     def api_models(request: Request) -> list[dict]:
         signed_in(request)
         return data.list_models(exports)
 
-    @app.get("/models/{folder}/{file}")
+    @protected.get("/models/{folder}/{file}")
     def download(request: Request, folder: str, file: str):
         s = signed_in(request)
         path = data.model_file(exports, folder, file)
         store.audit(s.user.name, "model-downloaded", f"{folder}/{file}")
         return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
-    @app.get("/try", response_class=HTMLResponse)
+    @protected.get("/try", response_class=HTMLResponse)
     def try_page(request: Request):
         s = signed_in(request)
         return page(request, "try.html", s, models=[m for m in data.list_models(exports) if m["ok"]],
                     max_mb=MAX_UPLOAD_BYTES // 2**20)
 
-    @app.post("/api/predict")
+    @protected.post("/api/predict")
     async def api_predict(request: Request, model: str = ""):
         """The request body is the image file itself (PNG, JPEG or DICOM); ``X-Filename`` names it."""
         s = signed_in(request)
@@ -308,13 +312,15 @@ def create_app(runs: str | Path, db: str | Path, exports: str | Path = "export",
         store.audit(s.user.name, "prediction", f"{folder.name}: {len(body)} bytes")
         return result
 
-    @app.get("/docs", response_class=HTMLResponse)
+    @protected.get("/docs", response_class=HTMLResponse)
     def docs(request: Request):
         s = signed_in(request)
         schema = app.openapi()
         endpoints = [(method.upper(), path, op.get("summary") or op.get("description", "").split("\n")[0])
                      for path, ops in schema["paths"].items() for method, op in ops.items()]
         return page(request, "docs.html", s, endpoints=endpoints)
+
+    app.include_router(protected)
 
     @app.middleware("http")
     async def openapi_needs_sign_in(request: Request, call_next):
