@@ -30,6 +30,14 @@ def machine_info() -> dict:
     except ImportError:
         info["device"] = "cpu"
     try:
+        from fedxr.precision import cpu_bf16_flags, resolve_precision
+
+        # What `model.precision: auto` trains in here: a figure measured in bf16 is not an FP32 figure.
+        info["cpu_bf16_flags"] = list(cpu_bf16_flags())
+        info["precision_auto"] = resolve_precision("auto", "auto")[0]
+    except ImportError:
+        pass
+    try:
         with open("/proc/cpuinfo") as fh:
             info["cpu_model"] = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), "")
     except OSError:

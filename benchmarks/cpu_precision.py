@@ -34,7 +34,10 @@ def build(name: str) -> torch.nn.Module:
     return build_model(name).to(memory_format=torch.channels_last)
 
 
-def images_per_s(model: torch.nn.Module, size: int, batch: int, bf16: bool, steps: int, warmup: int = 2) -> float:
+def images_per_s(model: torch.nn.Module, size: int, batch: int, bf16: bool, steps: int, warmup: int = 2,
+                 ready=None) -> float | tuple[float, float, int]:
+    """Images/s of ``steps`` training steps after ``warmup``; with ``ready`` (a barrier shared by processes
+    training side by side) it waits there after the warm-up and returns (start, end, images) instead."""
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     g = torch.Generator().manual_seed(0)
     # fedxr's models take one (grey) channel
@@ -50,22 +53,32 @@ def images_per_s(model: torch.nn.Module, size: int, batch: int, bf16: bool, step
 
     for _ in range(warmup):
         step()
+    if ready is not None:
+        ready.wait()  # every process times the same window: all of them training at once
+        start = time.time()
+        for _ in range(steps):
+            step()
+        return start, time.time(), steps * batch
     t = time.perf_counter()
     for _ in range(steps):
         step()
     return steps * batch / (time.perf_counter() - t)
 
 
-def _site(args: tuple) -> float:
-    name, size, batch, threads, steps, bf16 = args
+def _site(args: tuple) -> tuple[float, float, int]:
+    name, size, batch, threads, steps, bf16, ready = args
     torch.set_num_threads(threads)
-    return images_per_s(build(name), size, batch, bf16, steps)
+    return images_per_s(build(name), size, batch, bf16, steps, ready=ready)
 
 
 def sites_side_by_side(name: str, size: int, batch: int, sites: int, threads: int, steps: int, bf16: bool) -> float:
-    """Images/s of ``sites`` processes training at once, ``threads`` each (what the simulator does)."""
-    with mp.get_context("spawn").Pool(sites) as pool:
-        return sum(pool.map(_site, [(name, size, batch, threads, steps, bf16)] * sites))
+    """Images/s of ``sites`` processes training at once, ``threads`` each (what the simulator does): all images
+    over the span from the first start to the last end, the processes released together after their warm-up."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(sites) as pool:
+        ready = manager.Barrier(sites)
+        runs = pool.map(_site, [(name, size, batch, threads, steps, bf16, ready)] * sites)
+    return sum(n for _, _, n in runs) / (max(end for _, end, _ in runs) - min(start for start, _, _ in runs))
 
 
 def main() -> None:

@@ -76,9 +76,11 @@ def baseline(recipe, mode: str, site: str | None, epochs: int) -> str:
 
     changed = recipe.changed(f"{mode} baseline", model={"max_epochs": epochs})
     folder = changed.layout.train("central" if mode == "central" else f"local_{site}")
-    # Trained before with this very recipe (and so these sites, this schedule): reuse it; anything else retrains.
-    if (folder / "summary.json").is_file() and (folder / "recipe.yaml").is_file() \
-            and (folder / "recipe.yaml").read_text() == changed.to_yaml():
+    # Trained before with this very recipe (and so these sites, this schedule), and finished: summary.json is
+    # written at the end, recipe.yaml at the start — an interrupted retraining leaves it older. Else retrain.
+    summary, written = folder / "summary.json", folder / "recipe.yaml"
+    if summary.is_file() and written.is_file() and summary.stat().st_mtime >= written.stat().st_mtime \
+            and written.read_text() == changed.to_yaml():
         return str(chosen_checkpoint(folder))
     summary = train(changed, recipe.layout.sites, mode=mode, site=site, progress=False)
     # A COVID site's validation split can hold one class only: no validation AUROC, so no "best"; then the last.

@@ -43,6 +43,10 @@ class ExportedFile:
     def to_json(self) -> dict[str, Any]:
         return _join(self)
 
+    def as_row(self) -> dict[str, Any]:
+        """Every field (``None`` where the manifest has no value) with the extra keys: for tables and templates."""
+        return {**self.extra, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}}
+
 
 @dataclass(frozen=True)
 class ExportManifest:
@@ -82,6 +86,9 @@ class ExportManifest:
         if not isinstance(data, dict) or not isinstance(data.get("files"), list) or "recommended" not in data:
             raise ManifestError(f"{where}: not an export manifest (it needs 'files' and 'recommended'); export the "
                                 "model again with `python -m fedxr.export CKPT`")
+        bad = next((f for f in data["files"] if not isinstance(f, dict)), None)
+        if bad is not None:
+            raise ManifestError(f"{where}: a file entry is {type(bad).__name__}, not an object; export the model again")
         try:
             files = tuple(ExportedFile.from_json(f) for f in data["files"])
         except TypeError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -133,11 +134,13 @@ def format_result(result: dict) -> str:
 
 
 def _site_scores(probs: torch.Tensor, targets: torch.Tensor, normal: np.ndarray, thresholds: torch.Tensor,
-                 trained: list[str] | None, at_specificity: tuple[float, torch.Tensor] | None = None) -> dict:
+                 trained: list[str] | None,
+                 at_specificity: Callable[[], tuple[float, torch.Tensor] | None] | None = None) -> dict:
     """One model on one site's split: macro over known labels with enough known positives and negatives (95 %
     bootstrap interval), per label AUROC or, where the site's split has one class only, sensitivity or
-    specificity at the validation threshold (and, given ``at_specificity`` = (specificity, thresholds), the
-    sensitivity at those thresholds too), and normal-vs-abnormal (``No Finding``) AUROC."""
+    specificity at the validation threshold (and, given ``at_specificity`` — called only when such a label exists —
+    returning (specificity, thresholds), the sensitivity at those thresholds too), and normal-vs-abnormal
+    (``No Finding``) AUROC."""
     scores = multilabel_scores(probs, targets, min_positives=MIN_TEST_POSITIVES)
     counted = [c for c in scores["counted"] if scores["positives"][c] >= MIN_TEST_POSITIVES
                and scores["negatives"][c] >= MIN_TEST_POSITIVES]
@@ -157,8 +160,9 @@ def _site_scores(probs: torch.Tensor, targets: torch.Tensor, normal: np.ndarray,
     out["sensitivity_only"] = {c: {"positives": v["positives"], "negatives": v["negatives"], "threshold": v["threshold"],
                                    "sensitivity": v["sensitivity"], "specificity": v["specificity"]}
                                for c, v in at.items() if c not in counted and v["positives"] >= MIN_TEST_POSITIVES}
-    if at_specificity is not None and out["sensitivity_only"]:
-        specificity, spec_thresholds = at_specificity
+    spec = at_specificity() if at_specificity is not None and out["sensitivity_only"] else None
+    if spec is not None:
+        specificity, spec_thresholds = spec
         fixed = sensitivity_specificity(probs, targets, spec_thresholds)
         for c, v in out["sensitivity_only"].items():
             if not np.isnan(fixed[c]["threshold"]):
@@ -199,11 +203,20 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
                             "can reward recognising the hospital rather than the finding"}
     pooled: dict[str, list] = {n: [] for n in loaded}
     predictions: dict[str, dict] = {}
-    at_spec: dict[str, tuple[float, torch.Tensor]] = {}
-    if operating_specificity is not None and split == "test":
-        at_spec = {name: (operating_specificity, t) for name, t in
-                   _validation_thresholds(loaded, sites, operating_specificity, cache_dir, progress).items()}
-        result["operating_specificity"] = operating_specificity
+    at_spec: dict[str, tuple[float, torch.Tensor] | None] = {}
+
+    def spec_of(name: str) -> Callable[[], tuple[float, torch.Tensor] | None] | None:
+        """A model's thresholds at the operating specificity, computed the first time a one-class site needs them."""
+        if operating_specificity is None or split != "test":
+            return None
+
+        def get() -> tuple[float, torch.Tensor] | None:
+            if name not in at_spec:
+                t = _validation_thresholds(*loaded[name], sites, operating_specificity, cache_dir, progress)
+                at_spec[name] = None if t is None else (operating_specificity, t)
+                result["operating_specificity"] = operating_specificity
+            return at_spec[name]
+        return get
     for site, manifest in sites.items():
         per_model = {}
         for name, (model, ckpt) in loaded.items():
@@ -219,7 +232,7 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
             normal = rows[NO_FINDING].to_numpy(dtype=float) if NO_FINDING in rows else np.full(len(rows), np.nan)
             trained = (ckpt.get("trained_on") or {}).get("trained_labels") or list(LABELS)
             per_model[name] = _site_scores(probs, targets, normal, torch.tensor(ckpt["thresholds"]), trained,
-                                           at_spec.get(name))
+                                           spec_of(name))
             if keep_predictions:
                 predictions.setdefault(site, {})[name] = (probs.numpy(), targets.numpy())
             pooled[name].append((probs, targets, normal, torch.tensor(ckpt["thresholds"]), trained))
@@ -229,7 +242,7 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
         if parts:
             result["pooled"][name] = _site_scores(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                                                   np.concatenate([p[2] for p in parts]), parts[0][3], parts[0][4],
-                                                  at_spec.get(name))
+                                                  spec_of(name))
     out = Path(out) if out else Path(sites_dir).parent / "evaluate"
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "per_site.json", result)
@@ -239,24 +252,21 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
     return result
 
 
-def _validation_thresholds(loaded: dict, sites: dict[str, Path], specificity: float, cache_dir: str | Path,
-                           progress: bool) -> dict[str, torch.Tensor]:
-    """Per model, the thresholds at ``specificity`` on the validation splits of all sites together (the known
-    negatives of every site: a site with positives only has none of its own)."""
-    out = {}
-    for name, (model, ckpt) in loaded.items():
-        parts = []
-        for manifest in sites.values():
-            dm = SiteDataModule([manifest], ckpt["preprocessing"], batch_size=64, num_workers=0, augment=False,
-                                cache_dir=cache_dir, progress=progress)
-            try:
-                parts.append(predict(model, dm.val_dataloader()))
-            except FedxrError:
-                continue  # a site without a validation split adds no negatives
-        if parts:
-            out[name] = thresholds_at_specificity(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                                                  specificity)
-    return out
+def _validation_thresholds(model: nn.Module, ckpt: dict, sites: dict[str, Path], specificity: float,
+                           cache_dir: str | Path, progress: bool) -> torch.Tensor | None:
+    """A model's thresholds at ``specificity`` on the validation splits of all sites together (the known negatives
+    of every site: a site with positives only has none of its own); None where no site has a validation split."""
+    parts = []
+    for manifest in sites.values():
+        dm = SiteDataModule([manifest], ckpt["preprocessing"], batch_size=64, num_workers=0, augment=False,
+                            cache_dir=cache_dir, progress=progress)
+        try:
+            parts.append(predict(model, dm.val_dataloader()))
+        except FedxrError:
+            continue  # a site without a validation split adds no negatives
+    if not parts:
+        return None
+    return thresholds_at_specificity(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), specificity)
 
 
 def format_sites(result: dict) -> str:

@@ -173,6 +173,14 @@ def _data_settings(r: "Recipe"):
     return {"source": r.data.source, "root": str(Path(r.data.root).resolve()), "phantom": r.data.phantom.model_dump()}
 
 
+def _training_settings(r: "Recipe", *sections) -> list:
+    """A training stage's settings: its recipe sections and the precision it resolves to on this machine
+    (``model.precision: auto`` trains bf16 on one CPU and FP32 on another: a run moved there reruns)."""
+    from fedxr.precision import recipe_precision
+
+    return [s.model_dump() for s in sections] + [recipe_precision(r)[0]]
+
+
 def _split_settings(r: "Recipe"):
     from fedxr.data.prepare import split_settings
 
@@ -183,9 +191,9 @@ STAGES: list[Stage] = [
     Stage("data", "data", (), _data_settings, _data, DataResult),
     Stage("sites", "sites (patient-wise site manifests)", ("data",), _split_settings, _sites, SitesResult),
     Stage("teacher", "teacher (federated)", ("sites",),
-          lambda r: [r.data.model_dump(), r.model.model_dump(), r.federated.model_dump()], _teacher, TeacherResult),
+          lambda r: _training_settings(r, r.data, r.model, r.federated), _teacher, TeacherResult),
     Stage("distill", "distill (federated students)", ("teacher",),
-          lambda r: [r.distill.model_dump(), r.data.model_dump(), r.model.model_dump(), r.federated.model_dump()],
+          lambda r: _training_settings(r, r.distill, r.data, r.model, r.federated),
           _distill, DistillResult, enabled=lambda r: bool(r.distill.students)),
     Stage("export", "export (ONNX FP32 + INT8, verified)", ("teacher", "distill"), lambda r: r.export.model_dump(),
           _export, ExportResult),

@@ -1,7 +1,8 @@
 """`model.precision: auto`: bf16 autocast where the hardware does bf16 natively, FP32 elsewhere.
 
 On a CPU with AMX or AVX512-BF16, oneDNN runs bf16 convolutions natively: ResNet-18 at 96 px, batch 32, two
-threads trains ~1.7x faster under bf16 autocast than in FP32 (`benchmarks/train_throughput.py`). A CPU
+threads trains 1.6-1.8x faster under bf16 autocast than in FP32 on a 2-core AMD EPYC with AVX512-BF16
+(`benchmarks/cpu_precision.py`). A CPU
 without them would emulate bf16 and run slower, so there it stays FP32. On a GPU that supports bf16, bf16-mixed.
 Differential privacy keeps FP32: Opacus clips per-image gradients, and the privacy figures were measured so.
 """
@@ -43,6 +44,12 @@ def _uses_cuda(accelerator: str) -> bool:
     return torch.cuda.is_available()
 
 
+def recipe_precision(recipe) -> tuple[str, str]:
+    """The precision a recipe trains in on this machine, and why: what every trainer uses, what the round records
+    and the stage fingerprints hold."""
+    return resolve_precision(recipe.model.precision, recipe.model.accelerator, dp=bool(recipe.privacy.dp))
+
+
 def resolve_precision(requested: str, accelerator: str = "auto", dp: bool = False) -> tuple[str, str]:
     """The Lightning precision a recipe's ``model.precision`` means on this machine, and why (for the records).
     Anything but ``auto`` is taken as written."""
@@ -53,9 +60,12 @@ def resolve_precision(requested: str, accelerator: str = "auto", dp: bool = Fals
     if _uses_cuda(accelerator):
         import torch
 
-        if torch.cuda.is_bf16_supported():
-            return "bf16-mixed", f"GPU {torch.cuda.get_device_name(0)} supports bf16"
-        return "32-true", "this GPU has no bf16"
+        # Native bf16 only (Ampere and later: compute capability 8): is_bf16_supported() also says yes where it is
+        # emulated, and slow. The properties query opens no context on the device (every DDP rank asks this).
+        props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0)))
+        if props.major >= 8:
+            return "bf16-mixed", f"GPU {props.name} has native bf16"
+        return "32-true", f"GPU {props.name} has no native bf16 (compute capability {props.major}.{props.minor})"
     flags = cpu_bf16_flags()
     if flags:
         return "bf16-mixed", f"CPU has {', '.join(flags)}"

@@ -100,22 +100,27 @@ def _rounds_section(layout: RunLayout, results: RunResults, out: list[str]) -> N
         out += ["", f"![rounds]({_rel(fed / 'rounds.png', run)})", ""]
         precisions = sorted({v["precision"] for r in table for v in r["sites"].values() if v.get("precision")})
         if precisions:
-            why = _precision_reason(fed)
-            out += [f"Trained in {' and '.join(precisions)}{f' ({why})' if why else ''}: `model.precision: auto` "
-                    "is bf16 autocast on a CPU with AMX or AVX512-BF16 or a bf16 GPU, FP32 elsewhere.", ""]
+            why = _precision_reasons(fed)
+            out += [f"Trained in {' and '.join(precisions)}{f' ({why})' if why else ''}.", ""]
     if (fed / "cross_site.png").is_file():
         out += [f"![cross-site]({_rel(fed / 'cross_site.png', run)})", ""]
     out += [f"Teacher checkpoint: `{_rel(results.teacher.checkpoint, run)}`", ""]
 
 
-def _precision_reason(fed: Path) -> str | None:
-    """Why the sites trained in the precision they did (the first record that says), from the round records."""
+def _precision_reasons(fed: Path) -> str | None:
+    """Why the sites trained in the precision they did, from the round records (each site's reason once)."""
     from fedxr.federated.records import read_records
 
     records = fed / "records"
     if not records.is_dir():
         return None
-    return next((r["precision_why"] for r in read_records(records) if r.get("precision_why")), None)
+    why: dict[str, set[str]] = {}
+    for r in read_records(records):
+        if r.get("precision_why"):
+            why.setdefault(r["precision_why"], set()).add(r["site"])
+    if len(why) == 1:
+        return next(iter(why))
+    return "; ".join(f"{', '.join(sorted(sites))}: {reason}" for reason, sites in why.items()) or None
 
 
 def _privacy_section(layout: RunLayout, recipe: Recipe, out: list[str]) -> None:

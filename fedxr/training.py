@@ -13,6 +13,7 @@ from fedxr.config import Recipe
 from fedxr.data.datamodule import SiteDataModule
 from fedxr.data.manifest import site_manifest_paths
 from fedxr.energy import tracked
+from fedxr.precision import recipe_precision
 from fedxr.errors import FedxrError
 from fedxr.labels import VAL_AUROC
 from fedxr.layout import BEST, LAST
@@ -43,13 +44,6 @@ class BestCheckpoint(Callback):
         pl_module.save_fedxr_checkpoint(self.last_path, self.recipe, self.source)
 
 
-def training_precision(recipe: Recipe) -> tuple[str, str]:
-    """The Lightning precision this recipe trains in on this machine, and why (``model.precision: auto``)."""
-    from fedxr.precision import resolve_precision
-
-    return resolve_precision(recipe.model.precision, recipe.model.accelerator, dp=bool(recipe.privacy.dp))
-
-
 def make_trainer(recipe: Recipe, folder: Path, callbacks: list | None = None, max_epochs: int | None = None,
                  max_steps: int | None = None, progress: bool = True, **kwargs) -> L.Trainer:
     """A Trainer configured from the recipe's model section (precision, devices, strategy)."""
@@ -60,7 +54,7 @@ def make_trainer(recipe: Recipe, folder: Path, callbacks: list | None = None, ma
     # A federated site states its own devices and strategy (one process, or torchrun's DDP workers).
     devices, strategy = kwargs.pop("devices", m.devices), kwargs.pop("strategy", m.strategy)
     return L.Trainer(
-        accelerator=m.accelerator, devices=devices, strategy=strategy, precision=training_precision(recipe)[0],
+        accelerator=m.accelerator, devices=devices, strategy=strategy, precision=recipe_precision(recipe)[0],
         max_epochs=max_epochs if max_epochs is not None else m.max_epochs,
         max_steps=max_steps if max_steps is not None else m.max_steps,
         callbacks=callbacks or [], default_root_dir=str(folder), enable_checkpointing=False,
@@ -127,7 +121,7 @@ def train(recipe: Recipe, sites_folder: Path, mode: str = "central", site: str |
         trainer.fit(module, datamodule=dm)
     summary = {"mode": mode, "site": site, "folder": str(folder), "best_val_auroc": ckpt_cb.best,
                "best": str(ckpt_cb.best_path), "last": str(ckpt_cb.last_path), "precision": str(trainer.precision),
-               "precision_why": training_precision(recipe)[1]}
+               "precision_why": recipe_precision(recipe)[1]}
     write_json_atomic(folder / "summary.json", summary)
     return summary
 

@@ -39,13 +39,14 @@ def test_a_manifest_reads_typed_and_round_trips(tmp_path):
     (lambda d: d.update(files="m_fp32.onnx"), "not an export manifest"),
     (lambda d: d.update(recommended="gone.onnx"), "recommends 'gone.onnx', which its files do not list"),
     (lambda d: d["files"][0].pop("format"), "a file entry is not one fedxr wrote"),
+    (lambda d: d["files"].append("x.onnx"), "a file entry is str, not an object"),
 ])
 def test_a_manifest_without_what_readers_need_names_the_file(tmp_path, change, expected):
     data = json.loads(json.dumps(MANIFEST))
     change(data)
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(data))
     with pytest.raises(ManifestError, match=expected) as err:
-        ExportManifest.read(tmp_path).recommended_file
+        _ = ExportManifest.read(tmp_path).recommended_file
     assert str(tmp_path / MANIFEST_FILE) in str(err.value)
 
 
@@ -55,6 +56,20 @@ def test_missing_and_unreadable_manifests_say_what_to_do(tmp_path):
     (tmp_path / MANIFEST_FILE).write_text('{"files": [')
     with pytest.raises(ManifestError, match="cannot be read .*copy the export folder again"):
         ExportManifest.read(tmp_path)
+
+
+def test_the_console_lists_good_exports_and_skips_a_malformed_one(tmp_path):
+    from fedxr.console.data import list_models
+
+    for name, files in (("good_model", MANIFEST["files"]), ("bad_model", ["m_fp32.onnx"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MANIFEST_FILE).write_text(json.dumps({**MANIFEST, "files": files}))
+    (tmp_path / "good_model" / "m_fp32.onnx").write_bytes(b"x")
+    listed = list_models(tmp_path)
+    assert [m["folder"] for m in listed] == ["good_model"]
+    rows = {f["file"]: f for f in listed[0]["files"]}
+    assert rows["m_fp32.onnx"]["available"] and not rows["m_int8.onnx"]["available"]
+    assert rows["m_int8.onnx"]["size_bytes"] is None  # every field present for the template, None where absent
 
 
 def test_only_the_schema_and_the_exporter_read_manifest_keys_by_string():

@@ -48,13 +48,14 @@ def test_auto_is_bf16_on_a_bf16_cpu_and_fp32_elsewhere(cpu_flags):
 
 
 def test_the_trainer_trains_in_the_resolved_precision(cpu_flags, tmp_path):
-    from fedxr.training import make_trainer, training_precision
+    from fedxr.precision import recipe_precision
+    from fedxr.training import make_trainer
 
     recipe = load_recipe(QUICKSTART, [f"output.runs_dir={tmp_path}", "model.accelerator=cpu"])
     assert recipe.model.precision == "auto"
     for flag, want in (("1", "bf16-mixed"), ("0", "32-true")):
         cpu_flags(flag)
-        assert training_precision(recipe)[0] == want
+        assert recipe_precision(recipe)[0] == want
         trainer = make_trainer(recipe, tmp_path, progress=False, logger=False)
         assert str(trainer.precision) == want
         with trainer.precision_plugin.forward_context():
@@ -63,4 +64,4 @@ def test_the_trainer_trains_in_the_resolved_precision(cpu_flags, tmp_path):
     dp = load_recipe(QUICKSTART, [f"output.runs_dir={tmp_path}", "model.accelerator=cpu", "privacy.dp=true",
                                    "distill.students=[]"])
     cpu_flags("1")
-    assert training_precision(dp)[0] == "32-true"
+    assert recipe_precision(dp)[0] == "32-true"

@@ -127,7 +127,8 @@ def test_a_one_class_site_does_not_get_sensitivity_free_from_a_model_that_calls_
             ("separates", 0.2 + 0.6 * val_targets.nan_to_num(0) + 0.1 * torch.rand(200, 14, generator=g),
              0.8 + 0.1 * torch.rand(60, 14, generator=g), (1.0, 1.0))):
         spec_thr = thresholds_at_specificity(val_probs, val_targets, 0.9)
-        s = _site_scores(test_probs, test_targets, normal, torch.full((14,), 0.5), ["Pneumonia"], (0.9, spec_thr))
+        s = _site_scores(test_probs, test_targets, normal, torch.full((14,), 0.5), ["Pneumonia"],
+                         lambda t=spec_thr: (0.9, t))
         v = s["sensitivity_only"]["Pneumonia"]
         assert v["sensitivity"] == want[0], name
         assert v["at_specificity"]["validation_specificity"] == 0.9

@@ -186,7 +186,7 @@ def list_models(exports: Path) -> list[dict]:
             m = ExportManifest.read(manifest)
         except ManifestError:
             continue  # not an export this console can show
-        files = [dict(f.to_json(), available=(manifest.parent / f.file).is_file()) for f in m.files
+        files = [dict(f.as_row(), available=(manifest.parent / f.file).is_file()) for f in m.files
                  if isinstance(f.file, str) and _NAME.match(f.file)]
         card = manifest.parent / "MODEL_CARD.md"
         trust = m.trust if isinstance(m.trust, dict) else {}

@@ -245,6 +245,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
     manifest["trust"] = write_trust_files(out, trust, name)
     manifest["model_card"] = CARD_FILE
     typed = ExportManifest.from_json(manifest, folder=out)  # what every reader will see: checked before it is written
+    undigested = [f.file for f in typed.files if (out / f.file).is_file() and not (f.sha256 and f.size_bytes)]
+    if undigested:  # the edge runtime verifies files by these two fields: a file without them would load unchecked
+        raise FedxrError(f"{out / MANIFEST_FILE}: no SHA-256 or size for {', '.join(undigested)} (a fedxr bug: report it)")
     write_json_atomic(out / MANIFEST_FILE, manifest)
     write_card(out, render(name, str(ckpt.get("source", "")).startswith("distill"), ckpt.get("trained_on"), trust, typed))
     manifest["out"] = str(out)

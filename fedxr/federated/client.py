@@ -142,7 +142,8 @@ def main(argv=None) -> None:
     from fedxr.federated.records import record_file
     from fedxr.federated.site import resolve_site_manifest
     from fedxr.labels import VAL_AUROC
-    from fedxr.training import make_classifier, make_datamodule, make_trainer, training_precision
+    from fedxr.precision import recipe_precision
+    from fedxr.training import make_classifier, make_datamodule, make_trainer
 
     args = parse_args(argv)
     if args.threads:
@@ -201,7 +202,7 @@ def main(argv=None) -> None:
     per_round = ({"max_steps": local_steps, "max_epochs": UNBOUNDED_EPOCHS} if local_steps
                  else {"max_epochs": fed.local_epochs})
     counter = sample_counter()
-    precision_why = training_precision(recipe)[1]
+    precision_why = recipe_precision(recipe)[1]
     trainer = make_trainer(recipe, work, callbacks=[counter], progress=False, enable_model_summary=False,
                            logger=[ClientLogger()], num_sanity_val_steps=0, **trainer_devices(recipe, ranks),
                            **per_round)
