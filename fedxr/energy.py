@@ -112,7 +112,7 @@ def edge_energy_per_image_j(latency_ms: float, threads: int, core_w: float | Non
 def summarise(layout, recipe_country: str) -> dict | None:
     """``RUN/energy.json``: every tracked job of the run, the total, per-site shares, and the comparisons
     (federated teacher vs local-only trainings; edge energy per 1,000 predictions; distillation break-even)."""
-    from fedxr.federated.records import read_records
+    from fedxr.records import read_records
 
     jobs = {}
     for name, folder in [("teacher (federated)", layout.federate),

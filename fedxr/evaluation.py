@@ -18,7 +18,8 @@ from fedxr.errors import FedxrError
 from fedxr.labels import LABELS
 from fedxr.models.checkpoint import model_from_checkpoint
 from fedxr.models.metrics import (MIN_TEST_POSITIVES, bootstrap_macro_auroc, interval, multilabel_scores,
-                                  sensitivity_specificity, thresholds_at_specificity)
+                                  sensitivity_specificity)
+from fedxr.trust.operating import threshold_for
 from fedxr.plots import saved_figure
 
 #: Bootstrap resamples of the images for the 95 % interval of a macro AUROC (seeded: same interval every run).
@@ -250,6 +251,20 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
     if keep_predictions:
         result["predictions"] = predictions
     return result
+
+
+def thresholds_at_specificity(probs: torch.Tensor, targets: torch.Tensor, specificity: float) -> torch.Tensor:
+    """Per class, the lowest threshold at which at least ``specificity`` of the known negatives score below it
+    (``probs >= t`` is a positive call; the export's ``specificity:`` operating-point rule); NaN where a class has
+    no known negative. One rule for every model: one that calls everything positive gets a high threshold rather
+    than a free sensitivity."""
+    out = torch.full((probs.shape[1],), float("nan"))
+    for c in range(probs.shape[1]):
+        known = ~torch.isnan(targets[:, c])
+        y, p = targets[known, c].numpy(), probs[known, c].numpy().astype(np.float32)  # float32 as compared later
+        if (y == 0).any():
+            out[c] = threshold_for(p, y, "specificity", specificity)
+    return out
 
 
 def _validation_thresholds(model: nn.Module, ckpt: dict, sites: dict[str, Path], specificity: float,

@@ -109,7 +109,7 @@ def _rounds_section(layout: RunLayout, results: RunResults, out: list[str]) -> N
 
 def _precision_reasons(fed: Path) -> str | None:
     """Why the sites trained in the precision they did, from the round records (each site's reason once)."""
-    from fedxr.federated.records import read_records
+    from fedxr.records import read_records
 
     records = fed / "records"
     if not records.is_dir():

@@ -111,7 +111,7 @@ def test_global_best_is_the_model_its_score_belongs_to(sim_run, tmp_path):
     re-scored here reproduces the cross-site scores of the model it says it is."""
     from fedxr.data.manifest import site_manifest_paths
     from fedxr.evaluation import evaluate_checkpoint
-    from fedxr.federated.records import read_records
+    from fedxr.records import read_records
 
     recipe, _, summary = sim_run
     by_round: dict[int, dict[str, dict]] = {}
@@ -283,7 +283,7 @@ def test_fedbn_runs_rounds_with_local_batchnorm(tmp_path):
     assert not torch.equal(s1[bn], s2[bn])  # statistics stayed local to each hospital
     # The learning-rate schedule spans both rounds: half-way through (end of round 0) the cosine is at
     # about half the base rate, not already at zero; at the end of the last round it is near zero.
-    from fedxr.federated.records import read_records
+    from fedxr.records import read_records
 
     lr = {(r["site"], r["round"]): r["lr_end"] for r in read_records(records)}
     base = recipe.model.lr

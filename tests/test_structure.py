@@ -80,6 +80,48 @@ def test_federated_engine_does_not_know_about_distillation():
         assert not any(t.startswith("fedxr.distill") for t in graph[module]), module
 
 
+# The package's layers, lowest first; a module imports only its own layer and those below (function-level imports
+# count too). The README's Layout section says the same.
+LAYERS = [
+    ("foundation: file formats, names, errors (torch-free)",
+     ["fedxr", "fedxr.labels", "fedxr.imaging", "fedxr.preprocessing", "fedxr.layout", "fedxr.errors", "fedxr.defaults",
+      "fedxr.results", "fedxr.artifacts", "fedxr.plots", "fedxr.precision", "fedxr.records",
+      "fedxr.data.atomic", "fedxr.data.provenance", "fedxr.energy"]),
+    ("the edge runtime and the rules it reads (torch-free)",
+     ["fedxr.edge", "fedxr.trust.calibration", "fedxr.trust.operating", "fedxr.trust.card"]),
+    ("data, models, recipes, privacy, trust fitting", ["fedxr.data", "fedxr.models", "fedxr.config", "fedxr.privacy",
+                                                       "fedxr.trust"]),
+    ("training and evaluation", ["fedxr.training", "fedxr.evaluation", "fedxr.explain", "fedxr.trust.fit"]),
+    ("the federated engine", ["fedxr.federated"]),
+    ("distillation", ["fedxr.distill"]),
+    ("products: export, pipeline, report, CLI, console",
+     ["fedxr.export", "fedxr.pipeline", "fedxr.report", "fedxr.cli", "fedxr.console", "fedxr.__main__"]),
+]
+# Imports that go up a layer, each inside the one function that needs it, and why.
+UPWARD_ALLOWED = {
+    ("fedxr.trust.operating", "fedxr.models.metrics"):
+        "Youden's threshold rule (torch) is imported only when an export fits operating points; the edge reads rules",
+    ("fedxr.config", "fedxr.federated.ranks"):
+        "recipe validation asks whether several devices per site would run DDP (the engine's own rule)",
+}
+
+
+def layer_of(module: str) -> int:
+    """The layer of the longest prefix that names the module (fedxr.trust.fit is not fedxr.trust)."""
+    found = [(len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes
+             if module == p or module.startswith(p + ".")]
+    assert found, f"{module} is in no layer: add it to LAYERS"
+    return max(found)[1]
+
+
+def test_each_module_imports_only_its_layer_and_those_below():
+    graph = import_graph()
+    upward = {(m, d): f"{LAYERS[layer_of(m)][0]} -> {LAYERS[layer_of(d)][0]}" for m, deps in graph.items()
+              for d in deps if layer_of(d) > layer_of(m)}
+    assert {k: v for k, v in upward.items() if k not in UPWARD_ALLOWED} == {}
+    assert set(UPWARD_ALLOWED) <= set(upward), "an allowed exception is gone: remove it from UPWARD_ALLOWED"
+
+
 def test_light_modules_import_without_the_training_stack():
     """`fedxr --help`, the edge runtime and whatever reads run folders (the console) work where torch,
     pydantic, yaml and pandas are absent (an edge-only install)."""

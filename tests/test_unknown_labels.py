@@ -12,7 +12,8 @@ from fedxr.labels import LABELS
 from fedxr.models.classifier import pos_weight_from_labels
 from fedxr.models.loss import masked_bce_with_logits
 from fedxr.models.metrics import (batched_auroc, bootstrap_macro_auroc, choose_thresholds, multilabel_scores,
-                                  sensitivity_specificity, thresholds_at_specificity)
+                                  sensitivity_specificity)
+from fedxr.evaluation import thresholds_at_specificity
 
 
 def test_masked_bce_equals_plain_bce_when_every_label_is_known():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedxr.artifacts import MANIFEST_FILE, ExportManifest, ManifestError
 from fedxr.errors import FedxrError
-from fedxr.federated.records import read_records, round_table
+from fedxr.records import read_records, round_table
 from fedxr.layout import RunLayout, read_sites_summary
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")

@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     from fedxr.federated.codec import decode_json, decode_recipe
     from fedxr.federated.job import job_deadline_s
     from fedxr.federated.ranks import SiteRanks
-    from fedxr.federated.records import record_file
+    from fedxr.records import record_file
     from fedxr.federated.site import resolve_site_manifest
     from fedxr.labels import VAL_AUROC
     from fedxr.precision import recipe_precision

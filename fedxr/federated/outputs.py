@@ -11,8 +11,8 @@ from fedxr.config import Recipe
 from fedxr.errors import FedxrError
 from fedxr.labels import VAL_AUROC
 from fedxr.layout import GLOBAL_BEST, GLOBAL_LAST, chosen_checkpoint
-from fedxr.federated.records import read_records, round_table
-from fedxr.federated.records import OUTGOING
+from fedxr.records import read_records, round_table
+from fedxr.records import OUTGOING
 from fedxr.models.checkpoint import save_checkpoint
 from fedxr.plots import saved_figure
 from fedxr.data.atomic import write_json_atomic

@@ -15,7 +15,7 @@ from fedxr.data.prepare import require_sites
 from fedxr.errors import FedxrError
 from fedxr.federated import outputs
 from fedxr.federated.deploy import admin_username, preflight, stop_processes
-from fedxr.federated.records import read_records
+from fedxr.records import read_records
 from fedxr.federated.job import build_job, job_deadline_s, job_name, recipe_blob_is_not_a_secret
 from fedxr.federated.site import SITES_DIR_ENV
 

@@ -181,19 +181,6 @@ def choose_thresholds(probs: torch.Tensor, targets: torch.Tensor, rule: str = "y
     return out
 
 
-def thresholds_at_specificity(probs: torch.Tensor, targets: torch.Tensor, specificity: float) -> torch.Tensor:
-    """Per class, the lowest threshold at which at least ``specificity`` of the known negatives score below it
-    (``probs >= t`` is a positive call); NaN where a class has no known negative. One rule for every model, so a
-    model that calls everything positive gets a high threshold rather than a free sensitivity."""
-    out = torch.full((probs.shape[1],), float("nan"))
-    for c in range(probs.shape[1]):
-        neg = np.sort(probs[targets[:, c] == 0, c].numpy().astype(np.float32))  # float32: the next value is exact
-        if len(neg):
-            k = max(1, int(np.ceil(specificity * len(neg))))  # this many negatives must fall below the threshold
-            out[c] = float(np.nextafter(neg[k - 1], np.float32(np.inf)))
-    return out
-
-
 def sensitivity_specificity(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor) -> dict:
     """Per class: sensitivity and specificity at the given thresholds over the images whose label is known
     (None where undefined)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nvflare.apis.filter import Filter
 
-from fedxr.federated.records import OUTGOING  # noqa: F401  (the records subfolder these files go to)
+from fedxr.records import OUTGOING  # noqa: F401  (the records subfolder these files go to)
 _TEXT_LIMIT = 200
 
 

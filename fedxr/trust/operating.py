@@ -36,15 +36,18 @@ def wilson(successes: int, n: int, z: float = 1.96) -> list[float] | None:
     return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
-def _threshold(p: np.ndarray, y: np.ndarray, kind: str, target: float | None) -> float:
+def threshold_for(p: np.ndarray, y: np.ndarray, kind: str, target: float | None) -> float:
+    """One finding's threshold for a rule (``p >= t`` is a positive call): the same rule at export (operating
+    points) and in evaluation (a one-class site read at a fixed validation specificity)."""
     pos, neg = np.sort(p[y == 1])[::-1], np.sort(p[y == 0])
     if kind == "sensitivity":
         # The highest threshold that still calls ceil(target × positives) of the positives: sensitivity >= target.
         return float(pos[max(0, math.ceil(target * len(pos)) - 1)])
     if kind == "specificity":
-        # The lowest threshold above floor-enough negatives: specificity >= target.
+        # The lowest threshold above floor-enough negatives: specificity >= target. The next value in the scores'
+        # own dtype: a float64 neighbour of a float32 score rounds back onto it when stored as float32.
         k = math.ceil(target * len(neg))
-        return float(np.nextafter(neg[k - 1], np.inf)) if k > 0 else float(neg[0])
+        return float(np.nextafter(neg[k - 1], neg.dtype.type(np.inf))) if k > 0 else float(neg[0])
     # Youden's J: fedxr's one rule for it (fedxr.models.metrics, torch; imported here so the edge, which reads
     # rules only, stays torch-free).
     import torch
@@ -74,7 +77,7 @@ def operating_points(probs: np.ndarray, targets: np.ndarray, labels: list[str], 
                          why=f"too few known validation cases ({npos} positive, {nneg} negative; needs "
                              f"{MIN_OPERATING_CASES} of each)")
         else:
-            t = _threshold(p, y, kind, target)
+            t = threshold_for(p, y, kind, target)
             tp, tn = int(((p >= t) & (y == 1)).sum()), int(((p < t) & (y == 0)).sum())
             point.update(threshold=t, sensitivity=[round(tp / npos, 4), *wilson(tp, npos)],
                          specificity=[round(tn / nneg, 4), *wilson(tn, nneg)])
