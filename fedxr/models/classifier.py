@@ -145,7 +145,11 @@ class XRayClassifier(L.LightningModule):
 
     def _eval_step(self, batch, stage: str):
         x, y = batch
-        logits = self(x)
+        # Scored in full precision even when training runs under bf16 autocast (model.precision: auto): these
+        # scores pick the best model, set thresholds and are compared with `fedxr evaluate` and the FP32 ONNX
+        # export, which all run the FP32 weights in FP32 (bf16 moved a small validation split's AUROC by 0.125).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = self(x)
         if stage == "val" and self.privacy is None:  # under DP only the noised AUROC leaves (see _epoch_end)
             self.log(VAL_LOSS, self._loss(logits, y), prog_bar=False, batch_size=len(x))
         self._outputs[stage].append((torch.sigmoid(logits.float()).detach(), y.detach()))
