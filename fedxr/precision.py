@@ -17,15 +17,17 @@ from pathlib import Path
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_bf16_flags() -> tuple[str, ...]:
-    """The flags of :data:`BF16_CPU_FLAGS` this CPU has (empty when none, or where /proc/cpuinfo is absent).
-    ``FEDXR_CPU_BF16=0`` hides them (force FP32 on such a CPU), ``=1`` claims them (a CPU this check misses)."""
+@functools.lru_cache(maxsize=4)
+def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, ...]:
+    """The flags of :data:`BF16_CPU_FLAGS` this CPU has (empty when none, or where ``cpuinfo`` is absent).
+    ``FEDXR_CPU_BF16=0`` hides them (force FP32 on such a CPU), ``=1`` claims them (a CPU this check misses).
+    Read from the kernel's CPU flags rather than torch's oneDNN check, which also says yes where bf16 is only
+    emulated (AVX-512 without its bf16 instructions) and slower than FP32."""
     forced = os.environ.get("FEDXR_CPU_BF16")
     if forced in ("0", "1"):
         return ("FEDXR_CPU_BF16=1",) if forced == "1" else ()
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path(cpuinfo).read_text()
     except OSError:
         return ()
     flags: set[str] = set()

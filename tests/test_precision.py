@@ -3,8 +3,6 @@ elsewhere and under differential privacy; the precision a run trained in is reco
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -27,12 +25,20 @@ def cpu_flags(monkeypatch):
     cpu_bf16_flags.cache_clear()
 
 
-def test_flags_are_read_from_proc_cpuinfo(cpu_flags):
+def test_flags_are_read_from_the_kernels_cpu_flags(cpu_flags, tmp_path):
+    """Whole flag names on the flags line only: avx512bw alone (bf16 emulated) or a model name that mentions
+    bf16 is not native bf16."""
     cpu_flags(None)
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "flags:")
-    want = tuple(f for f in BF16_CPU_FLAGS if f in line.split(":", 1)[1].split())
-    assert cpu_bf16_flags() == want
+    head = "processor\t: 0\nmodel name\t: Example avx512_bf16 CPU\n"
+    cases = {"fpu avx2 avx512f avx512bw avx512_bf16 sse": ("avx512_bf16",),
+             "fpu avx512f avx512bw amx_tile amx_bf16 avx512_bf16": ("amx_bf16", "avx512_bf16"),
+             "fpu avx2 avx512f avx512bw avx512_bf16x": ()}
+    for i, (flags, want) in enumerate(cases.items()):
+        info = tmp_path / f"cpuinfo{i}"
+        info.write_text(f"{head}flags\t\t: {flags}\nbugs\t\t: avx512_bf16\n\nprocessor\t: 1\n")
+        assert cpu_bf16_flags(info) == want, flags
+    assert cpu_bf16_flags(tmp_path / "absent") == ()
+    assert set(cpu_bf16_flags()) <= set(BF16_CPU_FLAGS)  # this machine's own file parses too
 
 
 def test_auto_is_bf16_on_a_bf16_cpu_and_fp32_elsewhere(cpu_flags):
