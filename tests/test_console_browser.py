@@ -170,4 +170,4 @@ def test_start_a_run_and_watch_it_live(chromium, console_run, shots):
         assert page.evaluate("window.__sameDocument") is True
         shot(page, shots, "run_live")
         page.close()
-    app.state.launcher.stop()
+    app.state.console.launcher.stop()

@@ -100,5 +100,5 @@ def serve(args: argparse.Namespace) -> int:
         uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                     log_level="warning", limit_concurrency=64, timeout_keep_alive=5)
     finally:
-        app.state.launcher.stop()
+        app.state.console.launcher.stop()
     return 0

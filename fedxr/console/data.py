@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 from pathlib import Path
 
 from fedxr.artifacts import MANIFEST_FILE, ExportManifest, ManifestError
@@ -21,8 +22,6 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 RUN_IMAGES = {"rounds": "federate/rounds.png", "cross_site": "federate/cross_site.png",
               "roc": "evaluate/roc_curves.png", "distill": "distill/distill_report.png",
               "gradcam": "explain/gradcam_grid.png", "prevalence": "report_prevalence.png"}
-#: Pictures with every site's own figures (for coordinators; a hospital user sees its site's page instead).
-PER_SITE_IMAGES = ("rounds", "cross_site", "prevalence")
 
 
 def tail(path: Path, limit: int) -> str:
@@ -43,11 +42,22 @@ def _plain_name(name: str, what: str) -> str:
     return name
 
 
-def _json(path: Path) -> dict | list | None:
+def _json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def _json_dict(path: Path) -> dict | None:
+    """A JSON object fedxr wrote, or None when it is missing, unreadable or not an object."""
+    data = _json(path)
+    return data if isinstance(data, dict) else None
+
+
+def _json_list(path: Path) -> list | None:
+    data = _json(path)
+    return data if isinstance(data, list) else None
 
 
 def run_layout(runs: Path, name: str) -> RunLayout:
@@ -60,7 +70,7 @@ def run_layout(runs: Path, name: str) -> RunLayout:
 def stages(layout: RunLayout) -> dict[str, dict]:
     """Each stage's state from pipeline.json: ran (with seconds), skipped or disabled; plus, for a run in
     progress, the stage whose log was written last."""
-    state = _json(layout.pipeline_state) or {}
+    state = _json_dict(layout.pipeline_state) or {}
     out = {name: {"done": bool(s.get("result") or s.get("results")), "disabled": s.get("run_id") == "disabled",
                   "seconds": s.get("seconds")} for name, s in state.items() if isinstance(s, dict)}
     logs = sorted(layout.root.glob("logs/*.log"), key=lambda p: p.stat().st_mtime)
@@ -86,7 +96,7 @@ def list_runs(runs: Path) -> list[dict]:
         if not _NAME.match(folder.name) or not (layout.pipeline_state.is_file() or layout.federate.is_dir()):
             continue
         stage_state = stages(layout)
-        report = _json(layout.distill / "distill_report.json") or {}
+        report = _json_dict(layout.distill / "distill_report.json") or {}
         students = {n: r.get("macro_auroc") for n, r in (report.get("students") or {}).items()}
         recipe = _recipe_name(layout)
         times = [p.stat().st_mtime for p in (layout.pipeline_state, *layout.root.glob("federate/records/*.jsonl"))
@@ -113,8 +123,8 @@ def rounds(layout: RunLayout) -> list[dict]:
     Read from the sites' records while a run is going (simulation, POC), else from rounds.json."""
     rows = read_records(layout.federate / "records") if (layout.federate / "records").is_dir() else []
     if rows:
-        return round_table(rows, _json(layout.federate / "cross_site.json"))
-    return _json(layout.federate / "rounds.json") or []
+        return round_table(rows, _json_dict(layout.federate / "cross_site.json"))
+    return _json_list(layout.federate / "rounds.json") or []
 
 
 def run_detail(runs: Path, name: str) -> dict:
@@ -147,7 +157,7 @@ def run_image(runs: Path, name: str, key: str) -> Path:
 
 
 def sites(runs: Path) -> list[str]:
-    names = set()
+    names: set[str] = set()
     for folder in Path(runs).iterdir() if Path(runs).is_dir() else []:
         names.update(p.stem for p in (folder / "sites").glob("site-*.csv"))
     return sorted(names)

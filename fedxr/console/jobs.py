@@ -69,6 +69,7 @@ class RunLauncher:
         name = load_recipe(self.recipes / recipe, args).output.name
         with self._lock:
             if self._proc is not None and self._proc.poll() is None:
+                assert self._current is not None  # set together with _proc
                 raise FedxrError(f"a run is already going ({self._current['name']}, started by {self._current['user']}); "
                                  "wait for it to finish")
             log = self.runs / name / "console_run.log"

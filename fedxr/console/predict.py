@@ -40,7 +40,7 @@ def edge_model(folder: Path):
         return _models[key]
 
 
-def warm_up(folders: list[Path], checkpoints: list[str]) -> threading.Thread:
+def warm_up(folders: list[Path], checkpoints: list[str | None]) -> threading.Thread:
     """Load what /try needs — the export folders' onnxruntime sessions, torch and the checkpoints Grad-CAM uses —
     in a background thread at start-up, so the first prediction does not wait for them (the pages answer
     meanwhile: nothing here holds a lock a page needs)."""
@@ -109,6 +109,7 @@ def predict_upload(data: bytes, name: str, folder: Path, checkpoint: str | None)
     shown = resize_square(gray, DISPLAY_SIZE)
     top = max(result.probabilities, key=result.probabilities.get)
     label = result.findings[0][0] if result.findings else top
+    why: str | None
     if result.withheld:  # a heatmap on an image the model is not for would look like an answer
         cam, why = None, "no heatmap: the image is not like those the model was trained on"
     else:

@@ -53,9 +53,6 @@ class User:
     def is_coordinator(self) -> bool:
         return self.role == "coordinator"
 
-    def may_see_site(self, site: str) -> bool:
-        return self.is_coordinator or self.site == site
-
 
 @dataclass(frozen=True)
 class Session:
@@ -153,7 +150,9 @@ class Store:
         token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         self._run("INSERT INTO sessions VALUES (?, ?, ?, ?)", (_sha(token), name, csrf, now + SESSION_TTL_S))
         self.audit(name, "sign-in", None, client)
-        return token, Session(self.get_user(name), csrf)
+        user = self.get_user(name)
+        assert user is not None  # its password was just checked against its row
+        return token, Session(user, csrf)
 
     def session(self, token: str | None) -> Session | None:
         if not token:
