@@ -55,7 +55,7 @@ def pooled_test_auroc(ckpt: str | Path, recipe) -> float | None:
 
     res = evaluate_checkpoint(ckpt, recipe.layout.sites, split="test", out=Path(ckpt).parent / "eval_pooled_test",
                               cache_dir=recipe.data.cache_dir, progress=False)
-    return res["macro_auroc"]
+    return res.macro_auroc
 
 
 def fedbn_site_models(recipe) -> list[Path]:
@@ -98,7 +98,7 @@ def run_method(method: str, recipe) -> dict:
         if method == "fedbn":
             scores = [pooled_test_auroc(p, r) for p in fedbn_site_models(r)]
         else:
-            scores = [pooled_test_auroc(summary["checkpoint"], r)]
+            scores = [pooled_test_auroc(summary.checkpoint, r)]
     valid = [s for s in scores if s is not None]
     return {"method": method, "macro_auroc": sum(valid) / len(valid) if valid else None,
             "per_model": scores, "wall_s": round(time.perf_counter() - t0, 1)}

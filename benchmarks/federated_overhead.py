@@ -43,7 +43,7 @@ def run(model: str, tmp: Path, rounds: int, patients: int, size: int) -> dict:
     ensure_dataset(recipe, progress=False)
     ensure_sites(recipe)
     summary = federate(recipe, "sim")
-    table = [r for r in json.loads(Path(summary["rounds"]).read_text()) if isinstance(r["round"], int)]
+    table = [r for r in json.loads(Path(summary.rounds).read_text()) if isinstance(r["round"], int)]
     per_round = []
     for r in table[:-1]:  # the last round has no "next receive" to close it
         work = max(s["train_s"] + s["validate_s"] for s in r["sites"].values())
@@ -51,7 +51,7 @@ def run(model: str, tmp: Path, rounds: int, patients: int, size: int) -> dict:
                           "overhead_s": round(r["wall_s"] - work, 3), "overhead_share": r["overhead_share"]})
     nbytes = model_bytes(model)
     return {"model": model, "image_size": size, "rounds": per_round, "model_bytes": nbytes,
-            "bytes_per_round": 2 * 2 * nbytes, "sites": 2, "job_wall_s": summary["wall_s"]}
+            "bytes_per_round": 2 * 2 * nbytes, "sites": 2, "job_wall_s": summary.wall_s}
 
 
 def main() -> None:

@@ -118,10 +118,10 @@ def public_as_is(base, public: Path, label: str = "public model, no fine-tuning"
                                 out=public.parent / "eval_quickstart_test", progress=False)
     val = evaluate_checkpoint(public, base.layout.sites, split="val", cache_dir=base.data.cache_dir,
                               out=public.parent / "eval_quickstart_val", progress=False)
-    print(f"--- {label}: val {val['macro_auroc']:.4f}, test {score['macro_auroc']:.4f}", flush=True)
+    print(f"--- {label}: val {val.macro_auroc:.4f}, test {score.macro_auroc:.4f}", flush=True)
     return {"label": label, "init": "public", "norm": load_checkpoint(public).get("norm", "batch"), "epsilon": None, "trainable": "none",
-            "lr": None, "optimizer": None, "val_auroc": val["macro_auroc"], "macro_auroc": score["macro_auroc"],
-            "macro_auroc_ci95": score["macro_auroc_ci95"], "seconds": 0.0, "epsilon_spent": None,
+            "lr": None, "optimizer": None, "val_auroc": val.macro_auroc, "macro_auroc": score.macro_auroc,
+            "macro_auroc_ci95": score.macro_auroc_ci95, "seconds": 0.0, "epsilon_spent": None,
             "noise_multiplier": None, "within_target": None}
 
 

@@ -68,8 +68,8 @@ def federate_and_score(recipe) -> dict:
                                 out=recipe.layout.federate / "eval_test", progress=False)
     book_path = recipe.layout.federate / "privacy.json"
     book = json.loads(book_path.read_text()) if book_path.is_file() else None
-    return {"macro_auroc": score["macro_auroc"], "macro_auroc_ci95": score["macro_auroc_ci95"],
-            "test_images": score["images"], "seconds": round(seconds, 1),
+    return {"macro_auroc": score.macro_auroc, "macro_auroc_ci95": score.macro_auroc_ci95,
+            "test_images": score.images, "seconds": round(seconds, 1),
             "epsilon_spent": ({s: v["epsilon_spent"] for s, v in book["sites"].items()} if book else None),
             "noise_multiplier": ({s: v["noise_multiplier"] for s, v in book["sites"].items()} if book else None),
             "val_epsilon_spent": ({s: v.get("val_epsilon_spent") for s, v in book["sites"].items()} if book else None),

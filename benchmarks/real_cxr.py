@@ -201,7 +201,7 @@ def main() -> None:
         if not init.layout.sites.exists():
             shutil.copytree(layout.sites, init.layout.sites)  # the same sites and splits
         t = time.perf_counter()
-        models["federated teacher from phantom"] = federate(init, env="sim")["checkpoint"]
+        models["federated teacher from phantom"] = federate(init, env="sim").checkpoint
         seconds["federated from phantom"] = round(time.perf_counter() - t, 1)
     scored = evaluate_sites(models, layout.sites, out=layout.root / "benchmark_real", cache_dir=recipe.data.cache_dir,
                             progress=False, keep_predictions=True)

@@ -2,15 +2,19 @@
 
 An export folder's ``manifest.json`` is written by :mod:`fedxr.export.exporter` and read by the pipeline, the
 report, the energy estimate, the edge runtime and the console. They read it through :class:`ExportManifest`,
-so a renamed key fails here, in one place, with the file named — not somewhere else at run time. The JSON
-on disk is unchanged (its keys are what the classes' fields are called); keys a reader does not need stay
-in ``extra``. Standard library only: the edge runtime (no torch) reads manifests too.
+so a renamed key fails here, in one place, with the file named — not somewhere else at run time. The same
+holds for a federated run's ``summary.json`` (:class:`FederateSummary`, written by the engine, read by the
+pipeline, distillation, the CLI and the benchmarks) and an evaluation's ``metrics.json`` (:class:`EvalResult`).
+The JSON on disk keeps its keys (they are what the classes' fields are called); keys a reader does not need
+stay in ``extra``. Each file carries ``schema_version``: a file without one is version 1 (what fedxr wrote
+before the field existed, the same layout); a newer version than this fedxr knows is a clear error naming
+both. Standard library only: the edge runtime (no torch) reads manifests too.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,8 +23,28 @@ from fedxr.errors import FedxrError
 MANIFEST_FILE = "manifest.json"
 
 
+#: The layout version of each artifact this fedxr writes and reads (``schema_version`` in the file).
+MANIFEST_VERSION = 1
+FEDERATE_SUMMARY_VERSION = 1
+EVAL_RESULT_VERSION = 1
+
+
 class ManifestError(FedxrError):
     """An export manifest that is missing, unreadable or not an export manifest."""
+
+
+class ArtifactError(FedxrError):
+    """A run artifact (summary.json, metrics.json) that is missing, unreadable or from a newer fedxr."""
+
+
+def _version(data: dict[str, Any], known: int, where: Any, error: type[FedxrError]) -> int:
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise error(f"{where}: schema_version {version!r} is not a version fedxr writes; write the file again")
+    if version > known:
+        raise error(f"{where}: written with layout version {version}, but this fedxr reads up to version {known}; "
+                    "upgrade fedxr (pip install -U fedxr) or rerun the stage with this one")
+    return version
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,7 @@ class ExportManifest:
     int8_decision: Optional[str] = None
     trained_on: Optional[dict[str, Any]] = None
     trust: Optional[dict[str, Any]] = None
+    schema_version: int = MANIFEST_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # runtime versions, operators config, usability, ...
     folder: Optional[Path] = field(default=None, compare=False)  # where it was read from (not written)
 
@@ -89,6 +114,7 @@ class ExportManifest:
         bad = next((f for f in data["files"] if not isinstance(f, dict)), None)
         if bad is not None:
             raise ManifestError(f"{where}: a file entry is {type(bad).__name__}, not an object; export the model again")
+        _version(data, MANIFEST_VERSION, where, ManifestError)
         try:
             files = tuple(ExportedFile.from_json(f) for f in data["files"])
         except TypeError as exc:
@@ -126,8 +152,129 @@ def _split(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in data.items() if k in names}, "extra": {k: v for k, v in data.items() if k not in names}}
 
 
-def _join(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The JSON form: the fields (``None`` left out, as the exporter never wrote them) with ``extra`` merged in."""
+def _join(obj: Any, skip: tuple[str, ...] = (), keep_none: bool = False) -> dict[str, Any]:
+    """The JSON form: the fields (``None`` left out, as the exporter never wrote them, unless ``keep_none``) with
+    ``extra`` merged in."""
     out = {f.name: getattr(obj, f.name) for f in fields(obj)
-           if f.name not in ("extra", "files", *skip) and getattr(obj, f.name) is not None}
+           if f.name not in ("extra", "files", *skip) and (keep_none or getattr(obj, f.name) is not None)}
     return {**out, **obj.extra}
+
+
+def _read_json(path: Path, what: str, fix: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no {what} here; {fix}") from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: the {what} cannot be read ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: not a {what} (a JSON object); {fix}")
+    return data
+
+
+def _from_json(cls: type, data: dict[str, Any], where: Any, known: int, what: str) -> Any:
+    _version(data, known, where, ArtifactError)
+    missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise ArtifactError(f"{where}: not a {what}: it lacks {', '.join(missing)}; rerun the stage that wrote it")
+    return cls(**_split(cls, data))
+
+
+@dataclass(frozen=True)
+class FederateSummary:
+    """A federated run's ``summary.json`` (the teacher's ``federate/``, each student's stage): where its models,
+    round table and records are, how long it took and in which environment."""
+    checkpoint: str                           # the model this run stands for: best global model, else the last
+    checkpoints: dict[str, str]               # "global_best" / "global_last" → checkpoint
+    workspace: str                            # NVFlare's workspace (logs of the server and each site)
+    server_run: str
+    tensorboard: str
+    env: str = "sim"
+    wall_s: float = 0.0
+    rounds: Optional[str] = None              # rounds.json: per round and site, validation AUROC and times
+    cross_site: Optional[str] = None          # cross_site.json, when the recipe asks for cross-site evaluation
+    selection: Optional[dict[str, Any]] = None  # why global_best is the in-round best or the last model
+    outgoing: Optional[str] = None            # outgoing.json: what left each site (privacy.audit)
+    privacy: Optional[str] = None             # privacy.json: the DP ledger
+    teacher: Optional[str] = None             # a distillation stage: the teacher it learnt from
+    schema_version: int = FEDERATE_SUMMARY_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    FILE = "summary.json"
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: Any = "federated run summary") -> "FederateSummary":
+        return _from_json(cls, data, where, FEDERATE_SUMMARY_VERSION, "federated run summary")
+
+    @classmethod
+    def read(cls, path: str | Path) -> "FederateSummary":
+        """A stage folder's summary (or the file itself)."""
+        path = Path(path)
+        file = path / cls.FILE if path.is_dir() else path
+        return cls.from_json(_read_json(file, "federated run summary", "rerun the federated stage"), where=file)
+
+    def to_json(self) -> dict[str, Any]:
+        return _join(self)
+
+
+@dataclass(frozen=True)
+class ExportedJob:
+    """``fedxr federate --export-job DIR``: the NVFlare job written for an admin to submit (nothing ran)."""
+    exported: str
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """``fedxr evaluate``'s ``metrics.json``: one checkpoint scored on one split — per-label AUROC / AP, the macro
+    with its bootstrap interval, sensitivity and specificity at the checkpoint's thresholds."""
+    checkpoint: str
+    model_name: str
+    image_size: int
+    split: str
+    data: str
+    images: int
+    macro_auroc: Optional[float]
+    auroc: dict[str, Optional[float]]
+    counted: list[str]                        # the labels with enough positives and negatives to be averaged
+    macro_auroc_ci95: Optional[list[float]] = None
+    macro_auroc_all: Optional[float] = None
+    macro_ap: Optional[float] = None
+    ap: dict[str, Optional[float]] = field(default_factory=dict)
+    min_positives: Optional[int] = None
+    positives: dict[str, int] = field(default_factory=dict)
+    known: dict[str, int] = field(default_factory=dict)
+    unknown: dict[str, int] = field(default_factory=dict)
+    prevalence: dict[str, Optional[float]] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)
+    note: Optional[str] = None
+    at_thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bootstrap: Optional[dict[str, Any]] = None
+    schema_version: int = EVAL_RESULT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+    out: Optional[str] = field(default=None, compare=False)  # the folder it was written to (not in the file)
+
+    FILE = "metrics.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        if self.out is None:
+            raise ArtifactError(f"the evaluation of {self.checkpoint} was not written to a folder")
+        return Path(self.out) / self.FILE
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: Any = "evaluation metrics", out: str | None = None) -> "EvalResult":
+        result = _from_json(cls, {k: v for k, v in data.items() if k != "out"}, where, EVAL_RESULT_VERSION,
+                            "fedxr evaluation (metrics.json)")
+        return replace(result, out=out)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "EvalResult":
+        """An evaluation folder's ``metrics.json`` (or the file itself)."""
+        path = Path(path)
+        file = path / cls.FILE if path.is_dir() else path
+        data = _read_json(file, "evaluation (metrics.json)", "score the checkpoint again with `fedxr evaluate`")
+        return cls.from_json(data, where=file, out=str(file.parent))
+
+    def to_json(self) -> dict[str, Any]:
+        return _join(self, skip=("out",), keep_none=True)  # an AUROC that is None (one class) is written as null

@@ -122,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out=args.out,
                                  batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.json)
-    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    print(json.dumps({**result.to_json(), "out": result.out}, indent=2) if args.json else format_result(result))
     return 0
 
 
@@ -131,9 +131,11 @@ def cmd_federate(args: argparse.Namespace) -> int:
     from fedxr.federated.run import federate, format_summary
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summary = federate(recipe, env=args.env or recipe.federated.env, startup_kit=args.startup_kit,
-                       export_job=args.export_job, recipe_path=args.recipe)
-    print(format_summary(summary, recipe))
+    env = args.env or recipe.federated.env
+    if args.export_job:
+        print(format_summary(federate(recipe, env=env, export_job=args.export_job, recipe_path=args.recipe), recipe))
+    else:
+        print(format_summary(federate(recipe, env=env, startup_kit=args.startup_kit, recipe_path=args.recipe), recipe))
     return 0
 
 

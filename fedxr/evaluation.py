@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedxr.artifacts import EvalResult
 from fedxr.data.atomic import write_json_atomic
 from fedxr.data.datamodule import SiteDataModule
 from fedxr.defaults import CACHE_DIR
@@ -78,8 +79,9 @@ def plot_roc(probs: torch.Tensor, targets: torch.Tensor, scores: dict, path: Pat
 
 def evaluate_checkpoint(ckpt_path: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
                         batch_size: int = 64, num_workers: int = 0, cache_dir: str | Path = CACHE_DIR,
-                        progress: bool = True) -> dict:
-    """Per-class AUROC/AP, macro AUROC and sensitivity/specificity at the checkpoint's thresholds."""
+                        progress: bool = True) -> EvalResult:
+    """Per-class AUROC/AP, macro AUROC and sensitivity/specificity at the checkpoint's thresholds; written to
+    ``out/metrics.json`` (default: beside the checkpoint, ``eval_SPLIT``)."""
     model, ckpt = model_from_checkpoint(ckpt_path)
     dm = SiteDataModule(manifests_of(data), ckpt["preprocessing"], batch_size=batch_size, num_workers=num_workers,
                         augment=False, cache_dir=cache_dir, progress=progress)
@@ -90,47 +92,47 @@ def evaluate_checkpoint(ckpt_path: str | Path, data: str | Path, split: str = "t
     scores = multilabel_scores(probs, targets, min_positives=MIN_TEST_POSITIVES)
     thresholds = torch.tensor(ckpt["thresholds"])
     samples = bootstrap_macro_auroc([probs.numpy()], targets.numpy(), scores["counted"], BOOTSTRAP_RESAMPLES)[0]
-    result = {
-        "checkpoint": str(ckpt_path), "model_name": ckpt["model_name"], "image_size": ckpt["preprocessing"].size,
-        "split": split, "data": str(data),
-        "images": scores["n"], "macro_auroc": scores["macro_auroc"], "macro_auroc_ci95": interval(samples),
-        "macro_auroc_all": scores["macro_auroc_all"], "macro_ap": scores["macro_ap"],
-        "counted": scores["counted"], "min_positives": MIN_TEST_POSITIVES, "positives": scores["positives"],
-        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": 0, "unit": "image"},
-        "auroc": scores["auroc"], "ap": scores["ap"], "excluded": scores["excluded"], "note": scores["note"],
-        "at_thresholds": sensitivity_specificity(probs, targets, thresholds),
-        # Among the images whose label is known; None where no image's is.
-        "prevalence": {c: (round(scores["positives"][c] / scores["known"][c], 4) if scores["known"][c] else None)
-                       for c in LABELS},
-        "known": scores["known"], "unknown": scores["unknown"],
-    }
     out = Path(out) if out else Path(ckpt_path).parent / f"eval_{split}"
+    result = EvalResult(
+        checkpoint=str(ckpt_path), model_name=ckpt["model_name"], image_size=ckpt["preprocessing"].size,
+        split=split, data=str(data),
+        images=scores["n"], macro_auroc=scores["macro_auroc"], macro_auroc_ci95=interval(samples),
+        macro_auroc_all=scores["macro_auroc_all"], macro_ap=scores["macro_ap"],
+        counted=scores["counted"], min_positives=MIN_TEST_POSITIVES, positives=scores["positives"],
+        bootstrap={"resamples": BOOTSTRAP_RESAMPLES, "seed": 0, "unit": "image"},
+        auroc=scores["auroc"], ap=scores["ap"], excluded=scores["excluded"], note=scores["note"],
+        at_thresholds=sensitivity_specificity(probs, targets, thresholds),
+        # Among the images whose label is known; None where no image's is.
+        prevalence={c: (round(scores["positives"][c] / scores["known"][c], 4) if scores["known"][c] else None)
+                    for c in LABELS},
+        known=scores["known"], unknown=scores["unknown"], out=str(out),
+    )
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "metrics.json", result)
+    write_json_atomic(result.metrics_file, result.to_json())
     # Kept for paired comparisons between models scored on the same images (KD gain, student vs teacher).
     np.savez_compressed(out / PREDICTIONS_FILE, probs=probs.numpy(), targets=targets.numpy())
     plot_roc(probs, targets, scores, out / "roc_curves.png", f"{ckpt['model_name']} on {split}")
-    result["out"] = str(out)
     return result
 
 
-def format_result(result: dict) -> str:
-    lo, hi = result["macro_auroc_ci95"]
-    lines = [f"{result['model_name']} on {result['split']} ({result['images']} images): "
-             f"macro AUROC {result['macro_auroc']:.4f} (95 % CI {lo:.3f}-{hi:.3f}, {len(result['counted'])} classes "
-             f"with >= {result['min_positives']} positives), macro AP {result['macro_ap']:.4f}",
-             f"{'finding':<20}{'AUROC':>8}{'AP':>8}{'thresh':>8}{'sens':>7}{'spec':>7}{'pos':>6}"]
+def format_result(result: EvalResult) -> str:
+    lo, hi = result.macro_auroc_ci95 or (float("nan"), float("nan"))
     fmt = lambda v: f"{v:.3f}" if v is not None else "  -  "  # noqa: E731
+    fmt4 = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+    lines = [f"{result.model_name} on {result.split} ({result.images} images): "
+             f"macro AUROC {fmt4(result.macro_auroc)} (95 % CI {lo:.3f}-{hi:.3f}, {len(result.counted)} classes "
+             f"with >= {result.min_positives} positives), macro AP {fmt4(result.macro_ap)}",
+             f"{'finding':<20}{'AUROC':>8}{'AP':>8}{'thresh':>8}{'sens':>7}{'spec':>7}{'pos':>6}"]
     for name in LABELS:
-        t = result["at_thresholds"][name]
-        if name not in result["counted"]:
+        t = result.at_thresholds[name]
+        if name not in result.counted:
             lines.append(f"{name:<20}{'too few positives':>31}{t['positives']:>21}")
             continue
-        lines.append(f"{name:<20}{fmt(result['auroc'][name]):>8}{fmt(result['ap'][name]):>8}{t['threshold']:>8.3f}"
+        lines.append(f"{name:<20}{fmt(result.auroc[name]):>8}{fmt(result.ap[name]):>8}{t['threshold']:>8.3f}"
                      f"{fmt(t['sensitivity']):>7}{fmt(t['specificity']):>7}{t['positives']:>6}")
-    if result["note"]:
-        lines.append(result["note"])
-    lines.append(f"wrote {result['out']}/metrics.json and roc_curves.png")
+    if result.note:
+        lines.append(result.note)
+    lines.append(f"wrote {result.metrics_file} and roc_curves.png")
     return "\n".join(lines)
 
 

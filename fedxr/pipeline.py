@@ -86,7 +86,7 @@ def _teacher(ctx: Context) -> TeacherResult:
 
     fed = federate(ctx.recipe, env=ctx.recipe.federated.env, recipe_path=ctx.recipe_path)
     print(format_summary(fed, ctx.recipe))
-    return TeacherResult(checkpoint=fed["checkpoint"], rounds=fed.get("rounds"))
+    return TeacherResult(checkpoint=fed.checkpoint, rounds=fed.rounds)
 
 
 def _distill(ctx: Context) -> DistillResult:
@@ -125,7 +125,7 @@ def _evaluate(ctx: Context) -> EvaluateResult:
     result = evaluate_checkpoint(ctx.teacher, ctx.layout.sites, split="test", out=ctx.layout.evaluate,
                                  cache_dir=recipe.data.cache_dir, progress=ctx.progress)
     print(format_result(result))
-    metrics = str(Path(result["out"]) / "metrics.json")
+    metrics = str(result.metrics_file)
     per_site = _evaluate_sites(ctx)
     if not ctx.results.students:
         return EvaluateResult(metrics=metrics, per_site=per_site)

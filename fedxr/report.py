@@ -12,7 +12,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fedxr.artifacts import ExportManifest
+from fedxr.artifacts import EvalResult, ExportManifest
 from fedxr.config import Recipe
 from fedxr.data.atomic import write_json_atomic, write_text_atomic
 from fedxr.labels import LABELS
@@ -178,18 +178,18 @@ def _evaluate_section(layout: RunLayout, results: RunResults, out: list[str]) ->
     run, ev = layout.root, results.evaluate
     if not ev:
         return
-    m = json.loads(Path(ev.metrics).read_text())
-    counted = m.get("counted", LABELS)
+    m = EvalResult.read(ev.metrics)
+    counted = m.counted
     out += ["## Teacher on the pooled test set", "",
-            f"{m['images']} test images from every site: macro AUROC **{_f(m['macro_auroc'])}** "
-            f"(95 % CI {_ci(m.get('macro_auroc_ci95'))}, bootstrap over images), macro AP {_f(m['macro_ap'])}. "
-            f"The macro averages the {len(counted)} findings with at least {m.get('min_positives', 1)} test positives; "
-            "the others are shown as \"too few\"." + (f" {m['note']}." if m.get("note") else ""), ""]
+            f"{m.images} test images from every site: macro AUROC **{_f(m.macro_auroc)}** "
+            f"(95 % CI {_ci(m.macro_auroc_ci95)}, bootstrap over images), macro AP {_f(m.macro_ap)}. "
+            f"The macro averages the {len(counted)} findings with at least {m.min_positives or 1} test positives; "
+            "the others are shown as \"too few\"." + (f" {m.note}." if m.note else ""), ""]
     shown = lambda c, v: _f(v) if c in counted else "too few"  # noqa: E731
+    at = m.at_thresholds
     out += _table(["finding", "AUROC", "AP", "threshold", "sensitivity", "specificity", "positives"],
-                  [[c, shown(c, m["auroc"][c]), shown(c, m["ap"][c]), _f(m["at_thresholds"][c]["threshold"]),
-                    shown(c, m["at_thresholds"][c]["sensitivity"]), shown(c, m["at_thresholds"][c]["specificity"]),
-                    m["at_thresholds"][c]["positives"]] for c in LABELS])
+                  [[c, shown(c, m.auroc[c]), shown(c, m.ap[c]), _f(at[c]["threshold"]), shown(c, at[c]["sensitivity"]),
+                    shown(c, at[c]["specificity"]), at[c]["positives"]] for c in LABELS])
     out += ["", f"![ROC curves]({_rel(Path(ev.metrics).parent / 'roc_curves.png', run)})", ""]
     if ev.distill_report:
         rep = json.loads(Path(ev.distill_report).read_text())

@@ -1,5 +1,6 @@
-"""The typed export manifest (fedxr/artifacts.py): every reader goes through it, a renamed key fails there
-naming the file, and the JSON on disk round-trips unchanged."""
+"""The typed artifacts (fedxr/artifacts.py): the export manifest, a federated run's summary and an evaluation's
+metrics. Every reader goes through them, a renamed key fails there naming the file, the JSON on disk round-trips
+unchanged (a file from before `schema_version` reads as version 1), and a newer layout is a clear error."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import re
 
 import pytest
 
-from fedxr.artifacts import MANIFEST_FILE, ExportManifest, ManifestError
+from fedxr.artifacts import (MANIFEST_FILE, MANIFEST_VERSION, ArtifactError, EvalResult, ExportManifest,
+                             FederateSummary, ManifestError)
 
 from helpers import ROOT
 
@@ -31,7 +33,55 @@ def test_a_manifest_reads_typed_and_round_trips(tmp_path):
     assert m.recommended_file.file == "m_fp32.onnx" and m.recommended_file.size_bytes == 1000
     assert m.file("m_int8.onnx").kept is False and m.file("m_int8.onnx").extra == {"speedup_vs_fp32": 0.8}
     assert m.extra["runtime"] == {"onnx": "1"}
-    assert m.to_json() == MANIFEST  # nothing lost or renamed on the way through
+    assert m.schema_version == 1  # written before the field existed: the same layout, version 1
+    assert m.to_json() == {**MANIFEST, "schema_version": 1}  # nothing lost or renamed on the way through
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(m.to_json()))
+    assert ExportManifest.read(tmp_path) == m
+
+
+def test_a_manifest_from_a_newer_fedxr_says_so(tmp_path):
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({**MANIFEST, "schema_version": MANIFEST_VERSION + 1}))
+    with pytest.raises(ManifestError, match=f"layout version {MANIFEST_VERSION + 1}.*reads up to version "
+                                            f"{MANIFEST_VERSION}.*upgrade fedxr"):
+        ExportManifest.read(tmp_path)
+
+
+SUMMARY = {"workspace": "/w", "server_run": "/w/server/simulate_job", "tensorboard": "/w/tb", "env": "sim",
+           "checkpoints": {"global_best": "f/global_best.ckpt", "global_last": "f/global_last.ckpt"},
+           "checkpoint": "f/global_best.ckpt", "rounds": "f/rounds.json", "wall_s": 12.5,
+           "selection": {"chosen": "global (best)"}, "privacy": "f/privacy.json"}
+METRICS = {"checkpoint": "c.ckpt", "model_name": "tiny_cnn", "image_size": 32, "split": "test", "data": "sites",
+           "images": 40, "macro_auroc": 0.71, "macro_auroc_ci95": [0.6, 0.8], "auroc": {"Effusion": 0.71, "Mass": None},
+           "ap": {"Effusion": 0.5, "Mass": None}, "counted": ["Effusion"], "min_positives": 10, "note": None,
+           "macro_auroc_all": 0.7, "macro_ap": 0.5, "positives": {"Effusion": 12, "Mass": 0},
+           "known": {"Effusion": 40, "Mass": 40}, "unknown": {"Effusion": 0, "Mass": 0},
+           "prevalence": {"Effusion": 0.3, "Mass": 0.0}, "excluded": {"Mass": "no positives"},
+           "bootstrap": {"resamples": 1000, "seed": 0, "unit": "image"},
+           "at_thresholds": {"Effusion": {"threshold": 0.5, "sensitivity": 0.6, "specificity": 0.7, "positives": 12}}}
+
+
+@pytest.mark.parametrize("cls, data", [(FederateSummary, SUMMARY), (EvalResult, METRICS)])
+def test_run_artifacts_read_typed_and_round_trip(tmp_path, cls, data):
+    (tmp_path / cls.FILE).write_text(json.dumps({**data, "written_by": "a later fedxr"}))
+    read = cls.read(tmp_path)
+    assert read.checkpoint == data["checkpoint"] and read.extra == {"written_by": "a later fedxr"}
+    assert read.to_json() == {**data, "written_by": "a later fedxr", "schema_version": 1}
+    assert cls.read(tmp_path / cls.FILE) == read
+
+
+@pytest.mark.parametrize("cls, data, drop", [(FederateSummary, SUMMARY, "checkpoint"), (EvalResult, METRICS, "auroc")])
+def test_run_artifacts_without_what_readers_need_name_the_file(tmp_path, cls, data, drop):
+    with pytest.raises(ArtifactError, match=f"{cls.FILE}: no "):
+        cls.read(tmp_path)
+    (tmp_path / cls.FILE).write_text(json.dumps({k: v for k, v in data.items() if k != drop}))
+    with pytest.raises(ArtifactError, match=f"{re.escape(str(tmp_path / cls.FILE))}: not a .*lacks {drop}"):
+        cls.read(tmp_path)
+    (tmp_path / cls.FILE).write_text(json.dumps({**data, "schema_version": 99}))
+    with pytest.raises(ArtifactError, match="layout version 99"):
+        cls.read(tmp_path)
+    (tmp_path / cls.FILE).write_text("[1, 2")
+    with pytest.raises(ArtifactError, match="cannot be read"):
+        cls.read(tmp_path)
 
 
 @pytest.mark.parametrize("change, expected", [

@@ -125,12 +125,12 @@ def test_global_best_is_the_model_its_score_belongs_to(sim_run, tmp_path):
     cross = json.loads((recipe.layout.federate / "cross_site.json").read_text())["by_data_site"]
     nvflare_best = {site: scores["global (best)"] for site, scores in cross.items()}
     assert nvflare_best == pytest.approx({s: r["val_auroc"] for s, r in by_round[chosen_round].items()}, abs=1e-4), weighted
-    best = summary["checkpoints"]["global_best"]
+    best = summary.checkpoints["global_best"]
     selection = load_checkpoint(best)["metrics"]["selection"]
     assert selection["chosen"] in ("global (best)", "global (last)")
     assert selection["val_auroc"][selection["chosen"]] == max(selection["val_auroc"].values())
     rescored = {site: evaluate_checkpoint(best, path, split="val", out=tmp_path / site, cache_dir=recipe.data.cache_dir,
-                                          progress=False)["macro_auroc_all"]
+                                          progress=False).macro_auroc_all
                 for site, path in site_manifest_paths(recipe.layout.sites).items()}
     assert rescored == pytest.approx({site: scores[selection["chosen"]] for site, scores in cross.items()}, abs=1e-4)
 
@@ -188,7 +188,7 @@ def test_site_failing_from_round_two_does_not_stop_the_federation(tmp_path, monk
     assert (recipe.layout.federate / "global_last.ckpt").is_file()
     log = "".join(p.read_text(errors="ignore") for p in (recipe.layout.federate / "nvflare").rglob("log.txt"))
     assert "site-3: injected failure at round 1" in log
-    assert summary["wall_s"] < 300  # a dead site does not hang the run
+    assert summary.wall_s < 300  # a dead site does not hang the run
 
 
 def test_readme_project_provisions_with_mutual_tls(tmp_path):
@@ -249,9 +249,9 @@ def test_fedbn_keeps_batchnorm_local(tmp_path):
 def test_other_algorithms_run_in_the_simulator(tmp_path, algorithm):
     recipe, _ = two_site_recipe(tmp_path, extra=(f"federated.algorithm={algorithm}", "federated.cross_site_eval=false"))
     summary = federate(recipe, "sim")
-    ckpt = load_checkpoint(summary["checkpoints"]["global_last"])
+    ckpt = load_checkpoint(summary.checkpoints["global_last"])
     assert ckpt["model_name"] == "tiny_cnn"
-    rounds = json.loads(Path(summary["rounds"]).read_text())
+    rounds = json.loads(Path(summary.rounds).read_text())
     assert set(rounds[0]["sites"]) == {"site-1", "site-2"}
 
 
@@ -273,7 +273,7 @@ def test_fedbn_runs_rounds_with_local_batchnorm(tmp_path):
     # After round 0 the global model lacks the BatchNorm tensors; sites must keep their own.
     recipe, _ = two_site_recipe(tmp_path, rounds=2, extra=("federated.fedbn=true", "federated.cross_site_eval=false"))
     summary = federate(recipe, "sim", extra_args="--save-updates")
-    rounds = json.loads(Path(summary["rounds"]).read_text())
+    rounds = json.loads(Path(summary.rounds).read_text())
     assert [r["round"] for r in rounds if isinstance(r["round"], int)] == [0, 1]
     records = recipe.layout.federate / "records"
     s1 = torch.load(records / "site-1_round1.pt", weights_only=True)["state_dict"]

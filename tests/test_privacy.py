@@ -290,7 +290,7 @@ def test_dp_federation_spends_within_its_target_and_reports_it(tmp_path):
     for r in dp_records:  # Lightning counts logical steps: one epoch = ⌈training images / 16⌉ DP steps, not chunks
         assert r["steps"] == round(1 / r["privacy"]["sample_rate"]) == -(-r["train_images"] // 16), r
     assert (recipe.layout.federate / "privacy.png").is_file()
-    ckpt = load_checkpoint(summary["checkpoint"])
+    ckpt = load_checkpoint(summary.checkpoint)
     assert ckpt["norm"] == "group"
     model_from_checkpoint(ckpt)  # the exported network is the GroupNorm one that was trained
     assert not any("running_mean" in k for k in ckpt["state_dict"])
@@ -323,7 +323,7 @@ def test_poc_sends_only_weights_and_declared_scores(tmp_path):
     workspace = recipe.layout.federate / "poc"
     server_cfg = json.loads(next(workspace.rglob("server/startup/fed_server.json")).read_text())
     assert server_cfg["servers"][0]["connection_security"] == "mtls"
-    assert (recipe.layout.federate / "global_last.ckpt").is_file() and summary["env"] == "poc"
+    assert (recipe.layout.federate / "global_last.ckpt").is_file() and summary.env == "poc"
     assert processes_using(workspace) == []  # every server/site process fedxr started is gone
 
     state = XRayClassifier("tiny_cnn").state_dict()
@@ -368,7 +368,7 @@ def test_he_in_poc_aggregates_encrypted_updates_exactly(tmp_path):
     updates = [torch.load(fed / "records" / f"{s}_round0.pt", weights_only=False) for s in ("site-1", "site-2")]
     steps = sum(u["steps"] for u in updates)
     assert len({u["steps"] for u in updates}) == 2  # different site sizes: the weighting matters
-    decrypted = load_checkpoint(summary["checkpoint"])["state_dict"]
+    decrypted = load_checkpoint(summary.checkpoint)["state_dict"]
     worst = 0.0
     for name, value in decrypted.items():
         plain = sum(u["state_dict"][f"model.{name}"].double() * u["steps"] for u in updates) / steps

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from fedxr.cli import main
+from fedxr.artifacts import FederateSummary
 from fedxr.config import load_recipe
 from fedxr.data.prepare import ensure_dataset, ensure_sites
 from fedxr.federated.deploy import nvflare_cli, preflight, processes_using, start_participant, stop_participant
@@ -170,10 +171,11 @@ def test_production_federation_from_startup_kits_survives_a_killed_hospital(fede
     federate = recipe.layout.federate
     ckpt = load_checkpoint(federate / "global_last.ckpt")
     assert ckpt["source"] == "federate"
-    summary = json.loads((federate / "summary.json").read_text())
+    summary = FederateSummary.read(federate)
     # The server's log of the job (downloaded with its results): hospital-b was handed both rounds and
     # answered only round 0; hospital-a answered both; the job still finished.
-    server_job = Path(summary["workspace"])
+    server_job = Path(summary.workspace)
+    assert summary.env == "prod"
     assert train_tasks_sent(server_job, "hospital-b") == 2
     assert train_results_received(server_job, "hospital-b") == 1
     assert train_results_received(server_job, "hospital-a") == 2

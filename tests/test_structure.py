@@ -150,6 +150,7 @@ ONE_DEFINITION = {
     r'matplotlib\.use\(': "fedxr/plots.py",                            # the plot boilerplate
     r"zlib\.compress": "fedxr/federated/codec.py",                     # what a job carries to its sites
     r'"manifest\.json"': "fedxr/artifacts.py",                          # the export manifest's name
+    r'"metrics\.json"': "fedxr/artifacts.py",                           # an evaluation's file (EvalResult)
 }
 
 

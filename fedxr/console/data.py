@@ -12,7 +12,7 @@ import re
 from typing import Any
 from pathlib import Path
 
-from fedxr.artifacts import MANIFEST_FILE, ExportManifest, ManifestError
+from fedxr.artifacts import MANIFEST_FILE, ArtifactError, EvalResult, ExportManifest, ManifestError
 from fedxr.errors import FedxrError
 from fedxr.records import read_records, round_table
 from fedxr.layout import RunLayout, read_sites_summary
@@ -79,13 +79,12 @@ def stages(layout: RunLayout) -> dict[str, dict]:
     return out
 
 
-def _macro(path: Path, *keys: str) -> float | None:
-    data = _json(path)
-    for k in keys:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(k)
-    return data if isinstance(data, (int, float)) else None
+def _evaluation(layout: RunLayout) -> EvalResult | None:
+    """The teacher's pooled-test evaluation of a run, or None while (or if) it has none."""
+    try:
+        return EvalResult.read(layout.evaluate)
+    except ArtifactError:
+        return None
 
 
 def list_runs(runs: Path) -> list[dict]:
@@ -103,7 +102,7 @@ def list_runs(runs: Path) -> list[dict]:
                  if p.is_file()]
         rows.append({"name": folder.name, "recipe": recipe, "stages_done": [k for k, v in stage_state.items() if v["done"]],
                      "running": next((k for k, v in stage_state.items() if v.get("running")), None),
-                     "teacher_macro_auroc": _macro(layout.evaluate / "metrics.json", "macro_auroc"),
+                     "teacher_macro_auroc": (teacher.macro_auroc if (teacher := _evaluation(layout)) else None),
                      "students_macro_auroc": students, "updated": max(times) if times else None})
     return rows
 
@@ -143,7 +142,7 @@ def run_detail(runs: Path, name: str) -> dict:
     cross = _json(layout.federate / "cross_site.json")
     return {"name": name, "stages": stages(layout), "rounds": rounds(layout),
             "cross_site": cross.get("by_data_site") if isinstance(cross, dict) else None,
-            "teacher_metrics": _json(layout.evaluate / "metrics.json"), "models": models,
+            "teacher_metrics": teacher.to_json() if (teacher := _evaluation(layout)) else None, "models": models,
             "images": {k: v for k, v in RUN_IMAGES.items() if (layout.root / v).is_file()},
             "report": layout.report.read_text() if layout.report.is_file() else None}
 

@@ -18,6 +18,7 @@ from fedxr.plots import saved_figure
 from fedxr.data.atomic import write_json_atomic
 
 if TYPE_CHECKING:
+    from fedxr.artifacts import EvalResult
     from fedxr.results import DistillResult, StudentResult
 
 AUROC_MARGIN = 0.02
@@ -25,19 +26,18 @@ MAC_RATIO_GOAL = 10.0
 
 
 def _score(ckpt_path: str, sites_dir: Path, out: Path, cache_dir: str, progress: bool,
-           result: dict | None = None) -> dict:
+           result: "EvalResult | None" = None) -> dict:
     """Test metrics (``result``: an `evaluate_checkpoint` result already computed for it) + complexity."""
     from fedxr.evaluation import evaluate_checkpoint
     from fedxr.models.registry import complexity
 
     if result is None:
         result = evaluate_checkpoint(ckpt_path, sites_dir, split="test", out=out, cache_dir=cache_dir, progress=progress)
-    size = result["image_size"]
-    params, macs = complexity(result["model_name"], size)
-    return {"checkpoint": str(ckpt_path), "model_name": result["model_name"], "image_size": size,
-            "macro_auroc": result["macro_auroc"], "macro_auroc_ci95": result.get("macro_auroc_ci95"),
-            "counted": result.get("counted"), "auroc": result["auroc"], "params": params, "macs": macs,
-            "test_images": result["images"], "predictions": str(Path(result["out"]) / PREDICTIONS_FILE)}
+    params, macs = complexity(result.model_name, result.image_size)
+    return {"checkpoint": str(ckpt_path), "model_name": result.model_name, "image_size": result.image_size,
+            "macro_auroc": result.macro_auroc, "macro_auroc_ci95": result.macro_auroc_ci95,
+            "counted": result.counted, "auroc": result.auroc, "params": params, "macs": macs,
+            "test_images": result.images, "predictions": str(result.metrics_file.parent / PREDICTIONS_FILE)}
 
 
 def paired_differences(first: dict, second: dict, classes: list[str]) -> dict:
@@ -59,7 +59,7 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def compare_students(recipe, distilled: "DistillResult", teacher_result: dict | None = None,
+def compare_students(recipe, distilled: "DistillResult", teacher_result: "EvalResult | None" = None,
                      progress: bool = True) -> dict:
     """The teacher against each distilled student (and its ablation) on the run's pooled test set, written
     to ``RUN/distill/`` and printed: what `fedxr run` (evaluate stage) and `fedxr distill` both show."""
@@ -70,7 +70,7 @@ def compare_students(recipe, distilled: "DistillResult", teacher_result: dict | 
 
 
 def build_report(teacher_ckpt: str | Path, students: dict[str, "StudentResult"], sites_dir: Path, out: Path,
-                 cache_dir: str = CACHE_DIR, progress: bool = True, teacher_result: dict | None = None) -> dict:
+                 cache_dir: str = CACHE_DIR, progress: bool = True, teacher_result: "EvalResult | None" = None) -> dict:
     """``students``: {name: StudentResult (kd checkpoint, optional no_kd)}. Writes the JSON and PNG into
     ``out``. ``teacher_result``: the teacher's pooled-test `evaluate_checkpoint` result, when already computed."""
     out.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,14 @@ With ``distill.ablation_no_teacher`` each student is also trained the same way w
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 
+from fedxr.artifacts import FederateSummary
 from fedxr.config import Recipe
 from fedxr.energy import tracked
 from fedxr.errors import FedxrError
@@ -100,7 +103,7 @@ def initial_model(srecipe: Recipe, teacher: dict, path: Path) -> Path:
 
 
 def distill_federated(recipe: Recipe, teacher_path: Path, teacher: dict, student: str, env: str,
-                      recipe_path: str | None = None, startup_kit: str | None = None) -> dict:
+                      recipe_path: str | None = None, startup_kit: str | None = None) -> FederateSummary:
     from fedxr.federated.run import federate
 
     srecipe = student_recipe(recipe, student)
@@ -108,8 +111,7 @@ def distill_federated(recipe: Recipe, teacher_path: Path, teacher: dict, student
     init = initial_model(srecipe, teacher, srecipe.layout.stage(stage) / "initial_model.pt")
     summary = federate(srecipe, env=env, startup_kit=startup_kit, recipe_path=recipe_path, stage=stage, source=SOURCE,
                        model=student_model(srecipe, teacher), exclude_vars=TEACHER_VARS, initial_ckpt=init)
-    summary["teacher"] = str(teacher_path)
-    return summary
+    return replace(summary, teacher=str(teacher_path))
 
 
 def distill_central(recipe: Recipe, teacher_path: Path, teacher: dict, student: str, sites_dir: Path,
@@ -162,21 +164,24 @@ def distill(recipe: Recipe, teacher_path: str | Path | None = None, mode: str | 
     students: dict[str, StudentResult] = {}
     for student in recipe.distill.students:
         print(f"--- distilling {teacher['model_name']} → {student} ({mode}) ---", flush=True)
+        # Each run's summary in its JSON form: a federated stage's FederateSummary, or a central run's dict.
+        entry: dict[str, dict[str, Any]] = {}
         if mode == "federated":
-            kd = distill_federated(recipe, teacher_path, teacher, student, env, recipe_path, startup_kit)
+            entry["kd"] = distill_federated(recipe, teacher_path, teacher, student, env, recipe_path,
+                                            startup_kit).to_json()
         else:
-            kd = distill_central(recipe, teacher_path, teacher, student, sites_dir, site, progress)
-        entry = {"kd": kd}
+            entry["kd"] = distill_central(recipe, teacher_path, teacher, student, sites_dir, site, progress)
         if recipe.distill.ablation_no_teacher:
             print(f"--- ablation: {student} without the teacher (same rounds and data) ---", flush=True)
             if mode == "federated":
                 entry["no_kd"] = federate(student_recipe(recipe, student), env=env, startup_kit=startup_kit,
                                           recipe_path=recipe_path, stage=RunLayout.student_stage(student, False),
-                                          source=SOURCE)
+                                          source=SOURCE).to_json()
             else:
                 entry["no_kd"] = distill_central(recipe, teacher_path, teacher, student, sites_dir, site, progress,
                                                  with_teacher=False)
         summaries["students"][student] = entry
+        # Both kinds name the model they stand for under "checkpoint".
         students[student] = StudentResult(kd=entry["kd"]["checkpoint"],
                                           no_kd=entry["no_kd"]["checkpoint"] if "no_kd" in entry else None)
         print(f"student {student}: {students[student].kd}"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from fedxr.artifacts import FederateSummary
 from fedxr.config import Recipe
 from fedxr.errors import FedxrError
 from fedxr.labels import VAL_AUROC
@@ -132,35 +133,37 @@ def choose_global(cross: dict | None, rows: list[dict]) -> dict | None:
     return {"chosen": chosen, "val_auroc": scores, "weighting": "validation images per site"}
 
 
-def _privacy_outputs(rows: list[dict], records: Path | None, out: Path, summary: dict) -> None:
+def _privacy_outputs(rows: list[dict], records: Path | None, out: Path) -> tuple[str | None, str | None]:
     """``outgoing.json`` (what left each site, from the sites' outgoing audit) and ``privacy.json`` (the DP
     ledger, with ``privacy.png``), when the run has them."""
     from fedxr.privacy.dp import ledger, plot_ledger
 
+    written: dict[str, str] = {}
     outgoing = records / OUTGOING if records is not None else None
     if outgoing is not None and outgoing.is_dir():
         from fedxr.privacy.audit import read_outgoing, summarise
 
         write_json_atomic(out / "outgoing.json", summarise(read_outgoing(outgoing)))
-        summary["outgoing"] = str(out / "outgoing.json")
+        written["outgoing"] = str(out / "outgoing.json")
     book = ledger(rows)
     if book is not None:
         write_json_atomic(out / "privacy.json", book)
         plot_ledger(book, out / "privacy.png")
-        summary["privacy"] = str(out / "privacy.json")
+        written["privacy"] = str(out / "privacy.json")
+    return written.get("outgoing"), written.get("privacy")
 
 
 def collect(recipe: Recipe, server_dir: Path, out: Path, records: Path | None, workspace: Path,
-            source: str = "federate") -> dict:
-    """Write fedxr's federated outputs into ``out`` from the server's run folder ``server_dir``."""
+            source: str = "federate", env: str = "sim") -> FederateSummary:
+    """Write fedxr's federated outputs into ``out`` from the server's run folder ``server_dir``; their summary
+    is the caller's to complete (the run's wall time) and write."""
     app = next((p for p in server_dir.glob("app_*") if (p / "FL_global_model.pt").is_file()), None)
     if app is None:
         raise FedxrError(f"{server_dir}: no FL_global_model.pt; the job did not finish — see the logs under {workspace}")
     cross = read_cross_site(server_dir)
     rows = read_records(records) if records and records.is_dir() else []
     table = round_table(rows, cross) if rows else []
-    summary: dict = {"workspace": str(workspace), "server_run": str(server_dir),
-                     "tensorboard": str(server_dir / "tb_events"), "checkpoints": {}}
+    checkpoints: dict[str, str] = {}
     selection = choose_global(cross, rows)
     for nv_name, ours in GLOBAL_MODELS.items():
         label = SERVER_MODEL_LABELS[f"SRV_{nv_name}"]
@@ -171,18 +174,17 @@ def collect(recipe: Recipe, server_dir: Path, out: Path, records: Path | None, w
             if ours == GLOBAL_BEST and selection:
                 metrics["selection"] = selection
             nvflare_to_checkpoint(app / nv_name, out / ours, recipe, metrics, source, he_workspace=workspace)
-            summary["checkpoints"][ours.removesuffix(".ckpt")] = str(out / ours)
-    summary["checkpoint"] = str(chosen_checkpoint(out))  # the model this run stands for: best, else last
-    if selection:
-        summary["selection"] = selection
+            checkpoints[ours.removesuffix(".ckpt")] = str(out / ours)
     if table:
         write_json_atomic(out / "rounds.json", table)
         plot_rounds(table, out / "rounds.png")
-        summary["rounds"] = str(out / "rounds.json")
-    _privacy_outputs(rows, records, out, summary)
     if cross:
         write_json_atomic(out / "cross_site.json", cross)
         plot_cross_site(cross, out / "cross_site.png")
-        summary["cross_site"] = str(out / "cross_site.json")
-    write_json_atomic(out / "summary.json", summary)
-    return summary
+    outgoing, privacy = _privacy_outputs(rows, records, out)
+    return FederateSummary(
+        checkpoint=str(chosen_checkpoint(out)),  # the model this run stands for: best, else last
+        checkpoints=checkpoints, workspace=str(workspace), server_run=str(server_dir),
+        tensorboard=str(server_dir / "tb_events"), env=env, selection=selection or None,
+        rounds=str(out / "rounds.json") if table else None, cross_site=str(out / "cross_site.json") if cross else None,
+        outgoing=outgoing, privacy=privacy)

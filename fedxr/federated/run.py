@@ -6,9 +6,13 @@ import contextlib
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, overload
 
+from fedxr.artifacts import ExportedJob, FederateSummary
 from fedxr.config import Recipe
+from fedxr.data.atomic import write_json_atomic
 from fedxr.data.manifest import site_manifest_paths
 from fedxr.energy import tracked
 from fedxr.data.prepare import require_sites
@@ -206,9 +210,21 @@ def _initial_model(recipe: Recipe, path: Path) -> Path:
     return path
 
 
+@overload
+def federate(recipe: Recipe, env: str = ..., startup_kit: str | Path | None = ..., export_job: None = ...,
+             extra_args: str = ..., recipe_path: str | None = ..., stage: str = ..., source: str = ...,
+             **job_options: Any) -> FederateSummary: ...
+
+
+@overload
+def federate(recipe: Recipe, env: str = ..., startup_kit: str | Path | None = ..., *, export_job: str | Path,
+             extra_args: str = ..., recipe_path: str | None = ..., stage: str = ..., source: str = ...,
+             **job_options: Any) -> ExportedJob: ...
+
+
 def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = None,
              export_job: str | Path | None = None, extra_args: str = "", recipe_path: str | None = None,
-             stage: str = "federate", source: str = "federate", **job_options) -> dict:
+             stage: str = "federate", source: str = "federate", **job_options) -> FederateSummary | ExportedJob:
     """Build the NVFlare job from the recipe and run (or export) it; returns the outputs summary.
 
     ``stage`` names the run sub-folder and the job (the teacher is ``federate``; other users of the
@@ -224,7 +240,7 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
         job = build_job(recipe, folder, "prod", **job_options)
         with recipe_blob_is_not_a_secret():
             job.export(str(export_job))
-        return {"exported": str(Path(export_job) / job_name(recipe, stage))}
+        return ExportedJob(exported=str(Path(export_job) / job_name(recipe, stage)))
     if env in ("sim", "poc"):
         sites_dir = require_sites(recipe, recipe_path)
         names = _site_names(sites_dir, recipe)
@@ -257,32 +273,32 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     _check_quorum(workspace)
     if records is not None:
         _check_sites_trained(records, recipe, workspace)
-    summary = outputs.collect(recipe, server_dir, folder, records, workspace, source=source)
-    summary["wall_s"] = round(time.perf_counter() - t0, 1)
-    summary["env"] = env
+    summary = outputs.collect(recipe, server_dir, folder, records, workspace, source=source, env=env)
+    summary = replace(summary, wall_s=round(time.perf_counter() - t0, 1))
+    write_json_atomic(folder / FederateSummary.FILE, summary.to_json())
     return summary
 
 
-def format_summary(summary: dict, recipe: Recipe) -> str:
+def format_summary(summary: FederateSummary | ExportedJob, recipe: Recipe) -> str:
     """What a user wants to see after a federated run: the round table and where everything is."""
-    if "exported" in summary:
-        return (f"wrote the NVFlare job to {summary['exported']}/\n"
-                f"submit it from an admin console: nvflare job submit -j {summary['exported']}  "
+    if isinstance(summary, ExportedJob):
+        return (f"wrote the NVFlare job to {summary.exported}/\n"
+                f"submit it from an admin console: nvflare job submit -j {summary.exported}  "
                 "(or: fedxr federate RECIPE --env prod --startup-kit ADMIN_KIT)")
     import json
 
-    lines = [f"federated run ({summary['env']}) finished in {summary['wall_s']} s"]
-    if "rounds" in summary:
-        for r in json.loads(Path(summary["rounds"]).read_text()):
+    lines = [f"federated run ({summary.env}) finished in {summary.wall_s} s"]
+    if summary.rounds:
+        for r in json.loads(Path(summary.rounds).read_text()):
             sites = ", ".join(f"{s} {v['val_auroc']:.3f}" for s, v in sorted(r["sites"].items()) if v.get("val_auroc") is not None)
             agg = f"  aggregate {r['aggregate_val_auroc']:.3f}" if r.get("aggregate_val_auroc") is not None else ""
             wall = f"  ({r['wall_s']:.1f} s)" if "wall_s" in r else ""
             lines.append(f"  round {r['round']!s:>5}: {sites}{agg}{wall}")
-    for name, path in summary["checkpoints"].items():
+    for name, path in summary.checkpoints.items():
         lines.append(f"  {name:<12} {path}")
-    for key in ("rounds", "cross_site", "tensorboard", "workspace"):
-        if key in summary:
-            lines.append(f"  {key:<12} {summary[key]}")
-    if summary.get("checkpoint"):
-        lines.append(f"next: fedxr evaluate {summary['checkpoint']} --data {recipe.layout.sites} --split test")
+    for key, value in (("rounds", summary.rounds), ("cross_site", summary.cross_site),
+                       ("tensorboard", summary.tensorboard), ("workspace", summary.workspace)):
+        if value:
+            lines.append(f"  {key:<12} {value}")
+    lines.append(f"next: fedxr evaluate {summary.checkpoint} --data {recipe.layout.sites} --split test")
     return "\n".join(lines)
