@@ -188,7 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedxr", description="Federated chest X-ray training, distillation and edge export.")
     parser.add_argument("--version", action="version", version=f"fedxr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_recipe_commands(sub)
+    _add_data_commands(sub)
+    _add_training_commands(sub)
+    _add_model_commands(sub)
+    return parser
 
+
+def _add_recipe_commands(sub) -> None:
+    """`fedxr run` (every stage) and `fedxr check` (the recipe as resolved)."""
     from fedxr.pipeline import STAGE_NAMES
 
     p = sub.add_parser("run", help="every stage of a recipe: data, sites, teacher, distill, export, evaluate, "
@@ -204,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as federated.rounds=5")
     p.set_defaults(func=cmd_check)
 
+
+def _add_data_commands(sub) -> None:
+    """`fedxr data inspect | prepare | phantom | split`."""
     data = sub.add_parser("data", help="inspect, generate and split data sets").add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data.add_parser("inspect", help="counts for a data folder, label CSV or bounding-box CSV")
     p.add_argument("path")
@@ -245,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_data_split)
 
+
+def _add_training_commands(sub) -> None:
+    """The model registry and the commands that train: central/local, federated, distillation."""
     models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True, metavar="ACTION")
     p = models.add_parser("list", help="name, role, parameters, MACs and input size of every model")
     p.set_defaults(func=cmd_models_list)
@@ -279,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-kit", help="admin startup kit folder, for --env prod")
     p.set_defaults(func=cmd_distill)
 
+
+def _add_model_commands(sub) -> None:
+    """What is done with a trained model: explain, export, evaluate, and the console that shows it all."""
     p = sub.add_parser("explain", help="Grad-CAM heatmaps on boxed test images and the pointing game")
     p.add_argument("checkpoints", nargs="+", help="one or more checkpoints (teacher, students) to compare")
     p.add_argument("--data", required=True, help="site manifest folder or one site-N.csv (its test split is used)")
@@ -307,7 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=D.CACHE_DIR)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

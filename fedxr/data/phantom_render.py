@@ -167,105 +167,161 @@ def _box_of(mask: np.ndarray, level: float = 0.5) -> tuple[float, float, float, 
     return xs.min() / n, ys.min() / n, (xs.max() + 1) / n, (ys.max() + 1) / n
 
 
-def draw_findings(anat: Anatomy, density: np.ndarray, drawn: np.ndarray, rng: np.random.Generator) -> dict[str, tuple]:
-    """Add every drawn finding to ``density`` in place; return {label: box (u0, v0, u1, v1)}."""
-    u, v, sharp = anat.u, anat.v, anat.sharp
-    visible = [m * (1 - anat.heart) for m in anat.lungs]
-    lungs_all = np.clip(visible[0] + visible[1], 0, 1)
-    size = density.shape[0]
-    patchy = _smooth_noise(rng, size, 14)
-    boxes: dict[str, tuple] = {}
+class _Painter:
+    """What every finding is drawn with: the anatomy, the density image (changed in place), the random stream
+    and the boxes found so far. The findings draw in FINDING_ORDER, so the random numbers each one takes
+    (and with them every phantom image) depend only on the case."""
 
-    def has(name: str) -> bool:
-        return bool(drawn[LABEL_INDEX[name]])
+    def __init__(self, anat: Anatomy, density: np.ndarray, rng: np.random.Generator):
+        self.anat, self.density, self.rng = anat, density, rng
+        self.u, self.v, self.sharp = anat.u, anat.v, anat.sharp
+        self.visible = [m * (1 - anat.heart) for m in anat.lungs]
+        self.lungs_all = np.clip(self.visible[0] + self.visible[1], 0, 1)
+        self.size = density.shape[0]
+        self.patchy = _smooth_noise(rng, self.size, 14)
+        self.boxes: dict[str, tuple] = {}
 
-    def lung_point(side: int, v_lo: float = 0.3, v_hi: float = 0.85) -> tuple[float, float]:
+    def sev(self) -> float:
+        """A finding's severity: some are subtle."""
+        return self.rng.uniform(0.45, 1.0)
+
+    def side(self) -> int:
+        return int(self.rng.integers(0, 2))
+
+    def lung_point(self, side: int, v_lo: float = 0.3, v_hi: float = 0.85) -> tuple[float, float]:
         """A random point of visible lung (not behind the heart) in a band of the lung's height."""
-        u0, v0, u1, v1 = anat.lung_box[side]
+        u, v = self.u, self.v
+        u0, v0, u1, v1 = self.anat.lung_box[side]
         band = (v >= v0 + v_lo * (v1 - v0)) & (v <= v0 + v_hi * (v1 - v0))
-        idx = np.flatnonzero((visible[side] > 0.9) & band)
+        idx = np.flatnonzero((self.visible[side] > 0.9) & band)
         if len(idx) == 0:
-            idx = np.flatnonzero(visible[side] > 0.5)
-        k = idx[rng.integers(0, len(idx))]
+            idx = np.flatnonzero(self.visible[side] > 0.5)
+        k = idx[self.rng.integers(0, len(idx))]
         return float(u.flat[k]), float(v.flat[k])
 
-    def add(name: str, mask: np.ndarray, amp: float, box_level: float = 0.5) -> None:
-        density[...] += amp * mask
-        if name in BOXED and name not in boxes:
+    def add(self, name: str, mask: np.ndarray, amp: float, box_level: float = 0.5) -> None:
+        self.density[...] += amp * mask
+        if name in BOXED and name not in self.boxes:
             b = _box_of(mask, box_level)
             if b is not None:
-                boxes[name] = b
+                self.boxes[name] = b
 
-    sev = lambda: rng.uniform(0.45, 1.0)  # noqa: E731 - severity: some findings are subtle
-    side = lambda: int(rng.integers(0, 2))  # noqa: E731
-    if has("Nodule"):
-        s = side()
-        cu, cv = lung_point(s, 0.15, 0.8)
-        r = rng.uniform(0.011, 0.022) * CONSPICUITY["Nodule"][0]
-        add("Nodule", _ellipse(u, v, cu, cv, r, r, sharp), (0.14 * sev() + 0.06) * CONSPICUITY["Nodule"][1])
-    if has("Mass"):
-        s = side()
-        cu, cv = lung_point(s, 0.2, 0.75)
-        r = rng.uniform(0.035, 0.07)
-        lob = _ellipse(u, v, cu, cv, r, r * rng.uniform(0.8, 1.2), sharp) * (1 + 0.15 * np.tanh(patchy))
-        add("Mass", np.clip(lob, 0, 1), 0.2 * sev() + 0.08)
-    if has("Cardiomegaly"):
-        boxes["Cardiomegaly"] = anat.heart_box
-    if has("Effusion"):
-        for s in (side(),) if rng.random() < 0.7 else (0, 1):
-            u0, v0, u1, v1 = anat.lung_box[s]
-            level = v1 - (v1 - v0) * (0.08 + rng.uniform(0.1, 0.3) * sev())
-            lateral = np.abs(u - (anat.centres[s] - (1 if s == 0 else -1) * 0.02)) / (u1 - u0)
-            meniscus = level - 0.1 * lateral**2  # fluid climbs the lateral wall
-            add("Effusion", _sig((v - meniscus) * sharp * 0.4) * visible[s], 0.24)
-    if has("Pneumothorax"):
-        s = side()
+
+def _nodule(p: _Painter) -> None:
+    s = p.side()
+    cu, cv = p.lung_point(s, 0.15, 0.8)
+    r = p.rng.uniform(0.011, 0.022) * CONSPICUITY["Nodule"][0]
+    p.add("Nodule", _ellipse(p.u, p.v, cu, cv, r, r, p.sharp), (0.14 * p.sev() + 0.06) * CONSPICUITY["Nodule"][1])
+
+
+def _mass(p: _Painter) -> None:
+    s = p.side()
+    cu, cv = p.lung_point(s, 0.2, 0.75)
+    r = p.rng.uniform(0.035, 0.07)
+    lob = _ellipse(p.u, p.v, cu, cv, r, r * p.rng.uniform(0.8, 1.2), p.sharp) * (1 + 0.15 * np.tanh(p.patchy))
+    p.add("Mass", np.clip(lob, 0, 1), 0.2 * p.sev() + 0.08)
+
+
+def _cardiomegaly(p: _Painter) -> None:
+    p.boxes["Cardiomegaly"] = p.anat.heart_box  # the heart itself was drawn large by draw_anatomy
+
+
+def _effusion(p: _Painter) -> None:
+    anat, u, v = p.anat, p.u, p.v
+    for s in (p.side(),) if p.rng.random() < 0.7 else (0, 1):
         u0, v0, u1, v1 = anat.lung_box[s]
-        edge_u = u1 - 0.25 * (u1 - u0) * sev() if s == 1 else u0 + 0.25 * (u1 - u0) * sev()
-        region = (_sig((u - edge_u) * sharp) if s == 1 else _sig((edge_u - u) * sharp)) * anat.lungs[s]
-        region = np.maximum(region, _sig((v0 + 0.18 * (v1 - v0) * sev() - v) * sharp) * anat.lungs[s])
-        vessels = density - _blur(density, size / 64)
-        density -= region * (vessels + 0.06 + 0.05 * sev())  # no lung markings, darker
-        line = np.exp(-(((u - edge_u) * size / 1.2) ** 2)) * anat.lungs[s] * (v > v0 + 0.1)
-        add("Pneumothorax", line, 0.06)
-        boxes["Pneumothorax"] = _box_of(region, 0.5) or boxes.get("Pneumothorax")
-    if has("Atelectasis"):
-        s = anat.collapsed_side  # the side whose hemidiaphragm draw_anatomy raised
-        cu, cv = lung_point(s, 0.6, 0.85)
-        angle = rng.uniform(-0.3, 0.3)
-        band = _sig((0.012 - np.abs((v - cv) - angle * (u - cu))) * sharp) * _ellipse(u, v, cu, cv, 0.09, 0.05, sharp)
-        add("Atelectasis", band, 0.12 * sev() + 0.07)
-    for name, thresh, amp, zone in (("Infiltration", 0.6, 0.07, (0.2, 0.85)),
-                                     ("Consolidation", -0.3, 0.15, (0.45, 0.85)),
-                                     ("Pneumonia", 0.35, 0.1, (0.4, 0.85))):
-        if has(name):
-            s = side()
-            cu, cv = lung_point(s, *zone)
-            region = _ellipse(u, v, cu, cv, rng.uniform(0.05, 0.09), rng.uniform(0.05, 0.1), sharp / 3)
-            patch = _sig((patchy - thresh) * 3) * region * anat.lungs[s]
-            add(name, patch, (amp * sev() + 0.06) * CONSPICUITY[name][1], box_level=0.25)
-    if has("Edema"):
-        for s, cu in enumerate(anat.centres):
-            hil = np.exp(-(((u - cu + (0.04 if s == 1 else -0.04)) / 0.1) ** 2 + ((v - 0.47) / 0.12) ** 2))
-            density += (0.12 * sev() + 0.06) * hil * visible[s]
-    if has("Fibrosis"):
-        mesh = np.abs(np.sin(u * size / 3.1 + 2 * patchy)) * np.abs(np.sin(v * size / 2.9 - patchy))
-        zone = lungs_all * _sig((v - 0.45) * sharp / 4)
-        add("Fibrosis", (mesh > 0.7) * zone, 0.09 * sev() + 0.07, box_level=0.5)
-    if has("Pleural_Thickening"):
-        s = side()
-        u0, v0, u1, v1 = anat.lung_box[s]
-        wall = u0 if s == 0 else u1
-        half = 0.012 * CONSPICUITY["Pleural_Thickening"][0]
-        rim = _sig((half - np.abs(u - wall - (half if s == 0 else -half))) * sharp) * (v > v0 + 0.02) * (v < v0 + 0.55 * (v1 - v0)) * anat.body
-        add("Pleural_Thickening", rim, (0.12 * sev() + 0.08) * CONSPICUITY["Pleural_Thickening"][1])
-    if has("Hernia"):
-        cu, cv = 0.5 + rng.uniform(-0.02, 0.03), anat.dome[1] - rng.uniform(0.03, 0.06)
-        r = rng.uniform(0.035, 0.05)
-        blob = _ellipse(u, v, cu, cv, r * 1.2, r, sharp)
-        add("Hernia", blob, 0.1 * sev() + 0.04)
-        density -= 0.12 * _ellipse(u, v, cu, cv - r * 0.3, r * 0.6, r * 0.35, sharp)  # gas lucency
-    return boxes
+        level = v1 - (v1 - v0) * (0.08 + p.rng.uniform(0.1, 0.3) * p.sev())
+        lateral = np.abs(u - (anat.centres[s] - (1 if s == 0 else -1) * 0.02)) / (u1 - u0)
+        meniscus = level - 0.1 * lateral**2  # fluid climbs the lateral wall
+        p.add("Effusion", _sig((v - meniscus) * p.sharp * 0.4) * p.visible[s], 0.24)
+
+
+def _pneumothorax(p: _Painter) -> None:
+    anat, u, v, sharp = p.anat, p.u, p.v, p.sharp
+    s = p.side()
+    u0, v0, u1, v1 = anat.lung_box[s]
+    edge_u = u1 - 0.25 * (u1 - u0) * p.sev() if s == 1 else u0 + 0.25 * (u1 - u0) * p.sev()
+    region = (_sig((u - edge_u) * sharp) if s == 1 else _sig((edge_u - u) * sharp)) * anat.lungs[s]
+    region = np.maximum(region, _sig((v0 + 0.18 * (v1 - v0) * p.sev() - v) * sharp) * anat.lungs[s])
+    vessels = p.density - _blur(p.density, p.size / 64)
+    p.density -= region * (vessels + 0.06 + 0.05 * p.sev())  # no lung markings, darker
+    line = np.exp(-(((u - edge_u) * p.size / 1.2) ** 2)) * anat.lungs[s] * (v > v0 + 0.1)
+    p.add("Pneumothorax", line, 0.06)
+    p.boxes["Pneumothorax"] = _box_of(region, 0.5) or p.boxes.get("Pneumothorax")
+
+
+def _atelectasis(p: _Painter) -> None:
+    u, v, sharp = p.u, p.v, p.sharp
+    s = p.anat.collapsed_side  # the side whose hemidiaphragm draw_anatomy raised
+    cu, cv = p.lung_point(s, 0.6, 0.85)
+    angle = p.rng.uniform(-0.3, 0.3)
+    band = _sig((0.012 - np.abs((v - cv) - angle * (u - cu))) * sharp) * _ellipse(u, v, cu, cv, 0.09, 0.05, sharp)
+    p.add("Atelectasis", band, 0.12 * p.sev() + 0.07)
+
+
+def _airspace(name: str, thresh: float, amp: float, zone: tuple[float, float]):
+    """Infiltration, consolidation, pneumonia: a patchy opacity in a zone of one lung."""
+    def paint(p: _Painter) -> None:
+        s = p.side()
+        cu, cv = p.lung_point(s, *zone)
+        region = _ellipse(p.u, p.v, cu, cv, p.rng.uniform(0.05, 0.09), p.rng.uniform(0.05, 0.1), p.sharp / 3)
+        patch = _sig((p.patchy - thresh) * 3) * region * p.anat.lungs[s]
+        p.add(name, patch, (amp * p.sev() + 0.06) * CONSPICUITY[name][1], box_level=0.25)
+    return paint
+
+
+def _edema(p: _Painter) -> None:
+    u, v = p.u, p.v
+    for s, cu in enumerate(p.anat.centres):
+        hil = np.exp(-(((u - cu + (0.04 if s == 1 else -0.04)) / 0.1) ** 2 + ((v - 0.47) / 0.12) ** 2))
+        p.density += (0.12 * p.sev() + 0.06) * hil * p.visible[s]
+
+
+def _fibrosis(p: _Painter) -> None:
+    u, v, size, patchy = p.u, p.v, p.size, p.patchy
+    mesh = np.abs(np.sin(u * size / 3.1 + 2 * patchy)) * np.abs(np.sin(v * size / 2.9 - patchy))
+    zone = p.lungs_all * _sig((v - 0.45) * p.sharp / 4)
+    p.add("Fibrosis", (mesh > 0.7) * zone, 0.09 * p.sev() + 0.07, box_level=0.5)
+
+
+def _pleural_thickening(p: _Painter) -> None:
+    u, v = p.u, p.v
+    s = p.side()
+    u0, v0, u1, v1 = p.anat.lung_box[s]
+    wall = u0 if s == 0 else u1
+    half = 0.012 * CONSPICUITY["Pleural_Thickening"][0]
+    rim = (_sig((half - np.abs(u - wall - (half if s == 0 else -half))) * p.sharp) * (v > v0 + 0.02)
+           * (v < v0 + 0.55 * (v1 - v0)) * p.anat.body)
+    p.add("Pleural_Thickening", rim, (0.12 * p.sev() + 0.08) * CONSPICUITY["Pleural_Thickening"][1])
+
+
+def _hernia(p: _Painter) -> None:
+    u, v, sharp = p.u, p.v, p.sharp
+    cu, cv = 0.5 + p.rng.uniform(-0.02, 0.03), p.anat.dome[1] - p.rng.uniform(0.03, 0.06)
+    r = p.rng.uniform(0.035, 0.05)
+    blob = _ellipse(u, v, cu, cv, r * 1.2, r, sharp)
+    p.add("Hernia", blob, 0.1 * p.sev() + 0.04)
+    p.density -= 0.12 * _ellipse(u, v, cu, cv - r * 0.3, r * 0.6, r * 0.35, sharp)  # gas lucency
+
+
+#: The order findings are drawn in (each takes its random numbers in turn: changing it changes every phantom).
+FINDING_ORDER = (
+    ("Nodule", _nodule), ("Mass", _mass), ("Cardiomegaly", _cardiomegaly), ("Effusion", _effusion),
+    ("Pneumothorax", _pneumothorax), ("Atelectasis", _atelectasis),
+    ("Infiltration", _airspace("Infiltration", 0.6, 0.07, (0.2, 0.85))),
+    ("Consolidation", _airspace("Consolidation", -0.3, 0.15, (0.45, 0.85))),
+    ("Pneumonia", _airspace("Pneumonia", 0.35, 0.1, (0.4, 0.85))),
+    ("Edema", _edema), ("Fibrosis", _fibrosis), ("Pleural_Thickening", _pleural_thickening), ("Hernia", _hernia),
+)
+
+
+def draw_findings(anat: Anatomy, density: np.ndarray, drawn: np.ndarray, rng: np.random.Generator) -> dict[str, tuple]:
+    """Add every drawn finding to ``density`` in place; return {label: box (u0, v0, u1, v1)}."""
+    painter = _Painter(anat, density, rng)
+    for name, paint in FINDING_ORDER:
+        if drawn[LABEL_INDEX[name]]:
+            paint(painter)
+    return painter.boxes
 
 
 def acquire(density: np.ndarray, prof: HospitalProfile, view: str, rng: np.random.Generator) -> np.ndarray:
