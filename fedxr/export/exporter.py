@@ -5,12 +5,14 @@ from __future__ import annotations
 import platform
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedxr.artifacts import MANIFEST_FILE, ExportManifest
+from fedxr.artifacts import MANIFEST_FILE, MANIFEST_VERSION, ExportManifest
 from fedxr.data.manifest import read_manifest
 from fedxr.errors import FedxrError
 from fedxr.edge.model import sha256_of
@@ -133,6 +135,39 @@ def _int8_decision(target: Target, int8: str, speedup: float, auroc: float, q_au
     return keep, f"INT8 {'kept' if keep else 'dropped'}: {why}" + (" — kept because --int8 on" if int8 == "on" and not good else "")
 
 
+@dataclass
+class _Export:
+    """One export in progress: the scored network, the validation batch every file is checked on, and the
+    files written so far (their manifest entries)."""
+    model: Any                       # ScoredNetwork: (logits, ood_score)
+    ckpt: dict
+    ckpt_path: Path
+    out: Path
+    name: str
+    x: np.ndarray
+    labels: np.ndarray
+    step: int | None                 # a fixed-shape target's batch size; None: any batch
+    trust: dict
+    opset: int
+    files: list[dict] = field(default_factory=list)
+    ok: bool = True
+
+    @property
+    def batch(self) -> int:
+        return self.step or 16
+
+    @property
+    def check_inputs(self) -> list[np.ndarray]:
+        """A fixed-shape model takes exactly its batch size: every check feeds it slices of that size."""
+        return [self.x[:1], self.x[:8]] if self.step is None else _batches(self.x[:8], self.step)
+
+    def meta(self, fmt: str, auroc: float | None) -> dict:
+        return model_metadata(self.ckpt, self.ckpt_path, fmt, auroc, metadata_of(self.trust))
+
+    def path(self, kind: str) -> Path:
+        return self.out / f"{self.name}_{kind}.onnx"
+
+
 def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8: str = "auto", fp16: bool = False,
                       opset: int = 18, data: str | Path | None = None, calibration_images: int = 200,
                       parity_tolerance: float = 1e-4, target: str = "laptop", operating_point: str = "youden",
@@ -141,13 +176,42 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
     """Export, verify and describe for a target (:data:`fedxr.export.targets.TARGETS`); returns the manifest
     (``ok`` is False when a check failed). The exported graph carries the OOD score as a second output and its
     metadata the calibration and operating points (:mod:`fedxr.trust`); MODEL_CARD.md is written beside it."""
-    import onnx
-    import onnxruntime as ort
-
     tgt = get_target(target)
     ckpt_path = Path(ckpt_path)
     model, ckpt = model_from_checkpoint(ckpt_path)
     name, prep = ckpt["model_name"], ckpt["preprocessing"]
+    out = _clean_output_folder(ckpt, name, tgt, out)
+    images, labels = validation_images(ckpt, data, max(calibration_images, 16))
+    print(f"fitting calibration, operating points ({operating_point}) and the OOD score on {sites_data(ckpt, data)}")
+    try:
+        trust = fit_trust(model, ckpt, sites_data(ckpt, data), operating_point, ood_quantile, trust_images, progress)
+    except ValueError as exc:
+        raise FedxrError(f"{ckpt_path}: cannot fit the trust checks: {exc}") from None
+    job = _Export(model=ScoredNetwork(model, trust["ood"]).eval(),  # what every exported file computes
+                  ckpt=ckpt, ckpt_path=ckpt_path, out=out, name=name, x=prep.batch(images), labels=labels,
+                  step=tgt.fixed_batch, trust=trust, opset=opset)
+    fp32, sess, lat32, auroc = _export_fp32(job, prep.size, parity_tolerance)
+    ood_reference = _logits(sess, job.x, job.batch, output=1)
+    decision = "int8 off"
+    if int8 != "off":
+        decision = _export_int8(job, tgt, int8, fp32, lat32, auroc, ood_reference, len(images))
+    if fp16:
+        _export_fp16(job, fp32, ood_reference)
+    extra: dict = {}
+    if tgt.ort_style:
+        extra, ok = _ort_files(tgt, job.model, out, job.files, job.meta, job.x, labels, parity_tolerance)
+        job.ok &= ok
+    if tgt.usability_check:
+        extra["mobile_usability"] = {f["file"]: mobile_usability(out / f["file"]) for f in job.files
+                                     if f["kept"] and f["file"].endswith(".onnx")}
+    manifest = _write_manifest(job, tgt, prep.size, len(images), decision, extra)
+    manifest["out"] = str(out)
+    return manifest
+
+
+def _clean_output_folder(ckpt: dict, name: str, tgt: Target, out: str | Path | None) -> Path:
+    """The export folder (default: the run's export/ folder for this model and target), emptied of the files an
+    earlier export wrote there (another target, a dropped INT8) so that none is left behind."""
     if out is None:
         layout = _run_layout(ckpt) or RunLayout(Path("model"))  # a bare checkpoint: export/model_NAME
         out = layout.export(name, student=str(ckpt.get("source", "")).startswith("distill"))
@@ -155,102 +219,101 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
             out = out.with_name(f"{out.name}_{tgt.name}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # A re-export into the same folder must not leave files of an earlier one (another target, a dropped INT8).
     for old in [out / f"{name}_{kind}.{ext}" for kind in ("fp32", "int8", "fp16") for ext in ("onnx", "ort")]:
         old.unlink(missing_ok=True)
     (out / OPERATORS_CONFIG).unlink(missing_ok=True)
-    images, labels = validation_images(ckpt, data, max(calibration_images, 16))
-    print(f"fitting calibration, operating points ({operating_point}) and the OOD score on {sites_data(ckpt, data)}")
-    try:
-        trust = fit_trust(model, ckpt, sites_data(ckpt, data), operating_point, ood_quantile, trust_images, progress)
-    except ValueError as exc:
-        raise FedxrError(f"{ckpt_path}: cannot fit the trust checks: {exc}") from None
-    trust_meta = metadata_of(trust)
-    model = ScoredNetwork(model, trust["ood"]).eval()  # (logits, ood_score): what every exported file computes
-    x = prep.batch(images)
-    # A fixed-shape model takes exactly its batch size: every check feeds it slices of that size.
-    step = tgt.fixed_batch
-    check_inputs = [x[:1], x[:8]] if step is None else _batches(x[:8], step)
-    files, checks_ok = [], True
+    return out
 
-    def meta(fmt: str, auroc: float | None) -> dict:
-        return model_metadata(ckpt, ckpt_path, fmt, auroc, trust_meta)
 
-    fp32 = export_fp32(model, prep.size, out / f"{name}_fp32.onnx", opset, fixed_batch=step)
+def _export_fp32(job: _Export, size: int, tolerance: float) -> tuple[Path, Any, float, float]:
+    """The FP32 file, checked against PyTorch (logits and OOD score) and by ONNX's full checker: its path, the
+    session it was checked with, its latency (ms, batch 1) and validation AUROC."""
+    import onnx
+
+    fp32 = export_fp32(job.model, size, job.path("fp32"), job.opset, fixed_batch=job.step)
     sess = _session(fp32)
-    diff, ood_diff = parity(model, sess, check_inputs)
-    passed = diff <= parity_tolerance and ood_diff <= OOD_PARITY_TOLERANCE
-    checks_ok &= passed
-    auroc = _auroc(sess, x, labels, step or 16)
-    set_metadata(fp32, meta("onnx-fp32", auroc))
+    diff, ood_diff = parity(job.model, sess, job.check_inputs)
+    passed = diff <= tolerance and ood_diff <= OOD_PARITY_TOLERANCE
+    job.ok &= passed
+    auroc = _auroc(sess, job.x, job.labels, job.batch)
+    set_metadata(fp32, job.meta("onnx-fp32", auroc))
     onnx.checker.check_model(str(fp32), full_check=True)
-    lat32 = _latency_ms(_session(fp32), x[:1])
-    files.append({"file": fp32.name, "format": "onnx-fp32", "parity_max_abs_logit": diff, "parity_tolerance": parity_tolerance,
-                  "parity_ood_max_rel": ood_diff, "parity_ok": passed, "val_auroc": auroc, "latency_ms_b1_p50": lat32,
-                  "kept": True})
-    ood_reference = _logits(sess, x, step or 16, output=1)
-    ood_threshold = trust["ood"]["threshold"]
+    lat32 = _latency_ms(_session(fp32), job.x[:1])
+    job.files.append({"file": fp32.name, "format": "onnx-fp32", "parity_max_abs_logit": diff,
+                      "parity_tolerance": tolerance, "parity_ood_max_rel": ood_diff, "parity_ok": passed,
+                      "val_auroc": auroc, "latency_ms_b1_p50": lat32, "kept": True})
+    return fp32, sess, lat32, auroc
 
-    decision = "int8 off"
-    if int8 != "off":
-        if len(images) < MIN_CALIBRATION:
-            warnings.warn(f"INT8 calibration uses only {len(images)} validation images (< {MIN_CALIBRATION}); "
-                          "its ranges may not represent your data", stacklevel=2)
-        q = quantize_int8(fp32, out / f"{name}_int8.onnx", INPUT, _batches(x, step or 8), float_outputs=(OOD_OUTPUT,))
-        qs = _session(q)
-        q_auroc, q_lat = _auroc(qs, x, labels, step or 16), _latency_ms(qs, x[:1])
-        set_metadata(q, meta("onnx-int8-qdq", q_auroc))
-        speedup = lat32 / q_lat if q_lat else 0.0
-        keep, decision = _int8_decision(tgt, int8, speedup, auroc, q_auroc)
-        files.append({"file": q.name, "format": "onnx-int8-qdq", "val_auroc": q_auroc, "latency_ms_b1_p50": q_lat,
+
+def _export_int8(job: _Export, tgt: Target, int8: str, fp32: Path, lat32: float, auroc: float,
+                 ood_reference: np.ndarray, calibration: int) -> str:
+    """The INT8 (QDQ) file, calibrated on the validation batch; kept or dropped by the target's rule (speed and
+    AUROC against FP32). Returns the decision, as the manifest states it."""
+    if calibration < MIN_CALIBRATION:
+        warnings.warn(f"INT8 calibration uses only {calibration} validation images (< {MIN_CALIBRATION}); "
+                      "its ranges may not represent your data", stacklevel=3)
+    q = quantize_int8(fp32, job.path("int8"), INPUT, _batches(job.x, job.step or 8), float_outputs=(OOD_OUTPUT,))
+    qs = _session(q)
+    q_auroc, q_lat = _auroc(qs, job.x, job.labels, job.batch), _latency_ms(qs, job.x[:1])
+    set_metadata(q, job.meta("onnx-int8-qdq", q_auroc))
+    speedup = lat32 / q_lat if q_lat else 0.0
+    keep, decision = _int8_decision(tgt, int8, speedup, auroc, q_auroc)
+    job.files.append({"file": q.name, "format": "onnx-int8-qdq", "val_auroc": q_auroc, "latency_ms_b1_p50": q_lat,
                       "speedup_vs_fp32": round(speedup, 3), "kept": keep,
-                      **_ood_agreement(qs, ood_reference, x, step or 16, ood_threshold)})
-        if not keep:
-            q.unlink()
-    if fp16:
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+                      **_ood_agreement(qs, ood_reference, job.x, job.batch, job.trust["ood"]["threshold"])})
+    if not keep:
+        q.unlink()
+    return decision
 
-        h = out / f"{name}_fp16.onnx"
-        m16 = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
-        onnx.save(m16, str(h))
-        hs = _session(h)
-        d16, _ = parity(model, hs, check_inputs)
-        ok16 = d16 <= FP16_PARITY_TOLERANCE
-        checks_ok &= ok16
-        auroc16 = _auroc(hs, x, labels, step or 16)
-        set_metadata(h, meta("onnx-fp16", auroc16))  # its own format, not the FP32 file's
-        files.append({"file": h.name, "format": "onnx-fp16", "parity_max_abs_logit": d16,
+
+def _export_fp16(job: _Export, fp32: Path, ood_reference: np.ndarray) -> None:
+    """The FP16 file (FP32 inputs and outputs), checked against PyTorch within FP16's own tolerance."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    h = job.path("fp16")
+    onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(h))
+    hs = _session(h)
+    d16, _ = parity(job.model, hs, job.check_inputs)
+    ok16 = d16 <= FP16_PARITY_TOLERANCE
+    job.ok &= ok16
+    auroc16 = _auroc(hs, job.x, job.labels, job.batch)
+    set_metadata(h, job.meta("onnx-fp16", auroc16))  # its own format, not the FP32 file's
+    job.files.append({"file": h.name, "format": "onnx-fp16", "parity_max_abs_logit": d16,
                       "parity_tolerance": FP16_PARITY_TOLERANCE, "parity_ok": ok16, "val_auroc": auroc16,
-                      "latency_ms_b1_p50": _latency_ms(_session(h), x[:1]), "kept": True,
-                      **_ood_agreement(hs, ood_reference, x, step or 16, ood_threshold)})
-    extra: dict = {}
-    if tgt.ort_style:
-        extra, ok = _ort_files(tgt, model, out, files, meta, x, labels, parity_tolerance)
-        checks_ok &= ok
-    if tgt.usability_check:
-        extra["mobile_usability"] = {f["file"]: mobile_usability(out / f["file"]) for f in files
-                                     if f["kept"] and f["file"].endswith(".onnx")}
+                      "latency_ms_b1_p50": _latency_ms(_session(h), job.x[:1]), "kept": True,
+                      **_ood_agreement(hs, ood_reference, job.x, job.batch, job.trust["ood"]["threshold"])})
+
+
+def _write_manifest(job: _Export, tgt: Target, size: int, validation: int, decision: str, extra: dict) -> dict:
+    """Digest every file, check the manifest with the schema every reader uses, then write it and the model card."""
+    import onnx
+    import onnxruntime as ort
+
+    out, files = job.out, job.files
     for f in files:
         p = out / f["file"]
         if p.exists():
-            f.update(size_bytes=p.stat().st_size, sha256=sha256_of(p), opset=opset)
+            f.update(size_bytes=p.stat().st_size, sha256=sha256_of(p), opset=job.opset)
+    ckpt = job.ckpt
     manifest = {
-        "checkpoint": str(ckpt_path), "checkpoint_sha256": sha256_of(ckpt_path), "model_name": name, "trained_on": ckpt.get("trained_on"),
-        "target": tgt.name, "input_shape": [step or "batch", 1, prep.size, prep.size],
-        "input_size": prep.size, "validation_images": len(images), "int8_decision": decision, "files": files,
-        "recommended": _recommended(tgt, files), "ok": bool(checks_ok), **extra,
+        "checkpoint": str(job.ckpt_path), "checkpoint_sha256": sha256_of(job.ckpt_path), "model_name": job.name,
+        "trained_on": ckpt.get("trained_on"), "target": tgt.name, "input_shape": [job.step or "batch", 1, size, size],
+        "input_size": size, "validation_images": validation, "int8_decision": decision, "files": files,
+        "recommended": _recommended(tgt, files), "ok": bool(job.ok), **extra,
         "runtime": {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__,
                     "python": platform.python_version(), "machine": platform.machine()},
     }
-    manifest["trust"] = write_trust_files(out, trust, name)
+    manifest["trust"] = write_trust_files(out, job.trust, job.name)
     manifest["model_card"] = CARD_FILE
+    manifest["schema_version"] = MANIFEST_VERSION
     typed = ExportManifest.from_json(manifest, folder=out)  # what every reader will see: checked before it is written
     undigested = [f.file for f in typed.files if (out / f.file).is_file() and not (f.sha256 and f.size_bytes)]
     if undigested:  # the edge runtime verifies files by these two fields: a file without them would load unchecked
         raise FedxrError(f"{out / MANIFEST_FILE}: no SHA-256 or size for {', '.join(undigested)} (a fedxr bug: report it)")
     write_json_atomic(out / MANIFEST_FILE, manifest)
-    write_card(out, render(name, str(ckpt.get("source", "")).startswith("distill"), ckpt.get("trained_on"), trust, typed))
-    manifest["out"] = str(out)
+    student = str(ckpt.get("source", "")).startswith("distill")
+    write_card(out, render(job.name, student, ckpt.get("trained_on"), job.trust, typed))
     return manifest
 
 

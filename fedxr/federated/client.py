@@ -129,21 +129,107 @@ def trainer_devices(recipe, ranks) -> dict:
     return {"devices": 1, "strategy": recipe.model.strategy}
 
 
+def _site_data(recipe, ranks, site: str, sites_dir: str | None):
+    """The site's data module (rank 0 builds the image cache once; the other ranks then open it) and the
+    steps it trains per round (None: whole local epochs)."""
+    from fedxr.federated.site import resolve_site_manifest
+    from fedxr.training import make_datamodule
+
+    dm = make_datamodule(recipe, [resolve_site_manifest(site, sites_dir)], progress=False)
+    if ranks.is_control:
+        dm.setup("fit")
+    ranks.share(None)
+    return dm, round_steps(recipe.federated, len(dm.split_patients("train")), dm.batch_size * ranks.world_size)
+
+
+def _site_module(recipe, dm, model_b64: str, local_steps: int | None):
+    """The module the job describes, with one learning-rate schedule over every round: NVFlare's patch restores
+    the optimizer and scheduler state between rounds, and a schedule sized to one round would leave later
+    rounds at zero rate. Built with random weights; the round-0 global model (for a student, with the frozen
+    teacher's weights) overwrites them."""
+    from fedxr.federated.codec import decode_json
+    from fedxr.training import make_classifier
+
+    fed = recipe.federated
+    schedule = ({"schedule_steps": fed.rounds * local_steps, "epoch_steps": local_steps} if local_steps
+                else {"schedule_epochs": fed.rounds * fed.local_epochs})
+    described = decode_json(model_b64)
+    return make_classifier(recipe, dm, cls=import_class(described["class_path"]), **described["args"], **schedule)
+
+
+def _site_privacy(recipe, site: str, dm, module, local_steps: int | None):
+    """With ``privacy.dp``: the site's DP accountant, Poisson sampling of its units, and Opacus on the module."""
+    if not recipe.privacy.dp:
+        return None
+    import numpy as np
+
+    from fedxr.privacy.dp import SitePrivacy, attach
+    from fedxr.privacy.sampling import units_of
+
+    dp, fed = recipe.privacy.dp, recipe.federated
+    train_patients = dm.split_patients("train")
+    # Every validation the server asks for releases one score: one per round, then the cross-site (every
+    # site's model and the global ones) or final global evaluation.
+    releases = fed.rounds + (recipe.data.sites + 2 if fed.cross_site_eval else 1)
+    privacy = SitePrivacy.for_site(dp, site, len(dm.datasets["train"]), dm.batch_size, fed.rounds,
+                                   fed.local_epochs, local_steps, train_patients=len(set(train_patients)),
+                                   val_releases=releases)
+    dm.dp_sampling = (units_of(train_patients, dp.unit), privacy.sample_rate)
+    dm.dp_copies = dp.augmentations
+    if dp.unit == "patient":
+        val_patients = dm.split_patients("val")
+        module.val_unit_images = int(np.unique(val_patients, return_counts=True)[1].max()) if len(val_patients) else 1
+    attach(module, privacy)
+    return privacy
+
+
+def _site_trainer(recipe, work: Path, ranks, local_steps: int | None, counter):
+    """One Trainer for every round. A round limited by steps gets an epoch limit it never reaches, not -1:
+    NVFlare's Lightning patch re-reads max_steps as "steps per round" every round while max_epochs is -1, so the
+    rounds doubled (32, 64, 128…)."""
+    from nvflare.app_opt.lightning.loggers.client_logger import ClientLogger
+
+    from fedxr.training import make_trainer
+
+    per_round = ({"max_steps": local_steps, "max_epochs": UNBOUNDED_EPOCHS} if local_steps
+                 else {"max_epochs": recipe.federated.local_epochs})
+    return make_trainer(recipe, work, callbacks=[counter], progress=False, enable_model_summary=False,
+                        logger=[ClientLogger()], num_sanity_val_steps=0, **trainer_devices(recipe, ranks), **per_round)
+
+
+def _next_task(ranks) -> dict | None:
+    """Rank 0 asks NVFlare for the next task; every rank then takes the same branch (None: the job is over)."""
+    import nvflare.client.lightning as flare
+    from nvflare.client import is_evaluate, is_submit_model
+
+    task = None
+    if ranks.is_control and flare.is_running():
+        input_model = flare.receive()
+        if input_model is not None:
+            # Read the task kind now: the patched trainer clears it once it has answered a validate task.
+            task = {"round": input_model.current_round, "evaluate": is_evaluate(), "submit": is_submit_model()}
+    return ranks.share(task)
+
+
+def _fail_as_injected(site: str, rnd: int, ranks) -> None:
+    if os.environ.get(FAIL_ENV, "").endswith("@agent") and ranks.is_control:
+        # A crashed torchrun agent, its workers otherwise alive (rank 0 waits here, the others in their
+        # next collective): they must go with the agent (fedxr.federated.ranks.die_with_parent).
+        os.kill(os.getppid(), 9)
+        time.sleep(600)
+    raise RuntimeError(f"{site}: injected failure at round {rnd} on rank {ranks.rank} ({FAIL_ENV})")
+
+
 def main(argv=None) -> None:
     import lightning as L
     import nvflare.client.lightning as flare
     from nvflare.app_common.abstract.fl_model import FLModel
-    from nvflare.app_opt.lightning.loggers.client_logger import ClientLogger
-    from nvflare.client import is_evaluate, is_submit_model, send
+    from nvflare.client import send
 
-    from fedxr.federated.codec import decode_json, decode_recipe
+    from fedxr.federated.codec import decode_recipe
     from fedxr.federated.job import job_deadline_s
     from fedxr.federated.ranks import SiteRanks
     from fedxr.records import record_file
-    from fedxr.federated.site import resolve_site_manifest
-    from fedxr.labels import VAL_AUROC
-    from fedxr.precision import recipe_precision
-    from fedxr.training import make_classifier, make_datamodule, make_trainer
 
     args = parse_args(argv)
     if args.threads:
@@ -155,71 +241,20 @@ def main(argv=None) -> None:
     flare.init(rank=str(ranks.rank))
     # Only rank 0 has an NVFlare session; the others learn the site's name from it.
     site = ranks.share(flare.get_site_name() if ranks.is_control else None)
-    manifest = resolve_site_manifest(site, args.sites_dir)
     # Each DDP rank draws its own augmentation (rank 0 keeps the single-process seeds: same results as before).
     rank_name = site if ranks.is_control else f"{site}#rank{ranks.rank}"
     L.seed_everything(site_round_seed(recipe.model.seed, rank_name, -1), workers=True, verbose=False)
     work = Path(args.records or ".") / site
     work.mkdir(parents=True, exist_ok=True)
-    fed = recipe.federated
-    dm = make_datamodule(recipe, [manifest], progress=False)
-    if ranks.is_control:
-        dm.setup("fit")  # rank 0 builds the site's image cache once; the other ranks then open it
-    ranks.share(None)
-    # One learning-rate schedule over every round: NVFlare's patch restores the optimizer and scheduler
-    # state between rounds, and a schedule sized to one round would leave later rounds at zero rate.
-    local_steps = round_steps(fed, len(dm.split_patients("train")), dm.batch_size * ranks.world_size)
-    schedule = ({"schedule_steps": fed.rounds * local_steps, "epoch_steps": local_steps} if local_steps
-                else {"schedule_epochs": fed.rounds * fed.local_epochs})
-    # Whatever the description holds is built with random weights here and overwritten by the round-0
-    # global model (which, for a student, includes the frozen teacher's weights).
-    described = decode_json(args.model_b64)
-    module = make_classifier(recipe, dm, cls=import_class(described["class_path"]), **described["args"], **schedule)
-    privacy = None
-    if recipe.privacy.dp:
-        from fedxr.privacy.dp import SitePrivacy, attach
-
-        import numpy as np
-
-        from fedxr.privacy.sampling import units_of
-
-        dp = recipe.privacy.dp
-        train_patients = dm.split_patients("train")
-        # Every validation the server asks for releases one score: one per round, then the cross-site (every
-        # site's model and the global ones) or final global evaluation.
-        releases = fed.rounds + (recipe.data.sites + 2 if fed.cross_site_eval else 1)
-        privacy = SitePrivacy.for_site(dp, site, len(dm.datasets["train"]), dm.batch_size, fed.rounds,
-                                       fed.local_epochs, local_steps, train_patients=len(set(train_patients)),
-                                       val_releases=releases)
-        dm.dp_sampling = (units_of(train_patients, dp.unit), privacy.sample_rate)
-        dm.dp_copies = dp.augmentations
-        if dp.unit == "patient":
-            val_patients = dm.split_patients("val")
-            module.val_unit_images = int(np.unique(val_patients, return_counts=True)[1].max()) if len(val_patients) else 1
-        attach(module, privacy)
-    # A round limited by steps gets an epoch limit it never reaches, not -1: NVFlare's Lightning patch re-reads
-    # max_steps as "steps per round" every round while max_epochs is -1, so the rounds doubled (32, 64, 128…).
-    per_round = ({"max_steps": local_steps, "max_epochs": UNBOUNDED_EPOCHS} if local_steps
-                 else {"max_epochs": fed.local_epochs})
+    dm, local_steps = _site_data(recipe, ranks, site, args.sites_dir)
+    module = _site_module(recipe, dm, args.model_b64, local_steps)
+    privacy = _site_privacy(recipe, site, dm, module, local_steps)
     counter = sample_counter()
-    precision_why = recipe_precision(recipe)[1]
-    trainer = make_trainer(recipe, work, callbacks=[counter], progress=False, enable_model_summary=False,
-                           logger=[ClientLogger()], num_sanity_val_steps=0, **trainer_devices(recipe, ranks),
-                           **per_round)
+    trainer = _site_trainer(recipe, work, ranks, local_steps, counter)
     flare.patch(trainer, load_state_dict_strict=not args.keep_excluded)
     local_state = None
     records = Path(args.records) / record_file(site, ranks.rank) if args.records else None
-    while True:
-        # Rank 0 asks NVFlare for the next task; every rank then takes the same branch.
-        task = None
-        if ranks.is_control and flare.is_running():
-            input_model = flare.receive()
-            if input_model is not None:
-                # Read the task kind now: the patched trainer clears it once it has answered a validate task.
-                task = {"round": input_model.current_round, "evaluate": is_evaluate(), "submit": is_submit_model()}
-        task = ranks.share(task)
-        if task is None:
-            break
+    while (task := _next_task(ranks)) is not None:
         rnd = task["round"]
         if task["submit"]:
             # Cross-site evaluation asks for this site's own last local model.
@@ -227,12 +262,7 @@ def main(argv=None) -> None:
                 send(FLModel(params=local_state or module.cpu().state_dict()))
             continue
         if not task["evaluate"] and _should_fail(site, rnd, ranks.rank):
-            if os.environ.get(FAIL_ENV, "").endswith("@agent") and ranks.is_control:
-                # A crashed torchrun agent, its workers otherwise alive (rank 0 waits here, the others in their
-                # next collective): they must go with the agent (fedxr.federated.ranks.die_with_parent).
-                os.kill(os.getppid(), 9)
-                time.sleep(600)
-            raise RuntimeError(f"{site}: injected failure at round {rnd} on rank {ranks.rank} ({FAIL_ENV})")
+            _fail_as_injected(site, rnd, ranks)
         # Every round starts from a seed of its own (recipe seed, site, round): data order and
         # augmentation do not depend on what ran before in this process.
         L.seed_everything(site_round_seed(recipe.model.seed, rank_name, rnd), workers=True, verbose=False)
@@ -244,7 +274,7 @@ def main(argv=None) -> None:
             continue  # the patched trainer already sent the metrics
         steps_before, samples_before = trainer.global_step, counter.samples
         if privacy is not None:  # refuses a round past the site's ε target, before it touches an image
-            privacy.start_round(site, rnd, privacy.planned_steps // fed.rounds)
+            privacy.start_round(site, rnd, privacy.planned_steps // recipe.federated.rounds)
         trainer.fit(module, datamodule=dm)
         t2 = time.time()
         spent = privacy.end_round(rnd) if privacy is not None else None
@@ -255,19 +285,32 @@ def main(argv=None) -> None:
             torch.save({"state_dict": local_state, "steps": trainer.global_step - steps_before},
                        Path(args.records) / f"{site}_round{rnd}.pt")
         if records is not None:
-            rec = {"site": site, "round": rnd, "val_auroc": float(result[0].get(VAL_AUROC, float("nan"))) if result else None,
-                   "val_images": len(dm.datasets["val"]), "train_images": len(dm.datasets["train"]),
-                   "steps": trainer.global_step - steps_before, "t_receive": t0, "t_validated": t1, "t_trained": t2,
-                   "validate_s": t1 - t0, "train_s": t2 - t1,
-                   "rank": ranks.rank, "world_size": ranks.world_size, "samples": counter.samples - samples_before,
-                   "received_digest": received, "trained_digest": weights_digest(module),
-                   "lr_end": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None,
-                   "precision": str(trainer.precision), "precision_why": precision_why}
-            if spent is not None:
+            rec = _round_record(site, rnd, result, dm, trainer, ranks, module, counter, steps_before, samples_before,
+                                (t0, t1, t2), received, recipe)
+            if privacy is not None and spent is not None:
                 rec["privacy"] = {**spent, **privacy.summary()}
             with open(records, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
     ranks.finish()
+
+
+def _round_record(site: str, rnd: int, result, dm, trainer, ranks, module, counter, steps_before: int,
+                  samples_before: int, times: tuple[float, float, float], received: str | None, recipe) -> dict:
+    """One line of the site's round records: the received model's validation score, what was trained, timings,
+    which rank, digests of the weights received and trained, the learning rate and precision."""
+    from fedxr.labels import VAL_AUROC
+    from fedxr.precision import recipe_precision
+
+    t0, t1, t2 = times
+    return {"site": site, "round": rnd,
+            "val_auroc": float(result[0].get(VAL_AUROC, float("nan"))) if result else None,
+            "val_images": len(dm.datasets["val"]), "train_images": len(dm.datasets["train"]),
+            "steps": trainer.global_step - steps_before, "t_receive": t0, "t_validated": t1, "t_trained": t2,
+            "validate_s": t1 - t0, "train_s": t2 - t1,
+            "rank": ranks.rank, "world_size": ranks.world_size, "samples": counter.samples - samples_before,
+            "received_digest": received, "trained_digest": weights_digest(module),
+            "lr_end": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None,
+            "precision": str(trainer.precision), "precision_why": recipe_precision(recipe)[1]}
 
 
 if __name__ == "__main__":
