@@ -228,8 +228,11 @@ def draw_findings(anat: Anatomy, density: np.ndarray, drawn: np.ndarray, rng: np
         density -= region * (vessels + 0.06 + 0.05 * sev())  # no lung markings, darker
         line = np.exp(-(((u - edge_u) * size / 1.2) ** 2)) * anat.lungs[s] * (v > v0 + 0.1)
         add("Pneumothorax", line, 0.06)
-        boxes["Pneumothorax"] = _box_of(region, 0.5) or boxes.get("Pneumothorax")
+        region_box = _box_of(region, 0.5)
+        if region_box is not None:  # else the pleural line's own box (from add) stays, if it has one
+            boxes["Pneumothorax"] = region_box
     if has("Atelectasis"):
+        assert anat.collapsed_side is not None  # draw_anatomy picks one whenever Atelectasis is drawn
         s = anat.collapsed_side  # the side whose hemidiaphragm draw_anatomy raised
         cu, cv = lung_point(s, 0.6, 0.85)
         angle = rng.uniform(-0.3, 0.3)

@@ -165,6 +165,7 @@ def distill(recipe: Recipe, teacher_path: str | Path | None = None, mode: str | 
         if mode == "federated":
             kd = distill_federated(recipe, teacher_path, teacher, student, env, recipe_path, startup_kit)
         else:
+            assert sites_dir is not None  # required above for central mode
             kd = distill_central(recipe, teacher_path, teacher, student, sites_dir, site, progress)
         entry = {"kd": kd}
         if recipe.distill.ablation_no_teacher:
@@ -174,6 +175,7 @@ def distill(recipe: Recipe, teacher_path: str | Path | None = None, mode: str | 
                                           recipe_path=recipe_path, stage=RunLayout.student_stage(student, False),
                                           source=SOURCE)
             else:
+                assert sites_dir is not None  # required above for central mode
                 entry["no_kd"] = distill_central(recipe, teacher_path, teacher, student, sites_dir, site, progress,
                                                  with_teacher=False)
         summaries["students"][student] = entry

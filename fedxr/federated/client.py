@@ -263,7 +263,7 @@ def main(argv=None) -> None:
                    "received_digest": received, "trained_digest": weights_digest(module),
                    "lr_end": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None,
                    "precision": str(trainer.precision), "precision_why": precision_why}
-            if spent is not None:
+            if privacy is not None and spent is not None:  # spent is None without privacy
                 rec["privacy"] = {**spent, **privacy.summary()}
             with open(records, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
