@@ -27,6 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check fedxr benchmarks tests
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 clean:

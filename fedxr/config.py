@@ -508,7 +508,7 @@ def _without(data: dict[str, Any], locations: list[tuple]) -> dict[str, Any]:
     data = copy.deepcopy(data)
     for loc in locations:
         keys = [k for k in loc if isinstance(k, str)]
-        node = data
+        node: object = data  # a dict, or whatever the recipe holds at that key
         for k in keys[:-1]:
             node = node.get(k) if isinstance(node, dict) else None
         if isinstance(node, dict) and keys:

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from fedxr.artifacts import ExportManifest, ManifestError
 from fedxr.data.atomic import write_json_atomic
@@ -83,10 +83,12 @@ def tracked(folder: str | Path, stage: str, country: str | None) -> Iterator[Non
         if tracker is not None:
             try:
                 kg = tracker.stop()
+                if kg is None:  # stop() swallows its own exceptions (CodeCarbon's @suppress) and returns None
+                    raise RuntimeError("CodeCarbon's tracker.stop() returned no emissions figure")
                 d = tracker.final_emissions_data
                 record.update(
                     energy_wh=1000 * d.energy_consumed, cpu_wh=1000 * d.cpu_energy, gpu_wh=1000 * d.gpu_energy,
-                    ram_wh=1000 * d.ram_energy, emissions_g=1000 * float(kg or 0.0), cpu_power_w=d.cpu_power,
+                    ram_wh=1000 * d.ram_energy, emissions_g=1000 * float(kg), cpu_power_w=d.cpu_power,
                     ram_power_w=d.ram_power, gpu_power_w=d.gpu_power, cpu_tdp_w=_cpu_tdp_w(tracker),
                     cpu_count=d.cpu_count, cpu_model=d.cpu_model, gpu_model=d.gpu_model or None,
                     methods=_methods(tracker), grams_per_kwh=(1000 * float(kg) / d.energy_consumed
@@ -153,7 +155,7 @@ def edge_comparison(manifests: dict[str, str], core_w: float | None, training_wh
     """Energy per 1,000 edge predictions (batch 1, the recommended file of each export, timed at export with
     ``cores`` busy cores) and the number of predictions after which the student's lower cost repays the energy
     spent distilling it."""
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for label, path in manifests.items():
         try:
             f = ExportManifest.read(path).recommended_file

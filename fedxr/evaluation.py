@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -187,7 +187,7 @@ def _site_scores(probs: torch.Tensor, targets: torch.Tensor, normal: np.ndarray,
     return out
 
 
-def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, split: str = "test",
+def evaluate_sites(checkpoints: Mapping[str, str | Path], sites_dir: str | Path, split: str = "test",
                    out: str | Path | None = None, cache_dir: str | Path = CACHE_DIR, progress: bool = True,
                    keep_predictions: bool = False, operating_specificity: float | None = OPERATING_SPECIFICITY) -> dict:
     """Within-site figures (the primary ones across hospitals whose case mix differs): every model on each
@@ -231,6 +231,7 @@ def evaluate_sites(checkpoints: dict[str, str | Path], sites_dir: str | Path, sp
                 result["sites"][site] = {"skipped": str(exc)}
                 break
             probs, targets = predict(model, loader)
+            assert dm.rows is not None  # the loader's setup() read the manifest
             rows = dm.rows[dm.rows["split"] == split]
             normal = rows[NO_FINDING].to_numpy(dtype=float) if NO_FINDING in rows else np.full(len(rows), np.nan)
             trained = (ckpt.get("trained_on") or {}).get("trained_labels") or list(LABELS)

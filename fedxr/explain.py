@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -179,8 +180,8 @@ def pointing_game(items: list[dict], maps: list[np.ndarray], cells: int | None =
     * ``energy``: the share of the heatmap's mass inside the box (energy-based pointing game, Wang et al.
       2020); a flat map puts the box's share there (``random``)."""
     keys = ("score", "random", "ceiling", "margin_score", "margin_random", "energy")
-    sums = {k: defaultdict(float) for k in keys}
-    counts = defaultdict(int)
+    sums: dict[str, defaultdict[str, float]] = {k: defaultdict(float) for k in keys}
+    counts: defaultdict[str, int] = defaultdict(int)
     for item, cam in zip(items, maps):
         size = cam.shape[-1]
         x0, y0, x1, y1 = item["box_px"]
@@ -199,9 +200,11 @@ def pointing_game(items: list[dict], maps: list[np.ndarray], cells: int | None =
         counts[label] += 1
         for k in keys:
             sums[k][label] += row[k]
-    per_class = {c: {"boxes": counts[c], **{k: sums[k][c] / counts[c] for k in keys}} for c in counts}
+    # Values float, or None: the ceiling without a CAM resolution.
+    per_class: dict[str, dict[str, float | None]] = {
+        c: {"boxes": counts[c], **{k: sums[k][c] / counts[c] for k in keys}} for c in counts}
     total = sum(counts.values())
-    overall = {k: sum(sums[k].values()) / total for k in keys}
+    overall: dict[str, float | None] = {k: sum(sums[k].values()) / total for k in keys}
     if not cells:
         for v in (*per_class.values(), overall):
             v["ceiling"] = None
@@ -236,7 +239,7 @@ def _box_pairs(images: list[dict], rng: np.random.Generator, limit: int) -> list
             for i in order for b in images[i]["boxes"]][:limit]
 
 
-def explain(checkpoints: list[str | Path], data: str | Path, out: str | Path, n: int = 16,
+def explain(checkpoints: Sequence[str | Path], data: str | Path, out: str | Path, n: int = 16,
             boxes_csv: str | Path | None = None, max_boxes: int = 200, seed: int = 0,
             val_boxes: int = 200) -> dict:
     """Grad-CAM grid for ``n`` boxed test images and the pointing game on up to ``max_boxes`` test boxes, each
@@ -270,7 +273,8 @@ def explain(checkpoints: list[str | Path], data: str | Path, out: str | Path, n:
                         **pointing_game(items, maps, choice["cells"])}
         all_maps[key] = (items, maps, size)
     # One image per row in the grid: the first box of each of the first n images.
-    shown, seen = [], set()
+    shown: list[int] = []
+    seen: set[str] = set()
     for i, p in enumerate(pairs):
         if p["image"] not in seen and len(shown) < n:
             seen.add(p["image"])

@@ -20,11 +20,18 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fedxr.errors import DataError
+
+if TYPE_CHECKING:  # for the annotation only: this module must import without torch (the edge runtime)
+    import torch
+
+#: A numpy array here and at the edge, a torch tensor on the training device (fedxr.data.augment).
+ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
 #: File name suffixes treated as images when searching folders.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -167,8 +174,8 @@ def to_unit(gray: np.ndarray) -> np.ndarray:
     return np.asarray(gray, dtype=np.float32) / np.float32(255.0)
 
 
-def standardize(unit: np.ndarray, mean: float, std: float) -> np.ndarray:
-    """(x − mean) / std on float32 arrays in [0, 1]: the model's input normalisation."""
+def standardize(unit: ArrayT, mean: float, std: float) -> ArrayT:
+    """(x − mean) / std on float32 arrays (or tensors) in [0, 1]: the model's input normalisation."""
     return (unit - np.float32(mean)) / np.float32(std)
 
 

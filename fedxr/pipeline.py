@@ -60,6 +60,7 @@ class Context:
 
     @property
     def teacher(self) -> str:
+        assert self.results.teacher is not None, "the teacher stage runs before every stage that reads its checkpoint"
         return self.results.teacher.checkpoint
 
 
@@ -101,7 +102,8 @@ def _export(ctx: Context) -> ExportResult:
     ex, recipe = ctx.recipe.export, ctx.recipe
     models = {f"teacher {recipe.model.name}": (ctx.teacher, ctx.layout.export(recipe.model.name))}
     models.update({f"student {n}": (s.kd, ctx.layout.export(n, student=True)) for n, s in ctx.results.students.items()})
-    manifests, sizes = {}, {}
+    manifests: dict[str, str] = {}
+    sizes: dict[str, int] = {}
     for name, (ckpt, out) in models.items():
         print(f"--- {name} → {out} ---")
         manifest = export_checkpoint(ckpt, out, int8=ex.int8, fp16=ex.fp16, opset=ex.opset, data=ctx.layout.sites,
@@ -115,7 +117,7 @@ def _export(ctx: Context) -> ExportResult:
         manifests[name] = str(out / MANIFEST_FILE)
         sizes[str(out)] = written.recommended_file.size_bytes or 0
     # The smallest exported model (its recommended file) is the one to try on a laptop or a board.
-    return ExportResult(manifests=manifests, edge_model=min(sizes, key=sizes.get))
+    return ExportResult(manifests=manifests, edge_model=min(sizes, key=sizes.__getitem__))
 
 
 def _evaluate(ctx: Context) -> EvaluateResult:
@@ -131,6 +133,7 @@ def _evaluate(ctx: Context) -> EvaluateResult:
         return EvaluateResult(metrics=metrics, per_site=per_site)
     from fedxr.distill.report import compare_students
 
+    assert ctx.results.distill is not None  # students come from the distill stage's result
     report = compare_students(recipe, ctx.results.distill, teacher_result=result, progress=ctx.progress)
     return EvaluateResult(metrics=metrics, distill_report=str(Path(report["out"]) / "distill_report.json"),
                           per_site=per_site)

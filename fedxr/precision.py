@@ -12,6 +12,10 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Literal
+
+#: The Lightning precisions a recipe can train in (``model.precision`` but ``auto``, which resolves to one of them).
+Precision = Literal["32-true", "16-mixed", "bf16-mixed", "bf16-true"]
 
 #: CPU flags (Linux /proc/cpuinfo names) under which bf16 autocast is native and fast.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -46,13 +50,14 @@ def _uses_cuda(accelerator: str) -> bool:
     return torch.cuda.is_available()
 
 
-def recipe_precision(recipe) -> tuple[str, str]:
+def recipe_precision(recipe) -> tuple[Precision, str]:
     """The precision a recipe trains in on this machine, and why: what every trainer uses, what the round records
     and the stage fingerprints hold."""
     return resolve_precision(recipe.model.precision, recipe.model.accelerator, dp=bool(recipe.privacy.dp))
 
 
-def resolve_precision(requested: str, accelerator: str = "auto", dp: bool = False) -> tuple[str, str]:
+def resolve_precision(requested: Precision | Literal["auto"], accelerator: str = "auto",
+                      dp: bool = False) -> tuple[Precision, str]:
     """The Lightning precision a recipe's ``model.precision`` means on this machine, and why (for the records).
     Anything but ``auto`` is taken as written."""
     if requested != "auto":

@@ -49,7 +49,7 @@ class Preprocessing:
     @classmethod
     def coerce(cls, value: "Preprocessing | Mapping[str, Any]") -> "Preprocessing":
         """A Preprocessing from itself or from its dict form (checkpoints, job arguments)."""
-        return value if isinstance(value, cls) else cls(**dict(value))
+        return value if isinstance(value, Preprocessing) else cls(**dict(value))
 
     # --- the ONNX metadata form: keys the edge runtime reads -----------------------------------------
     def metadata(self) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def plot_prevalence(sites: list[dict], path: Path) -> None:
 
 def _most_common(prevalence: dict) -> str:
     known = {k: v for k, v in prevalence.items() if v is not None}
-    return max(known, key=known.get) if known else "–"
+    return max(known, key=known.__getitem__) if known else "–"
 
 
 def _data_section(layout: RunLayout, out: list[str]) -> None:
@@ -104,7 +104,8 @@ def _rounds_section(layout: RunLayout, results: RunResults, out: list[str]) -> N
             out += [f"Trained in {' and '.join(precisions)}{f' ({why})' if why else ''}.", ""]
     if (fed / "cross_site.png").is_file():
         out += [f"![cross-site]({_rel(fed / 'cross_site.png', run)})", ""]
-    out += [f"Teacher checkpoint: `{_rel(results.teacher.checkpoint, run)}`", ""]
+    if results.teacher is not None:  # the report stage runs after the teacher's
+        out += [f"Teacher checkpoint: `{_rel(results.teacher.checkpoint, run)}`", ""]
 
 
 def _precision_reasons(fed: Path) -> str | None:
@@ -346,7 +347,7 @@ def _energy_section(layout: RunLayout, recipe: Recipe, results: RunResults, out:
         summary["edge"] = energy.edge_comparison(results.export.manifests, core_w, students_wh or None,
                                                  cores=teacher.get("cpu_count") or 1)
     write_json_atomic(layout.energy, summary)
-    methods = next((v["methods"] for v in summary["jobs"].values() if "methods" in v), {})
+    methods: dict[str, str] = next((v["methods"] for v in summary["jobs"].values() if "methods" in v), {})
     out += [f"CodeCarbon offline tracker, machine mode (it covers the server and every site process on this machine); "
             f"grid {summary['country']}. How: CPU {methods.get('cpu', '–')}; GPU {methods.get('gpu', '–')}; "
             f"RAM {methods.get('ram', '–')}.", ""]

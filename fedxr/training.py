@@ -32,16 +32,22 @@ class BestCheckpoint(Callback):
         self.folder, self.recipe, self.source = Path(folder), recipe, source
         self.best = -math.inf
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: XRayClassifier) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or VAL_AUROC not in trainer.callback_metrics:
             return
         score = float(trainer.callback_metrics[VAL_AUROC])
         if score > self.best:
             self.best = score
-            pl_module.save_fedxr_checkpoint(self.best_path, self.recipe, self.source)
+            self._save(pl_module, self.best_path)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: XRayClassifier) -> None:
-        pl_module.save_fedxr_checkpoint(self.last_path, self.recipe, self.source)
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(pl_module, self.last_path)
+
+    def _save(self, pl_module: L.LightningModule, path: Path) -> None:
+        if not isinstance(pl_module, XRayClassifier):
+            raise TypeError(f"BestCheckpoint writes the fedxr checkpoint of an XRayClassifier, not of a "
+                            f"{type(pl_module).__name__}")
+        pl_module.save_fedxr_checkpoint(path, self.recipe, self.source)
 
 
 def make_trainer(recipe: Recipe, folder: Path, callbacks: list | None = None, max_epochs: int | None = None,

@@ -80,8 +80,9 @@ class SiteDataModule(L.LightningDataModule):
         self.rows: pd.DataFrame | None = None
         self.datasets: dict[str, XRayDataset] = {}
 
+    # Lightning declares `name` as a plain attribute (None) that it never sets; here it is read-only, the manifests'.
     @property
-    def name(self) -> str:
+    def name(self) -> str:  # type: ignore[override]
         return "+".join(m.stem for m in self.manifests)
 
     def setup(self, stage: str | None = None) -> None:
@@ -143,6 +144,7 @@ class SiteDataModule(L.LightningDataModule):
     def split_patients(self, split: str) -> np.ndarray:
         """Patient id of every image of a split, in the dataset's order."""
         self.setup()
+        assert self.rows is not None  # setup() read the manifests
         return self.rows.loc[self.rows["split"] == split, "patient_id"].to_numpy()
 
     def train_dataloader(self) -> DataLoader:

@@ -22,6 +22,7 @@ import os
 from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -146,6 +147,7 @@ def generate_phantom(
         jobs = [(c, profiles, size, str(tmp / "images")) for c in cases]
         results: list[tuple] = []
         with tqdm(total=n_images, desc=f"phantom images ({size}px)", unit="img", disable=not progress) as bar:
+            it: Iterator[list[tuple]]
             if workers == 1:
                 it = map(_render_patient, jobs)
                 pool = None

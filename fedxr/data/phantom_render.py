@@ -247,11 +247,14 @@ def _pneumothorax(p: _Painter) -> None:
     p.density -= region * (vessels + 0.06 + 0.05 * p.sev())  # no lung markings, darker
     line = np.exp(-(((u - edge_u) * p.size / 1.2) ** 2)) * anat.lungs[s] * (v > v0 + 0.1)
     p.add("Pneumothorax", line, 0.06)
-    p.boxes["Pneumothorax"] = _box_of(region, 0.5) or p.boxes.get("Pneumothorax")
+    region_box = _box_of(region, 0.5)
+    if region_box is not None:  # else the pleural line's own box (from add) stays, if it has one
+        p.boxes["Pneumothorax"] = region_box
 
 
 def _atelectasis(p: _Painter) -> None:
     u, v, sharp = p.u, p.v, p.sharp
+    assert p.anat.collapsed_side is not None  # draw_anatomy picks one whenever Atelectasis is drawn
     s = p.anat.collapsed_side  # the side whose hemidiaphragm draw_anatomy raised
     cu, cv = p.lung_point(s, 0.6, 0.85)
     angle = p.rng.uniform(-0.3, 0.3)

@@ -52,7 +52,7 @@ def _check_sizes(assign: np.ndarray, num_sites: int, min_size: int, what: str) -
         )
 
 
-def partition_iid(patient_ids: Sequence[int], num_sites: int, seed: int, min_size: int = 1) -> np.ndarray:
+def partition_iid(patient_ids: Sequence[int] | np.ndarray, num_sites: int, seed: int, min_size: int = 1) -> np.ndarray:
     """Shuffle patients and deal them out like cards: site sizes differ by at most one patient."""
     ids = np.asarray(patient_ids)
     _check_feasible(len(ids), num_sites, min_size)
@@ -64,7 +64,7 @@ def partition_iid(patient_ids: Sequence[int], num_sites: int, seed: int, min_siz
 
 
 def partition_quantity(
-    patient_ids: Sequence[int], num_sites: int, seed: int, alpha: float = 1.0, min_size: int = 1
+    patient_ids: Sequence[int] | np.ndarray, num_sites: int, seed: int, alpha: float = 1.0, min_size: int = 1
 ) -> np.ndarray:
     """Skewed site sizes: shares ~ Dirichlet(alpha), on top of ``min_size`` patients per site."""
     ids = np.asarray(patient_ids)
@@ -90,7 +90,7 @@ def primary_label(patient_labels: np.ndarray, label_counts: np.ndarray | None = 
 
 
 def partition_dirichlet(
-    patient_ids: Sequence[int],
+    patient_ids: Sequence[int] | np.ndarray,
     patient_labels: np.ndarray,
     num_sites: int,
     seed: int,
@@ -131,7 +131,7 @@ def partition_dirichlet(
 
 
 def partition_column(
-    patient_ids: Sequence[int], values: Sequence[str], num_sites: int, min_size: int = 1
+    patient_ids: Sequence[int] | np.ndarray, values: Sequence[str], num_sites: int, min_size: int = 1
 ) -> tuple[np.ndarray, list[list[str]]]:
     """Natural sites from a per-patient column (hospital id, scanner, view position).
 
@@ -166,7 +166,7 @@ def partition_column(
 
 
 def split_patients(
-    patient_ids: Sequence[int], val_fraction: float, test_fraction: float, seed: int
+    patient_ids: Sequence[int] | np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> np.ndarray:
     """Seeded patient-wise split: an array of 'train' / 'val' / 'test', one per patient."""
     ids = np.asarray(patient_ids)
@@ -188,9 +188,9 @@ def split_patients(
     return out
 
 
-def assert_patient_disjoint(patient_ids: Sequence[int], groups: Sequence[object], what: str) -> None:
+def assert_patient_disjoint(patient_ids: Sequence[int] | np.ndarray, groups: Sequence[object], what: str) -> None:
     """Raise DataError when one patient id appears in two different groups (sites or splits)."""
-    pairs = {}
+    pairs: dict[int, object] = {}
     for pid, g in zip(patient_ids, groups):
         if pairs.setdefault(pid, g) != g:
             raise DataError(f"patient {pid} appears in two {what}s ({pairs[pid]} and {g}); {what}s must be patient-disjoint")

@@ -170,6 +170,7 @@ def distill(recipe: Recipe, teacher_path: str | Path | None = None, mode: str | 
             entry["kd"] = distill_federated(recipe, teacher_path, teacher, student, env, recipe_path,
                                             startup_kit).to_json()
         else:
+            assert sites_dir is not None  # required above for central mode
             entry["kd"] = distill_central(recipe, teacher_path, teacher, student, sites_dir, site, progress)
         if recipe.distill.ablation_no_teacher:
             print(f"--- ablation: {student} without the teacher (same rounds and data) ---", flush=True)
@@ -178,6 +179,7 @@ def distill(recipe: Recipe, teacher_path: str | Path | None = None, mode: str | 
                                           recipe_path=recipe_path, stage=RunLayout.student_stage(student, False),
                                           source=SOURCE).to_json()
             else:
+                assert sites_dir is not None  # required above for central mode
                 entry["no_kd"] = distill_central(recipe, teacher_path, teacher, student, sites_dir, site, progress,
                                                  with_teacher=False)
         summaries["students"][student] = entry

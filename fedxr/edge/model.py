@@ -153,12 +153,13 @@ class EdgeModel:
         #: The batch size a fixed-shape model (export targets board and mobile) takes; None when dynamic.
         self.fixed_batch: int | None = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
         missing = [k for k in metadata.REQUIRED if k not in self.meta]
-        if missing and labels is None:
-            raise ModelMetadataError(
-                f"{self.path}: not a fedxr model (no {', '.join('fedxr.' + k for k in missing)} metadata); "
-                "export it with `python -m fedxr.export CKPT`, or pass --labels NAME,NAME,… to use it anyway "
-                f"(thresholds 0.5, normalisation mean {FALLBACK_MEAN} / std {FALLBACK_STD}, input size from the model)")
         if missing:
+            if labels is None:
+                raise ModelMetadataError(
+                    f"{self.path}: not a fedxr model (no {', '.join('fedxr.' + k for k in missing)} metadata); "
+                    "export it with `python -m fedxr.export CKPT`, or pass --labels NAME,NAME,… to use it anyway "
+                    f"(thresholds 0.5, normalisation mean {FALLBACK_MEAN} / std {FALLBACK_STD}, "
+                    "input size from the model)")
             shape = self.session.get_inputs()[0].shape
             n_out = self.session.get_outputs()[0].shape[-1]
             if isinstance(n_out, int) and len(labels) != n_out:
@@ -256,6 +257,7 @@ class EdgeModel:
         prediction.probabilities = {l: round(float(v), 6) for l, v in zip(self.labels, probs)}
         reasons = []
         if ood is not None:
+            assert self.ood is not None  # a score comes only from a file whose metadata describes the check
             prediction.ood_score = round(float(ood), 4)
             if ood > self.ood["threshold"]:
                 reasons.append(f"its features lie {ood / self.ood['threshold']:.1f}x beyond the distance that "

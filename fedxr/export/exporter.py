@@ -323,6 +323,7 @@ def _ort_files(tgt: Target, model, out: Path, files: list[dict], meta, x: np.nda
     FP32, the ONNX file for INT8 and FP16, at the same optimisation level (the conversion must not change
     their outputs)."""
     sources = [f for f in files if f["kept"]]
+    step = tgt.fixed_batch or 16  # as in export_checkpoint (every target with ORT files fixes its batch size)
     made, config = convert_to_ort({out / f["file"]: meta(f["format"].replace("onnx-", "ort-"), f["val_auroc"])
                                    for f in sources}, out, tgt)
     ok = True
@@ -330,16 +331,16 @@ def _ort_files(tgt: Target, model, out: Path, files: list[dict], meta, x: np.nda
         path = made[out / f["file"]]
         sess = _session(path)
         if f["format"] == "onnx-fp32":
-            diff, _ = parity(model, sess, _batches(x[:8], tgt.fixed_batch))
+            diff, _ = parity(model, sess, _batches(x[:8], step))
         else:
-            converted = _logits(sess, x[:8], tgt.fixed_batch)
-            diff = float(np.abs(converted - _logits(_session(out / f["file"]), x[:8], tgt.fixed_batch)).max())
+            converted = _logits(sess, x[:8], step)
+            diff = float(np.abs(converted - _logits(_session(out / f["file"]), x[:8], step)).max())
         passed = diff <= tolerance
         ok &= passed
         files.append({"file": path.name, "format": f["format"].replace("onnx-", "ort-"), "converted_from": f["file"],
                       "parity_against": "pytorch" if f["format"] == "onnx-fp32" else f["file"],
                       "parity_max_abs_logit": diff, "parity_tolerance": tolerance, "parity_ok": passed,
-                      "val_auroc": _auroc(sess, x, labels, tgt.fixed_batch), "latency_ms_b1_p50": _latency_ms(sess, x[:1]),
+                      "val_auroc": _auroc(sess, x, labels, step), "latency_ms_b1_p50": _latency_ms(sess, x[:1]),
                       "ort_optimization_style": tgt.ort_style, "ort_target_platform": tgt.ort_platform, "kept": True})
     return {"operators_config": {"file": config.name, "sha256": sha256_of(config),
                                  "operators": [l for l in config.read_text().splitlines() if l and not l.startswith("#")]}}, ok

@@ -69,8 +69,9 @@ def convert_to_ort(onnx_files: dict[Path, dict], out: Path, target: Target) -> t
     temporary folder, so its intermediate files never land in the export folder."""
     from fedxr.export.onnx import set_metadata
 
-    with tempfile.TemporaryDirectory(prefix="fedxr-ort-") as tmp:
-        tmp = Path(tmp)
+    assert target.ort_style is not None, f"target {target.name} has no ORT format"  # callers check tgt.ort_style
+    with tempfile.TemporaryDirectory(prefix="fedxr-ort-") as tmp_name:
+        tmp = Path(tmp_name)
         for f, meta in onnx_files.items():
             shutil.copy2(f, tmp / f.name)
             set_metadata(tmp / f.name, meta)

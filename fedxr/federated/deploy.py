@@ -132,11 +132,12 @@ def start_participant(kit: str | Path, env: dict[str, str] | None = None, log: s
         raise FedxrError(f"{kit}: no startup/start.sh; pass a server's or hospital's kit from provisioning")
     full_env = {**os.environ, **(env or {}),
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps writing to it
+    out = open(log, "ab") if log else None  # noqa: SIM115 - the child keeps writing to it
     try:
-        return subprocess.Popen(["bash", str(script)], cwd=kit, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(["bash", str(script)], cwd=kit, env=full_env,
+                                stdout=out if out is not None else subprocess.DEVNULL, stderr=subprocess.STDOUT)
     finally:
-        if log:
+        if out is not None:
             out.close()
 
 

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 from fedxr.config import Recipe
 from fedxr.errors import FedxrError
@@ -124,7 +125,7 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
         # instead of oversubscribing.
         args.append(f"--threads {max(1, (os.cpu_count() or 1) // max(1, recipe.data.sites * processes))}")
     python = sys.executable if env in ("sim", "poc") else "python3"
-    common = dict(
+    common: dict[str, Any] = dict(
         # Each site trains in its own process, so a crashing site is reported as a failed task
         # instead of taking the site's FLARE client (and, through it, the job) down.
         launch_external_process=True,
@@ -194,12 +195,14 @@ def add_privacy_filters(job, recipe: Recipe, audit_folder: Path | None) -> None:
             job.add_client_output_filter(OutgoingAudit(folder), tasks=[task])
 
 
-def _resilient(recipe_cls):
+def _resilient(recipe_cls: Any) -> Any:  # an NVFlare recipe class (NVFlare has no type information)
     """The NVFlare recipe class with its FedAvg controller in resilient mode: a site whose task fails, or
     that has not answered within ``site_timeout_s``, is left out of that round's aggregate instead of
     stopping (or stalling) the federation."""
 
     class Resilient(recipe_cls):
+        min_clients: int  # set by the NVFlare recipe's __init__
+
         def __init__(self, *args, clients_per_round: int | None = None, site_timeout_s: int = 0, **kwargs):
             self._clients_per_round = clients_per_round
             self._site_timeout_s = site_timeout_s

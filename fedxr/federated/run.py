@@ -204,6 +204,7 @@ def _initial_model(recipe: Recipe, path: Path) -> Path:
     from fedxr.federated.job import model_config
     from fedxr.models.classifier import XRayClassifier, load_initial_weights
 
+    assert recipe.model.init_from, "called for a recipe with model.init_from"
     module = load_initial_weights(XRayClassifier(**model_config(recipe)["args"]), recipe.model.init_from)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(module.state_dict(), path)
@@ -249,12 +250,13 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
         if problems := delta_problems(recipe, sites_dir):
             raise FedxrError("; ".join(problems))
     elif env == "prod":
-        startup_kit = check_admin_kit(startup_kit)
+        admin_kit = check_admin_kit(startup_kit)
     shutil.rmtree(records, ignore_errors=True)
     records.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # On one machine the tracker (machine mode) covers the server and every site process.
     energy = tracked(folder, stage, recipe.energy_country if env in ("sim", "poc") else None)
+    collected: Path | None = records  # the sites' round records (None: in production they stay at the sites)
     if env == "sim":
         job = build_job(recipe, folder, "sim", sites_dir=sites_dir, records=records, **job_options)
         with energy:
@@ -266,14 +268,14 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
             server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir)
     elif env == "prod":
         job = build_job(recipe, folder, "prod", **job_options)
-        server_dir, workspace = _run_prod(job, recipe, startup_kit)
-        records = None
+        server_dir, workspace = _run_prod(job, recipe, admin_kit)
+        collected = None
     else:
         raise FedxrError(f"unknown --env {env!r}; use sim, poc or prod")
     _check_quorum(workspace)
-    if records is not None:
-        _check_sites_trained(records, recipe, workspace)
-    summary = outputs.collect(recipe, server_dir, folder, records, workspace, source=source, env=env)
+    if collected is not None:
+        _check_sites_trained(collected, recipe, workspace)
+    summary = outputs.collect(recipe, server_dir, folder, collected, workspace, source=source, env=env)
     summary = replace(summary, wall_s=round(time.perf_counter() - t0, 1))
     write_json_atomic(folder / FederateSummary.FILE, summary.to_json())
     return summary

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from fedxr.labels import NUM_LABELS, TEST_AP, TEST_AUROC, TRAIN_LOSS, VAL_AP, VAL_AUROC, VAL_LOSS, per_class_metric
 from fedxr.models.checkpoint import save_checkpoint
@@ -17,6 +19,9 @@ from fedxr.models.metrics import choose_thresholds, multilabel_scores
 from fedxr.models.registry import build_model, get_spec
 from fedxr.models.trainable import freeze_except
 from fedxr.preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    from fedxr.privacy.dp import SitePrivacy
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,9 @@ class XRayClassifier(L.LightningModule):
     the per-class decision thresholds, which are kept in the ``thresholds`` buffer and so travel with
     every checkpoint.
     """
+
+    thresholds: torch.Tensor  # a buffer (register_buffer in __init__)
+    _compiled: Callable[[torch.Tensor], torch.Tensor] | None  # set in __init__, outside the module tree
 
     def __init__(
         self, model_name: str, pretrained: bool = False, lr: float = 1e-3, weight_decay: float = 1e-4,
@@ -66,7 +74,7 @@ class XRayClassifier(L.LightningModule):
         self.init_seed, self.mixup, self.norm = init_seed, mixup, norm
         # Set by fedxr.privacy.dp.attach at a site that trains with differential privacy (and, there, the most
         # validation images one privacy unit has: 1 per image, a patient's count per patient).
-        self.privacy = None
+        self.privacy: SitePrivacy | None = None
         self.val_unit_images = 1
         # A seeded initialisation that leaves the caller's random state alone: the NVFlare server builds
         # the round-0 model from this class, and an unseeded server would start every run elsewhere.
@@ -91,7 +99,7 @@ class XRayClassifier(L.LightningModule):
         self.last_scores: dict[str, dict] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hparams.channels_last:
+        if self.hparams["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         # `or` would call len() on the compiled module, which torch.compile refuses for non-container modules.
         return (self._compiled if self._compiled is not None else self.model)(x)
@@ -123,8 +131,10 @@ class XRayClassifier(L.LightningModule):
         noise once and updates the weights. An empty batch still takes its (noise-only) step: it is in the plan."""
         from fedxr.privacy.sampling import group_grad_samples, physical_chunks
 
+        assert self.privacy is not None  # training_step comes here only under DP
         opt = self.optimizers()
-        dp_opt = opt.optimizer
+        assert isinstance(opt, LightningOptimizer)  # configure_optimizers returns one optimizer
+        dp_opt: Any = opt.optimizer  # Opacus' DPOptimizer (self.privacy.optimizer); Opacus has no type information
         opt.zero_grad()
         chunks = physical_chunks(units, self.privacy.physical_batch_size or max(1, len(x))) or [slice(0, 0)]
         total = 0.0
@@ -139,7 +149,9 @@ class XRayClassifier(L.LightningModule):
                     p.grad_sample = None
             total += float(loss.detach()) * len(xs)
         opt.step()
-        self.lr_schedulers().step()
+        scheduler = self.lr_schedulers()
+        assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)  # configure_optimizers: one LambdaLR
+        scheduler.step()
         if len(x):
             self.log(TRAIN_LOSS, total / len(x), prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
 
@@ -166,8 +178,9 @@ class XRayClassifier(L.LightningModule):
         probs = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, NUM_LABELS)
         targets = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, NUM_LABELS)
         if self.trainer is not None and self.trainer.world_size > 1:
-            probs = self.all_gather(probs).reshape(-1, NUM_LABELS)
-            targets = self.all_gather(targets).reshape(-1, NUM_LABELS)
+            # all_gather returns what it is given, gathered: a tensor for a tensor.
+            probs = cast(torch.Tensor, self.all_gather(probs)).reshape(-1, NUM_LABELS)
+            targets = cast(torch.Tensor, self.all_gather(targets)).reshape(-1, NUM_LABELS)
         return probs.cpu(), targets.cpu()
 
     def _epoch_end(self, stage: str, auroc_name: str, ap_name: str) -> None:
@@ -197,7 +210,7 @@ class XRayClassifier(L.LightningModule):
             if value is not None:
                 self.log(per_class_metric(auroc_name, name), value, sync_dist=False)
         if stage == "val" and not (self.trainer and self.trainer.sanity_checking):
-            self.thresholds.copy_(choose_thresholds(probs, targets, self.hparams.threshold_rule))
+            self.thresholds.copy_(choose_thresholds(probs, targets, self.hparams["threshold_rule"]))
         self.last_scores[stage] = scores
 
     def on_validation_epoch_end(self) -> None:
@@ -207,16 +220,18 @@ class XRayClassifier(L.LightningModule):
         self._epoch_end("test", TEST_AUROC, TEST_AP)
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for p in self.model.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
+        groups = [{"params": decay, "weight_decay": self.hparams["weight_decay"]},
                   {"params": no_decay, "weight_decay": 0.0}]
+        opt: torch.optim.Optimizer
         if self.optimizer_name == "sgd":
-            opt = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.momentum)
+            opt = torch.optim.SGD(groups, lr=self.hparams["lr"], momentum=self.momentum)
         else:
-            opt = torch.optim.AdamW(groups, lr=self.hparams.lr)
+            opt = torch.optim.AdamW(groups, lr=self.hparams["lr"])
         if self.privacy is not None:  # DP-SGD: every step clips each image's gradient and adds noise
             opt = self.privacy.optimizer(opt)
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -229,7 +244,7 @@ class XRayClassifier(L.LightningModule):
             total = self.schedule_steps
         elif self.schedule_epochs:
             total = per_epoch * self.schedule_epochs
-        warmup = int(self.hparams.warmup_epochs * per_epoch)
+        warmup = int(self.hparams["warmup_epochs"] * per_epoch)
 
         def factor(step: int) -> float:
             if step < warmup:
@@ -244,7 +259,7 @@ class XRayClassifier(L.LightningModule):
                               metrics: dict | None = None) -> Path:
         """Write the network, thresholds and metadata in the fedxr checkpoint format."""
         return save_checkpoint(
-            path, model_name=self.hparams.model_name, state_dict=self.model.state_dict(),
+            path, model_name=self.hparams["model_name"], state_dict=self.model.state_dict(),
             preprocessing=self.preprocessing, thresholds=self.thresholds, recipe=recipe, source=source,
             metrics=metrics if metrics is not None else {k: v for k, v in self.last_scores.items()},
             extra={"norm": self.norm} if self.norm != "batch" else None,

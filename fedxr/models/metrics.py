@@ -68,10 +68,13 @@ def multilabel_scores(probs: torch.Tensor, targets: torch.Tensor, min_positives:
             auroc[name] = ap[name] = None
     positives = [int(v) for v in pos_t.tolist()]
     negatives = [int(v) for v in neg_t.tolist()]
-    defined = [n for n in names if auroc[n] is not None]
+    # The classes with a score (AP is defined exactly where AUROC is).
+    defined_auroc = {n: v for n, v in auroc.items() if v is not None}
+    defined_ap = {n: v for n, v in ap.items() if v is not None}
+    defined = list(defined_auroc)
     counted = [n for n, p, q in zip(names, positives, negatives)
                if n in defined and p >= min_positives and q >= min_positives]
-    kept_all = [auroc[n] for n in defined]
+    kept_all = list(defined_auroc.values())
     unknown = [n for n, k in zip(names, known_t.tolist()) if k == 0]
     excluded = [n for n, v in auroc.items() if v is None]
     too_few = [n for n in defined if n not in counted]
@@ -88,9 +91,9 @@ def multilabel_scores(probs: torch.Tensor, targets: torch.Tensor, min_positives:
         counted, too_few = defined, []
         notes.append(f"no class has {min_positives} positives and negatives: the macro averages every class with both (unstable)")
     return {
-        "macro_auroc": sum(auroc[n] for n in counted) / len(counted) if counted else float("nan"),
+        "macro_auroc": sum(defined_auroc[n] for n in counted) / len(counted) if counted else float("nan"),
         "macro_auroc_all": sum(kept_all) / len(kept_all) if kept_all else float("nan"),
-        "macro_ap": sum(ap[n] for n in counted) / len(counted) if counted else float("nan"),
+        "macro_ap": sum(defined_ap[n] for n in counted) / len(counted) if counted else float("nan"),
         "auroc": auroc,
         "ap": ap,
         "counted": counted,

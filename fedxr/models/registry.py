@@ -97,7 +97,9 @@ def build_model(name: str, pretrained: bool = False, num_classes: int = NUM_LABE
             # timm's ResNet-18 with the stem and every stage narrowed: plain 3x3 convolutions and ReLU, which
             # edge CPUs, NPUs and INT8 kernels run well, and the teacher's own layout, which helps distillation.
             width = SLIM_RESNET18[name]
-            return ResNet(BasicBlock, [2, 2, 2, 2], in_chans=1, num_classes=num_classes,
+            # timm annotates `block` as an instance (BasicBlock | Bottleneck); it takes the class, as in timm's own
+            # resnet18.
+            return ResNet(BasicBlock, (2, 2, 2, 2), in_chans=1, num_classes=num_classes,  # type: ignore[arg-type]
                           channels=tuple(width * 2**i for i in range(4)), stem_width=width)
         from fedxr.models.tiny import TinyCNN
 

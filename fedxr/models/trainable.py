@@ -12,6 +12,8 @@ other equipment), which the head alone cannot do.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from fedxr.errors import FedxrError
@@ -22,19 +24,22 @@ NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
 
 def parameter_groups(model: nn.Module) -> list[list[str]]:
     """The network's parameter names in groups from input to output: the stem, each stage of blocks, the head."""
-    if hasattr(model, "group_matcher"):
+    # Told apart by their attributes (timm's group_matcher; TinyCNN's features and head), which nn.Module's own
+    # type cannot know: it types every unknown attribute as `Tensor | Module`.
+    net: Any = model
+    if hasattr(net, "group_matcher"):
         from timm.models._manipulate import group_parameters
 
-        return [list(names) for names in group_parameters(model, model.group_matcher(coarse=True)).values()]
-    if hasattr(model, "features") and hasattr(model, "head"):  # TinyCNN: each conv block, then the head
+        return [list(names) for names in group_parameters(model, net.group_matcher(coarse=True)).values()]
+    if hasattr(net, "features") and hasattr(net, "head"):  # TinyCNN: each conv block, then the head
         groups: list[list[str]] = []
-        for index, layer in enumerate(model.features):
+        for index, layer in enumerate(net.features):
             names = [f"features.{index}.{n}" for n, _ in layer.named_parameters()]
             if isinstance(layer, nn.Conv2d) or not groups:
                 groups.append(names)
             else:
                 groups[-1] += names  # the block's norm with its convolution
-        return [g for g in groups if g] + [[f"head.{n}" for n, _ in model.head.named_parameters()]]
+        return [g for g in groups if g] + [[f"head.{n}" for n, _ in net.head.named_parameters()]]
     raise FedxrError(f"{type(model).__name__}: fedxr does not know its stages; use model.trainable: all")
 
 

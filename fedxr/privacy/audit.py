@@ -64,7 +64,8 @@ def describe(shareable) -> dict:
     except Exception:  # an error reply or a non-DXO message: only its keys are known
         entry.update(kind=None, tensors={}, values={k: _plain(v) for k, v in shareable.items() if k != "__headers__"})
         return entry
-    tensors, values = {}, {}
+    tensors: dict[str, dict] = {}
+    values: dict[str, object] = {}
     data = dxo.data if isinstance(dxo.data, dict) else {"<data>": dxo.data}
     for name, value in data.items():
         is_tensor, described = _describe_value(value)

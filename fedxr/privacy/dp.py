@@ -214,11 +214,13 @@ class SitePrivacy:
             return None
         y = targets.float()
         names = list(per_label)
-        kept, bounds = [], []
+        kept: list[float] = []
+        bounds: list[float] = []
         for k, name in enumerate(names):
             pos, neg = int((y[:, k] == 1).sum()), int((y[:, k] == 0).sum())
-            if per_label[name] is not None and min(pos, neg) >= max(self.val_min_count, unit_images + 1):
-                kept.append(per_label[name])
+            score = per_label[name]
+            if score is not None and min(pos, neg) >= max(self.val_min_count, unit_images + 1):
+                kept.append(score)
                 bounds.append(min(1.0, unit_images / (min(pos, neg) - unit_images)))
         if not kept:
             return None

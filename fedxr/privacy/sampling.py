@@ -14,6 +14,8 @@ inside a plain loop; Lightning owns fedxr's loop, so the chunks are taken inside
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
@@ -29,10 +31,18 @@ def units_of(patient_ids, unit: str) -> list[np.ndarray]:
     return list(np.split(order, bounds))
 
 
+class SizedDataset(Protocol):
+    """A map-style data set with a length (torch's ``Dataset`` type declares no ``__len__``)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Any: ...
+
+
 class UnitTagged(Dataset):
     """``dataset``'s items with the index of their privacy unit appended: ``(image, target, unit)``."""
 
-    def __init__(self, dataset: Dataset, units: list[np.ndarray]):
+    def __init__(self, dataset: SizedDataset, units: list[np.ndarray]):
         self.dataset = dataset
         self.unit_of = np.empty(len(dataset), dtype=np.int64)
         for u, rows in enumerate(units):
@@ -66,7 +76,7 @@ class PoissonUnitSampler(Sampler[list[int]]):
             yield np.concatenate([self.units[u] for u in drawn.tolist()]).tolist() if len(drawn) else []
 
 
-def poisson_loader(dataset: Dataset, units: list[np.ndarray], sample_rate: float, num_workers: int) -> DataLoader:
+def poisson_loader(dataset: SizedDataset, units: list[np.ndarray], sample_rate: float, num_workers: int) -> DataLoader:
     """One epoch of Poisson-sampled logical batches (``int(1 / sample_rate)`` steps, as Opacus' DPDataLoader)."""
     from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 

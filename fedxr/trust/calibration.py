@@ -55,7 +55,9 @@ def fit_platt(z: np.ndarray, y: np.ndarray, iterations: int = 100) -> tuple[floa
 
 def fit_calibration(logits: np.ndarray, targets: np.ndarray, labels: list[str]) -> dict:
     """Per finding ``{"a", "b", "calibrated"}`` fitted on validation logits; unknown labels (NaN) are left out."""
-    out = {"method": "platt", "a": [], "b": [], "calibrated": []}
+    a_s: list[float] = []
+    b_s: list[float] = []
+    calibrated: list[bool] = []
     for c, _ in enumerate(labels):
         known = ~np.isnan(targets[:, c])
         y = targets[known, c]
@@ -64,10 +66,10 @@ def fit_calibration(logits: np.ndarray, targets: np.ndarray, labels: list[str]) 
             done = (a, b) != (1.0, 0.0)
         else:
             a, b, done = 1.0, 0.0, False
-        out["a"].append(round(a, 6))
-        out["b"].append(round(b, 6))
-        out["calibrated"].append(done)
-    return out
+        a_s.append(round(a, 6))
+        b_s.append(round(b, 6))
+        calibrated.append(done)
+    return {"method": "platt", "a": a_s, "b": b_s, "calibrated": calibrated}
 
 
 def apply_calibration(logits: np.ndarray, calibration: dict | None) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ def run_network(net, prep, paths: list[str], batch: int = 64, progress: str | No
 def site_statistics(net, prep, manifest: Path, per_split: int, seed: int = 0, progress: bool = True) -> dict:
     """One site's share: training feature sums (OOD), validation and test outputs (at most ``per_split`` each)."""
     rows = read_manifest(manifest)
-    out = {}
+    out: dict[str, Any] = {}  # SplitOutputs per split, and the training feature sums
     for split in ("train", "val", "test"):
         part = rows[rows["split"] == split]
         if len(part) > per_split:
@@ -79,7 +80,7 @@ def _auroc_ci(probs: np.ndarray, targets: np.ndarray, min_cases: int = 10) -> di
     from fedxr.evaluation import BOOTSTRAP_RESAMPLES
     from fedxr.models.metrics import bootstrap_macro_auroc, interval
 
-    out = {}
+    out: dict[str, list[float] | None] = {}
     for c, name in enumerate(LABELS):
         y = targets[:, c]
         if (y == 1).sum() >= min_cases and (y == 0).sum() >= min_cases:

@@ -21,6 +21,8 @@ board, phone, INT8 — gets it from onnxruntime alone.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -73,16 +75,19 @@ def image_layout(x: torch.Tensor) -> torch.Tensor:
 def stage_statistics(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """([per network stage from 1/4 resolution down: (N, 2C) channel means and standard deviations, then the
     image's own texture statistics and layout (:func:`image_statistics`, :func:`image_layout`)], logits)."""
-    if hasattr(net, "forward_intermediates"):
-        final, maps = net.forward_intermediates(x, intermediates_only=False)
-        logits = net.forward_head(final)
-    elif hasattr(net, "pool") and hasattr(net, "head"):  # TinyCNN: the output of every conv-BN-ReLU block
+    # Told apart by their attributes (timm's forward_intermediates; TinyCNN's features, pool and head), which
+    # nn.Module's own type cannot know: it types every unknown attribute as `Tensor | Module`.
+    model: Any = net
+    if hasattr(model, "forward_intermediates"):
+        final, maps = model.forward_intermediates(x, intermediates_only=False)
+        logits = model.forward_head(final)
+    elif hasattr(model, "pool") and hasattr(model, "head"):  # TinyCNN: the output of every conv-BN-ReLU block
         maps, h = [], x
-        for layer in net.features:
+        for layer in model.features:
             h = layer(h)
             if isinstance(layer, nn.ReLU):
                 maps.append(h)
-        logits = net.head(net.pool(h).flatten(1))
+        logits = model.head(model.pool(h).flatten(1))
     else:
         raise TypeError(f"{type(net).__name__}: cannot read its stages for the out-of-distribution score")
     # Stages at 1/4 of the input resolution and below: the stem's full-size map holds little the next stage does
@@ -112,6 +117,8 @@ def combined(parts: torch.Tensor | np.ndarray):
 
 class ScoredNetwork(nn.Module):
     """The classifier with its OOD score: ``forward(x) -> (logits, ood_score)``."""
+
+    scales: torch.Tensor  # a buffer (register_buffer below)
 
     def __init__(self, net: nn.Module, ood: dict):
         super().__init__()

@@ -41,11 +41,13 @@ def threshold_for(p: np.ndarray, y: np.ndarray, kind: str, target: float | None)
     points) and in evaluation (a one-class site read at a fixed validation specificity)."""
     pos, neg = np.sort(p[y == 1])[::-1], np.sort(p[y == 0])
     if kind == "sensitivity":
+        assert target is not None, "a sensitivity rule has a target (parse_rule gives one)"
         # The highest threshold that still calls ceil(target × positives) of the positives: sensitivity >= target.
         return float(pos[max(0, math.ceil(target * len(pos)) - 1)])
     if kind == "specificity":
         # The lowest threshold above floor-enough negatives: specificity >= target. The next value in the scores'
         # own dtype: a float64 neighbour of a float32 score rounds back onto it when stored as float32.
+        assert target is not None, "a specificity rule has a target (parse_rule gives one)"
         k = math.ceil(target * len(neg))
         return float(np.nextafter(neg[k - 1], neg.dtype.type(np.inf))) if k > 0 else float(neg[0])
     # Youden's J: fedxr's one rule for it (fedxr.models.metrics, torch; imported here so the edge, which reads
@@ -79,8 +81,10 @@ def operating_points(probs: np.ndarray, targets: np.ndarray, labels: list[str], 
         else:
             t = threshold_for(p, y, kind, target)
             tp, tn = int(((p >= t) & (y == 1)).sum()), int(((p < t) & (y == 0)).sum())
-            point.update(threshold=t, sensitivity=[round(tp / npos, 4), *wilson(tp, npos)],
-                         specificity=[round(tn / nneg, 4), *wilson(tn, nneg)])
+            sensitivity_ci, specificity_ci = wilson(tp, npos), wilson(tn, nneg)
+            assert sensitivity_ci is not None and specificity_ci is not None  # npos, nneg >= MIN_OPERATING_CASES > 0
+            point.update(threshold=t, sensitivity=[round(tp / npos, 4), *sensitivity_ci],
+                         specificity=[round(tn / nneg, 4), *specificity_ci])
             ci = (auroc_ci or {}).get(name)
             if ci is not None and ci[0] <= 0.5:
                 point.update(reliable=False, why=f"its AUROC interval ({ci[0]:.2f}-{ci[1]:.2f}) includes 0.5: "
