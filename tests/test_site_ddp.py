@@ -11,7 +11,8 @@ import pytest
 from fedxr.config import load_recipe
 from fedxr.data.prepare import ensure_dataset, ensure_sites
 from fedxr.federated.job import build_job
-from fedxr.federated.ranks import launch_command, site_processes
+from fedxr.devices import site_processes
+from fedxr.federated.ranks import launch_command
 from fedxr.records import read_records
 from fedxr.federated.deploy import processes_using, stop_processes
 from fedxr.federated.run import federate

@@ -85,7 +85,7 @@ def test_federated_engine_does_not_know_about_distillation():
 LAYERS = [
     ("foundation: file formats, names, errors (torch-free)",
      ["fedxr", "fedxr.labels", "fedxr.imaging", "fedxr.preprocessing", "fedxr.layout", "fedxr.errors", "fedxr.defaults",
-      "fedxr.results", "fedxr.artifacts", "fedxr.plots", "fedxr.precision", "fedxr.records",
+      "fedxr.results", "fedxr.artifacts", "fedxr.plots", "fedxr.precision", "fedxr.records", "fedxr.devices",
       "fedxr.data.atomic", "fedxr.data.provenance", "fedxr.energy"]),
     ("the edge runtime and the rules it reads (torch-free)",
      ["fedxr.edge", "fedxr.trust.calibration", "fedxr.trust.operating", "fedxr.trust.card"]),
@@ -101,8 +101,6 @@ LAYERS = [
 UPWARD_ALLOWED = {
     ("fedxr.trust.operating", "fedxr.models.metrics"):
         "Youden's threshold rule (torch) is imported only when an export fits operating points; the edge reads rules",
-    ("fedxr.config", "fedxr.federated.ranks"):
-        "recipe validation asks whether several devices per site would run DDP (the engine's own rule)",
 }
 
 

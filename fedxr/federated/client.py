@@ -121,7 +121,7 @@ def round_steps(fed, train_images: int, batch_size: int) -> int | None:
 def trainer_devices(recipe, ranks) -> dict:
     """Trainer settings for this site's processes: all of torchrun's workers under DDP, else one device
     (never ``auto``: Lightning would start DDP workers of its own behind NVFlare's back)."""
-    from fedxr.federated.ranks import runs_ddp
+    from fedxr.devices import runs_ddp
 
     if ranks.distributed or runs_ddp(recipe.model.devices, recipe.model.strategy):
         strategy = "ddp" if recipe.model.strategy == "auto" else recipe.model.strategy

@@ -21,7 +21,8 @@ from typing import Any
 from fedxr.config import Recipe
 from fedxr.errors import FedxrError
 from fedxr.federated.codec import encode_json, encode_recipe
-from fedxr.federated.ranks import launch_command, runs_ddp, site_processes
+from fedxr.devices import runs_ddp, site_processes
+from fedxr.federated.ranks import launch_command
 from fedxr.records import OUTGOING
 from fedxr.labels import KEY_METRIC
 

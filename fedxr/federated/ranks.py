@@ -8,7 +8,8 @@ is, and broadcasts that to every rank, so all ranks enter the same validate/fit 
 collectives would hang otherwise). The model itself reaches the other ranks through NVFlare's
 Lightning callback, which broadcasts it with the trainer's strategy.
 
-Torch-free at import: the job builder uses :func:`site_processes` and :func:`launch_command` without torch.
+Torch-free at import: the job builder uses :func:`launch_command` without torch. How many processes a site runs
+and whether that is DDP are the recipe's facts (``fedxr/devices.py``: recipe validation reads them too).
 """
 
 from __future__ import annotations
@@ -20,23 +21,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+
 #: torchrun's own environment (https://pytorch.org/docs/stable/elastic/run.html#environment-variables).
 RANK_ENV, WORLD_ENV, LOCAL_RANK_ENV, TORCHRUN_ENV = "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"
-
-
-def site_processes(devices: int | str) -> int:
-    """Training processes per site for ``model.devices``: an integer is that many (one per device);
-    ``auto`` is one process inside a federation (Lightning's own "all devices" launcher would re-run the
-    client script behind NVFlare's back, so a site's device count is always stated in the recipe)."""
-    if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()):
-        return max(1, int(devices))
-    return 1
-
-
-def runs_ddp(devices: int | str, strategy: str) -> bool:
-    """Whether a site trains with DDP under torchrun: several devices, or a DDP strategy on one (the one
-    definition the job's launch command and the client's Trainer both follow)."""
-    return site_processes(devices) > 1 or "ddp" in strategy
 
 
 def launch_command(python: str, processes: int, ddp: bool = False) -> str:
