@@ -1,12 +1,24 @@
 """The per-round records sites write in simulation and POC (one JSON line per site and round), and the
-round table built from them. Plain Python: the console reads them while a run is still going."""
+round table built from them. Plain Python: the console reads them while a run is still going.
+
+Each line carries ``sha``, a digest of the rest of the line: a line altered after it was written (a flipped
+bit, a hand edit) or cut in the middle of a file is an error naming the file and line, never a round table
+built from wrong numbers. Only the last line of a file may be incomplete (a site is appending it as we read);
+it is skipped. Lines written before the digest existed are read as they are. The sites' outgoing audit
+(fedxr.privacy.audit) writes and reads its lines the same way.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
+
+from fedxr.errors import FedxrError
 
 
 #: The records subfolder where each site's outgoing audit (fedxr.privacy.audit) writes ``SITE.jsonl``.
@@ -19,19 +31,61 @@ def record_file(site: str, rank: int = 0) -> str:
     return f"{site}.jsonl" if rank == 0 else f"{site}.rank{rank}.jsonl"
 
 
+class RecordsError(FedxrError):
+    """A records line that was altered or cut after it was written."""
+
+
+def _digest(row: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def append_line(path: Path, row: dict[str, Any]) -> None:
+    """Append one record (with its digest) and put it on disk before returning: a crash right after loses
+    nothing that was reported as written."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps({**row, "sha": _digest(row)}) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """Every complete record of one file, each checked against its digest (RecordsError names the line)."""
+    text = path.read_text()
+    lines = text.splitlines()
+    rows: list[tuple[int, Any, dict[str, Any]]] = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) and not text.endswith("\n"):
+                continue  # the last line, still being appended as we read
+            raise RecordsError(f"{path}, line {i}: not a complete record (the file was cut or altered after it was "
+                               "written); rerun the stage that wrote it") from None
+        if not isinstance(row, dict):
+            raise RecordsError(f"{path}, line {i}: not a record object; rerun the stage that wrote it")
+        sha = row.pop("sha", None)
+        if sha is not None and sha != _digest(row):
+            raise RecordsError(f"{path}, line {i}: changed since it was written (its digest differs); rerun the "
+                               "stage that wrote it")
+        rows.append((i, sha, row))
+    # Lines without a digest are read only from a file written before digests existed (none of its lines has one).
+    if any(sha for _, sha, _ in rows):
+        bare = next((i for i, sha, _ in rows if sha is None), None)
+        if bare is not None:
+            raise RecordsError(f"{path}, line {bare}: has no digest, unlike the lines around it (changed since it was "
+                               "written); rerun the stage that wrote it")
+    return [row for _, _, row in rows]
+
+
 def read_records(records: Path, every_rank: bool = False) -> list[dict]:
     """Every site's records in a folder; a line being written right now is skipped. By default one record
     per site and round (rank 0's: it holds the site's validation score, steps and timings); with
     ``every_rank`` also those of a site's further DDP ranks."""
     rows = []
     for path in sorted(records.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the site is appending this line as we read
-            if every_rank or row.get("rank", 0) == 0:
-                rows.append(row)
+        rows += [row for row in read_lines(path) if every_rank or row.get("rank", 0) == 0]
     return rows
 
 

@@ -10,6 +10,7 @@ import torch
 
 from fedxr.cli import main
 from fedxr.config import RecipeError, load_recipe
+from fedxr.records import read_lines
 from fedxr.data.prepare import ensure_dataset, ensure_sites
 from fedxr.errors import FedxrError
 from fedxr.federated.deploy import processes_using
@@ -283,8 +284,7 @@ def test_dp_federation_spends_within_its_target_and_reports_it(tmp_path):
     for m in sent:
         keys = set(m["values"]) | set((m.get("meta") or {}).get("initial_metrics", {}))
         assert not {VAL_LOSS, VAL_AP} & keys and not any("/" in k for k in keys), keys
-    records = [json.loads(line) for f in (recipe.layout.federate / "records").glob("*.jsonl")
-               for line in f.read_text().splitlines()]
+    records = [r for f in (recipe.layout.federate / "records").glob("*.jsonl") for r in read_lines(f)]
     dp_records = [r for r in records if "privacy" in r]
     assert len(dp_records) == 4
     for r in dp_records:  # Lightning counts logical steps: one epoch = ⌈training images / 16⌉ DP steps, not chunks

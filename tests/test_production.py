@@ -3,7 +3,6 @@ hospitals, an admin; mutual TLS), each participant started from its own startup 
 folder with its own data, a preflight check of every kit, submission with `fedxr federate --env prod
 --startup-kit ADMIN_KIT`, and one hospital killed in the middle of a round."""
 
-import json
 import re
 import socket
 import threading
@@ -19,6 +18,7 @@ from fedxr.config import load_recipe
 from fedxr.data.prepare import ensure_dataset, ensure_sites
 from fedxr.federated.deploy import nvflare_cli, preflight, processes_using, start_participant, stop_participant
 from fedxr.models.checkpoint import load_checkpoint
+from fedxr.records import read_lines
 
 from helpers import QUICKSTART, tiny_recipe_overrides
 
@@ -187,7 +187,7 @@ def test_production_federation_from_startup_kits_survives_a_killed_hospital(fede
     # Each hospital keeps its own record of what it sent (privacy.audit), in its job folder: nothing left its
     # network that it cannot see. hospital-b's ends where it was killed.
     for name, rounds in (("hospital-a", [0, 1]), ("hospital-b", [0])):
-        sent = [json.loads(line) for p in kits[name].rglob("outgoing.jsonl") for line in p.read_text().splitlines()]
+        sent = [m for p in kits[name].rglob("outgoing.jsonl") for m in read_lines(p)]  # each line's digest checked
         assert {m["site"] for m in sent} == {name}
         assert [m["round"] for m in sent if m["task"] == "train"] == rounds, name
         assert all(m["kind"] == "WEIGHTS" and m["tensors"] for m in sent if m["task"] == "train")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedxr.artifacts import MANIFEST_FILE, ArtifactError, EvalResult, ExportManifest, ManifestError
 from fedxr.errors import FedxrError
-from fedxr.records import read_records, round_table
+from fedxr.records import RecordsError, read_records, round_table
 from fedxr.layout import RunLayout, read_sites_summary
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -120,7 +120,10 @@ def _recipe_name(layout: RunLayout) -> str | None:
 def rounds(layout: RunLayout) -> list[dict]:
     """Per round and site: validation AUROC of the received global model and the site's training time.
     Read from the sites' records while a run is going (simulation, POC), else from rounds.json."""
-    rows = read_records(layout.federate / "records") if (layout.federate / "records").is_dir() else []
+    try:
+        rows = read_records(layout.federate / "records") if (layout.federate / "records").is_dir() else []
+    except RecordsError:  # a damaged line: the page shows the stage's finished table, if any (the run reports it)
+        rows = []
     if rows:
         return round_table(rows, _json_dict(layout.federate / "cross_site.json"))
     return _json_list(layout.federate / "rounds.json") or []

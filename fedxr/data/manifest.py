@@ -7,6 +7,7 @@ site; in POC/production each hospital keeps only its own manifest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -153,16 +154,39 @@ def write_manifests(out: str | Path, manifests: dict[str, pd.DataFrame], setting
     with atomic_dir(out, replace=force, replace_if=SUMMARY_FILE) as tmp:
         for name, m in manifests.items():
             m.to_csv(tmp / f"{name}.csv", index=False)
-        summary = {"settings": settings, "sites": summarise(manifests)}
+        rows = summarise(manifests)
+        for row in rows:  # what read_manifest checks each site's file against
+            row["sha256"] = _sha256(tmp / f"{row['site']}.csv")
+        summary = {"settings": settings, "sites": rows}
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return Path(out)
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_digest(path: Path) -> None:
+    """A manifest written by :func:`write_manifests` must be the file written: its SHA-256 is in ``sites.json``
+    beside it. (A hospital's own manifest, with no ``sites.json`` listing it, is read as it is.)"""
+    summary = path.parent / SUMMARY_FILE
+    try:
+        rows = json.loads(summary.read_text()).get("sites", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    expected = next((r.get("sha256") for r in rows if isinstance(r, dict) and r.get("site") == path.stem), None)
+    if expected and _sha256(path) != expected:
+        raise DataError(f"{path}: not the site manifest that was written (its SHA-256 differs from {summary}); write "
+                        "the manifests again with `fedxr data prepare RECIPE --force` (or `fedxr run RECIPE --from "
+                        "sites`)")
+
+
 def read_manifest(path: str | Path) -> pd.DataFrame:
-    """Read one site manifest, checking its columns."""
+    """Read one site manifest, checking its digest (where ``sites.json`` lists one) and its columns."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: site manifest not found; create manifests with `fedxr data split ROOT --out DIR`")
+    _check_digest(path)
     frame = pd.read_csv(path, dtype={"image": str, "path": str, "split": str, "findings": str}, keep_default_na=False)
     missing = [c for c in (*MANIFEST_COLUMNS, *LABELS) if c not in frame.columns]
     if missing:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import json
 import math
 import os
 import time
@@ -229,7 +228,7 @@ def main(argv=None) -> None:
     from fedxr.federated.codec import decode_recipe
     from fedxr.federated.job import job_deadline_s
     from fedxr.federated.ranks import SiteRanks
-    from fedxr.records import record_file
+    from fedxr.records import append_line, record_file
 
     args = parse_args(argv)
     if args.threads:
@@ -289,8 +288,7 @@ def main(argv=None) -> None:
                                 (t0, t1, t2), received, recipe)
             if privacy is not None and spent is not None:
                 rec["privacy"] = {**spent, **privacy.summary()}
-            with open(records, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            append_line(records, rec)
     ranks.finish()
 
 

@@ -13,13 +13,11 @@ own inspection. :func:`summarise` turns the lines into the report's "What left e
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from nvflare.apis.filter import Filter
 
-from fedxr.records import OUTGOING  # noqa: F401  (the records subfolder these files go to)
+from fedxr.records import OUTGOING, append_line, read_lines  # noqa: F401  (OUTGOING: the records subfolder these files go to)
 _TEXT_LIMIT = 200
 
 
@@ -98,10 +96,7 @@ class OutgoingAudit(Filter):
                      "round": shareable.get_header(AppConstants.CURRENT_ROUND), **describe(shareable)}
             path = self._path(fl_ctx, site)
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as fh:
-                fh.write(json.dumps(entry) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            append_line(path, entry)
         except Exception as exc:  # the audit must never be the reason a round fails; the log says it missed one
             self.log_error(fl_ctx, f"fedxr outgoing audit could not record a message: {type(exc).__name__}: {exc}")
         return shareable
@@ -111,7 +106,7 @@ def read_outgoing(folder: Path) -> list[dict]:
     """Every recorded message of every site under ``folder`` (records/outgoing), in file order."""
     rows = []
     for path in sorted(Path(folder).glob("*.jsonl")):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows += read_lines(path)
     return rows
 
 
