@@ -147,6 +147,12 @@ class RunLayout:
     def pipeline_state(self) -> Path:
         return self.root / "pipeline.json"
 
+    @property
+    def run_status(self) -> Path:
+        """``run_status.json``: whether `fedxr run` is going on this run folder (its process and host), or how it
+        ended: finished, failed or interrupted (a process killed outright leaves "running" with a dead pid)."""
+        return self.root / "run_status.json"
+
     def log(self, stage: str) -> Path:
         return self.root / "logs" / f"{stage}.log"
 

@@ -16,6 +16,8 @@ import contextlib
 import csv
 import hashlib
 import json
+import os
+import socket
 import sys
 import time
 import traceback
@@ -278,6 +280,36 @@ def run_pipeline(recipe: "Recipe", recipe_path: str | Path, force: bool = False,
     state = _load_state(state_path)
     rerun_from = 0 if force else (STAGE_NAMES.index(start) if start else len(STAGE_NAMES))
     ctx = Context(recipe, str(recipe_path), progress, RunResults())
+    with _run_status(layout.run_status) as mark:
+        status = _run_stages(ctx, state, state_path, rerun_from, mark)
+    return status
+
+
+@contextlib.contextmanager
+def _run_status(path: Path):
+    """Keep ``run_status.json`` saying what this `fedxr run` is doing, so that a reader (the console) can tell a
+    run that is going from one that failed, was stopped, or whose process was killed outright (its pid is gone)."""
+    status = {"state": "running", "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+              "stage": None}
+
+    def mark(**changes) -> None:
+        status.update(changes)
+        write_json_atomic(path, status)
+
+    mark()
+    try:
+        yield mark
+    except KeyboardInterrupt:
+        mark(state="interrupted", ended=time.time())
+        raise
+    except BaseException as exc:
+        mark(state="failed", ended=time.time(), error=str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+        raise
+    mark(state="finished", ended=time.time(), stage=None)
+
+
+def _run_stages(ctx: Context, state: dict, state_path: Path, rerun_from: int, mark) -> dict:
+    recipe, layout = ctx.recipe, ctx.recipe.layout
     status: dict[str, str] = {}
     t_all = time.perf_counter()
     for i, stage in enumerate(STAGES):
@@ -297,6 +329,7 @@ def run_pipeline(recipe: "Recipe", recipe_path: str | Path, force: bool = False,
             status[stage.name] = "skipped"
             continue
         log_path = layout.log(stage.name)
+        mark(stage=stage.name)
         print(f"\n=== stage: {stage.title} ===  (log: {log_path})", flush=True)
         t = time.perf_counter()
         with _logged(log_path) as log:

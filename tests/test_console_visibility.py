@@ -183,3 +183,12 @@ def test_the_table_covers_every_route_of_the_application(clients):
             if (method, route.path) not in in_table:
                 missing.append(f"{method} {route.path}")
     assert not missing, f"routes with no row in TABLE (add what each role must get): {missing}"
+
+
+@pytest.mark.parametrize("user, keys", [(COORD, {"state", "stage", "error", "pid", "host"}), (HOSP1, {"state", "stage"})])
+def test_how_a_run_stopped_shows_its_error_to_coordinators_only(user, keys):
+    status = {"state": "failed", "stage": "teacher", "error": "site-2: /data/site-2/x.png unreadable", "pid": 7,
+              "host": "coordinator-1"}
+    assert set(visibility.run_state(user, status)) == keys
+    assert set(visibility.run_detail(user, {**DETAIL, "run_state": status})["run_state"]) == keys
+    assert visibility.run_state(user, None) is None

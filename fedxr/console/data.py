@@ -8,7 +8,9 @@ can never reach outside them. Torch-free: the console runs where only the edge r
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 from typing import Any
 from pathlib import Path
 
@@ -67,14 +69,46 @@ def run_layout(runs: Path, name: str) -> RunLayout:
     return layout
 
 
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def run_state(layout: RunLayout) -> dict | None:
+    """How `fedxr run` stands on this run folder (``run_status.json``): running, finished, failed or interrupted,
+    and at which stage. A run marked running whose process is gone on this machine (killed outright, or the
+    machine restarted) is interrupted. None for a run folder written before the status file existed."""
+    status = _json_dict(layout.run_status)
+    if not status or not isinstance(status.get("state"), str):
+        return None
+    if status["state"] == "running" and status.get("host") == socket.gethostname() and not _alive(status.get("pid")):
+        status = {**status, "state": "interrupted", "why": "its process is gone (killed, or the machine restarted)"}
+    return status
+
+
 def stages(layout: RunLayout) -> dict[str, dict]:
-    """Each stage's state from pipeline.json: ran (with seconds), skipped or disabled; plus, for a run in
-    progress, the stage whose log was written last."""
+    """Each stage's state from pipeline.json: ran (with seconds), skipped or disabled; plus the stage `fedxr run`
+    is in (``running``), or where it stopped (``failed``, ``interrupted``)."""
     state = _json_dict(layout.pipeline_state) or {}
     out = {name: {"done": bool(s.get("result") or s.get("results")), "disabled": s.get("run_id") == "disabled",
                   "seconds": s.get("seconds")} for name, s in state.items() if isinstance(s, dict)}
+    done = {k for k, v in out.items() if v["done"]}
+    run = run_state(layout)
+    if run is not None:
+        stage = run.get("stage")
+        if run["state"] in ("running", "failed", "interrupted") and isinstance(stage, str) and stage not in done:
+            out.setdefault(stage, {"done": False, "disabled": False, "seconds": None})[run["state"]] = True
+        return out
+    # Older run folders: the stage whose log was written last, if it is not done, is taken to be running.
     logs = sorted(layout.root.glob("logs/*.log"), key=lambda p: p.stat().st_mtime)
-    if logs and logs[-1].stem not in {k for k, v in out.items() if v["done"]}:
+    if logs and logs[-1].stem not in done:
         out.setdefault(logs[-1].stem, {"done": False, "disabled": False, "seconds": None})["running"] = True
     return out
 
@@ -102,6 +136,8 @@ def list_runs(runs: Path) -> list[dict]:
                  if p.is_file()]
         rows.append({"name": folder.name, "recipe": recipe, "stages_done": [k for k, v in stage_state.items() if v["done"]],
                      "running": next((k for k, v in stage_state.items() if v.get("running")), None),
+                     "stopped": next(({"stage": k, "how": how} for k, v in stage_state.items()
+                                      for how in ("failed", "interrupted") if v.get(how)), None),
                      "teacher_macro_auroc": (teacher.macro_auroc if (teacher := _evaluation(layout)) else None),
                      "students_macro_auroc": students, "updated": max(times) if times else None})
     return rows
@@ -143,7 +179,7 @@ def run_detail(runs: Path, name: str) -> dict:
                            "mmacs": (r.get("macs") or 0) / 1e6, "vs_teacher": r.get("auroc_vs_teacher"),
                            "kd_gain": r.get("kd_gain")})
     cross = _json(layout.federate / "cross_site.json")
-    return {"name": name, "stages": stages(layout), "rounds": rounds(layout),
+    return {"name": name, "stages": stages(layout), "run_state": run_state(layout), "rounds": rounds(layout),
             "cross_site": cross.get("by_data_site") if isinstance(cross, dict) else None,
             "teacher_metrics": teacher.to_json() if (teacher := _evaluation(layout)) else None, "models": models,
             "images": {k: v for k, v in RUN_IMAGES.items() if (layout.root / v).is_file()},

@@ -44,9 +44,17 @@ def run_detail(user: User, detail: dict[str, Any]) -> dict[str, Any]:
     rounds = [{**r, "sites": {k: v for k, v in r.get("sites", {}).items() if k == own}}
               for r in detail.get("rounds", [])]
     cross = detail.get("cross_site")
-    return {**detail, "rounds": rounds, "report": None,
+    return {**detail, "rounds": rounds, "report": None, "run_state": run_state(user, detail.get("run_state")),
             "cross_site": {own: cross[own]} if cross and own in cross else None,
             "images": {k: v for k, v in detail.get("images", {}).items() if may_see_image(user, k)}}
+
+
+def run_state(user: User, status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """How `fedxr run` stands: for a hospital user only the state and stage (its error, process and host are the
+    coordinators')."""
+    if status is None or may_see_logs(user):
+        return status
+    return {k: status[k] for k in ("state", "stage") if k in status}
 
 
 def rounds(user: User, table: list[dict[str, Any]]) -> list[dict[str, Any]]:

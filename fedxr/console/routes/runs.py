@@ -82,7 +82,7 @@ def api_progress(name: str, s: SignedIn, c: ConsoleState) -> dict:
     failed = (_failed_stage(layout) if visibility.may_see_logs(s.user) and launched and not launched["running"]
               and launched["returncode"] else None)
     return {"stages": data.stages(layout), "rounds": visibility.rounds(s.user, data.rounds(layout)),
-            "launched": launched, "failed": failed}
+            "run_state": visibility.run_state(s.user, data.run_state(layout)), "launched": launched, "failed": failed}
 
 
 @router.get("/runs/{name}/image/{key}")

@@ -55,10 +55,14 @@ async function followRun(section) {
     drawRounds(svg, state.rounds || []);
     const list = document.getElementById("stages");
     list.replaceChildren(...Object.entries(state.stages).map(([name, st]) =>
-      el("li", {class: st.done ? "done" : (st.running ? "running" : (st.disabled ? "disabled" : ""))}, name)));
+      el("li", {class: st.done ? "done" : (st.running ? "running" : (st.failed ? "failed" :
+        (st.interrupted ? "interrupted" : (st.disabled ? "disabled" : ""))))}, name)));
     const launched = state.launched;
     const label = document.getElementById("run-state");
+    const run_ = state.run_state;
     if (launched) label.textContent = launched.running ? "running…" : (launched.returncode === 0 ? "finished" : "failed");
+    else if (run_ && (run_.state === "interrupted" || run_.state === "failed"))
+      label.textContent = `${run_.state} during ${run_.stage}: start it again (New run, the same recipe) and the stages already done are kept`;
     if (state.failed) {
       const box = document.getElementById("failure");
       box.hidden = false;
