@@ -107,3 +107,46 @@ def test_a_site_manifest_is_checked_against_the_digest_written_beside_it(sites, 
     assert len(read_manifest(own / "site-2.csv")) == len(read_manifest(paths["site-2"]))
     paths["site-1"].write_text(text)
     assert read_manifest(paths["site-1"]).equals(clean)
+
+
+DISK_FULL = """
+import resource, signal, sys
+import torch
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+from fedxr.data.atomic import write_json_atomic
+from fedxr.models.checkpoint import save_checkpoint
+from fedxr.preprocessing import Preprocessing
+what, path = sys.argv[1], sys.argv[2]
+if what == "checkpoint":
+    save_checkpoint(path, model_name="tiny_cnn", state_dict={"w": torch.ones(200_000)},
+                    preprocessing=Preprocessing(32), thresholds=[0.5] * 14)
+else:
+    write_json_atomic(path, {"rows": list(range(100_000))})
+"""
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "json"])
+def test_a_full_disk_during_a_write_keeps_the_previous_file_and_leaves_no_partial_one(tmp_path, what):
+    import subprocess
+    import sys
+
+    import torch
+
+    from fedxr.models.checkpoint import load_checkpoint, save_checkpoint
+    from fedxr.preprocessing import Preprocessing
+
+    path = tmp_path / ("best.ckpt" if what == "checkpoint" else "summary.json")
+    if what == "checkpoint":
+        save_checkpoint(path, model_name="tiny_cnn", state_dict={"w": torch.zeros(3)}, preprocessing=Preprocessing(32),
+                        thresholds=[0.5] * 14)
+    else:
+        path.write_text('{"rows": [1, 2, 3]}')
+    before = path.read_bytes()
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL, what, str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert path.read_bytes() == before  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left behind
+    if what == "checkpoint":
+        assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.zeros(3))

@@ -72,8 +72,10 @@ def test_the_console_tells_a_killed_run_from_a_running_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_killed_outright_is_interrupted_and_its_rerun_keeps_the_finished_stages(tmp_path):
-    """SIGKILL `fedxr run` while the teacher's federation runs (nothing can clean up), then run it again."""
+def test_a_run_killed_outright_is_interrupted_and_its_rerun_keeps_the_finished_stages(tmp_path, console_run):
+    """SIGKILL `fedxr run` while the teacher's federation runs (nothing can clean up), then run it again: the
+    finished stages are kept, and the result is the uninterrupted run's (the console tests' run of the same
+    recipe: the simulator is bit-reproducible)."""
     ov = console_overrides(tmp_path, rounds=2)
     layout = RunLayout(tmp_path / "runs" / "t")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -108,3 +110,11 @@ def test_a_run_killed_outright_is_interrupted_and_its_rerun_keeps_the_finished_s
     assert _status(layout.run_status)["state"] == "finished"
     assert data.run_state(layout)["state"] == "finished"
     assert not any(v.get("interrupted") or v.get("running") for v in data.stages(layout).values())
+    from fedxr.models.checkpoint import load_checkpoint
+
+    uninterrupted = RunLayout(console_run["runs"] / "t")
+    for name in ("global_best.ckpt", "global_last.ckpt"):
+        assert (load_checkpoint(layout.federate / name)["weights_sha256"]
+                == load_checkpoint(uninterrupted.federate / name)["weights_sha256"]), name
+    assert (json.loads((layout.evaluate / "metrics.json").read_text())["macro_auroc"]
+            == json.loads((uninterrupted.evaluate / "metrics.json").read_text())["macro_auroc"])

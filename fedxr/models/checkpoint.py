@@ -28,6 +28,7 @@ returns the dict with ``preprocessing`` as a :class:`~fedxr.preprocessing.Prepro
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,16 @@ def save_checkpoint(
         "fedxr_version": __version__, "source": source, "trained_on": trained_on(recipe or {}), **(extra or {}),
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the rename: a power cut leaves the old file or the new one
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a kill: the previous checkpoint stays, and no partial file is left
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
