@@ -3,8 +3,9 @@
 An export folder's ``manifest.json`` is written by :mod:`fedxr.export.exporter` and read by the pipeline, the
 report, the energy estimate, the edge runtime and the console. They read it through :class:`ExportManifest`,
 so a renamed key fails here, in one place, with the file named — not somewhere else at run time. The same
-holds for a federated run's ``summary.json`` (:class:`FederateSummary`, written by the engine, read by the
-pipeline, distillation, the CLI and the benchmarks) and an evaluation's ``metrics.json`` (:class:`EvalResult`).
+holds for a federated run's ``summary.json`` (:class:`FederateSummary`: what the engine returns to the pipeline,
+distillation, the CLI and the benchmarks, and writes) and an evaluation's ``metrics.json`` (:class:`EvalResult`:
+returned by ``fedxr evaluate``, read back by the report and the console).
 The JSON on disk keeps its keys (they are what the classes' fields are called); keys a reader does not need
 stay in ``extra``. Each file carries ``schema_version``: a file without one is version 1 (what fedxr wrote
 before the field existed, the same layout); a newer version than this fedxr knows is a clear error naming
@@ -190,8 +191,8 @@ class FederateSummary:
     workspace: str                            # NVFlare's workspace (logs of the server and each site)
     server_run: str
     tensorboard: str
-    env: str = "sim"
-    wall_s: float = 0.0
+    env: Optional[str] = None                 # sim / poc / prod (None: a summary.json from before it was recorded)
+    wall_s: Optional[float] = None
     rounds: Optional[str] = None              # rounds.json: per round and site, validation AUROC and times
     cross_site: Optional[str] = None          # cross_site.json, when the recipe asks for cross-site evaluation
     selection: Optional[dict[str, Any]] = None  # why global_best is the in-round best or the last model
@@ -230,23 +231,23 @@ class EvalResult:
     with its bootstrap interval, sensitivity and specificity at the checkpoint's thresholds."""
     checkpoint: str
     model_name: str
-    image_size: int
     split: str
     data: str
     images: int
     macro_auroc: Optional[float]
     auroc: dict[str, Optional[float]]
-    counted: list[str]                        # the labels with enough positives and negatives to be averaged
+    counted: Optional[list[str]] = None       # the labels with enough positives and negatives to be averaged
+    image_size: Optional[int] = None          # the checkpoint's input size (metrics.json before fd8fcda lacks it)
     macro_auroc_ci95: Optional[list[float]] = None
     macro_auroc_all: Optional[float] = None
     macro_ap: Optional[float] = None
     ap: dict[str, Optional[float]] = field(default_factory=dict)
     min_positives: Optional[int] = None
     positives: dict[str, int] = field(default_factory=dict)
-    known: dict[str, int] = field(default_factory=dict)
-    unknown: dict[str, int] = field(default_factory=dict)
+    known: dict[str, int] = field(default_factory=dict)      # per label: images whose label is known
+    unknown: list[str] = field(default_factory=list)         # labels no image of the split has a known label for
     prevalence: dict[str, Optional[float]] = field(default_factory=dict)
-    excluded: dict[str, str] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)        # labels left out of the macro (one class, or unknown)
     note: Optional[str] = None
     at_thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)
     bootstrap: Optional[dict[str, Any]] = None

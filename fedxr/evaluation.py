@@ -119,13 +119,14 @@ def format_result(result: EvalResult) -> str:
     lo, hi = result.macro_auroc_ci95 or (float("nan"), float("nan"))
     fmt = lambda v: f"{v:.3f}" if v is not None else "  -  "  # noqa: E731
     fmt4 = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+    counted = result.counted if result.counted is not None else list(LABELS)
     lines = [f"{result.model_name} on {result.split} ({result.images} images): "
-             f"macro AUROC {fmt4(result.macro_auroc)} (95 % CI {lo:.3f}-{hi:.3f}, {len(result.counted)} classes "
+             f"macro AUROC {fmt4(result.macro_auroc)} (95 % CI {lo:.3f}-{hi:.3f}, {len(counted)} classes "
              f"with >= {result.min_positives} positives), macro AP {fmt4(result.macro_ap)}",
              f"{'finding':<20}{'AUROC':>8}{'AP':>8}{'thresh':>8}{'sens':>7}{'spec':>7}{'pos':>6}"]
     for name in LABELS:
         t = result.at_thresholds[name]
-        if name not in result.counted:
+        if name not in counted:
             lines.append(f"{name:<20}{'too few positives':>31}{t['positives']:>21}")
             continue
         lines.append(f"{name:<20}{fmt(result.auroc[name]):>8}{fmt(result.ap[name]):>8}{t['threshold']:>8.3f}"

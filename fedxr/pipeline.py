@@ -300,10 +300,13 @@ def _run_status(path: Path):
     try:
         yield mark
     except KeyboardInterrupt:
-        mark(state="interrupted", ended=time.time())
+        with contextlib.suppress(OSError):  # never hide why the run stopped behind a status file it could not write
+            mark(state="interrupted", ended=time.time())
         raise
     except BaseException as exc:
-        mark(state="failed", ended=time.time(), error=str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+        with contextlib.suppress(OSError):
+            mark(state="failed", ended=time.time(),
+                 error=str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
         raise
     mark(state="finished", ended=time.time(), stage=None)
 

@@ -4,8 +4,9 @@ round table built from them. Plain Python: the console reads them while a run is
 Each line carries ``sha``, a digest of the rest of the line: a line altered after it was written (a flipped
 bit, a hand edit) or cut in the middle of a file is an error naming the file and line, never a round table
 built from wrong numbers. Only the last line of a file may be incomplete (a site is appending it as we read);
-it is skipped. Lines written before the digest existed are read as they are. The sites' outgoing audit
-(fedxr.privacy.audit) writes and reads its lines the same way.
+it is skipped. A folder fedxr starts for a run (:func:`start_records`) holds a marker that makes the digest
+mandatory, so stripping it does not pass either; files elsewhere written before the digest existed are read as
+they are. The sites' outgoing audit (fedxr.privacy.audit) writes and reads its lines the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from fedxr.errors import FedxrError
 
 #: The records subfolder where each site's outgoing audit (fedxr.privacy.audit) writes ``SITE.jsonl``.
 OUTGOING = "outgoing"
+#: A file in a records folder that says every line in it carries its digest.
+DIGESTS_REQUIRED = ".digests-required"
 
 
 def record_file(site: str, rank: int = 0) -> str:
@@ -39,9 +42,16 @@ def _digest(row: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def start_records(folder: Path) -> None:
+    """A fresh records folder whose every line (its outgoing-audit subfolder's too) must carry its digest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DIGESTS_REQUIRED).touch()
+
+
 def append_line(path: Path, row: dict[str, Any]) -> None:
     """Append one record (with its digest) and put it on disk before returning: a crash right after loses
     nothing that was reported as written."""
+    row = json.loads(json.dumps(row))  # the digest is of the row as a reader will parse it (keys become strings)
     with open(path, "a") as fh:
         fh.write(json.dumps({**row, "sha": _digest(row)}) + "\n")
         fh.flush()
@@ -49,7 +59,10 @@ def append_line(path: Path, row: dict[str, Any]) -> None:
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
-    """Every complete record of one file, each checked against its digest (RecordsError names the line)."""
+    """Every complete record of one file, each checked against its digest (RecordsError names the line). A line
+    cut in the middle of a file (its writer killed, then more lines appended) is an error too: that record is
+    lost, and what was built from the file would be missing it."""
+    required = any((folder / DIGESTS_REQUIRED).is_file() for folder in (path.parent, path.parent.parent))
     text = path.read_text()
     lines = text.splitlines()
     rows: list[tuple[int, Any, dict[str, Any]]] = []
@@ -71,11 +84,11 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
                                "stage that wrote it")
         rows.append((i, sha, row))
     # Lines without a digest are read only from a file written before digests existed (none of its lines has one).
-    if any(sha for _, sha, _ in rows):
+    if required or any(sha for _, sha, _ in rows):
         bare = next((i for i, sha, _ in rows if sha is None), None)
         if bare is not None:
-            raise RecordsError(f"{path}, line {bare}: has no digest, unlike the lines around it (changed since it was "
-                               "written); rerun the stage that wrote it")
+            raise RecordsError(f"{path}, line {bare}: has no digest, which every line here must have (changed since "
+                               "it was written); rerun the stage that wrote it")
     return [row for _, _, row in rows]
 
 

@@ -180,7 +180,7 @@ def _evaluate_section(layout: RunLayout, results: RunResults, out: list[str]) ->
     if not ev:
         return
     m = EvalResult.read(ev.metrics)
-    counted = m.counted
+    counted = m.counted if m.counted is not None else list(LABELS)  # metrics.json before `counted` was written
     out += ["## Teacher on the pooled test set", "",
             f"{m.images} test images from every site: macro AUROC **{_f(m.macro_auroc)}** "
             f"(95 % CI {_ci(m.macro_auroc_ci95)}, bootstrap over images), macro AP {_f(m.macro_ap)}. "

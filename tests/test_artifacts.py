@@ -54,8 +54,8 @@ METRICS = {"checkpoint": "c.ckpt", "model_name": "tiny_cnn", "image_size": 32, "
            "images": 40, "macro_auroc": 0.71, "macro_auroc_ci95": [0.6, 0.8], "auroc": {"Effusion": 0.71, "Mass": None},
            "ap": {"Effusion": 0.5, "Mass": None}, "counted": ["Effusion"], "min_positives": 10, "note": None,
            "macro_auroc_all": 0.7, "macro_ap": 0.5, "positives": {"Effusion": 12, "Mass": 0},
-           "known": {"Effusion": 40, "Mass": 40}, "unknown": {"Effusion": 0, "Mass": 0},
-           "prevalence": {"Effusion": 0.3, "Mass": 0.0}, "excluded": {"Mass": "no positives"},
+           "known": {"Effusion": 40, "Mass": 40}, "unknown": [],
+           "prevalence": {"Effusion": 0.3, "Mass": 0.0}, "excluded": ["Mass"],
            "bootstrap": {"resamples": 1000, "seed": 0, "unit": "image"},
            "at_thresholds": {"Effusion": {"threshold": 0.5, "sensitivity": 0.6, "specificity": 0.7, "positives": 12}}}
 
@@ -82,6 +82,18 @@ def test_run_artifacts_without_what_readers_need_name_the_file(tmp_path, cls, da
     (tmp_path / cls.FILE).write_text("[1, 2")
     with pytest.raises(ArtifactError, match="cannot be read"):
         cls.read(tmp_path)
+
+
+def test_run_artifacts_from_before_their_newer_fields_still_read(tmp_path):
+    """summary.json before env / wall_s were written, metrics.json before counted / image_size: read, with None."""
+    old_summary = {k: v for k, v in SUMMARY.items() if k not in ("env", "wall_s")}
+    (tmp_path / FederateSummary.FILE).write_text(json.dumps(old_summary))
+    read = FederateSummary.read(tmp_path)
+    assert read.env is None and read.wall_s is None and read.checkpoint == SUMMARY["checkpoint"]
+    old_metrics = {k: v for k, v in METRICS.items() if k not in ("counted", "image_size")}
+    (tmp_path / EvalResult.FILE).write_text(json.dumps(old_metrics))
+    m = EvalResult.read(tmp_path)
+    assert m.counted is None and m.image_size is None and m.macro_auroc == METRICS["macro_auroc"]
 
 
 @pytest.mark.parametrize("change, expected", [

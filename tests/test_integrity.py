@@ -96,11 +96,18 @@ def test_a_site_manifest_is_checked_against_the_digest_written_beside_it(sites, 
     changed = line[:-1] + ("0" if line.endswith("1") else "1")
     for damaged in (text.replace(line, changed, 1), text[: len(text) // 2]):
         paths["site-1"].write_text(damaged)
-        with pytest.raises(DataError, match="not the site manifest that was written .*fedxr data prepare"):
+        with pytest.raises(DataError, match="not the site manifest that was written .*fedxr data split .*fedxr data "
+                                            "prepare"):
             read_manifest(paths["site-1"])
     # The other site is untouched and still reads.
     assert len(read_manifest(paths["site-2"])) > 0
-    # A hospital's own manifest (no sites.json lists it) is read as it is.
+    # An unreadable sites.json is not a reason to skip the check.
+    saved = (sites / "sites.json").read_text()
+    (sites / "sites.json").write_text(saved[:100])
+    with pytest.raises(DataError, match="sites.json: unreadable, so site-2.csv cannot be checked"):
+        read_manifest(paths["site-2"])
+    (sites / "sites.json").write_text(saved)
+    # A manifest with no sites.json beside it is read as it is.
     own = tmp_path / "own"
     own.mkdir()
     shutil.copy(sites / "site-2.csv", own / "site-2.csv")
@@ -150,3 +157,21 @@ def test_a_full_disk_during_a_write_keeps_the_previous_file_and_leaves_no_partia
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left behind
     if what == "checkpoint":
         assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.zeros(3))
+
+
+def test_in_a_folder_fedxr_started_a_line_cannot_shed_its_digest(tmp_path):
+    """Stripping the digest (or flipping a bit of its key) and editing a value does not pass where fedxr wrote the
+    records; a value whose keys JSON turns into strings still reads back as written."""
+    from fedxr.records import OUTGOING, start_records
+
+    folder = tmp_path / "records"
+    start_records(folder)
+    for path in (folder / "site-1.jsonl", folder / OUTGOING / "site-1.jsonl"):
+        path.parent.mkdir(exist_ok=True)
+        append_line(path, {"site": "site-1", "round": 0, "counts": {2: 1, 10: 3}})
+        assert read_lines(path) == [{"site": "site-1", "round": 0, "counts": {"2": 1, "10": 3}}]
+        for damaged in (json.dumps({"site": "site-1", "round": 1, "counts": {}}) + "\n",
+                        path.read_text().replace('"sha"', '"sla"')):
+            path.write_text(damaged)
+            with pytest.raises(RecordsError, match="line 1: has no digest, which every line here must have"):
+                read_lines(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,13 +45,15 @@ def test_run_status_says_how_a_run_ended(tmp_path):
     assert _status(path)["state"] == "interrupted" and _status(path)["stage"] == "distill"
 
 
-def _fake_run(root: Path, state: str, pid: int) -> RunLayout:
+def _fake_run(root: Path, state: str, pid: int, started: float | None = None, teacher_done: bool = False) -> RunLayout:
     layout = RunLayout(root / "r")
     layout.root.mkdir(parents=True)
-    layout.pipeline_state.write_text(json.dumps({"data": {"result": {"root": "x"}, "run_id": "1"},
-                                                 "sites": {"result": {"sites": "x"}, "run_id": "2"}}))
-    layout.run_status.write_text(json.dumps({"state": state, "pid": pid, "host": os.uname().nodename,
-                                             "stage": "teacher", "started": 0}))
+    done = {"data": {"result": {"root": "x"}, "run_id": "1"}, "sites": {"result": {"sites": "x"}, "run_id": "2"}}
+    if teacher_done:  # an earlier run's result, still there while a rerun of the stage goes on
+        done["teacher"] = {"result": {"checkpoint": "x"}, "run_id": "3"}
+    layout.pipeline_state.write_text(json.dumps(done))
+    layout.run_status.write_text(json.dumps({"state": state, "pid": pid, "host": socket.gethostname(),
+                                             "stage": "teacher", "started": time.time() if started is None else started}))
     return layout
 
 
@@ -69,6 +72,29 @@ def test_the_console_tells_a_killed_run_from_a_running_one(tmp_path):
     assert data.list_runs(tmp_path / "b")[0]["running"] == "teacher"
     failed = _fake_run(tmp_path / "c", "failed", os.getpid())
     assert data.stages(failed)["teacher"]["failed"] and data.list_runs(tmp_path / "c")[0]["running"] is None
+    # A rerun of a stage that finished before (--from, changed settings) that failed: failed, not the old "done".
+    rerun = _fake_run(tmp_path / "d", "failed", os.getpid(), teacher_done=True)
+    assert data.stages(rerun)["teacher"]["done"] is False and data.stages(rerun)["teacher"]["failed"]
+    assert data.list_runs(tmp_path / "d")[0]["stopped"] == {"stage": "teacher", "how": "failed"}
+
+
+def test_a_reused_or_ended_pid_is_not_taken_for_the_run(tmp_path):
+    """After a reboot a killed run's pid may belong to another process: one that began after the run did is not it;
+    a zombie has ended."""
+    pytest.importorskip("fastapi", reason="the console extra is not installed: pip install -e '.[console]'")
+    from fedxr.console import data
+
+    assert data._alive(os.getpid(), time.time())  # this process began before "now": it could have written it
+    assert not data._alive(os.getpid(), time.time() - 3600)  # it began after a status written an hour ago
+    reused = _fake_run(tmp_path / "a", "running", os.getpid(), started=time.time() - 3600)
+    assert data.run_state(reused)["state"] == "interrupted"
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    for _ in range(100):  # bounded: until it has exited (not reaped: a zombie)
+        if data._process_start(zombie.pid) and data._process_start(zombie.pid)[0] == "Z":
+            break
+        time.sleep(0.05)
+    assert not data._alive(zombie.pid, time.time())
+    zombie.wait()
 
 
 @pytest.mark.slow

@@ -69,16 +69,34 @@ def run_layout(runs: Path, name: str) -> RunLayout:
     return layout
 
 
-def _alive(pid: Any) -> bool:
+def _alive(pid: Any, started: Any) -> bool:
+    """Whether the process that wrote a run status (``pid``, which began at ``started``) is still running. A pid is
+    reused after its process ends (after a reboot, soon): a process with that pid that began after the run
+    started is another one; a zombie has ended."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
+    except PermissionError:  # someone else's process: it exists (its start time is checked below)
+        pass
+    began = _process_start(pid)
+    if began is None:
+        return True  # no /proc (not Linux): the pid alone has to do
+    state, began_at = began
+    return state != "Z" and (not isinstance(started, (int, float)) or began_at <= started + 2)
+
+
+def _process_start(pid: int) -> tuple[str, float] | None:
+    """(state, start time in seconds since the epoch) of a process, from Linux's /proc; None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return fields[0], boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def run_state(layout: RunLayout) -> dict | None:
@@ -88,7 +106,8 @@ def run_state(layout: RunLayout) -> dict | None:
     status = _json_dict(layout.run_status)
     if not status or not isinstance(status.get("state"), str):
         return None
-    if status["state"] == "running" and status.get("host") == socket.gethostname() and not _alive(status.get("pid")):
+    if (status["state"] == "running" and status.get("host") == socket.gethostname()
+            and not _alive(status.get("pid"), status.get("started"))):
         status = {**status, "state": "interrupted", "why": "its process is gone (killed, or the machine restarted)"}
     return status
 
@@ -103,8 +122,11 @@ def stages(layout: RunLayout) -> dict[str, dict]:
     run = run_state(layout)
     if run is not None:
         stage = run.get("stage")
-        if run["state"] in ("running", "failed", "interrupted") and isinstance(stage, str) and stage not in done:
-            out.setdefault(stage, {"done": False, "disabled": False, "seconds": None})[run["state"]] = True
+        if run["state"] in ("running", "failed", "interrupted") and isinstance(stage, str):
+            # The stage `fedxr run` is in (or stopped in) wins over an earlier run's result for it in pipeline.json
+            # (a rerun with --from or changed settings keeps the old result there until it succeeds).
+            entry = out.setdefault(stage, {"done": False, "disabled": False, "seconds": None})
+            entry.update(done=False, **{run["state"]: True})
         return out
     # Older run folders: the stage whose log was written last, if it is not done, is taken to be running.
     logs = sorted(layout.root.glob("logs/*.log"), key=lambda p: p.stat().st_mtime)
@@ -126,7 +148,8 @@ def list_runs(runs: Path) -> list[dict]:
     rows = []
     for folder in sorted(Path(runs).iterdir()) if Path(runs).is_dir() else []:
         layout = RunLayout(folder)
-        if not _NAME.match(folder.name) or not (layout.pipeline_state.is_file() or layout.federate.is_dir()):
+        if not _NAME.match(folder.name) or not (layout.pipeline_state.is_file() or layout.federate.is_dir()
+                                                or layout.run_status.is_file()):
             continue
         stage_state = stages(layout)
         report = _json_dict(layout.distill / "distill_report.json") or {}

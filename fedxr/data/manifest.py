@@ -168,17 +168,19 @@ def _sha256(path: Path) -> str:
 
 def _check_digest(path: Path) -> None:
     """A manifest written by :func:`write_manifests` must be the file written: its SHA-256 is in ``sites.json``
-    beside it. (A hospital's own manifest, with no ``sites.json`` listing it, is read as it is.)"""
+    beside it. (A manifest with no ``sites.json`` beside it, or one written before the digests, is read as it is.)"""
     summary = path.parent / SUMMARY_FILE
+    if not summary.is_file():
+        return
+    fix = ("write the manifests again: `fedxr data split ROOT --out FOLDER --force` (a hospital), or `fedxr data "
+           "prepare RECIPE --force` / `fedxr run RECIPE --from sites` (a recipe's run)")
     try:
         rows = json.loads(summary.read_text()).get("sites", [])
     except (OSError, ValueError, AttributeError):
-        return
+        raise DataError(f"{summary}: unreadable, so {path.name} cannot be checked against it; {fix}") from None
     expected = next((r.get("sha256") for r in rows if isinstance(r, dict) and r.get("site") == path.stem), None)
     if expected and _sha256(path) != expected:
-        raise DataError(f"{path}: not the site manifest that was written (its SHA-256 differs from {summary}); write "
-                        "the manifests again with `fedxr data prepare RECIPE --force` (or `fedxr run RECIPE --from "
-                        "sites`)")
+        raise DataError(f"{path}: not the site manifest that was written (its SHA-256 differs from {summary}); {fix}")
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:

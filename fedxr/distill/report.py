@@ -33,6 +33,7 @@ def _score(ckpt_path: str, sites_dir: Path, out: Path, cache_dir: str, progress:
 
     if result is None:
         result = evaluate_checkpoint(ckpt_path, sites_dir, split="test", out=out, cache_dir=cache_dir, progress=progress)
+    assert result.image_size is not None  # evaluate_checkpoint always records it (only old files lack it)
     params, macs = complexity(result.model_name, result.image_size)
     return {"checkpoint": str(ckpt_path), "model_name": result.model_name, "image_size": result.image_size,
             "macro_auroc": result.macro_auroc, "macro_auroc_ci95": result.macro_auroc_ci95,

@@ -19,7 +19,7 @@ from fedxr.data.prepare import require_sites
 from fedxr.errors import FedxrError
 from fedxr.federated import outputs
 from fedxr.federated.deploy import admin_username, preflight, stop_processes
-from fedxr.records import read_records
+from fedxr.records import read_records, start_records
 from fedxr.federated.job import build_job, job_deadline_s, job_name, recipe_blob_is_not_a_secret
 from fedxr.federated.site import SITES_DIR_ENV
 
@@ -252,7 +252,7 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     elif env == "prod":
         admin_kit = check_admin_kit(startup_kit)
     shutil.rmtree(records, ignore_errors=True)
-    records.mkdir(parents=True, exist_ok=True)
+    start_records(records)
     t0 = time.perf_counter()
     # On one machine the tracker (machine mode) covers the server and every site process.
     energy = tracked(folder, stage, recipe.energy_country if env in ("sim", "poc") else None)

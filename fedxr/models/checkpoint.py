@@ -84,7 +84,8 @@ def save_checkpoint(
             fh.flush()
             os.fsync(fh.fileno())  # on disk before the rename: a power cut leaves the old file or the new one
         os.replace(tmp, path)
-    except BaseException:  # a full disk, a kill: the previous checkpoint stays, and no partial file is left
+    except BaseException:  # a full disk, Ctrl-C: the previous checkpoint stays and the partial file goes (a SIGKILL
+        # leaves the hidden .NAME.tmp-PID file, which no reader trusts)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise

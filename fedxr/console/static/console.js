@@ -62,7 +62,7 @@ async function followRun(section) {
     const run_ = state.run_state;
     if (launched) label.textContent = launched.running ? "running…" : (launched.returncode === 0 ? "finished" : "failed");
     else if (run_ && (run_.state === "interrupted" || run_.state === "failed"))
-      label.textContent = `${run_.state} during ${run_.stage}: start it again (New run, the same recipe) and the stages already done are kept`;
+      label.textContent = `${run_.state} during ${run_.stage}: a coordinator can start it again (New run, the same recipe); the stages already done are kept`;
     if (state.failed) {
       const box = document.getElementById("failure");
       box.hidden = false;
