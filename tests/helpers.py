@@ -91,3 +91,11 @@ def phantom_training_image(console_run) -> Path:
 
     rows = read_manifest(console_run["runs"] / "t" / "sites" / "site-1.csv")
     return Path(rows[rows["split"] == "train"]["path"].iloc[0])
+
+
+def all_routes(routes):
+    """Every route of a FastAPI app, including those of included routers (FastAPI >= 0.16x keeps an included router
+    whole, under ``original_router``)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        yield from all_routes(inner.routes) if inner is not None else [route]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import CONSOLE_PASSWORD, GRADIENT, SHARED_NIH, phantom_training_image, write_dicom
+from helpers import CONSOLE_PASSWORD, GRADIENT, all_routes, SHARED_NIH, phantom_training_image, write_dicom
 
 pytest.importorskip("fastapi", reason="the console extra is not installed: pip install -e '.[console]'")
 from fastapi.routing import APIRoute  # noqa: E402
@@ -52,13 +52,6 @@ def hospital(app):
 
 def csrf_of(client: TestClient) -> str:
     return re.search(r'name="csrf" value="([^"]+)"', client.get("/").text).group(1)
-
-
-def all_routes(routes):
-    """Every route, including those of included routers (FastAPI >= 0.16x keeps an included router whole)."""
-    for route in routes:
-        inner = getattr(route, "original_router", None)
-        yield from all_routes(inner.routes) if inner is not None else [route]
 
 
 def test_every_route_needs_a_session(app):

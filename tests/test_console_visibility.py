@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from helpers import CONSOLE_PASSWORD
+from helpers import CONSOLE_PASSWORD, all_routes
 
 pytest.importorskip("fastapi", reason="the console extra is not installed: pip install -e '.[console]'")
 from fastapi.routing import APIRoute  # noqa: E402
@@ -166,17 +166,11 @@ def test_every_route_answers_each_role_as_the_table_says(clients):
     assert all(by_role[role].get("/api/runs").status_code == 200 for role in (C, H1, H2))
 
 
-def _routes(routes):
-    for route in routes:
-        inner = getattr(route, "original_router", None)
-        yield from _routes(inner.routes) if inner is not None else [route]
-
-
 def test_the_table_covers_every_route_of_the_application(clients):
     app, _ = clients
     in_table = {(m, route) for m, _, route, _ in TABLE}
     missing = []
-    for route in _routes(app.routes):
+    for route in all_routes(app.routes):
         if not isinstance(route, APIRoute) and getattr(route, "path", "").startswith("/static"):
             continue
         for method in sorted(set(getattr(route, "methods", None) or {"GET"}) - {"HEAD"}):

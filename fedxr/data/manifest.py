@@ -7,7 +7,6 @@ site; in POC/production each hospital keeps only its own manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 from fedxr.data import sites as S
 from fedxr.data.atomic import atomic_dir
 from fedxr.data.nih import NIHDataset
+from fedxr.edge.model import sha256_of
 from fedxr.errors import DataError
 from fedxr.labels import LABELS, NO_FINDING
 from fedxr.layout import SITES_SUMMARY_FILE as SUMMARY_FILE
@@ -156,14 +156,10 @@ def write_manifests(out: str | Path, manifests: dict[str, pd.DataFrame], setting
             m.to_csv(tmp / f"{name}.csv", index=False)
         rows = summarise(manifests)
         for row in rows:  # what read_manifest checks each site's file against
-            row["sha256"] = _sha256(tmp / f"{row['site']}.csv")
+            row["sha256"] = sha256_of(tmp / f"{row['site']}.csv")
         summary = {"settings": settings, "sites": rows}
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return Path(out)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _check_digest(path: Path) -> None:
@@ -179,7 +175,7 @@ def _check_digest(path: Path) -> None:
     except (OSError, ValueError, AttributeError):
         raise DataError(f"{summary}: unreadable, so {path.name} cannot be checked against it; {fix}") from None
     expected = next((r.get("sha256") for r in rows if isinstance(r, dict) and r.get("site") == path.stem), None)
-    if expected and _sha256(path) != expected:
+    if expected and sha256_of(path) != expected:
         raise DataError(f"{path}: not the site manifest that was written (its SHA-256 differs from {summary}); {fix}")
 
 
