@@ -80,11 +80,21 @@ def baseline(recipe, mode: str, site: str | None, epochs: int) -> str:
     # written at the end, recipe.yaml at the start — an interrupted retraining leaves it older. Else retrain.
     summary, written = folder / "summary.json", folder / "recipe.yaml"
     if summary.is_file() and written.is_file() and summary.stat().st_mtime >= written.stat().st_mtime \
-            and written.read_text() == changed.to_yaml():
+            and trains_alike(written, changed):
         return str(chosen_checkpoint(folder))
     summary = train(changed, recipe.layout.sites, mode=mode, site=site, progress=False)
     # A COVID site's validation split can hold one class only: no validation AUROC, so no "best"; then the last.
     return str(chosen_checkpoint(summary["folder"]))
+
+
+def trains_alike(written: Path, recipe) -> bool:
+    """Whether a baseline trained with the recipe file ``written`` is the one ``recipe`` would train: the sections
+    a local or pooled training reads (data and model) are equal — the federated, distill, export and output
+    sections do not change it (so a second federation of the same sites, FedBN say, reuses the baselines)."""
+    import yaml
+
+    old, new = yaml.safe_load(written.read_text()), yaml.safe_load(recipe.to_yaml())
+    return all(old.get(k) == new.get(k) for k in ("data", "model"))
 
 
 def paired(a: np.ndarray, b: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict | None:
@@ -171,11 +181,18 @@ def main() -> None:
     state = _load_state(layout.pipeline_state)
     if "distill" not in state or not layout.federate.exists():
         raise FedxrError(f"{layout.root}: no finished run; run `fedxr run {args.recipe}` first")
+    from fedxr.evaluation import SiteModels
+    from fedxr.federated.fedbn import site_models
+
     teacher = str(chosen_checkpoint(layout.federate))
     student = recipe.distill.students[0]
-    models = {"federated teacher": teacher,
-              "student (KD)": str(chosen_checkpoint(layout.stage(RunLayout.student_stage(student)))),
-              "student (no teacher)": str(chosen_checkpoint(layout.stage(RunLayout.student_stage(student, False))))}
+    # FedBN: the federated teacher is each site's own model; the global one (pooled BatchNorm) is shown beside.
+    own = site_models(teacher)
+    models: dict[str, SiteModels] = {"federated teacher": {**own, "*": teacher} if own else teacher}
+    if own:
+        models["federated teacher (global, pooled BatchNorm)"] = teacher
+    models["student (KD)"] = str(chosen_checkpoint(layout.stage(RunLayout.student_stage(student))))
+    models["student (no teacher)"] = str(chosen_checkpoint(layout.stage(RunLayout.student_stage(student, False))))
     seconds = {}
     from fedxr.data.manifest import site_manifest_paths
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Union
 
 import numpy as np
 import torch
@@ -188,42 +188,70 @@ def _site_scores(probs: torch.Tensor, targets: torch.Tensor, normal: np.ndarray,
     return out
 
 
-def evaluate_sites(checkpoints: Mapping[str, str | Path], sites_dir: str | Path, split: str = "test",
+#: A model to score within sites: one checkpoint, or one per site (a FedBN federation's: ``{site: checkpoint}``,
+#: with ``"*"`` for the sites that have none of their own).
+SiteModels = Union[str, Path, Mapping[str, Union[str, Path]]]
+
+
+def _for_site(spec: SiteModels, site: str) -> str | Path:
+    if isinstance(spec, Mapping):
+        path = spec.get(site) or spec.get("*")
+        if path is None:
+            raise FedxrError(f"no model for site {site!r} (per-site models for {', '.join(spec)}; add '*' for the rest)")
+        return path
+    return spec
+
+
+def evaluate_sites(checkpoints: Mapping[str, SiteModels], sites_dir: str | Path, split: str = "test",
                    out: str | Path | None = None, cache_dir: str | Path = CACHE_DIR, progress: bool = True,
                    keep_predictions: bool = False, operating_specificity: float | None = OPERATING_SPECIFICITY) -> dict:
     """Within-site figures (the primary ones across hospitals whose case mix differs): every model on each
-    site's own ``split``, beside the pooled figure over all sites. Writes ``per_site.json``. With
-    ``keep_predictions`` the result also holds ``predictions[site][model] = (probs, targets)`` (numpy) for
-    paired comparisons between models on the same images. With ``operating_specificity`` (test split only) a
-    one-class site's sensitivity is also read at each model's threshold for that specificity on every site's
-    validation negatives (:data:`OPERATING_SPECIFICITY`)."""
+    site's own ``split``, beside the pooled figure over all sites. A model given per site (:data:`SiteModels`)
+    is scored at each site with that site's own model, and pooled over those predictions. Writes
+    ``per_site.json``. With ``keep_predictions`` the result also holds ``predictions[site][model] = (probs,
+    targets)`` (numpy) for paired comparisons between models on the same images. With ``operating_specificity``
+    (test split only) a one-class site's sensitivity is also read at each model's threshold for that specificity
+    on every site's validation negatives (:data:`OPERATING_SPECIFICITY`)."""
     from fedxr.data.manifest import site_manifest_paths
     from fedxr.labels import NO_FINDING
 
     sites = site_manifest_paths(sites_dir)
-    loaded = {name: model_from_checkpoint(path) for name, path in checkpoints.items()}
-    result: dict = {"split": split, "models": {n: str(p) for n, p in checkpoints.items()}, "sites": {}, "pooled": {},
+    cache: dict[str, tuple[nn.Module, dict]] = {}
+
+    def load(path: str | Path) -> tuple[nn.Module, dict]:
+        if str(path) not in cache:
+            cache[str(path)] = model_from_checkpoint(path)
+        return cache[str(path)]
+
+    result: dict = {"split": split, "sites": {}, "pooled": {},
+                    "models": {n: ({k: str(v) for k, v in p.items()} if isinstance(p, Mapping) else str(p))
+                               for n, p in checkpoints.items()},
                     "note": "within-site figures are primary: a pooled AUROC across hospitals with different case mix "
                             "can reward recognising the hospital rather than the finding"}
-    pooled: dict[str, list] = {n: [] for n in loaded}
+    per_site_models = [n for n, p in checkpoints.items() if isinstance(p, Mapping)]
+    if per_site_models:
+        result["per_site_models"] = per_site_models
+    pooled: dict[str, list] = {n: [] for n in checkpoints}
     predictions: dict[str, dict] = {}
     at_spec: dict[str, tuple[float, torch.Tensor] | None] = {}
 
-    def spec_of(name: str) -> Callable[[], tuple[float, torch.Tensor] | None] | None:
+    def spec_of(path: str | Path) -> Callable[[], tuple[float, torch.Tensor] | None] | None:
         """A model's thresholds at the operating specificity, computed the first time a one-class site needs them."""
         if operating_specificity is None or split != "test":
             return None
 
         def get() -> tuple[float, torch.Tensor] | None:
-            if name not in at_spec:
-                t = _validation_thresholds(*loaded[name], sites, operating_specificity, cache_dir, progress)
-                at_spec[name] = None if t is None else (operating_specificity, t)
+            if str(path) not in at_spec:
+                t = _validation_thresholds(*load(path), sites, operating_specificity, cache_dir, progress)
+                at_spec[str(path)] = None if t is None else (operating_specificity, t)
                 result["operating_specificity"] = operating_specificity
-            return at_spec[name]
+            return at_spec[str(path)]
         return get
     for site, manifest in sites.items():
         per_model = {}
-        for name, (model, ckpt) in loaded.items():
+        for name, spec in checkpoints.items():
+            path = _for_site(spec, site)
+            model, ckpt = load(path)
             dm = SiteDataModule([manifest], ckpt["preprocessing"], batch_size=64, num_workers=0, augment=False,
                                 cache_dir=cache_dir, progress=progress)
             try:
@@ -237,17 +265,20 @@ def evaluate_sites(checkpoints: Mapping[str, str | Path], sites_dir: str | Path,
             normal = rows[NO_FINDING].to_numpy(dtype=float) if NO_FINDING in rows else np.full(len(rows), np.nan)
             trained = (ckpt.get("trained_on") or {}).get("trained_labels") or list(LABELS)
             per_model[name] = _site_scores(probs, targets, normal, torch.tensor(ckpt["thresholds"]), trained,
-                                           spec_of(name))
+                                           spec_of(path))
             if keep_predictions:
                 predictions.setdefault(site, {})[name] = (probs.numpy(), targets.numpy())
-            pooled[name].append((probs, targets, normal, torch.tensor(ckpt["thresholds"]), trained))
+            pooled[name].append((probs, targets, normal, torch.tensor(ckpt["thresholds"]), trained, path))
         else:
             result["sites"][site] = per_model
     for name, parts in pooled.items():
         if parts:
+            # Per-site models pooled: their predictions together, read at the first site's thresholds (AUROC
+            # needs none; the operating point of a set of models is not one number).
             result["pooled"][name] = _site_scores(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                                                   np.concatenate([p[2] for p in parts]), parts[0][3], parts[0][4],
-                                                  spec_of(name))
+                                                  spec_of(parts[0][5]) if len({str(p[5]) for p in parts}) == 1
+                                                  else None)
     out = Path(out) if out else Path(sites_dir).parent / "evaluate"
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "per_site.json", result)

@@ -112,9 +112,14 @@ class RunLayout:
         """A centralised or single-site baseline: ``central`` or ``local_SITE``."""
         return self.root / f"{self._TRAIN}{tag}"
 
+    @property
+    def fedbn_sites(self) -> Path:
+        """Each site's own model of a FedBN federation (fedxr.federated.fedbn)."""
+        return self.root / "fedbn_sites"
+
     def fedbn_model(self, site: str) -> Path:
         """A site's personalised FedBN model (global layers + its own BatchNorm), where one was saved."""
-        return self.root / "fedbn_sites" / f"{site}.ckpt"
+        return self.fedbn_sites / f"{site}.ckpt"
 
     def baselines(self) -> dict[str, Path]:
         """The finished baselines of this run: {tag: folder holding summary.json}."""

@@ -143,9 +143,12 @@ def _evaluate(ctx: Context) -> EvaluateResult:
 
 def _evaluate_sites(ctx: Context) -> str:
     """Teacher and students on each site's own test split (within-site: the primary figures)."""
-    from fedxr.evaluation import evaluate_sites, format_sites
+    from fedxr.evaluation import SiteModels, evaluate_sites, format_sites
+    from fedxr.federated.fedbn import site_models
 
-    models = {"teacher": ctx.teacher}
+    # A FedBN teacher is scored at each site with that site's own model (the global one has pooled BatchNorm).
+    own = site_models(ctx.teacher)
+    models: dict[str, SiteModels] = {"teacher": {**own, "*": ctx.teacher} if own else ctx.teacher}
     for name, s in ctx.results.students.items():
         models[f"student {name}"] = s.kd
         if s.no_kd:

@@ -253,6 +253,10 @@ def _within_site_section(layout: RunLayout, results: RunResults, out: list[str])
             "reward recognising the hospital: it is shown last, for reference.", ""]
     out += _table(["site", *[f"{m}: macro AUROC" for m in models], *[f"{m}: normal vs abnormal" for m in models]], rows)
     out += [""]
+    if rep.get("per_site_models"):
+        out += [f"FedBN: {', '.join(rep['per_site_models'])} scored at each site with that site's own model (the shared "
+                "layers with the site's own BatchNorm, kept where its own validation was best); pooled, their "
+                "predictions together.", ""]
 
 
 def _export_section(layout: RunLayout, results: RunResults, out: list[str]) -> None:

@@ -269,28 +269,6 @@ def test_a_round_no_site_completed_fails_the_run(tmp_path):
     _check_sites_trained(records, recipe, tmp_path / "ws")
 
 
-def test_fedbn_runs_rounds_with_local_batchnorm(tmp_path):
-    # After round 0 the global model lacks the BatchNorm tensors; sites must keep their own.
-    recipe, _ = two_site_recipe(tmp_path, rounds=2, extra=("federated.fedbn=true", "federated.cross_site_eval=false"))
-    summary = federate(recipe, "sim", extra_args="--save-updates")
-    rounds = json.loads(Path(summary.rounds).read_text())
-    assert [r["round"] for r in rounds if isinstance(r["round"], int)] == [0, 1]
-    records = recipe.layout.federate / "records"
-    s1 = torch.load(records / "site-1_round1.pt", weights_only=True)["state_dict"]
-    s2 = torch.load(records / "site-2_round1.pt", weights_only=True)["state_dict"]
-    bn = "model.features.1.running_mean"
-    assert bn in s1
-    assert not torch.equal(s1[bn], s2[bn])  # statistics stayed local to each hospital
-    # The learning-rate schedule spans both rounds: half-way through (end of round 0) the cosine is at
-    # about half the base rate, not already at zero; at the end of the last round it is near zero.
-    from fedxr.records import read_records
-
-    lr = {(r["site"], r["round"]): r["lr_end"] for r in read_records(records)}
-    base = recipe.model.lr
-    assert 0.3 * base < lr[("site-1", 0)] < 0.8 * base
-    assert lr[("site-1", 1)] < 0.05 * base
-
-
 def test_nvflare_private_hooks_fedxr_relies_on_are_still_there(tmp_path):
     """fedxr overrides two private methods of NVFlare's FedAvg/FedProx recipes (resilient rounds, every site
     asked) and calls two private helpers in its aggregator. If NVFlare renames or reshapes them the

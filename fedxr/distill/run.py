@@ -110,8 +110,22 @@ def distill_federated(recipe: Recipe, teacher_path: Path, teacher: dict, student
     stage = RunLayout.student_stage(student)
     init = initial_model(srecipe, teacher, srecipe.layout.stage(stage) / "initial_model.pt")
     summary = federate(srecipe, env=env, startup_kit=startup_kit, recipe_path=recipe_path, stage=stage, source=SOURCE,
-                       model=student_model(srecipe, teacher), exclude_vars=TEACHER_VARS, initial_ckpt=init)
+                       model=student_model(srecipe, teacher), exclude_vars=TEACHER_VARS, initial_ckpt=init,
+                       extra_args=site_teachers_argument(teacher_path, env))
     return replace(summary, teacher=str(teacher_path))
+
+
+def site_teachers_argument(teacher_path: Path, env: str) -> str:
+    """A FedBN teacher is one model per site (fedxr.federated.fedbn): in simulation and POC each site distils from
+    its own, not from the global model with pooled BatchNorm. In production the sites' models stay at the sites."""
+    from fedxr.federated.fedbn import site_models
+
+    models = site_models(teacher_path) if env in ("sim", "poc") else {}
+    if not models:
+        return ""
+    folder = next(iter(models.values())).parent.resolve()
+    print(f"FedBN teacher: each site distils from its own model in {folder}", flush=True)
+    return f"--site-teachers {folder}"
 
 
 def distill_central(recipe: Recipe, teacher_path: Path, teacher: dict, student: str, sites_dir: Path,

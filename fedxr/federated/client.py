@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-excluded", action="store_true",
                    help="the job excludes some tensors from aggregation (FedBN statistics, a frozen "
                         "teacher): load the global model non-strictly and keep this site's copies of them")
+    p.add_argument("--site-teachers",
+                   help="distillation from a FedBN teacher: folder of each site's own teacher (SITE.ckpt); "
+                        "this site's replaces the global teacher it received")
     return p.parse_args(argv)
 
 
@@ -182,7 +185,7 @@ def _site_privacy(recipe, site: str, dm, module, local_steps: int | None):
     return privacy
 
 
-def _site_trainer(recipe, work: Path, ranks, local_steps: int | None, counter):
+def _site_trainer(recipe, work: Path, ranks, local_steps: int | None, counter, logger: bool = True):
     """One Trainer for every round. A round limited by steps gets an epoch limit it never reaches, not -1:
     NVFlare's Lightning patch re-reads max_steps as "steps per round" every round while max_epochs is -1, so the
     rounds doubled (32, 64, 128…)."""
@@ -193,7 +196,8 @@ def _site_trainer(recipe, work: Path, ranks, local_steps: int | None, counter):
     per_round = ({"max_steps": local_steps, "max_epochs": UNBOUNDED_EPOCHS} if local_steps
                  else {"max_epochs": recipe.federated.local_epochs})
     return make_trainer(recipe, work, callbacks=[counter], progress=False, enable_model_summary=False,
-                        logger=[ClientLogger()], num_sanity_val_steps=0, **trainer_devices(recipe, ranks), **per_round)
+                        logger=[ClientLogger()] if logger else False, num_sanity_val_steps=0,
+                        **trainer_devices(recipe, ranks), **per_round)
 
 
 def _next_task(ranks) -> dict | None:
@@ -252,6 +256,10 @@ def main(argv=None) -> None:
     trainer = _site_trainer(recipe, work, ranks, local_steps, counter)
     flare.patch(trainer, load_state_dict_strict=not args.keep_excluded)
     local_state = None
+    if (teacher_state := _site_teacher(args.site_teachers, site)) is not None:
+        module.own_teacher = teacher_state  # DistillClassifier: every model NVFlare loads keeps this site's teacher
+        module.teacher.load_state_dict(teacher_state)
+    fedbn = _fedbn(recipe)
     records = Path(args.records) / record_file(site, ranks.rank) if args.records else None
     while (task := _next_task(ranks)) is not None:
         rnd = task["round"]
@@ -266,8 +274,21 @@ def main(argv=None) -> None:
         # augmentation do not depend on what ran before in this process.
         L.seed_everything(site_round_seed(recipe.model.seed, rank_name, rnd), workers=True, verbose=False)
         t0 = time.time()
+        own_bn = fedbn.batchnorm_of(module) if fedbn is not None else None
         result = trainer.validate(module, datamodule=dm, verbose=False)
         t1 = time.time()
+        if fedbn is not None and (task["evaluate"] or rnd > 0):
+            # From round 1 on: round 0's model is the server's starting point, with no BatchNorm of this site's.
+            personal_result = result
+            if task["evaluate"]:
+                # The final evaluation sends the whole global model, BatchNorm included (untrained): score the
+                # site's own model — the final shared layers with its BatchNorm — with a trainer NVFlare did not patch.
+                module.load_state_dict(own_bn, strict=False)
+                personal_result = _site_trainer(recipe, work, ranks, local_steps, counter, logger=False).validate(
+                    module, datamodule=dm, verbose=False)
+            if ranks.is_control:
+                fedbn.keep_personal(work, module, rnd if not task["evaluate"] else "final", _val_auroc(personal_result),
+                                    len(dm.datasets["train"]))
         received = weights_digest(module) if records is not None else None
         if task["evaluate"]:
             continue  # the patched trainer already sent the metrics
@@ -288,20 +309,48 @@ def main(argv=None) -> None:
                                 (t0, t1, t2), received, recipe)
             if privacy is not None and spent is not None:
                 rec["privacy"] = {**spent, **privacy.summary()}
+            if hasattr(module, "teacher"):
+                rec["teacher_digest"] = weights_digest(module.teacher)
             append_line(records, rec)
     ranks.finish()
+
+
+def _val_auroc(result) -> float | None:
+    from fedxr.labels import VAL_AUROC
+
+    return float(result[0].get(VAL_AUROC, float("nan"))) if result else None
+
+
+def _fedbn(recipe):
+    """With ``federated.fedbn``: the module that keeps the site's own model (fedxr.federated.fedbn), else None."""
+    if not recipe.federated.fedbn:
+        return None
+    from fedxr.federated import fedbn
+
+    return fedbn
+
+
+def _site_teacher(folder: str | None, site: str) -> dict | None:
+    """This site's own teacher weights (a FedBN teacher's site model), or None to keep the global one."""
+    if not folder:
+        return None
+    path = Path(folder) / f"{site}.ckpt"
+    if not path.is_file():
+        print(f"{site}: no site teacher at {path}; distilling from the global teacher", flush=True)
+        return None
+    from fedxr.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)["state_dict"]
 
 
 def _round_record(site: str, rnd: int, result, dm, trainer, ranks, module, counter, steps_before: int,
                   samples_before: int, times: tuple[float, float, float], received: str | None, recipe) -> dict:
     """One line of the site's round records: the received model's validation score, what was trained, timings,
     which rank, digests of the weights received and trained, the learning rate and precision."""
-    from fedxr.labels import VAL_AUROC
     from fedxr.precision import recipe_precision
 
     t0, t1, t2 = times
-    return {"site": site, "round": rnd,
-            "val_auroc": float(result[0].get(VAL_AUROC, float("nan"))) if result else None,
+    return {"site": site, "round": rnd, "val_auroc": _val_auroc(result),
             "val_images": len(dm.datasets["val"]), "train_images": len(dm.datasets["train"]),
             "steps": trainer.global_step - steps_before, "t_receive": t0, "t_validated": t1, "t_trained": t2,
             "validate_s": t1 - t0, "train_s": t2 - t1,

@@ -276,9 +276,25 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     if collected is not None:
         _check_sites_trained(collected, recipe, workspace)
     summary = outputs.collect(recipe, server_dir, folder, collected, workspace, source=source, env=env)
+    if recipe.federated.fedbn:
+        _fedbn_outputs(recipe, collected, summary)
     summary = replace(summary, wall_s=round(time.perf_counter() - t0, 1))
     write_json_atomic(folder / FederateSummary.FILE, summary.to_json())
     return summary
+
+
+def _fedbn_outputs(recipe: Recipe, records: Path | None, summary: FederateSummary) -> None:
+    """FedBN: the sites' own models beside the run, and pooled BatchNorm in the global checkpoints — or, in
+    production (the site models stay at the sites), a warning that the global model has no BatchNorm of its own."""
+    from fedxr.federated import fedbn
+
+    gathered = fedbn.gather(recipe, records, summary.checkpoints) if records else {}
+    if gathered:
+        print(f"FedBN: each site's own model (best on its own validation) in {recipe.layout.fedbn_sites}; the global "
+              "checkpoints carry BatchNorm pooled from them", flush=True)
+    else:
+        print("FedBN: the global model holds untrained BatchNorm (each site kept its own): score and deploy each "
+              f"site's model, kept at the site as {fedbn.PERSONAL_FILE} in its run folder", flush=True)
 
 
 def format_summary(summary: FederateSummary | ExportedJob, recipe: Recipe) -> str:
