@@ -144,3 +144,106 @@ def test_a_run_killed_outright_is_interrupted_and_its_rerun_keeps_the_finished_s
                 == load_checkpoint(uninterrupted.federate / name)["weights_sha256"]), name
     assert (json.loads((layout.evaluate / "metrics.json").read_text())["macro_auroc"]
             == json.loads((uninterrupted.evaluate / "metrics.json").read_text())["macro_auroc"])
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` by relative path (hidden temporaries left out: nothing reads them)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def _kill_at(cmd: list[str], seconds: float, env: dict) -> bool:
+    """Start ``cmd`` in its own session and SIGKILL it and its children after ``seconds``; whether it was still
+    running (False: it had finished)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        proc.wait(timeout=seconds)
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        return True
+
+
+def _timed(cmd: list[str], env: dict) -> float:
+    t = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return time.perf_counter() - t
+
+
+@pytest.mark.slow
+def test_phantom_cache_and_export_killed_at_random_points_rerun_to_the_uninterrupted_outputs(tmp_path):
+    """SIGKILL (nothing can clean up) phantom generation, the image cache's build and an export at random points
+    of their work, then run each again: nothing half-written is left where a later stage would trust it, the rerun's
+    outputs are byte for byte the uninterrupted run's, and the killed writers' temporaries are swept away."""
+    import random
+
+    from fedxr.config import load_recipe
+    from fedxr.data.cache import cache_path
+
+    rng = random.Random(29)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    fedxr = [sys.executable, "-m", "fedxr"]
+
+    def overrides(root: Path) -> list[str]:
+        return console_overrides(root, rounds=1) + ["data.phantom.patients=120", "data.phantom.size=64"]
+
+    # Phantom generation and the site manifests (`fedxr data prepare`, what `fedxr run` does first).
+    reference, killed = tmp_path / "ref", tmp_path / "killed"
+    full = _timed([*fedxr, "data", "prepare", str(QUICKSTART), *overrides(reference)], env)
+    kills = 0
+    for _ in range(2):
+        kills += _kill_at([*fedxr, "data", "prepare", str(QUICKSTART), *overrides(killed)],
+                          rng.uniform(0.4, 0.95) * full, env)
+        phantom = killed / "phantom"
+        # Killed: no data set, or a whole one (the folder appears by a rename only when complete).
+        assert not phantom.exists() or (phantom / "phantom.json").is_file()
+    assert kills, "no kill landed while the data were being made"
+    _timed([*fedxr, "data", "prepare", str(QUICKSTART), *overrides(killed)], env)
+    assert _digests(killed / "phantom") == _digests(reference / "phantom")
+    assert _leftovers(killed) == []
+
+    # The image cache: built by the training loader; here directly, at a size that takes a few seconds.
+    recipe = load_recipe(QUICKSTART, overrides(killed))
+    images = sorted(str(p) for p in (killed / "phantom" / "images").glob("*.png"))
+    build = [sys.executable, "-c", "import sys; from fedxr.data.cache import build_cache; "
+             "build_cache(sys.argv[3:], int(sys.argv[1]), sys.argv[2], workers=1, progress=False)"]
+    full = _timed([*build, "128", str(tmp_path / "cache_ref"), *images], env)
+    for _ in range(2):
+        assert _kill_at([*build, "128", str(tmp_path / "cache"), *images], rng.uniform(0.4, 0.9) * full, env)
+        target = cache_path(images, 128, tmp_path / "cache")
+        assert not target.exists()  # the cache file appears by a rename only when complete
+    _timed([*build, "128", str(tmp_path / "cache"), *images], env)
+    assert _digests(tmp_path / "cache") == _digests(tmp_path / "cache_ref")
+    assert _leftovers(target.parent) == []  # the killed builds' partial files (as large as the cache) are gone
+
+    # An export over an earlier one: killed, the earlier export stays whole; rerun, the same files.
+    from fedxr.edge.model import sha256_of
+    from fedxr.models.checkpoint import save_checkpoint
+    from fedxr.models.registry import build_model
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "model.ckpt", model_name="tiny_cnn", state_dict=build_model("tiny_cnn").state_dict(),
+                           preprocessing=recipe.preprocessing, thresholds=[0.5] * 14, recipe=recipe.resolved())
+    export = [sys.executable, "-m", "fedxr.export", str(ckpt), "--int8", "on", "--calibration-images", "16",
+              "--trust-images", "64", "--data", str(recipe.layout.sites)]
+    out = tmp_path / "export"
+    full = _timed([*export, "--out", str(tmp_path / "export_ref")], env)
+    _timed([*export, "--out", str(out), "--int8", "off"], env)  # the earlier export, without INT8
+    earlier = _digests(out)
+    assert _kill_at([*export, "--out", str(out)], rng.uniform(0.5, 0.9) * full, env)
+    assert _digests(out) == earlier  # whole, and still verifies
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(sha256_of(out / f["file"]) == f["sha256"] for f in manifest["files"] if (out / f["file"]).is_file())
+    _timed([*export, "--out", str(out)], env)
+    model_files = lambda d: {k: v for k, v in _digests(d).items() if k.endswith((".onnx", ".ort"))}  # noqa: E731
+    assert model_files(out) == model_files(tmp_path / "export_ref")  # manifest differs by its timings only
+    assert _leftovers(tmp_path) == []

@@ -3,13 +3,50 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from fedxr.errors import FedxrError
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def temporary_name(path: Path, kind: str = "tmp") -> str:
+    """The prefix of a temporary beside ``path`` (``.NAME.tmp-PID-``): the PID says whether its writer still runs."""
+    return f".{path.name}.{kind}-{os.getpid()}-"
+
+
+def sweep_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove what interrupted writes of ``path`` left beside it: ``.NAME.tmp-PID…`` (and ``.NAME.old-PID…``) whose
+    process is gone — a SIGKILL or a power cut gives a writer no chance to clean up, and a killed cache build
+    leaves a file as large as the cache. A temporary of a live process (this one included) is left alone."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:tmp|old)-(\d+)(?:-.*)?")
+    removed = []
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        match = pattern.fullmatch(leftover.name)
+        if not match or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+            removed.append(leftover)
+    return removed
 
 
 @contextlib.contextmanager
@@ -28,11 +65,12 @@ def atomic_dir(out: str | Path, replace: bool = False, replace_if: str | None = 
         if not (replace or ours):
             raise FedxrError(f"{out}: folder exists and is not empty; pass --force to replace it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    sweep_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_name(out), dir=out.parent))
     try:
         yield tmp
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / f"{temporary_name(out, 'old')}0"
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -54,7 +92,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     the next run after a crash or a full disk) sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    sweep_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_name(path), dir=path.parent)
     try:
         # mkstemp makes an owner-only file; give it the mode a plain write would (the old file's, else 0666 less
         # the umask), or an export folder copied to a board would hold files its runtime user cannot read.

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fedxr.data.atomic import sweep_stale_temporaries, temporary_name
 from fedxr.errors import DataError
 from fedxr.imaging import read_gray, resize_square
 
@@ -66,7 +67,8 @@ def build_cache(
     if target.is_file():
         return np.load(target, mmap_mode="r")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    sweep_stale_temporaries(target)  # a killed build's partial file is as large as the cache
+    tmp = target.with_name(f"{temporary_name(target)}0")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
     workers = max(1, min(workers or os.cpu_count() or 1, 8))
     jobs = [(str(p), size) for p in paths]

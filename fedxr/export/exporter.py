@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedxr.artifacts import MANIFEST_FILE, MANIFEST_VERSION, ExportManifest
+from fedxr.artifacts import MANIFEST_FILE, MANIFEST_VERSION, ExportManifest, ManifestError
 from fedxr.data.manifest import read_manifest
 from fedxr.errors import FedxrError
 from fedxr.edge.model import sha256_of
@@ -27,7 +28,7 @@ from fedxr.models.metrics import multilabel_scores
 from fedxr.trust.card import CARD_FILE, render, write_card
 from fedxr.trust.fit import DEFAULT_MAX_IMAGES, fit_trust, metadata_of, write_trust_files
 from fedxr.trust.ood import DEFAULT_QUANTILE, OOD_OUTPUT, ScoredNetwork
-from fedxr.data.atomic import write_json_atomic
+from fedxr.data.atomic import atomic_dir, write_json_atomic
 
 MIN_CALIBRATION = 100
 INT8_MIN_SPEEDUP, INT8_MAX_AUROC_LOSS = 1.2, 0.01
@@ -180,7 +181,43 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
     ckpt_path = Path(ckpt_path)
     model, ckpt = model_from_checkpoint(ckpt_path)
     name, prep = ckpt["model_name"], ckpt["preprocessing"]
-    out = _clean_output_folder(ckpt, name, tgt, out)
+    final = _output_folder(ckpt, name, tgt, out)
+    # All or nothing: the files are written into a folder beside it that replaces the old export only when this
+    # one is complete, so an export interrupted at any point (Ctrl-C, a kill, a full disk) leaves the previous
+    # export whole — never its manifest beside half-written files.
+    with atomic_dir(final, replace=True) as staging:
+        manifest = _export_into(staging, model, ckpt, ckpt_path, name, prep, tgt, int8, fp16, opset, data,
+                                calibration_images, parity_tolerance, operating_point, ood_quantile, trust_images,
+                                progress)
+        _keep_users_files(final, staging, name)
+    manifest["out"] = str(final)
+    return manifest
+
+
+def _keep_users_files(old: Path, new: Path, name: str) -> None:
+    """Carry into the new export folder what the old one held that no export wrote: the user's own notes, another
+    model's files. An earlier export's files (those its manifest lists, this model's ``NAME_KIND.onnx/.ort``, the
+    operators config) are not carried: another target's files or a dropped INT8 file must not be left behind."""
+    if not old.is_dir():
+        return
+    exported = {f"{name}_{kind}.{ext}" for kind in ("fp32", "int8", "fp16") for ext in ("onnx", "ort")}
+    exported.add(OPERATORS_CONFIG)
+    try:
+        exported |= {f.file for f in ExportManifest.read(old).files}
+    except (ManifestError, FileNotFoundError):
+        pass
+    for entry in old.iterdir():
+        if entry.name in exported or (new / entry.name).exists() or entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+
+
+def _export_into(out: Path, model, ckpt: dict, ckpt_path: Path, name: str, prep, tgt: Target, int8: str, fp16: bool,
+                 opset: int, data, calibration_images: int, parity_tolerance: float, operating_point: str,
+                 ood_quantile: float, trust_images: int, progress: bool) -> dict:
     images, labels = validation_images(ckpt, data, max(calibration_images, 16))
     print(f"fitting calibration, operating points ({operating_point}) and the OOD score on {sites_data(ckpt, data)}")
     try:
@@ -204,25 +241,19 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
     if tgt.usability_check:
         extra["mobile_usability"] = {f["file"]: mobile_usability(out / f["file"]) for f in job.files
                                      if f["kept"] and f["file"].endswith(".onnx")}
-    manifest = _write_manifest(job, tgt, prep.size, len(images), decision, extra)
-    manifest["out"] = str(out)
-    return manifest
+    return _write_manifest(job, tgt, prep.size, len(images), decision, extra)
 
 
-def _clean_output_folder(ckpt: dict, name: str, tgt: Target, out: str | Path | None) -> Path:
-    """The export folder (default: the run's export/ folder for this model and target), emptied of the files an
-    earlier export wrote there (another target, a dropped INT8) so that none is left behind."""
+def _output_folder(ckpt: dict, name: str, tgt: Target, out: str | Path | None) -> Path:
+    """The export folder (default: the run's export/ folder for this model and target). An earlier export there
+    is replaced whole (another target's files, a dropped INT8 file: none is left behind); a non-empty folder
+    without an export manifest is someone else's and is an error (atomic_dir)."""
     if out is None:
         layout = _run_layout(ckpt) or RunLayout(Path("model"))  # a bare checkpoint: export/model_NAME
         out = layout.export(name, student=str(ckpt.get("source", "")).startswith("distill"))
         if tgt.fixed_batch:
             out = out.with_name(f"{out.name}_{tgt.name}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in [out / f"{name}_{kind}.{ext}" for kind in ("fp32", "int8", "fp16") for ext in ("onnx", "ort")]:
-        old.unlink(missing_ok=True)
-    (out / OPERATORS_CONFIG).unlink(missing_ok=True)
-    return out
+    return Path(out)
 
 
 def _export_fp32(job: _Export, size: int, tolerance: float) -> tuple[Path, Any, float, float]:
