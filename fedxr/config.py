@@ -315,6 +315,10 @@ class Recipe(_Section):
                 and not m.strategy.startswith("ddp_find_unused_parameters"):
             problems.append(f"model.strategy: several devices per site train with DDP under torchrun; use ddp (or auto, "
                             f"or ddp_find_unused_parameters_true), not {m.strategy!r}")
+        if self.federated.fedbn and self.federated.cross_site_eval:
+            problems.append("federated.cross_site_eval: with federated.fedbn the server's models hold no trained "
+                            "BatchNorm (each site kept its own), so scoring them at every site says nothing; set "
+                            "federated.cross_site_eval: false — each site's own model is scored at its site instead")
         if self.federated.local_steps and self.federated.max_local_steps:
             problems.append("federated.max_local_steps: it caps whole local epochs; with federated.local_steps every "
                             "site already trains the same number of steps — set one of the two")

@@ -136,3 +136,22 @@ def test_a_site_keeps_the_model_its_validation_liked_best(tmp_path):
     assert keep_personal(other, net, 0, float("nan"), 10)
     assert keep_personal(other, net, 1, None, 10)
     assert torch.load(other / PERSONAL_FILE, weights_only=True)["round"] == "1"
+
+
+def test_fedbn_with_cross_site_evaluation_is_refused(tmp_path):
+    from fedxr.config import RecipeError
+
+    with pytest.raises(RecipeError, match="federated.cross_site_eval: with federated.fedbn"):
+        load_recipe(QUICKSTART, tiny_recipe_overrides(tmp_path) + ["federated.fedbn=true"])
+
+
+def test_the_final_evaluation_scores_each_sites_own_model(fedbn_run):
+    """The server's final evaluation (its last and best global models at every site) scores each site's own model:
+    the shared layers with that site's BatchNorm, not the untrained BatchNorm the server holds."""
+    recipe, summary = fedbn_run
+    final = json.loads(Path(summary.cross_site).read_text())["by_data_site"]
+    info = json.loads((recipe.layout.fedbn_sites / "sites.json").read_text())["sites"]
+    for site, scores in final.items():
+        if info[site]["round"] == "final" and info[site]["val_auroc"] is not None:
+            assert info[site]["val_auroc"] == pytest.approx(max(scores.values()))  # what it kept is what it reported
+    assert summary.checkpoints.keys() == {"global_best", "global_last"}

@@ -227,7 +227,7 @@ def test_fedbn_keeps_batchnorm_local(tmp_path):
     from fedxr.federated.job import batchnorm_exclude_pattern, build_job
     from fedxr.models.classifier import XRayClassifier
 
-    recipe = load_recipe(QUICKSTART, tiny_recipe_overrides(tmp_path) + ["federated.fedbn=true"])
+    recipe = load_recipe(QUICKSTART, tiny_recipe_overrides(tmp_path) + ["federated.fedbn=true", "federated.cross_site_eval=false"])
     pattern = re.compile(batchnorm_exclude_pattern(recipe))
     module = XRayClassifier("tiny_cnn")
     bn_keys = {f"{name}.{k}" for name, mod in module.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)
@@ -241,7 +241,7 @@ def test_fedbn_keeps_batchnorm_local(tmp_path):
     job.export(str(tmp_path / "job"))
     assert "exclude_vars" in next((tmp_path / "job").rglob("config_fed_server.json")).read_text()
     with pytest.raises(Exception, match="fedbn works with fedavg or fedprox"):
-        build_job(load_recipe(QUICKSTART, tiny_recipe_overrides(tmp_path) + ["federated.fedbn=true",
+        build_job(load_recipe(QUICKSTART, tiny_recipe_overrides(tmp_path) + ["federated.fedbn=true", "federated.cross_site_eval=false",
                                                                               "federated.algorithm=scaffold"]), tmp_path / "g", "prod")
 
 

@@ -42,16 +42,6 @@ class DistillClassifier(XRayClassifier):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
 
-    #: This site's own teacher (a FedBN teacher's site model, fedxr.federated.fedbn): it replaces the teacher
-    #: weights of every model loaded into this module, so the global teacher NVFlare sends never reaches training.
-    own_teacher: dict[str, torch.Tensor] | None = None
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if self.own_teacher is not None:
-            self.teacher.load_state_dict(self.own_teacher)
-        return result
-
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()  # frozen: BatchNorm statistics and dropout stay in inference mode

@@ -185,7 +185,7 @@ def _site_privacy(recipe, site: str, dm, module, local_steps: int | None):
     return privacy
 
 
-def _site_trainer(recipe, work: Path, ranks, local_steps: int | None, counter, logger: bool = True):
+def _site_trainer(recipe, work: Path, ranks, local_steps: int | None, counter):
     """One Trainer for every round. A round limited by steps gets an epoch limit it never reaches, not -1:
     NVFlare's Lightning patch re-reads max_steps as "steps per round" every round while max_epochs is -1, so the
     rounds doubled (32, 64, 128…)."""
@@ -196,8 +196,7 @@ def _site_trainer(recipe, work: Path, ranks, local_steps: int | None, counter, l
     per_round = ({"max_steps": local_steps, "max_epochs": UNBOUNDED_EPOCHS} if local_steps
                  else {"max_epochs": recipe.federated.local_epochs})
     return make_trainer(recipe, work, callbacks=[counter], progress=False, enable_model_summary=False,
-                        logger=[ClientLogger()] if logger else False, num_sanity_val_steps=0,
-                        **trainer_devices(recipe, ranks), **per_round)
+                        logger=[ClientLogger()], num_sanity_val_steps=0, **trainer_devices(recipe, ranks), **per_round)
 
 
 def _next_task(ranks) -> dict | None:
@@ -257,8 +256,10 @@ def main(argv=None) -> None:
     flare.patch(trainer, load_state_dict_strict=not args.keep_excluded)
     local_state = None
     if (teacher_state := _site_teacher(args.site_teachers, site)) is not None:
-        module.own_teacher = teacher_state  # DistillClassifier: every model NVFlare loads keeps this site's teacher
         module.teacher.load_state_dict(teacher_state)
+        # Every model NVFlare loads into the module keeps this site's teacher (the job sends the global one).
+        module.keep_on_load = {f"teacher.{k}": v for k, v in teacher_state.items()}
+    kept_always = module.keep_on_load
     fedbn = _fedbn(recipe)
     records = Path(args.records) / record_file(site, ranks.rank) if args.records else None
     while (task := _next_task(ranks)) is not None:
@@ -274,21 +275,17 @@ def main(argv=None) -> None:
         # augmentation do not depend on what ran before in this process.
         L.seed_everything(site_round_seed(recipe.model.seed, rank_name, rnd), workers=True, verbose=False)
         t0 = time.time()
-        own_bn = fedbn.batchnorm_of(module) if fedbn is not None else None
+        if fedbn is not None and task["evaluate"]:
+            # The final evaluation sends the whole global model, BatchNorm included (untrained): the site scores its
+            # own model — the final shared layers with its BatchNorm — and reports that.
+            module.keep_on_load = {**(kept_always or {}), **fedbn.batchnorm_of(module)}
         result = trainer.validate(module, datamodule=dm, verbose=False)
+        module.keep_on_load = kept_always
         t1 = time.time()
-        if fedbn is not None and (task["evaluate"] or rnd > 0):
+        if fedbn is not None and (task["evaluate"] or rnd > 0) and ranks.is_control:
             # From round 1 on: round 0's model is the server's starting point, with no BatchNorm of this site's.
-            personal_result = result
-            if task["evaluate"]:
-                # The final evaluation sends the whole global model, BatchNorm included (untrained): score the
-                # site's own model — the final shared layers with its BatchNorm — with a trainer NVFlare did not patch.
-                module.load_state_dict(own_bn, strict=False)
-                personal_result = _site_trainer(recipe, work, ranks, local_steps, counter, logger=False).validate(
-                    module, datamodule=dm, verbose=False)
-            if ranks.is_control:
-                fedbn.keep_personal(work, module, rnd if not task["evaluate"] else "final", _val_auroc(personal_result),
-                                    len(dm.datasets["train"]))
+            fedbn.keep_personal(work, module, rnd if not task["evaluate"] else "final", _val_auroc(result),
+                                len(dm.datasets["train"]))
         received = weights_digest(module) if records is not None else None
         if task["evaluate"]:
             continue  # the patched trainer already sent the metrics

@@ -98,6 +98,17 @@ class XRayClassifier(L.LightningModule):
         self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
         self.last_scores: dict[str, dict] = {}
 
+    #: Tensors (by state-dict name) put back after every load into this module — what a federated site keeps of its
+    #: own whatever model it receives: its own teacher while it distils from a FedBN teacher, its own BatchNorm when
+    #: it scores a FedBN federation's final model (fedxr.federated.client).
+    keep_on_load: dict[str, torch.Tensor] | None = None
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self.keep_on_load:
+            super().load_state_dict(self.keep_on_load, strict=False)
+        return result
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
