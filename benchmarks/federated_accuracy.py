@@ -58,25 +58,8 @@ def pooled_test_auroc(ckpt: str | Path, recipe) -> float | None:
     return res.macro_auroc
 
 
-def fedbn_site_models(recipe) -> list[Path]:
-    """Each site's personalised FedBN model: its weights as sent in the last round (global layers + its own BatchNorm)."""
-    import torch
-
-    from fedxr.models.checkpoint import save_checkpoint
-
-    records = recipe.layout.federate / "records"
-    last = recipe.federated.rounds - 1
-    paths = []
-    for site in site_manifest_paths(recipe.layout.sites):
-        blob = torch.load(records / f"{site}_round{last}.pt", weights_only=True)["state_dict"]
-        net = {k.removeprefix("model."): v for k, v in blob.items() if k.startswith("model.")}
-        paths.append(save_checkpoint(recipe.layout.fedbn_model(site), model_name=recipe.model.name,
-                                     state_dict=net, preprocessing=recipe.preprocessing,
-                                     thresholds=blob["thresholds"], source="federate:fedbn"))
-    return paths
-
-
 def run_method(method: str, recipe) -> dict:
+    from fedxr.federated.fedbn import site_models
     from fedxr.federated.run import federate
     from fedxr.training import train
 
@@ -94,9 +77,10 @@ def run_method(method: str, recipe) -> dict:
         algorithm = "fedavg" if method == "fedbn" else method
         r = recipe.changed(method, federated={"algorithm": algorithm, "fedbn": method == "fedbn",
                                            "cross_site_eval": False})
-        summary = federate(r, "sim", extra_args="--save-updates" if method == "fedbn" else "")
+        summary = federate(r, "sim")
         if method == "fedbn":
-            scores = [pooled_test_auroc(p, r) for p in fedbn_site_models(r)]
+            # each site's own model, as fedxr gathers it (the model its own validation scored best)
+            scores = [pooled_test_auroc(p, r) for p in site_models(summary.checkpoint).values()]
         else:
             scores = [pooled_test_auroc(summary.checkpoint, r)]
     valid = [s for s in scores if s is not None]

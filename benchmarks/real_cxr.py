@@ -94,7 +94,7 @@ def trains_alike(written: Path, recipe) -> bool:
     import yaml
 
     old, new = yaml.safe_load(written.read_text()), yaml.safe_load(recipe.to_yaml())
-    return all(old.get(k) == new.get(k) for k in ("data", "model"))
+    return all(old.get(k) == new.get(k) for k in ("data", "model", "privacy"))
 
 
 def paired(a: np.ndarray, b: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict | None:
@@ -218,7 +218,9 @@ def main() -> None:
         if not init.layout.sites.exists():
             shutil.copytree(layout.sites, init.layout.sites)  # the same sites and splits
         t = time.perf_counter()
-        models["federated teacher from phantom"] = federate(init, env="sim").checkpoint
+        from_phantom = federate(init, env="sim").checkpoint
+        own_phantom = site_models(from_phantom)  # FedBN: scored as the teacher from scratch is, each site its own
+        models["federated teacher from phantom"] = {**own_phantom, "*": from_phantom} if own_phantom else from_phantom
         seconds["federated from phantom"] = round(time.perf_counter() - t, 1)
     scored = evaluate_sites(models, layout.sites, out=layout.root / "benchmark_real", cache_dir=recipe.data.cache_dir,
                             progress=False, keep_predictions=True)
@@ -279,6 +281,9 @@ def plot(per_site: dict, path: Path) -> None:
     from fedxr.plots import saved_figure
 
     names = ["federated teacher", "local", "central (pooled)", "student (KD)", "student (no teacher)"]
+    pooled_bn = "federated teacher (global, pooled BatchNorm)"
+    if any(pooled_bn in r.get("models", {}) for r in per_site.values()):
+        names.insert(1, pooled_bn)
     sites = [s for s, r in per_site.items() if "skipped" not in r and _macro(r["models"]["federated teacher"]) is not None]
     with saved_figure(path, dpi=90, figsize=(2.2 + 2.2 * max(1, len(sites)), 4)) as (fig, ax):
         width = 0.8 / len(names)

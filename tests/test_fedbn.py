@@ -155,3 +155,39 @@ def test_the_final_evaluation_scores_each_sites_own_model(fedbn_run):
         if info[site]["round"] == "final" and info[site]["val_auroc"] is not None:
             assert info[site]["val_auroc"] == pytest.approx(max(scores.values()))  # what it kept is what it reported
     assert summary.checkpoints.keys() == {"global_best", "global_last"}
+
+
+def test_a_module_keeps_what_it_must_whatever_model_is_loaded_into_it():
+    from fedxr.models.classifier import XRayClassifier
+
+    module, other = XRayClassifier("tiny_cnn"), XRayClassifier("tiny_cnn")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1)
+    own = {f"model.{BN_WEIGHT}": torch.full_like(module.model.features[1].weight, 5.0)}
+    module.keep_on_load = own
+    module.load_state_dict(other.state_dict(), strict=False)  # as NVFlare's callback loads a received model
+    assert torch.equal(module.state_dict()[f"model.{BN_WEIGHT}"], own[f"model.{BN_WEIGHT}"])
+    assert torch.equal(module.state_dict()["model.head.weight"], other.state_dict()["model.head.weight"])
+    module.keep_on_load = None
+    module.load_state_dict(other.state_dict())
+    assert torch.equal(module.state_dict()[f"model.{BN_WEIGHT}"], other.state_dict()[f"model.{BN_WEIGHT}"])
+
+
+def test_a_global_model_with_untrained_batchnorm_is_refused(tmp_path):
+    """Production FedBN: the sites' models stay at the sites, so the global checkpoints say their BatchNorm is
+    untrained, and evaluating, exporting or distilling from them is an error saying what to use instead."""
+    from fedxr.distill.run import check_teacher
+    from fedxr.errors import FedxrError
+    from fedxr.federated.fedbn import mark_untrained
+    from fedxr.models.checkpoint import model_from_checkpoint, save_checkpoint
+    from fedxr.models.registry import build_model
+    from fedxr.preprocessing import Preprocessing
+
+    path = save_checkpoint(tmp_path / "global_last.ckpt", model_name="tiny_cnn", state_dict=build_model("tiny_cnn").state_dict(),
+                           preprocessing=Preprocessing(32), thresholds=[0.5] * 14, source="federate")
+    model_from_checkpoint(path)  # an ordinary checkpoint loads
+    mark_untrained({"global_last": str(path)})
+    for use in (model_from_checkpoint, check_teacher):
+        with pytest.raises(FedxrError, match="global_last.ckpt: a FedBN federation's global model.*personal.pt"):
+            use(path)

@@ -158,11 +158,16 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
 
 
-def _kill_at(cmd: list[str], seconds: float, env: dict) -> bool:
-    """Start ``cmd`` in its own session and SIGKILL it and its children after ``seconds``; whether it was still
-    running (False: it had finished)."""
+def _kill_at(cmd: list[str], seconds: float, env: dict, started=None) -> bool:
+    """Start ``cmd`` in its own session and SIGKILL it and its children ``seconds`` after ``started()`` first holds
+    (at once: after the start), so the kill lands inside the work, not in the interpreter's start-up; whether it was
+    still running (False: it had finished)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        for _ in range(1200):  # bounded: 2 min for the work to begin
+            if started is None or started() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
         proc.wait(timeout=seconds)
         return False
     except subprocess.TimeoutExpired:
@@ -215,11 +220,19 @@ def test_phantom_cache_and_export_killed_at_random_points_rerun_to_the_uninterru
     images = sorted(str(p) for p in (killed / "phantom" / "images").glob("*.png"))
     build = [sys.executable, "-c", "import sys; from fedxr.data.cache import build_cache; "
              "build_cache(sys.argv[3:], int(sys.argv[1]), sys.argv[2], workers=1, progress=False)"]
+    images = images * 4  # a build of a few seconds
     full = _timed([*build, "128", str(tmp_path / "cache_ref"), *images], env)
+    target = cache_path(images, 128, tmp_path / "cache")
+    building = lambda: target.parent.is_dir() and bool(_leftovers(target.parent))  # noqa: E731
+    reference_cache = _digests(tmp_path / "cache_ref")
+    left = []
     for _ in range(2):
-        assert _kill_at([*build, "128", str(tmp_path / "cache"), *images], rng.uniform(0.4, 0.9) * full, env)
-        target = cache_path(images, 128, tmp_path / "cache")
-        assert not target.exists()  # the cache file appears by a rename only when complete
+        target.unlink(missing_ok=True)  # (a kill that came just after the rename left a whole cache: build again)
+        _kill_at([*build, "128", str(tmp_path / "cache"), *images], rng.uniform(0.0, 0.3) * full, env, building)
+        # the cache file appears by a rename only when complete: absent, or whole
+        assert not target.exists() or _digests(target.parent) == reference_cache
+        left += _leftovers(target.parent)
+    assert left, "no kill landed inside the build (nothing for the sweep to do)"
     _timed([*build, "128", str(tmp_path / "cache"), *images], env)
     assert _digests(tmp_path / "cache") == _digests(tmp_path / "cache_ref")
     assert _leftovers(target.parent) == []  # the killed builds' partial files (as large as the cache) are gone
@@ -239,11 +252,38 @@ def test_phantom_cache_and_export_killed_at_random_points_rerun_to_the_uninterru
     full = _timed([*export, "--out", str(tmp_path / "export_ref")], env)
     _timed([*export, "--out", str(out), "--int8", "off"], env)  # the earlier export, without INT8
     earlier = _digests(out)
-    assert _kill_at([*export, "--out", str(out)], rng.uniform(0.5, 0.9) * full, env)
+    exporting = lambda: bool(_leftovers(tmp_path))  # noqa: E731  (its staging folder beside the old export)
+    assert _kill_at([*export, "--out", str(out)], rng.uniform(0.0, 0.3) * full, env, exporting)
     assert _digests(out) == earlier  # whole, and still verifies
+    assert _leftovers(tmp_path), "the kill did not land inside the export (no staging folder left)"
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(sha256_of(out / f["file"]) == f["sha256"] for f in manifest["files"] if (out / f["file"]).is_file())
     _timed([*export, "--out", str(out)], env)
     model_files = lambda d: {k: v for k, v in _digests(d).items() if k.endswith((".onnx", ".ort"))}  # noqa: E731
     assert model_files(out) == model_files(tmp_path / "export_ref")  # manifest differs by its timings only
     assert _leftovers(tmp_path) == []
+
+
+def test_the_sweep_removes_only_dead_writers_temporaries_of_this_machine_and_puts_back_a_half_swapped_folder(tmp_path):
+    from fedxr.data.atomic import _host, sweep_stale_temporaries
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    target = tmp_path / "cache.npy"
+    dead = tmp_path / f".cache.npy.tmp-{gone.pid}@{_host()}-0"
+    live = tmp_path / f".cache.npy.tmp-{os.getppid()}@{_host()}-0"
+    elsewhere = tmp_path / f".cache.npy.tmp-{gone.pid}@anothermachine-0"
+    other_file = tmp_path / f".other.npy.tmp-{gone.pid}@{_host()}-0"
+    for p in (dead, live, elsewhere, other_file):
+        p.write_bytes(b"partial")
+    assert sweep_stale_temporaries(target) == [dead]
+    assert live.exists() and elsewhere.exists() and other_file.exists()
+    # A folder swap killed between its two renames: the folder is missing, the previous one is ".old": put back.
+    export = tmp_path / "export"
+    old = tmp_path / f".export.old-{gone.pid}@{_host()}-0"
+    old.mkdir()
+    (old / "manifest.json").write_text("{}")
+    staging = tmp_path / f".export.tmp-{gone.pid}@{_host()}-abc"
+    staging.mkdir()
+    sweep_stale_temporaries(export)
+    assert (export / "manifest.json").read_text() == "{}" and not old.exists() and not staging.exists()

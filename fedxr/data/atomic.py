@@ -24,23 +24,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    """This machine's name as it may appear in a file name: a PID says nothing about another machine's processes
+    (a shared NFS folder, a volume two containers mount)."""
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
 def temporary_name(path: Path, kind: str = "tmp") -> str:
-    """The prefix of a temporary beside ``path`` (``.NAME.tmp-PID-``): the PID says whether its writer still runs."""
-    return f".{path.name}.{kind}-{os.getpid()}-"
+    """The prefix of a temporary beside ``path`` (``.NAME.tmp-PID@HOST-``): whether its writer still runs can be
+    told (on this machine) from its name."""
+    return f".{path.name}.{kind}-{os.getpid()}@{_host()}-"
 
 
 def sweep_stale_temporaries(path: str | Path) -> list[Path]:
-    """Remove what interrupted writes of ``path`` left beside it: ``.NAME.tmp-PID…`` (and ``.NAME.old-PID…``) whose
-    process is gone — a SIGKILL or a power cut gives a writer no chance to clean up, and a killed cache build
-    leaves a file as large as the cache. A temporary of a live process (this one included) is left alone."""
+    """Clear up after interrupted writes of ``path``: ``.NAME.tmp-PID@HOST…`` (and ``.NAME.old-PID@HOST…``) of this
+    machine whose process is gone — a SIGKILL or a power cut gives a writer no chance to clean up, and a killed
+    cache build leaves a file as large as the cache. A temporary of a live process (this one included) or of another
+    machine is left alone. A folder swap killed between its two renames (:func:`atomic_dir`) left ``path`` missing
+    and the previous folder as ``.old``: that is put back, not removed."""
     path = Path(path)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:tmp|old)-(\d+)(?:-.*)?")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-(\d+)@([A-Za-z0-9]+)-.*")
     removed = []
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+    for leftover in sorted(path.parent.glob(f".{glob.escape(path.name)}.*")):
         match = pattern.fullmatch(leftover.name)
-        if not match or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+        if not match or match.group(3) != _host():
+            continue
+        pid = int(match.group(2))
+        if pid == os.getpid() or (pid < 2**31 and _alive(pid)):
             continue
         with contextlib.suppress(OSError):
+            if match.group(1) == "old" and not path.exists():
+                os.replace(leftover, path)  # the previous version, whole: the swap that replaced it never finished
+                continue
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover)
             else:
@@ -58,6 +75,7 @@ def atomic_dir(out: str | Path, replace: bool = False, replace_if: str | None = 
     before anything is written, so nothing of the user's is lost.
     """
     out = Path(out)
+    sweep_stale_temporaries(out)  # first: a swap killed half-way put back before ``out`` is looked at
     if out.exists() and not out.is_dir():
         raise FedxrError(f"{out}: exists and is not a folder; choose another output path")
     if out.is_dir() and any(out.iterdir()):
@@ -65,8 +83,10 @@ def atomic_dir(out: str | Path, replace: bool = False, replace_if: str | None = 
         if not (replace or ours):
             raise FedxrError(f"{out}: folder exists and is not empty; pass --force to replace it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=temporary_name(out), dir=out.parent))
+    # mkdtemp makes an owner-only folder; give it the old folder's mode, else a plain mkdir's (an export copied to a
+    # board must stay readable by its runtime user).
+    os.chmod(tmp, out.stat().st_mode & 0o777 if out.is_dir() else 0o777 & ~_umask())
     try:
         yield tmp
         if out.exists():

@@ -26,7 +26,7 @@ from fedxr.config import Recipe
 from fedxr.energy import tracked
 from fedxr.errors import FedxrError
 from fedxr.layout import RunLayout, chosen_checkpoint
-from fedxr.models.checkpoint import load_checkpoint
+from fedxr.models.checkpoint import load_checkpoint, require_trained_batchnorm
 from fedxr.models.registry import UnknownModelError, get_spec
 from fedxr.results import DistillResult, StudentResult
 from fedxr.data.atomic import write_json_atomic
@@ -43,6 +43,7 @@ def check_teacher(path: str | Path | None) -> dict:
     if not path:
         raise FedxrError("no teacher checkpoint: run `fedxr federate RECIPE` first or pass --teacher CKPT")
     ckpt = load_checkpoint(path)  # missing file, unreadable file and a foreign label set are errors here
+    require_trained_batchnorm(ckpt, path)
     try:
         get_spec(ckpt["model_name"])
     except UnknownModelError as exc:

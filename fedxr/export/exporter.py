@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import time
@@ -195,9 +196,11 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, int8
 
 
 def _keep_users_files(old: Path, new: Path, name: str) -> None:
-    """Carry into the new export folder what the old one held that no export wrote: the user's own notes, another
-    model's files. An earlier export's files (those its manifest lists, this model's ``NAME_KIND.onnx/.ort``, the
-    operators config) are not carried: another target's files or a dropped INT8 file must not be left behind."""
+    """Carry into the new export folder everything the old one held that no export wrote — the user's own notes,
+    another model's files, hidden files and folders — as hard links where the file system allows (no copy of a large
+    folder; the old folder is removed after the swap). An earlier export's files (those its manifest lists, this
+    model's ``NAME_KIND.onnx/.ort``, the operators config) are not carried: another target's files or a dropped INT8
+    file must not be left behind."""
     if not old.is_dir():
         return
     exported = {f"{name}_{kind}.{ext}" for kind in ("fp32", "int8", "fp16") for ext in ("onnx", "ort")}
@@ -206,13 +209,20 @@ def _keep_users_files(old: Path, new: Path, name: str) -> None:
         exported |= {f.file for f in ExportManifest.read(old).files}
     except (ManifestError, FileNotFoundError):
         pass
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:  # another file system, or one without hard links
+            shutil.copy2(src, dst, follow_symlinks=False)
+
     for entry in old.iterdir():
-        if entry.name in exported or (new / entry.name).exists() or entry.name.startswith("."):
+        if entry.name in exported or (new / entry.name).exists() or ".tmp-" in entry.name:
             continue
         if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, symlinks=True)
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=link)
         else:
-            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+            link(str(entry), str(new / entry.name))
 
 
 def _export_into(out: Path, model, ckpt: dict, ckpt_path: Path, name: str, prep, tgt: Target, int8: str, fp16: bool,
@@ -246,8 +256,8 @@ def _export_into(out: Path, model, ckpt: dict, ckpt_path: Path, name: str, prep,
 
 def _output_folder(ckpt: dict, name: str, tgt: Target, out: str | Path | None) -> Path:
     """The export folder (default: the run's export/ folder for this model and target). An earlier export there
-    is replaced whole (another target's files, a dropped INT8 file: none is left behind); a non-empty folder
-    without an export manifest is someone else's and is an error (atomic_dir)."""
+    is replaced whole (another target's files, a dropped INT8 file: none is left behind); everything else in the
+    folder is kept (:func:`_keep_users_files`)."""
     if out is None:
         layout = _run_layout(ckpt) or RunLayout(Path("model"))  # a bare checkpoint: export/model_NAME
         out = layout.export(name, student=str(ckpt.get("source", "")).startswith("distill"))

@@ -136,6 +136,19 @@ def gather(recipe, records: Path, global_checkpoints: dict[str, str]) -> dict:
     return summary
 
 
+def mark_untrained(global_checkpoints: dict[str, str]) -> None:
+    """Say in the global checkpoints that their BatchNorm is untrained, so no later stage uses them as a model."""
+    from fedxr.models.checkpoint import UNTRAINED_BATCHNORM, load_checkpoint, save_checkpoint
+
+    for path in global_checkpoints.values():
+        ckpt = load_checkpoint(path)
+        extra: dict[str, Any] = {k: ckpt[k] for k in ("nvflare_meta", "norm") if k in ckpt}
+        extra["fedbn"] = {"batchnorm": UNTRAINED_BATCHNORM, "site_models": {}}
+        save_checkpoint(path, model_name=ckpt["model_name"], state_dict=ckpt["state_dict"],
+                        preprocessing=ckpt["preprocessing"], thresholds=ckpt["thresholds"], metrics=ckpt.get("metrics"),
+                        recipe=ckpt.get("recipe"), source=ckpt.get("source", "federate"), extra=extra)
+
+
 def site_models(checkpoint: str | Path) -> dict[str, Path]:
     """A FedBN global checkpoint's per-site models that exist beside it (``{}`` for any other checkpoint)."""
     from fedxr.models.checkpoint import load_checkpoint

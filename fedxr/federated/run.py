@@ -278,6 +278,8 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     summary = outputs.collect(recipe, server_dir, folder, collected, workspace, source=source, env=env)
     if recipe.federated.fedbn:
         _fedbn_outputs(recipe, collected, summary)
+    elif stage == "federate":
+        shutil.rmtree(recipe.layout.fedbn_sites, ignore_errors=True)  # an earlier FedBN teacher's site models
     summary = replace(summary, wall_s=round(time.perf_counter() - t0, 1))
     write_json_atomic(folder / FederateSummary.FILE, summary.to_json())
     return summary
@@ -293,6 +295,7 @@ def _fedbn_outputs(recipe: Recipe, records: Path | None, summary: FederateSummar
         print(f"FedBN: each site's own model (best on its own validation) in {recipe.layout.fedbn_sites}; the global "
               "checkpoints carry BatchNorm pooled from them", flush=True)
     else:
+        fedbn.mark_untrained(summary.checkpoints)
         print("FedBN: the global model holds untrained BatchNorm (each site kept its own): score and deploy each "
               f"site's model, kept at the site as {fedbn.PERSONAL_FILE} in its run folder", flush=True)
 

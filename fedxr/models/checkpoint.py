@@ -120,11 +120,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+#: ``fedbn.batchnorm`` of a FedBN global checkpoint whose BatchNorm no site trained (production: the sites' own
+#: models stay at the sites, fedxr.federated.fedbn).
+UNTRAINED_BATCHNORM = "untrained"
+
+
+def require_trained_batchnorm(ckpt: dict, path: str | Path) -> None:
+    """Refuse a FedBN global checkpoint whose BatchNorm no site trained: it would predict garbage."""
+    if (ckpt.get("fedbn") or {}).get("batchnorm") == UNTRAINED_BATCHNORM:
+        raise FedxrError(f"{path}: a FedBN federation's global model, whose BatchNorm stayed at the sites (production): "
+                         "it is no model on its own. Use a site's own model (personal.pt in that site's run folder), or "
+                         "run the federation in simulation or POC, where fedxr gathers them")
+
+
 def model_from_checkpoint(path_or_ckpt: str | Path | dict) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network from a checkpoint; returns (model in eval mode, checkpoint dict)."""
     from fedxr.models.registry import build_model
 
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
+    require_trained_batchnorm(ckpt, "the checkpoint" if isinstance(path_or_ckpt, dict) else path_or_ckpt)
     model = build_model(ckpt["model_name"], norm=ckpt.get("norm", "batch"))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
