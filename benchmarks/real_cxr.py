@@ -191,8 +191,10 @@ def main() -> None:
     models: dict[str, SiteModels] = {"federated teacher": {**own, "*": teacher} if own else teacher}
     if own:
         models["federated teacher (global, pooled BatchNorm)"] = teacher
-    models["student (KD)"] = str(chosen_checkpoint(layout.stage(RunLayout.student_stage(student))))
-    models["student (no teacher)"] = str(chosen_checkpoint(layout.stage(RunLayout.student_stage(student, False))))
+    for name, with_teacher in (("student (KD)", True), ("student (no teacher)", False)):
+        ckpt = str(chosen_checkpoint(layout.stage(RunLayout.student_stage(student, with_teacher))))
+        own_student = site_models(ckpt)
+        models[name] = {**own_student, "*": ckpt} if own_student else ckpt
     seconds = {}
     from fedxr.data.manifest import site_manifest_paths
 

@@ -112,14 +112,14 @@ class RunLayout:
         """A centralised or single-site baseline: ``central`` or ``local_SITE``."""
         return self.root / f"{self._TRAIN}{tag}"
 
-    @property
-    def fedbn_sites(self) -> Path:
-        """Each site's own model of a FedBN federation (fedxr.federated.fedbn)."""
-        return self.root / "fedbn_sites"
+    def fedbn_sites(self, stage: str = "federate") -> Path:
+        """Each site's own model of a FedBN federation (fedxr.federated.fedbn): the teacher's, or a student's
+        (``stage`` as for :meth:`stage`)."""
+        return self.stage(stage) / "fedbn_sites"
 
-    def fedbn_model(self, site: str) -> Path:
+    def fedbn_model(self, site: str, stage: str = "federate") -> Path:
         """A site's personalised FedBN model (global layers + its own BatchNorm), where one was saved."""
-        return self.fedbn_sites / f"{site}.ckpt"
+        return self.fedbn_sites(stage) / f"{site}.ckpt"
 
     def baselines(self) -> dict[str, Path]:
         """The finished baselines of this run: {tag: folder holding summary.json}."""

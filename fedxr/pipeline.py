@@ -146,13 +146,16 @@ def _evaluate_sites(ctx: Context) -> str:
     from fedxr.evaluation import SiteModels, evaluate_sites, format_sites
     from fedxr.federated.fedbn import site_models
 
-    # A FedBN teacher is scored at each site with that site's own model (the global one has pooled BatchNorm).
-    own = site_models(ctx.teacher)
-    models: dict[str, SiteModels] = {"teacher": {**own, "*": ctx.teacher} if own else ctx.teacher}
+    # FedBN: a model is scored at each site with that site's own model (the global one has pooled BatchNorm).
+    def per_site(checkpoint: str) -> SiteModels:
+        own = site_models(checkpoint)
+        return {**own, "*": checkpoint} if own else checkpoint
+
+    models: dict[str, SiteModels] = {"teacher": per_site(ctx.teacher)}
     for name, s in ctx.results.students.items():
-        models[f"student {name}"] = s.kd
+        models[f"student {name}"] = per_site(s.kd)
         if s.no_kd:
-            models[f"student {name} (no teacher)"] = s.no_kd
+            models[f"student {name} (no teacher)"] = per_site(s.no_kd)
     result = evaluate_sites(models, ctx.layout.sites, out=ctx.layout.evaluate, cache_dir=ctx.recipe.data.cache_dir,
                             progress=ctx.progress)
     print(format_sites(result))

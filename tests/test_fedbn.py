@@ -61,7 +61,7 @@ def test_each_site_has_its_own_model_and_the_global_one_pooled_batchnorm(fedbn_r
     own = site_models(summary.checkpoint)
     assert set(own) == {"site-1", "site-2"}
     sites = {s: load_checkpoint(p) for s, p in own.items()}
-    info = json.loads((recipe.layout.fedbn_sites / "sites.json").read_text())["sites"]
+    info = json.loads((recipe.layout.fedbn_sites() / "sites.json").read_text())["sites"]
     for site, ckpt in sites.items():
         assert ckpt["source"] == "federate:fedbn" and ckpt["fedbn"]["site"] == site
         # kept where the site's own validation was best (or the last model, where it could not be scored); round 0's
@@ -119,6 +119,12 @@ def test_each_site_distils_from_its_own_teacher(fedbn_run):
     used = {r["site"]: r["teacher_digest"] for r in records}
     assert used == own  # not the global teacher with pooled BatchNorm, and not one site's for both
     assert own["site-1"] != own["site-2"]
+    # FedBN carries over to the student: each site keeps its own student beside the student's global checkpoints.
+    students = site_models(recipe.layout.stage("distill/tiny_cnn") / "global_last.ckpt")
+    assert set(students) == {"site-1", "site-2"}
+    student = load_checkpoint(students["site-1"])
+    assert not any(k.startswith("teacher.") for k in student["state_dict"])  # the student alone
+    assert not torch.equal(student["state_dict"][BN_MEAN], load_checkpoint(students["site-2"])["state_dict"][BN_MEAN])
 
 
 def test_a_site_keeps_the_model_its_validation_liked_best(tmp_path):
@@ -150,7 +156,7 @@ def test_the_final_evaluation_scores_each_sites_own_model(fedbn_run):
     the shared layers with that site's BatchNorm, not the untrained BatchNorm the server holds."""
     recipe, summary = fedbn_run
     final = json.loads(Path(summary.cross_site).read_text())["by_data_site"]
-    info = json.loads((recipe.layout.fedbn_sites / "sites.json").read_text())["sites"]
+    info = json.loads((recipe.layout.fedbn_sites() / "sites.json").read_text())["sites"]
     for site, scores in final.items():
         if info[site]["round"] == "final" and info[site]["val_auroc"] is not None:
             assert info[site]["val_auroc"] == pytest.approx(max(scores.values()))  # what it kept is what it reported

@@ -62,7 +62,8 @@ def default_teacher(recipe: Recipe) -> Path:
 
 def student_recipe(recipe: Recipe, student: str) -> Recipe:
     """The recipe a student trains with: the student model, the distill section's rounds and epochs,
-    plain FedAvg (the students are averaged), final global evaluation instead of cross-site."""
+    FedAvg (the students are averaged; with the teacher's ``federated.fedbn`` each site keeps its student's BatchNorm
+    too), final global evaluation instead of cross-site."""
     d = recipe.distill
     return recipe.changed(
         f"student {student}",
@@ -72,8 +73,8 @@ def student_recipe(recipe: Recipe, student: str) -> Recipe:
         model={"name": student, "mixup": d.mixup, "lr": d.lr or recipe.model.lr, "init_from": None,
                "trainable": "all", "norm": "auto"},
         data={"image_size": d.image_size or recipe.data.image_size},
-        federated={"rounds": d.rounds, "local_epochs": d.local_epochs, "algorithm": "fedavg", "fedbn": False,
-                   "cross_site_eval": False})
+        # FedBN carries over: with one teacher per site, each site's student keeps its BatchNorm too.
+        federated={"rounds": d.rounds, "local_epochs": d.local_epochs, "algorithm": "fedavg", "cross_site_eval": False})
 
 
 def distill_arguments(recipe: Recipe, teacher: dict) -> dict:

@@ -92,9 +92,9 @@ def _pooled(states: list[dict[str, torch.Tensor]], weights: list[float], keys: l
     return out
 
 
-def gather(recipe, records: Path, global_checkpoints: dict[str, str]) -> dict:
-    """Sites' personalised models → ``RUN/fedbn_sites/SITE.ckpt``; the global checkpoints get pooled
-    BatchNorm. Returns what was written (also ``fedbn_sites/sites.json``); empty when no site kept a model."""
+def gather(recipe, records: Path, global_checkpoints: dict[str, str], folder: Path) -> dict:
+    """Sites' personalised models → ``folder/SITE.ckpt`` (the stage's ``fedbn_sites``); the global checkpoints get
+    pooled BatchNorm. Returns what was written (also ``folder/sites.json``); empty when no site kept a model."""
     from fedxr.federated.job import batchnorm_exclude_pattern
     from fedxr.models.checkpoint import load_checkpoint, save_checkpoint
 
@@ -102,7 +102,6 @@ def gather(recipe, records: Path, global_checkpoints: dict[str, str]) -> dict:
     if not personal:
         return {}
     pattern = batchnorm_exclude_pattern(recipe)
-    folder = recipe.layout.fedbn_sites
     shutil.rmtree(folder, ignore_errors=True)  # a previous run's sites must not linger
     sites: dict[str, dict] = {}
     states: list[dict[str, torch.Tensor]] = []
@@ -111,7 +110,7 @@ def gather(recipe, records: Path, global_checkpoints: dict[str, str]) -> dict:
         kept = torch.load(path, map_location="cpu", weights_only=True)
         module_state = kept["state_dict"]
         net = {k.removeprefix("model."): v for k, v in module_state.items() if k.startswith("model.")}
-        dst = save_checkpoint(recipe.layout.fedbn_model(site), model_name=recipe.model.name, state_dict=net,
+        dst = save_checkpoint(folder / f"{site}.ckpt", model_name=recipe.model.name, state_dict=net,
                               preprocessing=recipe.preprocessing, thresholds=module_state["thresholds"],
                               recipe=recipe.resolved(), source=SITE_SOURCE,
                               extra={"fedbn": {"site": site, "round": kept["round"], "val_auroc": kept["val_auroc"]}})
@@ -126,7 +125,7 @@ def gather(recipe, records: Path, global_checkpoints: dict[str, str]) -> dict:
         state = {**ckpt["state_dict"], **pooled}
         extra: dict[str, Any] = {k: ckpt[k] for k in ("nvflare_meta", "norm") if k in ckpt}
         extra["fedbn"] = {"batchnorm": f"pooled from {len(sites)} sites' own BatchNorm, weighted by training "
-                                       "images: not any site's model; each site's is under fedbn_sites/",
+                                       f"images: not any site's model; each site's is under {folder.name}/ beside it",
                           "site_models": {s: Path(v["checkpoint"]).name for s, v in sites.items()}}
         save_checkpoint(global_path, model_name=ckpt["model_name"], state_dict=state, preprocessing=ckpt["preprocessing"],
                         thresholds=ckpt["thresholds"], metrics=ckpt.get("metrics"), recipe=ckpt.get("recipe"),
@@ -156,8 +155,9 @@ def site_models(checkpoint: str | Path) -> dict[str, Path]:
     info = (load_checkpoint(checkpoint).get("fedbn") or {}).get("site_models")
     if not info:
         return {}
-    from fedxr.layout import RunLayout
-
-    folder = RunLayout(Path(checkpoint).resolve().parent.parent).fedbn_sites
+    folder = Path(checkpoint).resolve().parent / SITES_FOLDER
     return {site: folder / name for site, name in info.items() if (folder / name).is_file()}
 
+
+#: The folder, beside a FedBN stage's global checkpoints, of each site's own model (RunLayout.fedbn_sites).
+SITES_FOLDER = "fedbn_sites"

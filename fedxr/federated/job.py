@@ -143,7 +143,7 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
     if fed.fedbn and fed.algorithm not in ("fedavg", "fedprox"):
         raise FedxrError(f"federated.fedbn works with fedavg or fedprox, not {fed.algorithm}")
     selection = dict(key_metric=KEY_METRIC, key_metric_mode="max")
-    exclude = batchnorm_exclude_pattern(recipe) if fed.fedbn else exclude_vars
+    exclude = "|".join(f"(?:{p})" for p in (batchnorm_exclude_pattern(recipe) if fed.fedbn else None, exclude_vars) if p)
     if exclude:
         # The global model then lacks the excluded tensors after round 0: sites load it non-strictly
         # and keep their own copies of those tensors.

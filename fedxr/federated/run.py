@@ -277,22 +277,22 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
         _check_sites_trained(collected, recipe, workspace)
     summary = outputs.collect(recipe, server_dir, folder, collected, workspace, source=source, env=env)
     if recipe.federated.fedbn:
-        _fedbn_outputs(recipe, collected, summary)
-    elif stage == "federate":
-        shutil.rmtree(recipe.layout.fedbn_sites, ignore_errors=True)  # an earlier FedBN teacher's site models
+        _fedbn_outputs(recipe, collected, summary, recipe.layout.fedbn_sites(stage))
+    else:
+        shutil.rmtree(recipe.layout.fedbn_sites(stage), ignore_errors=True)  # an earlier FedBN run's site models
     summary = replace(summary, wall_s=round(time.perf_counter() - t0, 1))
     write_json_atomic(folder / FederateSummary.FILE, summary.to_json())
     return summary
 
 
-def _fedbn_outputs(recipe: Recipe, records: Path | None, summary: FederateSummary) -> None:
+def _fedbn_outputs(recipe: Recipe, records: Path | None, summary: FederateSummary, folder: Path) -> None:
     """FedBN: the sites' own models beside the run, and pooled BatchNorm in the global checkpoints — or, in
     production (the site models stay at the sites), a warning that the global model has no BatchNorm of its own."""
     from fedxr.federated import fedbn
 
-    gathered = fedbn.gather(recipe, records, summary.checkpoints) if records else {}
+    gathered = fedbn.gather(recipe, records, summary.checkpoints, folder) if records else {}
     if gathered:
-        print(f"FedBN: each site's own model (best on its own validation) in {recipe.layout.fedbn_sites}; the global "
+        print(f"FedBN: each site's own model (best on its own validation) in {folder}; the global "
               "checkpoints carry BatchNorm pooled from them", flush=True)
     else:
         fedbn.mark_untrained(summary.checkpoints)
