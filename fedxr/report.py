@@ -389,7 +389,8 @@ def write_report(recipe: Recipe, results: RunResults) -> Path:
     layout = recipe.layout
     out = [f"# fedxr run report: {recipe.output.name}", "",
            f"Written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Teacher `{recipe.model.name}`, "
-           f"{recipe.federated.algorithm} × {recipe.federated.rounds} rounds in `{recipe.federated.env}`; students "
+           f"{recipe.federated.algorithm}{' + FedBN (one model per site)' if recipe.federated.fedbn else ''} × "
+           f"{recipe.federated.rounds} rounds in `{recipe.federated.env}`; students "
            f"{', '.join(f'`{s}`' for s in recipe.distill.students) or 'none'}.", ""]
     from fedxr.data.provenance import describe, trained_on
 
