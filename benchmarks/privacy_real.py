@@ -77,7 +77,9 @@ def recipes(args, work: Path):
     common = [f"data.image_size={args.image_size}", "data.boxes_file=null", f"output.runs_dir={work / 'runs'}",
               "distill.students=[]", "explain.enabled=false", "federated.cross_site_eval=false",
               # DP plans its budget in logical batches; the real recipe's step cap is for its plain FedAvg run
-              "federated.max_local_steps=null"]
+              "federated.max_local_steps=null",
+              # DP's GroupNorm has no BatchNorm to keep at the sites (and DP refuses FedBN); measured without it
+              "federated.fedbn=false"]
     if args.smoke:
         common += ["data.batch_size=16", "data.num_workers=0", "model.name=tiny_cnn", f"data.cache_dir={work / 'cache'}"]
     public = load_recipe(args.recipe, [*common, f"data.root={public_root}", "data.sites=1", "federated.min_clients=1", "model.norm=group",
