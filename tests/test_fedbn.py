@@ -10,7 +10,7 @@ import torch
 
 from fedxr.config import load_recipe
 from fedxr.data.prepare import ensure_dataset, ensure_sites
-from fedxr.federated.fedbn import PERSONAL_FILE, keep_personal, site_models
+from fedxr.federated.fedbn import PERSONAL_FILE, SUMMARY_FILE, keep_personal, site_models
 from fedxr.federated.run import federate
 from fedxr.models.checkpoint import load_checkpoint
 from fedxr.records import read_records
@@ -61,7 +61,7 @@ def test_each_site_has_its_own_model_and_the_global_one_pooled_batchnorm(fedbn_r
     own = site_models(summary.checkpoint)
     assert set(own) == {"site-1", "site-2"}
     sites = {s: load_checkpoint(p) for s, p in own.items()}
-    info = json.loads((recipe.layout.fedbn_sites() / "sites.json").read_text())["sites"]
+    info = json.loads((recipe.layout.fedbn_sites() / SUMMARY_FILE).read_text())["sites"]
     for site, ckpt in sites.items():
         assert ckpt["source"] == "federate:fedbn" and ckpt["fedbn"]["site"] == site
         # kept where the site's own validation was best (or the last model, where it could not be scored); round 0's
@@ -156,7 +156,7 @@ def test_the_final_evaluation_scores_each_sites_own_model(fedbn_run):
     the shared layers with that site's BatchNorm, not the untrained BatchNorm the server holds."""
     recipe, summary = fedbn_run
     final = json.loads(Path(summary.cross_site).read_text())["by_data_site"]
-    info = json.loads((recipe.layout.fedbn_sites() / "sites.json").read_text())["sites"]
+    info = json.loads((recipe.layout.fedbn_sites() / SUMMARY_FILE).read_text())["sites"]
     for site, scores in final.items():
         if info[site]["round"] == "final" and info[site]["val_auroc"] is not None:
             assert info[site]["val_auroc"] == pytest.approx(max(scores.values()))  # what it kept is what it reported

@@ -31,6 +31,8 @@ from fedxr.data.atomic import write_json_atomic
 
 #: A site's personalised model, in its own work folder (records/SITE in simulation and POC).
 PERSONAL_FILE = "personal.pt"
+#: Beside the sites' models: which round each was kept from, its validation score and training images.
+SUMMARY_FILE = "site_models.json"
 #: Source recorded in each site's FedBN checkpoint.
 SITE_SOURCE = "federate:fedbn"
 
@@ -94,7 +96,7 @@ def _pooled(states: list[dict[str, torch.Tensor]], weights: list[float], keys: l
 
 def gather(recipe, records: Path, global_checkpoints: dict[str, str], folder: Path) -> dict:
     """Sites' personalised models → ``folder/SITE.ckpt`` (the stage's ``fedbn_sites``); the global checkpoints get
-    pooled BatchNorm. Returns what was written (also ``folder/sites.json``); empty when no site kept a model."""
+    pooled BatchNorm. Returns what was written (also ``folder/site_models.json``); empty when no site kept a model."""
     from fedxr.federated.job import batchnorm_exclude_pattern
     from fedxr.models.checkpoint import load_checkpoint, save_checkpoint
 
@@ -131,7 +133,7 @@ def gather(recipe, records: Path, global_checkpoints: dict[str, str], folder: Pa
                         thresholds=ckpt["thresholds"], metrics=ckpt.get("metrics"), recipe=ckpt.get("recipe"),
                         source=ckpt.get("source", "federate"), extra=extra)
     summary = {"sites": sites, "pooled_into": sorted(global_checkpoints)}
-    write_json_atomic(folder / "sites.json", summary)
+    write_json_atomic(folder / SUMMARY_FILE, summary)
     return summary
 
 
