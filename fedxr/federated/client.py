@@ -229,6 +229,7 @@ def main(argv=None) -> None:
     from nvflare.client import send
 
     from fedxr.federated.codec import decode_recipe
+    from fedxr.federated.fedbn import batchnorm_of, keep_personal
     from fedxr.federated.job import job_deadline_s
     from fedxr.federated.ranks import SiteRanks
     from fedxr.records import append_line, record_file
@@ -260,7 +261,7 @@ def main(argv=None) -> None:
         # Every model NVFlare loads into the module keeps this site's teacher (the job sends the global one).
         module.keep_on_load = {f"teacher.{k}": v for k, v in teacher_state.items()}
     kept_always = module.keep_on_load
-    fedbn = _fedbn(recipe)
+    fedbn_on = recipe.federated.fedbn
     records = Path(args.records) / record_file(site, ranks.rank) if args.records else None
     while (task := _next_task(ranks)) is not None:
         rnd = task["round"]
@@ -275,16 +276,16 @@ def main(argv=None) -> None:
         # augmentation do not depend on what ran before in this process.
         L.seed_everything(site_round_seed(recipe.model.seed, rank_name, rnd), workers=True, verbose=False)
         t0 = time.time()
-        if fedbn is not None and task["evaluate"]:
+        if fedbn_on and task["evaluate"]:
             # The final evaluation sends the whole global model, BatchNorm included (untrained): the site scores its
             # own model — the final shared layers with its BatchNorm — and reports that.
-            module.keep_on_load = {**(kept_always or {}), **fedbn.batchnorm_of(module)}
+            module.keep_on_load = {**(kept_always or {}), **batchnorm_of(module)}
         result = trainer.validate(module, datamodule=dm, verbose=False)
         module.keep_on_load = kept_always
         t1 = time.time()
-        if fedbn is not None and (task["evaluate"] or rnd > 0) and ranks.is_control:
+        if fedbn_on and (task["evaluate"] or rnd > 0) and ranks.is_control:
             # From round 1 on: round 0's model is the server's starting point, with no BatchNorm of this site's.
-            fedbn.keep_personal(work, module, rnd if not task["evaluate"] else "final", _val_auroc(result),
+            keep_personal(work, module, rnd if not task["evaluate"] else "final", _val_auroc(result),
                                 len(dm.datasets["train"]))
         received = weights_digest(module) if records is not None else None
         if task["evaluate"]:
@@ -316,15 +317,6 @@ def _val_auroc(result) -> float | None:
     from fedxr.labels import VAL_AUROC
 
     return float(result[0].get(VAL_AUROC, float("nan"))) if result else None
-
-
-def _fedbn(recipe):
-    """With ``federated.fedbn``: the module that keeps the site's own model (fedxr.federated.fedbn), else None."""
-    if not recipe.federated.fedbn:
-        return None
-    from fedxr.federated import fedbn
-
-    return fedbn
 
 
 def _site_teacher(folder: str | None, site: str) -> dict | None:

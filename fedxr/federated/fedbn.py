@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fedxr.data.atomic import write_json_atomic
+from fedxr.data.atomic import sweep_stale_temporaries, temporary_name, write_json_atomic
 
 #: A site's personalised model, in its own work folder (records/SITE in simulation and POC).
 PERSONAL_FILE = "personal.pt"
@@ -35,13 +35,6 @@ PERSONAL_FILE = "personal.pt"
 SUMMARY_FILE = "site_models.json"
 #: Source recorded in each site's FedBN checkpoint.
 SITE_SOURCE = "federate:fedbn"
-
-
-def batchnorm_keys(state: dict[str, torch.Tensor], pattern: str) -> list[str]:
-    import re
-
-    rx = re.compile(pattern)
-    return [k for k in state if rx.match(k)]
 
 
 def batchnorm_of(module) -> dict[str, torch.Tensor]:
@@ -65,8 +58,12 @@ def keep_personal(work: Path, module, rnd: int | str, val_auroc: float | None, t
         if best is not None and (score is None or score <= best):
             return False
     state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"state_dict": state, "round": str(rnd), "val_auroc": score, "train_images": train_images}, tmp)
+    sweep_stale_temporaries(path)
+    tmp = path.with_name(f"{temporary_name(path)}0")
+    with open(tmp, "wb") as fh:
+        torch.save({"state_dict": state, "round": str(rnd), "val_auroc": score, "train_images": train_images}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
     return True
 
@@ -97,13 +94,12 @@ def _pooled(states: list[dict[str, torch.Tensor]], weights: list[float], keys: l
 def gather(recipe, records: Path, global_checkpoints: dict[str, str], folder: Path) -> dict:
     """Sites' personalised models → ``folder/SITE.ckpt`` (the stage's ``fedbn_sites``); the global checkpoints get
     pooled BatchNorm. Returns what was written (also ``folder/site_models.json``); empty when no site kept a model."""
-    from fedxr.federated.job import batchnorm_exclude_pattern
-    from fedxr.models.checkpoint import load_checkpoint, save_checkpoint
+    from fedxr.models.checkpoint import save_checkpoint
+    from fedxr.models.classifier import XRayClassifier
 
     personal = {p.parent.name: p for p in sorted(Path(records).glob(f"*/{PERSONAL_FILE}"))}
     if not personal:
         return {}
-    pattern = batchnorm_exclude_pattern(recipe)
     shutil.rmtree(folder, ignore_errors=True)  # a previous run's sites must not linger
     sites: dict[str, dict] = {}
     states: list[dict[str, torch.Tensor]] = []
@@ -120,18 +116,13 @@ def gather(recipe, records: Path, global_checkpoints: dict[str, str], folder: Pa
                        "train_images": kept["train_images"]}
         states.append(module_state)
         weights.append(float(max(1, kept["train_images"])))
-    keys = batchnorm_keys(states[0], pattern)
+    keys = list(batchnorm_of(XRayClassifier(recipe.model.name)))  # "model.…", as in the sites' module states
     pooled = {k.removeprefix("model."): v for k, v in _pooled(states, weights, keys).items()}
+    note = {"batchnorm": f"pooled from {len(sites)} sites' own BatchNorm, weighted by training images: not any "
+                         f"site's model; each site's is under {folder.name}/ beside it",
+            "site_models": {s: Path(v["checkpoint"]).name for s, v in sites.items()}}
     for global_path in global_checkpoints.values():
-        ckpt = load_checkpoint(global_path)
-        state = {**ckpt["state_dict"], **pooled}
-        extra: dict[str, Any] = {k: ckpt[k] for k in ("nvflare_meta", "norm") if k in ckpt}
-        extra["fedbn"] = {"batchnorm": f"pooled from {len(sites)} sites' own BatchNorm, weighted by training "
-                                       f"images: not any site's model; each site's is under {folder.name}/ beside it",
-                          "site_models": {s: Path(v["checkpoint"]).name for s, v in sites.items()}}
-        save_checkpoint(global_path, model_name=ckpt["model_name"], state_dict=state, preprocessing=ckpt["preprocessing"],
-                        thresholds=ckpt["thresholds"], metrics=ckpt.get("metrics"), recipe=ckpt.get("recipe"),
-                        source=ckpt.get("source", "federate"), extra=extra)
+        _rewrite_global(global_path, note, pooled)
     summary = {"sites": sites, "pooled_into": sorted(global_checkpoints)}
     write_json_atomic(folder / SUMMARY_FILE, summary)
     return summary
@@ -139,15 +130,21 @@ def gather(recipe, records: Path, global_checkpoints: dict[str, str], folder: Pa
 
 def mark_untrained(global_checkpoints: dict[str, str]) -> None:
     """Say in the global checkpoints that their BatchNorm is untrained, so no later stage uses them as a model."""
-    from fedxr.models.checkpoint import UNTRAINED_BATCHNORM, load_checkpoint, save_checkpoint
+    from fedxr.models.checkpoint import UNTRAINED_BATCHNORM
 
     for path in global_checkpoints.values():
-        ckpt = load_checkpoint(path)
-        extra: dict[str, Any] = {k: ckpt[k] for k in ("nvflare_meta", "norm") if k in ckpt}
-        extra["fedbn"] = {"batchnorm": UNTRAINED_BATCHNORM, "site_models": {}}
-        save_checkpoint(path, model_name=ckpt["model_name"], state_dict=ckpt["state_dict"],
-                        preprocessing=ckpt["preprocessing"], thresholds=ckpt["thresholds"], metrics=ckpt.get("metrics"),
-                        recipe=ckpt.get("recipe"), source=ckpt.get("source", "federate"), extra=extra)
+        _rewrite_global(path, {"batchnorm": UNTRAINED_BATCHNORM, "site_models": {}})
+
+
+def _rewrite_global(path: str | Path, note: dict, batchnorm: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a global checkpoint again with its ``fedbn`` note (and BatchNorm tensors replaced), keeping the rest."""
+    from fedxr.models.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(path)
+    extra: dict[str, Any] = {k: ckpt[k] for k in ("nvflare_meta", "norm") if k in ckpt}
+    save_checkpoint(path, model_name=ckpt["model_name"], state_dict={**ckpt["state_dict"], **(batchnorm or {})},
+                    preprocessing=ckpt["preprocessing"], thresholds=ckpt["thresholds"], metrics=ckpt.get("metrics"),
+                    recipe=ckpt.get("recipe"), source=ckpt.get("source", "federate"), extra={**extra, "fedbn": note})
 
 
 def site_models(checkpoint: str | Path) -> dict[str, Path]:

@@ -84,16 +84,10 @@ def job_deadline_s(recipe: Recipe) -> int:
 
 def batchnorm_exclude_pattern(recipe: Recipe) -> str:
     """Regex of every BatchNorm parameter and statistic (FedBN keeps them local to each site)."""
-    import torch
-
+    from fedxr.federated.fedbn import batchnorm_of
     from fedxr.models.classifier import XRayClassifier
 
-    module = XRayClassifier(recipe.model.name)
-    names = []
-    for mod_name, mod in module.named_modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            names += [f"{mod_name}.{k}" for k, _ in mod.named_parameters(recurse=False)]
-            names += [f"{mod_name}.{k}" for k, _ in mod.named_buffers(recurse=False)]
+    names = list(batchnorm_of(XRayClassifier(recipe.model.name)))
     if not names:
         raise FedxrError(f"federated.fedbn: model {recipe.model.name!r} has no BatchNorm layers to keep local")
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
