@@ -199,6 +199,7 @@ class FederateSummary:
     outgoing: Optional[str] = None            # outgoing.json: what left each site (privacy.audit)
     privacy: Optional[str] = None             # privacy.json: the DP ledger
     teacher: Optional[str] = None             # a distillation stage: the teacher it learnt from
+    resumed_from: Optional[int] = None        # the round this run resumed an interrupted one at (None: from round 0)
     schema_version: int = FEDERATE_SUMMARY_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -135,7 +135,8 @@ def cmd_federate(args: argparse.Namespace) -> int:
     if args.export_job:
         print(format_summary(federate(recipe, env=env, export_job=args.export_job, recipe_path=args.recipe), recipe))
     else:
-        print(format_summary(federate(recipe, env=env, startup_kit=args.startup_kit, recipe_path=args.recipe), recipe))
+        print(format_summary(federate(recipe, env=env, startup_kit=args.startup_kit, recipe_path=args.recipe,
+                                      restart=args.restart_stage), recipe))
     return 0
 
 
@@ -180,7 +181,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedxr.config import load_recipe
     from fedxr.pipeline import run_pipeline
 
-    run_pipeline(load_recipe(args.recipe, args.overrides), args.recipe, force=args.force, start=args.start)
+    run_pipeline(load_recipe(args.recipe, args.overrides), args.recipe, force=args.force, start=args.start,
+                 restart_stage=args.restart_stage)
     return 0
 
 
@@ -205,6 +207,8 @@ def _add_recipe_commands(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--from", dest="start", choices=STAGE_NAMES, help="rerun this stage and every later one")
     p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.add_argument("--restart-stage", action="store_true",
+                   help="a federated stage an interrupted run left part-way starts from round 0 instead of resuming")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate a recipe and print the resolved config")
@@ -276,6 +280,8 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--env", choices=["sim", "poc", "prod"], help="default: the recipe's federated.env (sim)")
     p.add_argument("--startup-kit", help="admin startup kit folder, for --env prod")
     p.add_argument("--export-job", metavar="DIR", help="write the NVFlare job folder for an admin to submit, and stop")
+    p.add_argument("--restart-stage", action="store_true",
+                   help="start from round 0 even if an interrupted run of the same job can be resumed")
     p.set_defaults(func=cmd_federate)
 
     p = sub.add_parser("preflight", help="NVFlare's preflight check of startup kits (server: ports, storage, dry run; "

@@ -55,6 +55,9 @@ class Context:
     recipe_path: str
     progress: bool
     results: RunResults
+    #: The federated stages that run start from round 0, never resuming an interrupted run (--restart-stage,
+    #: and a stage rerun by --force or --from).
+    restart: bool = False
 
     @property
     def layout(self) -> RunLayout:
@@ -87,7 +90,7 @@ def _sites(ctx: Context) -> SitesResult:
 def _teacher(ctx: Context) -> TeacherResult:
     from fedxr.federated.run import federate, format_summary
 
-    fed = federate(ctx.recipe, env=ctx.recipe.federated.env, recipe_path=ctx.recipe_path)
+    fed = federate(ctx.recipe, env=ctx.recipe.federated.env, recipe_path=ctx.recipe_path, restart=ctx.restart)
     print(format_summary(fed, ctx.recipe))
     return TeacherResult(checkpoint=fed.checkpoint, rounds=fed.rounds)
 
@@ -95,7 +98,7 @@ def _teacher(ctx: Context) -> TeacherResult:
 def _distill(ctx: Context) -> DistillResult:
     from fedxr.distill.run import distill
 
-    return distill(ctx.recipe, ctx.teacher, recipe_path=ctx.recipe_path, progress=ctx.progress)
+    return distill(ctx.recipe, ctx.teacher, recipe_path=ctx.recipe_path, progress=ctx.progress, restart=ctx.restart)
 
 
 def _export(ctx: Context) -> ExportResult:
@@ -276,8 +279,11 @@ def _previous_result(stage: Stage, prev: dict) -> StageResult | None:
 
 
 def run_pipeline(recipe: "Recipe", recipe_path: str | Path, force: bool = False, start: str | None = None,
-                 progress: bool = True) -> dict:
-    """Run (or skip) every stage; returns {"stages": {name: "ran"|"skipped"|"disabled"}, "results": RunResults}."""
+                 progress: bool = True, restart_stage: bool = False) -> dict:
+    """Run (or skip) every stage; returns {"stages": {name: "ran"|"skipped"|"disabled"}, "results": RunResults}.
+
+    A federated stage (teacher, distill) that an earlier run left part-way resumes from its last completed round
+    (fedxr.federated.resume) unless ``restart_stage``, ``force`` or ``start`` says to rerun it."""
     if start is not None and start not in STAGE_NAMES:
         raise FedxrError(f"--from {start!r} is not a stage; the stages are: {', '.join(STAGE_NAMES)}")
     layout = recipe.layout
@@ -285,7 +291,7 @@ def run_pipeline(recipe: "Recipe", recipe_path: str | Path, force: bool = False,
     state_path = layout.pipeline_state
     state = _load_state(state_path)
     rerun_from = 0 if force else (STAGE_NAMES.index(start) if start else len(STAGE_NAMES))
-    ctx = Context(recipe, str(recipe_path), progress, RunResults())
+    ctx = Context(recipe, str(recipe_path), progress, RunResults(), restart=restart_stage)
     with _run_status(layout.run_status) as mark:
         status = _run_stages(ctx, state, state_path, rerun_from, mark)
     return status
@@ -339,6 +345,7 @@ def _run_stages(ctx: Context, state: dict, state_path: Path, rerun_from: int, ma
             continue
         log_path = layout.log(stage.name)
         mark(stage=stage.name)
+        ctx.restart = ctx.restart or i >= rerun_from  # asked to rerun: from round 0, not from an interrupted run
         print(f"\n=== stage: {stage.title} ===  (log: {log_path})", flush=True)
         t = time.perf_counter()
         with _logged(log_path) as log:

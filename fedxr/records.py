@@ -92,6 +92,16 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     return [row for _, _, row in rows]
 
 
+def keep_rounds_before(records: Path, first: int) -> None:
+    """Cut a run's records (and its outgoing audit's) back to the rounds before ``first``: a resumed federation
+    writes the rest again. Each file is rewritten atomically, its lines with their digests."""
+    from fedxr.data.atomic import write_text_atomic
+
+    for path in sorted(records.glob("*.jsonl")) + sorted((records / OUTGOING).glob("*.jsonl")):
+        rows = [row for row in read_lines(path) if isinstance(row.get("round"), int) and row["round"] < first]
+        write_text_atomic(path, "".join(json.dumps({**row, "sha": _digest(row)}) + "\n" for row in rows))
+
+
 def read_records(records: Path, every_rank: bool = False) -> list[dict]:
     """Every site's records in a folder; a line being written right now is skipped. By default one record
     per site and round (rank 0's: it holds the site's validation score, steps and timings); with

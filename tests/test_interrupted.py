@@ -3,6 +3,7 @@ it again keeps the stages it finished."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -98,40 +99,62 @@ def test_a_reused_or_ended_pid_is_not_taken_for_the_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_killed_outright_is_interrupted_and_its_rerun_keeps_the_finished_stages(tmp_path, console_run):
-    """SIGKILL `fedxr run` while the teacher's federation runs (nothing can clean up), then run it again: the
-    finished stages are kept, and the result is the uninterrupted run's (the console tests' run of the same
-    recipe: the simulator is bit-reproducible)."""
+def _site_rounds(records: Path) -> dict[tuple[str, int], float]:
+    """(site, round) → when that site finished training that round, from the run's round records."""
+    from fedxr.records import read_records
+
+    return {(r["site"], r["round"]): r["t_trained"] for r in read_records(records)}
+
+
+def test_a_run_killed_outright_is_interrupted_and_its_rerun_resumes_at_the_next_round(tmp_path, console_run):
+    """SIGKILL `fedxr run` once the teacher's federation has completed round 0 (nothing can clean up), then run it
+    again: the finished stages are kept, the federation resumes at round 1 without training round 0 again, and the
+    result is the uninterrupted run's, bit for bit (the console tests' run of the same recipe)."""
+    from fedxr.federated.deploy import processes_using
+    from fedxr.federated.resume import RESUME_DIR, read_point
+
     ov = console_overrides(tmp_path, rounds=2)
     layout = RunLayout(tmp_path / "runs" / "t")
+    point = layout.federate / RESUME_DIR
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "fedxr", "run", str(QUICKSTART), *ov]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        for _ in range(600):  # bounded: at most 5 min for the data and sites stages
-            if layout.run_status.is_file() and _status(layout.run_status).get("stage") == "teacher":
+        for _ in range(3000):  # bounded: at most 5 min for the data and sites stages and the first round
+            if (read_point(point) or {}).get("round") == 0:
                 break
-            assert proc.poll() is None, "fedxr run ended before the teacher stage"
-            time.sleep(0.5)
+            assert proc.poll() is None, "fedxr run ended before the teacher's round 0 was kept"
+            time.sleep(0.1)
         else:
-            pytest.fail("the teacher stage never started")
-        time.sleep(3)
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and the simulator it started: a power cut, an OOM kill
+            pytest.fail("the teacher's federation never completed round 0")
+        # A power cut: the run and the simulator it started (NVFlare starts its processes in sessions of their own).
+        os.killpg(proc.pid, signal.SIGKILL)
+        for orphan in processes_using(layout.federate / "nvflare"):
+            with contextlib.suppress(OSError):
+                orphan.kill()
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     status = _status(layout.run_status)
     assert status["state"] == "running" and status["stage"] == "teacher"  # what the killed process left behind
+    assert read_point(point)["round"] == 0, "the simulator went on after the kill"
     from fedxr.console import data
 
     assert data.run_state(layout)["state"] == "interrupted"
     assert data.stages(layout)["teacher"].get("interrupted") and data.stages(layout)["sites"]["done"]
     sites_before = (layout.sites / "sites.json").stat().st_mtime_ns
+    trained_before = _site_rounds(layout.federate / "records")
+    assert {rnd for _, rnd in trained_before} <= {0, 1} and (("site-1", 0) in trained_before)
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "stage: data — up to date, skipped" in rerun.stdout
     assert "stage: sites — up to date, skipped" in rerun.stdout
+    assert "federate: resuming from round 1 of 2" in rerun.stdout, rerun.stdout[-3000:]
+    trained_after = _site_rounds(layout.federate / "records")
+    assert {k: v for k, v in trained_after.items() if k[1] == 0} == {k: v for k, v in trained_before.items() if k[1] == 0}
+    assert sorted(trained_after) == [(s, r) for s in ("site-1", "site-2") for r in (0, 1)]
+    assert not point.exists() and not list((layout.federate / "records").rglob("resume_round*.pt"))
     assert (layout.sites / "sites.json").stat().st_mtime_ns == sites_before
     assert _status(layout.run_status)["state"] == "finished"
     assert data.run_state(layout)["state"] == "finished"
@@ -287,3 +310,63 @@ def test_the_sweep_removes_only_dead_writers_temporaries_of_this_machine_and_put
     staging.mkdir()
     sweep_stale_temporaries(export)
     assert (export / "manifest.json").read_text() == "{}" and not old.exists() and not staging.exists()
+
+
+def test_a_resume_point_is_used_only_by_the_same_job_with_every_sites_state(tmp_path):
+    """The rules that decide where a federated stage starts: the same job with every site's state resumes after the
+    point; a changed job, a missing site state, a point from a longer run, a restart or a DP recipe start at 0."""
+    import torch
+
+    from fedxr.config import load_recipe
+    from fedxr.federated.job import model_config
+    from fedxr.federated.resume import (POINT_FILE, job_digest, next_round, read_point, resumable, save_site_state,
+                                        site_state_file, write_point)
+    from fedxr.federated.run import _resume_settings
+
+    recipe = load_recipe(QUICKSTART, ["federated.rounds=3", f"output.runs_dir={tmp_path / 'runs'}"])
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    (sites / "site-1.csv").write_text("path,patient_id\n")
+    folder, records = tmp_path / "stage", tmp_path / "stage" / "records"
+    works = [records / "site-1", records / "site-2"]
+    digest = job_digest(recipe.to_yaml(), model_config(recipe), sites, [], extra="None|")
+    assert _resume_settings(recipe, folder, records, sites, ["site-1", "site-2"], False, "", {}).digest == digest
+    for rnd in (0, 1):
+        write_point(folder / "resume", digest, rnd, {"w": torch.full((2,), float(rnd))}, {"best_val_metric": 0.5}, None)
+        for work in works:
+            save_site_state(work, rnd, {"round": rnd})
+    for work in works:
+        save_site_state(work, 2, {"round": 2})  # a site one round ahead of the server: rounds 1 and 2 kept
+        assert not site_state_file(work, 0).exists() and site_state_file(work, 1).exists()
+    assert sorted(p.name for p in (folder / "resume").iterdir()) == ["global_round1.pt", POINT_FILE]
+    assert next_round(folder / "resume", digest, 3, works)[0] == 2
+    assert next_round(folder / "resume", "another job", 3, works) == (
+        0, "the recipe, the model or the sites' data changed since the interrupted run")
+    assert next_round(folder / "resume", digest, 1, works)[0] == 0  # a point past this job's last round
+    site_state_file(works[1], 1).unlink()
+    assert next_round(folder / "resume", digest, 3, works) == (0, "site(s) site-2 kept no state for round 1")
+    save_site_state(works[1], 1, {"round": 1})
+    resumed = _resume_settings(recipe, folder, records, sites, ["site-1", "site-2"], False, "", {})
+    assert resumed.start_round == 2 and read_point(folder / "resume")["round"] == 1
+    changed = load_recipe(QUICKSTART, ["federated.rounds=3", "model.lr=0.5", f"output.runs_dir={tmp_path / 'runs'}"])
+    assert _resume_settings(changed, folder, records, sites, ["site-1", "site-2"], False, "", {}).start_round == 0
+    assert read_point(folder / "resume") is None and not list(records.rglob("resume_round*.pt"))  # thrown away
+    write_point(folder / "resume", digest, 0, {}, {}, None)
+    restarted = _resume_settings(recipe, folder, records, sites, ["site-1", "site-2"], True, "", {})
+    assert restarted.start_round == 0 and read_point(folder / "resume") is None  # --restart-stage; points kept anew
+    dp = load_recipe(QUICKSTART.with_name("quickstart_dp.yaml"))
+    assert "privacy.dp" in (resumable(dp) or "") and resumable(recipe) is None
+
+
+def test_records_cut_back_to_the_rounds_a_resumed_federation_keeps(tmp_path):
+    from fedxr.records import OUTGOING, append_line, keep_rounds_before, read_lines, start_records
+
+    start_records(tmp_path)
+    (tmp_path / OUTGOING).mkdir()
+    for rnd in range(3):
+        append_line(tmp_path / "site-1.jsonl", {"site": "site-1", "round": rnd})
+        append_line(tmp_path / OUTGOING / "site-1.jsonl", {"site": "site-1", "round": rnd, "task": "train"})
+    append_line(tmp_path / "site-1.jsonl", {"site": "site-1", "round": "final"})
+    keep_rounds_before(tmp_path, 2)
+    assert [r["round"] for r in read_lines(tmp_path / "site-1.jsonl")] == [0, 1]  # digests still check out
+    assert [r["round"] for r in read_lines(tmp_path / OUTGOING / "site-1.jsonl")] == [0, 1]

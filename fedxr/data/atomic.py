@@ -130,6 +130,28 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def save_torch_atomic(path: str | Path, obj) -> Path:
+    """``torch.save(obj)`` to ``path`` through a temporary beside it, on disk before the rename (a kill or a power
+    cut leaves the previous file, and the next write of ``path`` sweeps the temporary)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(path)
+    tmp = path.with_name(f"{temporary_name(path)}0")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def write_json_atomic(path: str | Path, obj, **dumps_args) -> Path:
     """``json.dumps(obj, indent=2, **dumps_args)`` written with :func:`write_text_atomic`."""
     import json

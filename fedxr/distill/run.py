@@ -105,7 +105,8 @@ def initial_model(srecipe: Recipe, teacher: dict, path: Path) -> Path:
 
 
 def distill_federated(recipe: Recipe, teacher_path: Path, teacher: dict, student: str, env: str,
-                      recipe_path: str | None = None, startup_kit: str | None = None) -> FederateSummary:
+                      recipe_path: str | None = None, startup_kit: str | None = None,
+                      restart: bool = False) -> FederateSummary:
     from fedxr.federated.run import federate
 
     srecipe = student_recipe(recipe, student)
@@ -113,7 +114,7 @@ def distill_federated(recipe: Recipe, teacher_path: Path, teacher: dict, student
     init = initial_model(srecipe, teacher, srecipe.layout.stage(stage) / "initial_model.pt")
     summary = federate(srecipe, env=env, startup_kit=startup_kit, recipe_path=recipe_path, stage=stage, source=SOURCE,
                        model=student_model(srecipe, teacher), exclude_vars=TEACHER_VARS, initial_ckpt=init,
-                       extra_args=site_teachers_argument(teacher_path, env))
+                       extra_args=site_teachers_argument(teacher_path, env), restart=restart)
     return replace(summary, teacher=str(teacher_path))
 
 
@@ -163,7 +164,7 @@ def distill_central(recipe: Recipe, teacher_path: Path, teacher: dict, student: 
 
 def distill(recipe: Recipe, teacher_path: str | Path | None = None, mode: str | None = None, env: str | None = None,
             site: str | None = None, recipe_path: str | None = None, startup_kit: str | None = None,
-            progress: bool = True) -> DistillResult:
+            progress: bool = True, restart: bool = False) -> DistillResult:
     """Distil every student of the recipe (and the no-teacher ablation). Each student's run summary goes
     to ``RUN/distill/summary.json``; the result names the checkpoints."""
     from fedxr.data.prepare import require_sites
@@ -184,7 +185,7 @@ def distill(recipe: Recipe, teacher_path: str | Path | None = None, mode: str | 
         entry: dict[str, dict[str, Any]] = {}
         if mode == "federated":
             entry["kd"] = distill_federated(recipe, teacher_path, teacher, student, env, recipe_path,
-                                            startup_kit).to_json()
+                                            startup_kit, restart).to_json()
         else:
             assert sites_dir is not None  # required above for central mode
             entry["kd"] = distill_central(recipe, teacher_path, teacher, student, sites_dir, site, progress)
@@ -193,7 +194,7 @@ def distill(recipe: Recipe, teacher_path: str | Path | None = None, mode: str | 
             if mode == "federated":
                 entry["no_kd"] = federate(student_recipe(recipe, student), env=env, startup_kit=startup_kit,
                                           recipe_path=recipe_path, stage=RunLayout.student_stage(student, False),
-                                          source=SOURCE).to_json()
+                                          source=SOURCE, restart=restart).to_json()
             else:
                 assert sites_dir is not None  # required above for central mode
                 entry["no_kd"] = distill_central(recipe, teacher_path, teacher, student, sites_dir, site, progress,

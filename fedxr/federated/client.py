@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-excluded", action="store_true",
                    help="the job excludes some tensors from aggregation (FedBN statistics, a frozen "
                         "teacher): load the global model non-strictly and keep this site's copies of them")
+    p.add_argument("--resume-round", type=int, default=0,
+                   help="the federation resumes at this round: load this site's state kept after the round before "
+                        "(fedxr.federated.resume)")
     p.add_argument("--site-teachers",
                    help="distillation from a FedBN teacher: folder of each site's own teacher (SITE.ckpt); "
                         "this site's replaces the global teacher it received")
@@ -263,6 +266,11 @@ def main(argv=None) -> None:
     kept_always = module.keep_on_load
     fedbn_on = recipe.federated.fedbn
     records = Path(args.records) / record_file(site, ranks.rank) if args.records else None
+    restore = _restore_state_callback(trainer)
+    if args.resume_round > 0:
+        local_state = _resume_site(work, args.resume_round - 1, module, restore, trainer)
+    # Kept after every round for a resumed run (sim and POC; DP cannot resume: its accountant is not kept).
+    keeps_state = records is not None and privacy is None and ranks.is_control
     while (task := _next_task(ranks)) is not None:
         rnd = task["round"]
         if task["submit"]:
@@ -297,6 +305,11 @@ def main(argv=None) -> None:
         t2 = time.time()
         spent = privacy.end_round(rnd) if privacy is not None else None
         local_state = copy.deepcopy(module.cpu().state_dict())
+        if keeps_state:
+            from fedxr.federated.resume import save_site_state
+
+            save_site_state(work, rnd, {"round": rnd, "module": local_state, **_restore_lists(restore),
+                                        "trainer": _trainer_counters(trainer)})
         if records is not None and args.save_updates and ranks.is_control:
             import torch
 
@@ -311,6 +324,81 @@ def main(argv=None) -> None:
                 rec["teacher_digest"] = weights_digest(module.teacher)
             append_line(records, rec)
     ranks.finish()
+
+
+#: What NVFlare's RestoreState callback carries from one round's fit to the next.
+RESTORED = ("optimizer_states", "scaler_states", "lr_scheduler_states")
+
+
+def _restore_state_callback(trainer):
+    """NVFlare's callback that carries the optimizer, scaler and schedule across rounds (``flare.patch`` adds it)."""
+    from nvflare.app_opt.lightning.callbacks import RestoreState
+
+    found = [cb for cb in trainer.callbacks if isinstance(cb, RestoreState)]
+    if len(found) != 1:
+        raise RuntimeError(f"expected NVFlare's RestoreState callback once in the trainer, found {len(found)}")
+    return found[0]
+
+
+def _restore_lists(restore) -> dict:
+    return {name: getattr(restore, name) for name in RESTORED}
+
+
+#: NVFlare's Lightning callback's round bookkeeping (it sets each round's epoch or step limit from them).
+FL_CALLBACK_COUNTERS = ("max_epochs_per_round", "max_steps_per_round", "total_local_epochs", "total_local_steps")
+
+
+def _fl_callback(trainer):
+    from nvflare.app_opt.lightning.api import FLCallback
+
+    return next(cb for cb in trainer.callbacks if isinstance(cb, FLCallback))
+
+
+def _trainer_counters(trainer) -> dict:
+    """Where the reused Trainer stands after a round: its loops' progress (epochs and steps done, which decide how
+    the next fit draws its data order: Lightning draws a fresh shuffle at the start of every epoch after the
+    first) and the limits NVFlare's patch set for the next round."""
+    callback = _fl_callback(trainer)
+    return {"fit_loop": trainer.fit_loop.state_dict(), "max_epochs": trainer.fit_loop.max_epochs,
+            "max_steps": trainer.fit_loop.epoch_loop.max_steps,
+            "fl_callback": {name: getattr(callback, name) for name in FL_CALLBACK_COUNTERS}}
+
+
+def _set_trainer_counters(trainer, saved: dict) -> None:
+    from lightning.pytorch.loops.loop import _Loop
+
+    trainer.fit_loop.load_state_dict(saved["fit_loop"])
+
+    def continuing(loop) -> None:
+        # The next round continues the rounds as the reused Trainer would, not as Lightning's restart from a
+        # checkpoint (which skips the fresh shuffle that starts an epoch): clear what load_state_dict marked.
+        loop.on_iteration_done()
+        for child in vars(loop).values():
+            if isinstance(child, _Loop):
+                continuing(child)
+
+    continuing(trainer.fit_loop)
+    trainer.fit_loop.max_epochs = saved["max_epochs"]
+    trainer.fit_loop.epoch_loop.max_steps = saved["max_steps"]
+    callback = _fl_callback(trainer)
+    for name, value in saved["fl_callback"].items():
+        setattr(callback, name, value)
+
+
+def _resume_site(work: Path, rnd: int, module, restore, trainer) -> dict:
+    """This site as it was after round ``rnd`` of the interrupted run: its trained model (its own BatchNorm under
+    FedBN; the global layers are replaced by the global model it receives next), the optimizer, scaler and
+    schedule states the next fit restores, and the Trainer's counters. Returns the model state (what the site
+    submits for cross-site scoring)."""
+    from fedxr.federated.resume import load_site_state
+
+    state = load_site_state(work, rnd)
+    module.load_state_dict(state["module"])
+    for name in RESTORED:
+        setattr(restore, name, state[name])
+    _set_trainer_counters(trainer, state["trainer"])
+    print(f"resumed this site's state after round {rnd} ({work})", flush=True)
+    return state["module"]
 
 
 def _val_auroc(result) -> float | None:

@@ -7,10 +7,18 @@ task carries ``federated.timeout_s`` as its deadline: a site that has not answer
 that round's aggregate, as a site whose task failed is, and the federation goes on while
 ``federated.min_clients`` sites answer. A round that fewer answer stops the federation with a message
 that says so, instead of averaging what came back (or nothing).
+
+With ``resume_dir`` it also keeps a resume point after every round, and a job built with ``start_round`` > 0
+starts from that point (fedxr.federated.resume): NVFlare 2.9's own job snapshots restore nothing for this
+controller.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 
@@ -18,11 +26,70 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 QUORUM_LOST = "so the federation stops here"
 
 
+#: The component id NVFlare's job API gives the best-model selector.
+MODEL_SELECTOR = "model_selector"
+
+
 class SiteDeadlineFedAvg(FedAvg):
-    def __init__(self, *args, site_timeout_s: int = 0, quorum: int = 0, **kwargs):
+    def __init__(self, *args, site_timeout_s: int = 0, quorum: int = 0, resume_dir: str = "", job_digest: str = "",
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.site_timeout_s = site_timeout_s
         self.quorum = quorum
+        self.resume_dir = resume_dir
+        self.job_digest = job_digest
+        self._in_rounds = False
+
+    def _selector(self):
+        return self.engine.get_component(MODEL_SELECTOR) if self.engine else None
+
+    def _best_file(self) -> Path | None:
+        persistor = self.persistor
+        if persistor is None or not hasattr(persistor, "best_global_model_file_name"):
+            return None
+        return Path(persistor.log_dir) / persistor.best_global_model_file_name
+
+    def run(self) -> None:
+        if self.start_round > 0:
+            self._resume()
+        self._in_rounds = True
+        super().run()
+
+    def _resume(self) -> None:
+        """Start from the point the interrupted run kept: its global model (as this controller held it, so the
+        sites receive exactly what they would have), the best-model selection's score, NVFlare's best model file."""
+        from fedxr.federated.resume import load_global
+
+        folder = Path(self.resume_dir)
+        point, params = load_global(folder)
+        if point["job"] != self.job_digest or point["round"] + 1 != self.start_round:
+            raise RuntimeError(f"{folder}: the resume point (round {point['round']}, job {point['job']}) is not this "
+                               f"job's (start round {self.start_round}, job {self.job_digest})")
+        self.model = FLModel(params_type=ParamsType.FULL, params=params)
+        selector, selection = self._selector(), point.get("selection") or {}
+        if selector is not None and selection.get("best_val_metric") is not None:
+            selector.best_val_metric = selection["best_val_metric"]
+            selector.best_raw_val_metric = selection.get("best_raw_val_metric")
+        best = self._best_file()
+        if point.get("best") and best is not None:
+            os.makedirs(best.parent, exist_ok=True)
+            with open(folder / point["best"], "rb") as src, open(best, "wb") as dst:
+                dst.write(src.read())
+        # The persistor's last model is the resumed one (what a final evaluation scores if no round is left).
+        super().save_model(self.model)
+        self.info(f"resumed from round {point['round']} of an interrupted run ({folder})")
+
+    def save_model(self, model) -> None:
+        super().save_model(model)
+        if self.resume_dir and self._in_rounds:
+            from fedxr.federated.resume import write_point
+
+            selector = self._selector()
+            best = getattr(selector, "best_val_metric", None)
+            selection = ({"best_val_metric": float(best), "best_raw_val_metric": selector.best_raw_val_metric}
+                         if best is not None and best != float("-inf") else {})
+            write_point(Path(self.resume_dir), self.job_digest, self.current_round, model.params, selection,
+                        self._best_file())
 
     def send_model(self, *args, **kwargs):
         if self.site_timeout_s and not kwargs.get("timeout"):
@@ -39,7 +106,8 @@ class SiteDeadlineFedAvg(FedAvg):
         return super()._get_aggregated_result()
 
 
-def with_site_deadline(controller: FedAvg, site_timeout_s: int, quorum: int) -> SiteDeadlineFedAvg:
+def with_site_deadline(controller: FedAvg, site_timeout_s: int, quorum: int, resume_dir: str = "",
+                       job_digest: str = "") -> SiteDeadlineFedAvg:
     """The controller NVFlare's recipe built, as a :class:`SiteDeadlineFedAvg` with every argument it was built
     with (NVFlare writes a component into the job from its class and its attributes, so the recipe's own
     argument list need not be repeated here and stays NVFlare's)."""
@@ -48,4 +116,7 @@ def with_site_deadline(controller: FedAvg, site_timeout_s: int, quorum: int) -> 
     controller.__class__ = SiteDeadlineFedAvg
     controller.site_timeout_s = site_timeout_s
     controller.quorum = quorum
+    controller.resume_dir = resume_dir
+    controller.job_digest = job_digest
+    controller._in_rounds = False
     return controller

@@ -20,14 +20,13 @@ site's BatchNorm. So:
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedxr.data.atomic import sweep_stale_temporaries, temporary_name, write_json_atomic
+from fedxr.data.atomic import save_torch_atomic, write_json_atomic
 
 #: A site's personalised model, in its own work folder (records/SITE in simulation and POC).
 PERSONAL_FILE = "personal.pt"
@@ -58,13 +57,7 @@ def keep_personal(work: Path, module, rnd: int | str, val_auroc: float | None, t
         if best is not None and (score is None or score <= best):
             return False
     state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    sweep_stale_temporaries(path)
-    tmp = path.with_name(f"{temporary_name(path)}0")
-    with open(tmp, "wb") as fh:
-        torch.save({"state_dict": state, "round": str(rnd), "val_auroc": score, "train_images": train_images}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    save_torch_atomic(path, {"state_dict": state, "round": str(rnd), "val_auroc": score, "train_images": train_images})
     return True
 
 

@@ -15,6 +15,7 @@ import re
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +94,25 @@ def batchnorm_exclude_pattern(recipe: Recipe) -> str:
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
 
 
+@dataclass(frozen=True)
+class ResumeSettings:
+    """Where the server keeps its resume point, the job's digest, and the round this run starts at (0: a fresh
+    start that keeps points; see fedxr.federated.resume)."""
+    folder: Path
+    digest: str
+    start_round: int = 0
+
+
 def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = None,
               records: Path | None = None, train_script: Path | None = None, extra_args: str = "",
               stage: str = "federate", model: dict | None = None, exclude_vars: str | None = None,
-              initial_ckpt: Path | None = None):
+              initial_ckpt: Path | None = None, resume: ResumeSettings | None = None):
     """An NVFlare recipe object for this fedxr recipe. ``folder`` receives the shipped recipe file.
 
     ``model`` replaces the recipe's model description (server and sites build it), ``initial_ckpt`` (a local file) is bundled
     into the job and loaded by the server as the round-0 weights, ``exclude_vars`` keeps matching
-    tensors out of aggregation (they are sent once, in round 0, and then stay at each site).
+    tensors out of aggregation (they are sent once, in round 0, and then stay at each site), ``resume`` makes the
+    server keep a resume point after every round and, with a start round, start from it (FedAvg and FedProx).
     """
     fed = recipe.federated
     model = model or model_config(recipe)
@@ -148,7 +159,8 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
 
         common["params_transfer_type"] = TransferType.DIFF
     with recipe_blob_is_not_a_secret():
-        job = _make_he_job(common) if recipe.privacy.he else _make_job(fed, common, selection, exclude, recipe.data.sites)
+        job = (_make_he_job(common) if recipe.privacy.he else
+               _make_job(fed, common, selection, exclude, recipe.data.sites, resume))
     add_privacy_filters(job, recipe, Path(records) / OUTGOING if records is not None else None)
     # fedxr is installed at every participant (the server aggregates with it, the sites train with it), so
     # NVFlare must not copy its modules into the job's custom/ folder: a partial copy there (custom/fedxr/
@@ -198,9 +210,13 @@ def _resilient(recipe_cls: Any) -> Any:  # an NVFlare recipe class (NVFlare has 
     class Resilient(recipe_cls):
         min_clients: int  # set by the NVFlare recipe's __init__
 
-        def __init__(self, *args, clients_per_round: int | None = None, site_timeout_s: int = 0, **kwargs):
+        def __init__(self, *args, clients_per_round: int | None = None, site_timeout_s: int = 0,
+                     resume: ResumeSettings | None = None, **kwargs):
             self._clients_per_round = clients_per_round
             self._site_timeout_s = site_timeout_s
+            self._resume = resume
+            if resume is not None:  # the rounds left: NVFlare's FedAvg runs start_round … start_round + num_rounds - 1
+                kwargs["num_rounds"] = kwargs["num_rounds"] - resume.start_round
             super().__init__(*args, **kwargs)
 
         def _get_controller_kwargs(self):
@@ -217,7 +233,13 @@ def _resilient(recipe_cls: Any) -> Any:  # an NVFlare recipe class (NVFlare has 
                 self.min_clients = quorum
             from fedxr.federated.controller import with_site_deadline
 
-            return with_site_deadline(controller, self._site_timeout_s, quorum)
+            resume = self._resume
+            controller = with_site_deadline(controller, self._site_timeout_s, quorum,
+                                            resume_dir=str(resume.folder) if resume else "",
+                                            job_digest=resume.digest if resume else "")
+            if resume is not None:
+                controller.start_round = resume.start_round
+            return controller
 
     Resilient.__name__ = f"Resilient{recipe_cls.__name__}"
     return Resilient
@@ -237,7 +259,7 @@ def _make_he_job(common: dict):
     return job
 
 
-def _make_job(fed, common: dict, selection: dict, exclude: str | None, sites: int):
+def _make_job(fed, common: dict, selection: dict, exclude: str | None, sites: int, resume: ResumeSettings | None):
     from nvflare.app_opt.pt.recipes import FedOptRecipe, ScaffoldRecipe
     from nvflare.app_opt.pt.recipes import FedAvgRecipe as _FedAvg
     from nvflare.app_opt.pt.recipes import FedProxRecipe as _FedProx
@@ -249,7 +271,7 @@ def _make_job(fed, common: dict, selection: dict, exclude: str | None, sites: in
 
     # Sum the sites' weights in site order, not arrival order: the same job gives the same model.
     every_site = dict(clients_per_round=sites, site_timeout_s=fed.timeout_s,
-                      aggregator=SiteOrderedFedAvg(exclude_vars=exclude))
+                      aggregator=SiteOrderedFedAvg(exclude_vars=exclude), resume=resume)
     if fed.algorithm == "fedavg":
         job = FedAvgRecipe(**common, **selection, **every_site, exclude_vars=exclude)
     elif fed.algorithm == "fedprox":

@@ -20,8 +20,15 @@ from fedxr.errors import FedxrError
 from fedxr.federated import outputs
 from fedxr.federated.deploy import admin_username, preflight, stop_processes
 from fedxr.records import read_records, start_records
-from fedxr.federated.job import build_job, job_deadline_s, job_name, recipe_blob_is_not_a_secret
+from fedxr.federated.job import ResumeSettings, build_job, job_deadline_s, job_name, recipe_blob_is_not_a_secret
+from fedxr.federated.resume import RESUME_DIR, job_digest, next_round, read_point, resumable
+from fedxr.federated.resume import discard as discard_resume
+from fedxr.records import keep_rounds_before
 from fedxr.federated.site import SITES_DIR_ENV
+
+
+#: NVFlare's workspaces in a stage folder: the simulator's, and POC mode's.
+SIM_WORKSPACE, POC_WORKSPACE = "nvflare", "poc"
 
 
 @contextlib.contextmanager
@@ -48,7 +55,7 @@ def _site_names(sites_dir: Path, recipe: Recipe) -> list[str]:
 def _run_sim(job, recipe: Recipe, folder: Path, names: list[str], stage: str) -> Path:
     from nvflare.recipe import SimEnv
 
-    workspace = folder / "nvflare"
+    workspace = folder / SIM_WORKSPACE
     shutil.rmtree(workspace / job_name(recipe, stage), ignore_errors=True)
     env = SimEnv(clients=names, num_threads=len(names), workspace_root=str(workspace))
     try:
@@ -65,7 +72,7 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
     submit, wait, keep the result, and stop every process it started — on failure and Ctrl-C too."""
     from nvflare.recipe import PocEnv
 
-    workspace = (folder / "poc").resolve()
+    workspace = (folder / POC_WORKSPACE).resolve()
     stop_processes(workspace)
     shutil.rmtree(workspace, ignore_errors=True)
     workspace.parent.mkdir(parents=True, exist_ok=True)
@@ -225,12 +232,15 @@ def federate(recipe: Recipe, env: str = ..., startup_kit: str | Path | None = ..
 
 def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = None,
              export_job: str | Path | None = None, extra_args: str = "", recipe_path: str | None = None,
-             stage: str = "federate", source: str = "federate", **job_options) -> FederateSummary | ExportedJob:
+             stage: str = "federate", source: str = "federate", restart: bool = False,
+             **job_options) -> FederateSummary | ExportedJob:
     """Build the NVFlare job from the recipe and run (or export) it; returns the outputs summary.
 
     ``stage`` names the run sub-folder and the job (the teacher is ``federate``; other users of the
     engine, such as distillation, run their own); ``source`` is recorded in the checkpoints;
     ``job_options`` go to :func:`build_job` (the model description, initial weights, exclusions).
+    In simulation and POC a run of the same job that was interrupted is resumed from its last completed round
+    (:mod:`fedxr.federated.resume`); ``restart`` throws that away and starts from round 0.
     """
     folder = recipe.layout.stage(stage)
     records = folder / "records"
@@ -251,7 +261,19 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
             raise FedxrError("; ".join(problems))
     elif env == "prod":
         admin_kit = check_admin_kit(startup_kit)
-    shutil.rmtree(records, ignore_errors=True)
+    resume = None
+    if env in ("sim", "poc"):
+        # An interrupted run's simulator or POC processes live on when `fedxr run` is killed outright (NVFlare
+        # starts them in sessions of their own) and would go on writing this stage's records and resume point.
+        if stopped := stop_processes(folder / (SIM_WORKSPACE if env == "sim" else POC_WORKSPACE)):
+            print(f"{folder.name}: stopped {stopped} process(es) an interrupted run left behind", flush=True)
+        resume = _resume_settings(recipe, folder, records, sites_dir, names, restart, extra_args, job_options)
+        if resume is not None and resume.start_round:
+            job_options["extra_args"] = " ".join(filter(None, [extra_args, f"--resume-round {resume.start_round}"]))
+            keep_rounds_before(records, resume.start_round)
+        job_options["resume"] = resume
+    if resume is None or not resume.start_round:
+        shutil.rmtree(records, ignore_errors=True)
     start_records(records)
     t0 = time.perf_counter()
     # On one machine the tracker (machine mode) covers the server and every site process.
@@ -280,9 +302,43 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
         _fedbn_outputs(recipe, collected, summary, recipe.layout.fedbn_sites(stage))
     else:
         shutil.rmtree(recipe.layout.fedbn_sites(stage), ignore_errors=True)  # an earlier FedBN run's site models
-    summary = replace(summary, wall_s=round(time.perf_counter() - t0, 1))
+    summary = replace(summary, wall_s=round(time.perf_counter() - t0, 1),
+                      resumed_from=resume.start_round if resume is not None and resume.start_round else None)
     write_json_atomic(folder / FederateSummary.FILE, summary.to_json())
+    if resume is not None:  # the stage finished: its resume state (a site's optimizer among it) is not needed
+        discard_resume(resume.folder, [records / n for n in names])
     return summary
+
+
+def _resume_settings(recipe: Recipe, folder: Path, records: Path, sites_dir: Path, names: list[str], restart: bool,
+                     extra_args: str, job_options: dict) -> ResumeSettings | None:
+    """Whether this run resumes an interrupted one of the same job (and from which round), said on the console;
+    None where the job cannot resume at all."""
+    from fedxr.federated.job import model_config
+
+    works = [records / n for n in names]
+    point = folder / RESUME_DIR
+    why_not = resumable(recipe)
+    if why_not:
+        if read_point(point) is not None:
+            print(f"{folder.name}: starting from round 0 ({why_not})", flush=True)
+        discard_resume(point, works)
+        return None
+    if restart:
+        discard_resume(point, works)
+    inputs = [p for p in (job_options.get("initial_ckpt"),) if p] + [
+        Path(word) for word in extra_args.split() if word.startswith("/") and Path(word).exists()]
+    digest = job_digest(recipe.to_yaml(), job_options.get("model") or model_config(recipe), sites_dir, inputs,
+                        extra=f"{job_options.get('exclude_vars')}|{extra_args}")
+    start, why = next_round(point, digest, recipe.federated.rounds, works)
+    if start:
+        print(f"{folder.name}: resuming from round {start} of {recipe.federated.rounds} ({why}; "
+              "--restart-stage starts it from round 0)", flush=True)
+    else:
+        if read_point(point) is not None:
+            print(f"{folder.name}: starting from round 0 ({why})", flush=True)
+        discard_resume(point, works)
+    return ResumeSettings(point.resolve(), digest, start)
 
 
 def _fedbn_outputs(recipe: Recipe, records: Path | None, summary: FederateSummary, folder: Path) -> None:

@@ -1,0 +1,159 @@
+"""Resume a federated stage from its last completed round.
+
+A federation killed part-way (`fedxr run` stopped by Ctrl-C, an out-of-memory kill, a reboot of the coordinator's
+machine) loses only the round it was in. After every round:
+
+- the server (:class:`fedxr.federated.controller.SiteDeadlineFedAvg`) writes ``STAGE/resume/``: the global model as
+  it holds it after that round, NVFlare's best global model so far, and ``point.json`` (the round, the job's digest,
+  the best-model selection's score) — the files first, the point last, each atomically;
+- each site (:mod:`fedxr.federated.client`) writes, in its work folder, what NVFlare's Lightning patch otherwise
+  carries from one round to the next in memory: its model as trained (a FedBN site's own BatchNorm), its
+  optimizer, learning-rate schedule and gradient scaler. It keeps the last two rounds: a site may have finished
+  round r + 1 while the server had not.
+
+Running the same job again (same recipe, model, initial weights and site data: :func:`job_digest`) starts at the
+round after the point; the round records are cut back to the rounds before it. Every round draws its data order
+and augmentation from a seed of its own (``site_round_seed``), so in the simulator a resumed federation ends with
+the same model, bit for bit, as one never interrupted. A changed recipe does not match the digest and starts
+from round 0, as ``--restart-stage`` does.
+
+Not resumable (they start from round 0, and say why): differential privacy (the accountant's state and the
+budget already spent: a restarted DP stage spends it again), homomorphic encryption, SCAFFOLD and FedOpt (NVFlare
+controllers other than fedxr's FedAvg).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedxr.data.atomic import save_torch_atomic, write_json_atomic
+
+#: The stage's resume folder, and what it holds.
+RESUME_DIR = "resume"
+POINT_FILE = "point.json"
+#: A site's state after a round, in its work folder.
+SITE_STATE = "resume_round{round}.pt"
+
+
+def resumable(recipe) -> str | None:
+    """Why a stage of this recipe cannot resume (None: it can)."""
+    if recipe.privacy.dp:
+        return "privacy.dp: the accountant's state is not kept between runs"
+    if recipe.privacy.he:
+        return "privacy.he: NVFlare's encrypted-aggregation controller has no resume"
+    if recipe.federated.algorithm not in ("fedavg", "fedprox"):
+        return f"federated.algorithm {recipe.federated.algorithm}: only fedavg and fedprox resume"
+    return None
+
+
+def _file_digest(path: Path, h) -> None:
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                h.update(str(p.relative_to(path)).encode())
+                _file_digest(p, h)
+    elif path.is_file():
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+
+
+def job_digest(recipe_yaml: str, model: dict, sites_dir: Path | None, inputs: list[Path], extra: str = "") -> str:
+    """What makes two runs of a stage the same job: the resolved recipe, the model description, the sites'
+    manifests and every input file (initial weights, a site's own teacher)."""
+    h = hashlib.sha256()
+    h.update(recipe_yaml.encode())
+    h.update(json.dumps(model, sort_keys=True, default=str).encode())
+    h.update(extra.encode())
+    for path in ([Path(sites_dir)] if sites_dir else []) + sorted(Path(p) for p in inputs):
+        h.update(str(path.name).encode())
+        _file_digest(path, h)
+    return h.hexdigest()[:20]
+
+
+def read_point(folder: Path) -> dict | None:
+    try:
+        point = json.loads((folder / POINT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return point if isinstance(point, dict) else None
+
+
+def next_round(folder: Path, digest: str, rounds: int, site_works: list[Path]) -> tuple[int, str]:
+    """The round a run of this job starts at (0: from the beginning) and why."""
+    point = read_point(folder)
+    if point is None:
+        return 0, "no resume point"
+    if point.get("job") != digest:
+        return 0, "the recipe, the model or the sites' data changed since the interrupted run"
+    done = point.get("round")
+    if not isinstance(done, int) or not 0 <= done < rounds:
+        return 0, f"the resume point's round {done!r} is not one of this job's {rounds}"
+    if not (folder / point.get("global", "")).is_file():
+        return 0, f"the resume point's global model {folder / str(point.get('global'))} is missing"
+    missing = [str(w.name) for w in site_works if not site_state_file(w, done).is_file()]
+    if missing:
+        return 0, f"site(s) {', '.join(missing)} kept no state for round {done}"
+    return done + 1, f"rounds 0-{done} were completed by an interrupted run"
+
+
+def write_point(folder: Path, digest: str, rnd: int, params: dict, selection: dict, best: Path | None) -> None:
+    """The server's state after round ``rnd`` (files named by round, then the point that names them, then the
+    previous round's files removed: a kill at any moment leaves one whole point)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    global_file = f"global_round{rnd}.pt"
+    save_torch_atomic(folder / global_file, params)
+    best_file = None
+    if best is not None and best.is_file():
+        best_file = f"best_round{rnd}.pt"
+        shutil.copyfile(best, folder / f".{best_file}.partial")
+        (folder / f".{best_file}.partial").replace(folder / best_file)
+    write_json_atomic(folder / POINT_FILE, {"job": digest, "round": rnd, "global": global_file, "best": best_file,
+                                            "selection": selection})
+    for old in folder.glob("*_round*.pt"):
+        if old.name not in (global_file, best_file):
+            old.unlink(missing_ok=True)
+
+
+def load_global(folder: Path) -> tuple[dict, dict]:
+    """(the point, the global params it names)."""
+    import torch
+
+    point = read_point(folder)
+    assert point is not None, f"no resume point in {folder}"
+    return point, torch.load(folder / point["global"], map_location="cpu", weights_only=False)
+
+
+def site_state_file(work: Path, rnd: int) -> Path:
+    return Path(work) / SITE_STATE.format(round=rnd)
+
+
+def save_site_state(work: Path, rnd: int, state: dict[str, Any]) -> None:
+    """A site's state after training round ``rnd``; states before ``rnd - 1`` are removed."""
+    save_torch_atomic(site_state_file(work, rnd), state)
+    for old in Path(work).glob(SITE_STATE.format(round="*")):
+        number = old.stem.removeprefix("resume_round")
+        if number.isdigit() and int(number) < rnd - 1:
+            old.unlink(missing_ok=True)
+
+
+def load_site_state(work: Path, rnd: int) -> dict[str, Any]:
+    import torch
+
+    path = site_state_file(work, rnd)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: this site kept no state for round {rnd}, which the resumed federation "
+                                "starts after; rerun the stage from round 0 (fedxr run --restart-stage)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def discard(folder: Path, site_works: list[Path]) -> None:
+    """Throw a stage's resume state away (a fresh start, or a stage that finished)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for work in site_works:
+        for old in Path(work).glob(SITE_STATE.format(round="*")):
+            old.unlink(missing_ok=True)
