@@ -98,7 +98,6 @@ def test_a_reused_or_ended_pid_is_not_taken_for_the_run(tmp_path):
     zombie.wait()
 
 
-@pytest.mark.slow
 def _site_rounds(records: Path) -> dict[tuple[str, int], float]:
     """(site, round) → when that site finished training that round, from the run's round records."""
     from fedxr.records import read_records
@@ -106,12 +105,13 @@ def _site_rounds(records: Path) -> dict[tuple[str, int], float]:
     return {(r["site"], r["round"]): r["t_trained"] for r in read_records(records)}
 
 
+@pytest.mark.slow
 def test_a_run_killed_outright_is_interrupted_and_its_rerun_resumes_at_the_next_round(tmp_path, console_run):
     """SIGKILL `fedxr run` once the teacher's federation has completed round 0 (nothing can clean up), then run it
     again: the finished stages are kept, the federation resumes at round 1 without training round 0 again, and the
     result is the uninterrupted run's, bit for bit (the console tests' run of the same recipe)."""
     from fedxr.federated.deploy import processes_using
-    from fedxr.federated.resume import RESUME_DIR, read_point
+    from fedxr.federated.resume import RESUME_DIR, last_round, site_state_file
 
     ov = console_overrides(tmp_path, rounds=2)
     layout = RunLayout(tmp_path / "runs" / "t")
@@ -121,7 +121,9 @@ def test_a_run_killed_outright_is_interrupted_and_its_rerun_resumes_at_the_next_
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         for _ in range(3000):  # bounded: at most 5 min for the data and sites stages and the first round
-            if (read_point(point) or {}).get("round") == 0:
+            # Round 0 kept by the server and by both sites (a site keeps its state just after it sent its update).
+            if last_round(point) == 0 and all(site_state_file(layout.federate / "records" / s, 0).is_file()
+                                               for s in ("site-1", "site-2")):
                 break
             assert proc.poll() is None, "fedxr run ended before the teacher's round 0 was kept"
             time.sleep(0.1)
@@ -138,7 +140,7 @@ def test_a_run_killed_outright_is_interrupted_and_its_rerun_resumes_at_the_next_
             os.killpg(proc.pid, signal.SIGKILL)
     status = _status(layout.run_status)
     assert status["state"] == "running" and status["stage"] == "teacher"  # what the killed process left behind
-    assert read_point(point)["round"] == 0, "the simulator went on after the kill"
+    assert last_round(point) == 0, "the simulator went on after the kill"
     from fedxr.console import data
 
     assert data.run_state(layout)["state"] == "interrupted"
@@ -154,7 +156,8 @@ def test_a_run_killed_outright_is_interrupted_and_its_rerun_resumes_at_the_next_
     trained_after = _site_rounds(layout.federate / "records")
     assert {k: v for k, v in trained_after.items() if k[1] == 0} == {k: v for k, v in trained_before.items() if k[1] == 0}
     assert sorted(trained_after) == [(s, r) for s in ("site-1", "site-2") for r in (0, 1)]
-    assert not point.exists() and not list((layout.federate / "records").rglob("resume_round*.pt"))
+    assert sorted(p.name for p in point.iterdir()) == ["done.json"]  # the finished stage keeps no resume state
+    assert not list((layout.federate / "records").rglob("resume_round*.pt"))
     assert (layout.sites / "sites.json").stat().st_mtime_ns == sites_before
     assert _status(layout.run_status)["state"] == "finished"
     assert data.run_state(layout)["state"] == "finished"
@@ -313,14 +316,16 @@ def test_the_sweep_removes_only_dead_writers_temporaries_of_this_machine_and_put
 
 
 def test_a_resume_point_is_used_only_by_the_same_job_with_every_sites_state(tmp_path):
-    """The rules that decide where a federated stage starts: the same job with every site's state resumes after the
-    point; a changed job, a missing site state, a point from a longer run, a restart or a DP recipe start at 0."""
+    """The rules that decide where a federated stage starts: the same job resumes after the newest point every site
+    kept its state for (else the one before); a changed job, a point from a longer run, --restart-stage or a DP
+    recipe start at 0; a finished run of the same job is kept, not trained again."""
     import torch
 
+    from fedxr.artifacts import FederateSummary
     from fedxr.config import load_recipe
     from fedxr.federated.job import model_config
-    from fedxr.federated.resume import (POINT_FILE, job_digest, next_round, read_point, resumable, save_site_state,
-                                        site_state_file, write_point)
+    from fedxr.federated.resume import (POINT_FILE, job_digest, last_round, mark_done, next_round, read_point,
+                                        resumable, save_site_state, site_state_file, write_point)
     from fedxr.federated.run import _resume_settings
 
     recipe = load_recipe(QUICKSTART, ["federated.rounds=3", f"output.runs_dir={tmp_path / 'runs'}"])
@@ -328,32 +333,45 @@ def test_a_resume_point_is_used_only_by_the_same_job_with_every_sites_state(tmp_
     sites.mkdir()
     (sites / "site-1.csv").write_text("path,patient_id\n")
     folder, records = tmp_path / "stage", tmp_path / "stage" / "records"
-    works = [records / "site-1", records / "site-2"]
-    digest = job_digest(recipe.to_yaml(), model_config(recipe), sites, [], extra="None|")
-    assert _resume_settings(recipe, folder, records, sites, ["site-1", "site-2"], False, "", {}).digest == digest
-    for rnd in (0, 1):
-        write_point(folder / "resume", digest, rnd, {"w": torch.full((2,), float(rnd))}, {"best_val_metric": 0.5}, None)
-        for work in works:
+    names, works = ["site-1", "site-2"], [records / "site-1", records / "site-2"]
+
+    def settings(r=recipe, restart=False):
+        return _resume_settings(r, folder, records, sites, names, restart, "", {}, "sim")
+
+    digest = job_digest(recipe.to_yaml(), model_config(recipe), sites, [], extra="None||sim")
+    assert settings()[0].digest == digest
+    for rnd in (0, 1, 2):
+        write_point(folder / "resume", digest, rnd, {"params": {"w": torch.full((2,), float(rnd))}},
+                    {"best_val_metric": 0.5}, None)
+        for work in works[:1 if rnd == 2 else 2]:  # site-2 has not kept round 2 yet
             save_site_state(work, rnd, {"round": rnd})
-    for work in works:
-        save_site_state(work, 2, {"round": 2})  # a site one round ahead of the server: rounds 1 and 2 kept
-        assert not site_state_file(work, 0).exists() and site_state_file(work, 1).exists()
-    assert sorted(p.name for p in (folder / "resume").iterdir()) == ["global_round1.pt", POINT_FILE]
-    assert next_round(folder / "resume", digest, 3, works)[0] == 2
+    assert not site_state_file(works[0], 0).exists() and site_state_file(works[0], 1).exists()  # the last two kept
+    assert sorted(p.name for p in (folder / "resume").iterdir()) == ["global_round1.pt", "global_round2.pt", POINT_FILE]
+    assert next_round(folder / "resume", digest, 3, works) == (2, "rounds 0-1 were completed by an interrupted run")
     assert next_round(folder / "resume", "another job", 3, works) == (
         0, "the recipe, the model or the sites' data changed since the interrupted run")
-    assert next_round(folder / "resume", digest, 1, works)[0] == 0  # a point past this job's last round
+    assert next_round(folder / "resume", digest, 1, works)[0] == 0  # points past this job's last round
     site_state_file(works[1], 1).unlink()
-    assert next_round(folder / "resume", digest, 3, works) == (0, "site(s) site-2 kept no state for round 1")
+    assert next_round(folder / "resume", digest, 3, works)[0] == 0  # neither point has site-2's state
     save_site_state(works[1], 1, {"round": 1})
-    resumed = _resume_settings(recipe, folder, records, sites, ["site-1", "site-2"], False, "", {})
-    assert resumed.start_round == 2 and read_point(folder / "resume")["round"] == 1
+    resumed, done = settings()
+    assert resumed.start_round == 2 and done is None and last_round(folder / "resume") == 2
     changed = load_recipe(QUICKSTART, ["federated.rounds=3", "model.lr=0.5", f"output.runs_dir={tmp_path / 'runs'}"])
-    assert _resume_settings(changed, folder, records, sites, ["site-1", "site-2"], False, "", {}).start_round == 0
+    assert settings(changed)[0].start_round == 0
     assert read_point(folder / "resume") is None and not list(records.rglob("resume_round*.pt"))  # thrown away
     write_point(folder / "resume", digest, 0, {}, {}, None)
-    restarted = _resume_settings(recipe, folder, records, sites, ["site-1", "site-2"], True, "", {})
-    assert restarted.start_round == 0 and read_point(folder / "resume") is None  # --restart-stage; points kept anew
+    restarted, _ = settings(restart=True)
+    assert restarted.start_round == 0 and read_point(folder / "resume") is None  # --restart-stage
+    # A finished run of this job: kept while its outputs are there.
+    ckpt = folder / "global_last.ckpt"
+    ckpt.write_bytes(b"x")
+    summary = FederateSummary(checkpoint=str(ckpt), checkpoints={"global_last": str(ckpt)}, workspace="w",
+                              server_run="s", tensorboard="t")
+    (folder / FederateSummary.FILE).write_text(json.dumps(summary.to_json()))
+    mark_done(folder / "resume", digest, folder / FederateSummary.FILE)
+    assert settings()[1] == summary and settings(restart=True)[1] is None
+    ckpt.unlink()
+    assert settings()[1] is None
     dp = load_recipe(QUICKSTART.with_name("quickstart_dp.yaml"))
     assert "privacy.dp" in (resumable(dp) or "") and resumable(recipe) is None
 

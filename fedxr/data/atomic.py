@@ -130,6 +130,25 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def copy_file_atomic(src: str | Path, dst: str | Path) -> Path:
+    """Copy ``src`` to ``dst`` through a temporary beside ``dst``, on disk before the rename."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(dst)
+    tmp = dst.with_name(f"{temporary_name(dst)}0")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return dst
+
+
 def save_torch_atomic(path: str | Path, obj) -> Path:
     """``torch.save(obj)`` to ``path`` through a temporary beside it, on disk before the rename (a kill or a power
     cut leaves the previous file, and the next write of ``path`` sweeps the temporary)."""

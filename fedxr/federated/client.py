@@ -269,8 +269,10 @@ def main(argv=None) -> None:
     restore = _restore_state_callback(trainer)
     if args.resume_round > 0:
         local_state = _resume_site(work, args.resume_round - 1, module, restore, trainer)
-    # Kept after every round for a resumed run (sim and POC; DP cannot resume: its accountant is not kept).
-    keeps_state = records is not None and privacy is None and ranks.is_control
+    from fedxr.federated.resume import resumable
+
+    # Kept after every round for a resumed run (sim and POC; not for the jobs that cannot resume, DP among them).
+    keeps_state = records is not None and resumable(recipe) is None and ranks.is_control
     while (task := _next_task(ranks)) is not None:
         rnd = task["round"]
         if task["submit"]:
@@ -305,11 +307,6 @@ def main(argv=None) -> None:
         t2 = time.time()
         spent = privacy.end_round(rnd) if privacy is not None else None
         local_state = copy.deepcopy(module.cpu().state_dict())
-        if keeps_state:
-            from fedxr.federated.resume import save_site_state
-
-            save_site_state(work, rnd, {"round": rnd, "module": local_state, **_restore_lists(restore),
-                                        "trainer": _trainer_counters(trainer)})
         if records is not None and args.save_updates and ranks.is_control:
             import torch
 
@@ -323,6 +320,11 @@ def main(argv=None) -> None:
             if hasattr(module, "teacher"):
                 rec["teacher_digest"] = weights_digest(module.teacher)
             append_line(records, rec)
+        if keeps_state:  # after the round's record: a state kept means its record is there too
+            from fedxr.federated.resume import save_site_state
+
+            save_site_state(work, rnd, {"round": rnd, "module": local_state, **_restore_lists(restore),
+                                        "trainer": _trainer_counters(trainer)})
     ranks.finish()
 
 

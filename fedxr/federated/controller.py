@@ -15,7 +15,6 @@ controller.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
@@ -56,28 +55,34 @@ class SiteDeadlineFedAvg(FedAvg):
         super().run()
 
     def _resume(self) -> None:
-        """Start from the point the interrupted run kept: its global model (as this controller held it, so the
-        sites receive exactly what they would have), the best-model selection's score, NVFlare's best model file."""
+        """Start from the point the interrupted run kept: its global model (as this controller held it — params,
+        meta, metrics — so the sites receive exactly what they would have), the best-model selection's score and
+        NVFlare's best model file."""
+        from nvflare.app_common.abstract.model import make_model_learnable
+        from nvflare.app_common.app_constant import AppConstants
+
+        from fedxr.data.atomic import copy_file_atomic
         from fedxr.federated.resume import load_global
 
         folder = Path(self.resume_dir)
-        point, params = load_global(folder)
-        if point["job"] != self.job_digest or point["round"] + 1 != self.start_round:
-            raise RuntimeError(f"{folder}: the resume point (round {point['round']}, job {point['job']}) is not this "
-                               f"job's (start round {self.start_round}, job {self.job_digest})")
-        self.model = FLModel(params_type=ParamsType.FULL, params=params)
-        selector, selection = self._selector(), point.get("selection") or {}
+        entry, saved = load_global(folder, self.start_round - 1)
+        if entry["job"] != self.job_digest:
+            raise RuntimeError(f"{folder}: the resume point is job {entry['job']}'s, not this job's ({self.job_digest})")
+        self.model = FLModel(params_type=ParamsType.FULL, params=saved["params"], meta=saved.get("meta") or {},
+                             metrics=saved.get("metrics"))
+        # What NVFlare's FedAvg keeps in the context after each round (the persistor saves it as the best model).
+        self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(self.model.params, self.model.meta),
+                             private=True, sticky=True)
+        selector, selection = self._selector(), entry.get("selection") or {}
         if selector is not None and selection.get("best_val_metric") is not None:
             selector.best_val_metric = selection["best_val_metric"]
             selector.best_raw_val_metric = selection.get("best_raw_val_metric")
         best = self._best_file()
-        if point.get("best") and best is not None:
-            os.makedirs(best.parent, exist_ok=True)
-            with open(folder / point["best"], "rb") as src, open(best, "wb") as dst:
-                dst.write(src.read())
+        if entry.get("best") and best is not None:
+            copy_file_atomic(folder / entry["best"], best)
         # The persistor's last model is the resumed one (what a final evaluation scores if no round is left).
         super().save_model(self.model)
-        self.info(f"resumed from round {point['round']} of an interrupted run ({folder})")
+        self.info(f"resumed from round {entry['round']} of an interrupted run ({folder})")
 
     def save_model(self, model) -> None:
         super().save_model(model)
@@ -86,24 +91,12 @@ class SiteDeadlineFedAvg(FedAvg):
 
             selector = self._selector()
             best = getattr(selector, "best_val_metric", None)
-            selection = ({"best_val_metric": float(best), "best_raw_val_metric": selector.best_raw_val_metric}
+            raw = getattr(selector, "best_raw_val_metric", None)
+            selection = ({"best_val_metric": float(best), "best_raw_val_metric": None if raw is None else float(raw)}
                          if best is not None and best != float("-inf") else {})
-            write_point(Path(self.resume_dir), self.job_digest, self.current_round, model.params, selection,
+            write_point(Path(self.resume_dir), self.job_digest, self.current_round,
+                        {"params": model.params, "meta": model.meta, "metrics": model.metrics}, selection,
                         self._best_file())
-
-    def send_model(self, *args, **kwargs):
-        if self.site_timeout_s and not kwargs.get("timeout"):
-            kwargs["timeout"] = self.site_timeout_s
-        return super().send_model(*args, **kwargs)
-
-    def _get_aggregated_result(self):
-        if self.quorum and self._received_count < self.quorum:
-            reason = (f"round {self.current_round}: {self._received_count} of {self._expected_count} sites answered "
-                      f"(within federated.timeout_s = {self.site_timeout_s} s, or without an error); federated.min_clients "
-                      f"is {self.quorum}, {QUORUM_LOST}; the sites' logs say why they did not answer")
-            self.panic(reason)
-            raise RuntimeError(reason)
-        return super()._get_aggregated_result()
 
 
 def with_site_deadline(controller: FedAvg, site_timeout_s: int, quorum: int, resume_dir: str = "",

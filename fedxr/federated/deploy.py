@@ -90,8 +90,9 @@ def preflight(kit: str | Path, timeout_s: int = PREFLIGHT_TIMEOUT_S) -> Prefligh
     return Preflight(kit, ok, problems, output)
 
 
-def processes_using(path: Path) -> list:
-    """Processes whose command line or working folder lies under ``path`` (what POC mode started)."""
+def processes_using(path: Path, programs: tuple[str, ...] = ()) -> list:
+    """Processes whose command line or working folder lies under ``path`` (what POC mode started); with
+    ``programs``, only those whose command line names one of them (not a user's shell or log viewer there)."""
     import psutil
 
     key = str(path.resolve())
@@ -101,17 +102,20 @@ def processes_using(path: Path) -> list:
             tokens = [t for arg in (proc.info["cmdline"] or []) for t in arg.split("=")] + [proc.info["cwd"] or ""]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+        if programs and not any(name in " ".join(proc.info["cmdline"] or []) for name in programs):
+            continue
         # Whole path components: a kit named site-1 is not site-10, runs/x/poc is not runs/x/poc_result.
         if proc.pid != os.getpid() and any(t == key or (key + os.sep) in t for t in tokens):
             found.append(proc)
     return found
 
 
-def stop_processes(path: Path, grace_s: float = 10.0) -> int:
-    """Terminate (then kill) every process still running from ``path``; returns how many there were."""
+def stop_processes(path: Path, grace_s: float = 10.0, programs: tuple[str, ...] = ()) -> int:
+    """Terminate (then kill) every process still running from ``path`` (``programs``: see
+    :func:`processes_using`); returns how many there were."""
     import psutil
 
-    procs = processes_using(path)
+    procs = processes_using(path, programs)
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()

@@ -30,11 +30,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fedxr.data.atomic import save_torch_atomic, write_json_atomic
+from fedxr.data.atomic import copy_file_atomic, save_torch_atomic, write_json_atomic
 
 #: The stage's resume folder, and what it holds.
 RESUME_DIR = "resume"
 POINT_FILE = "point.json"
+#: Left in the resume folder by a finished run: which job it was.
+DONE_FILE = "done.json"
 #: A site's state after a round, in its work folder.
 SITE_STATE = "resume_round{round}.pt"
 
@@ -64,11 +66,16 @@ def _file_digest(path: Path, h) -> None:
 
 def job_digest(recipe_yaml: str, model: dict, sites_dir: Path | None, inputs: list[Path], extra: str = "") -> str:
     """What makes two runs of a stage the same job: the resolved recipe, the model description, the sites'
-    manifests and every input file (initial weights, a site's own teacher)."""
+    manifests, every input file (initial weights, a site's own teacher) and the fedxr, NVFlare and torch versions.
+    The images themselves are not read: a manifest names each image, and images changed in place under the same
+    names are not noticed."""
+    from importlib.metadata import version
+
     h = hashlib.sha256()
     h.update(recipe_yaml.encode())
     h.update(json.dumps(model, sort_keys=True, default=str).encode())
     h.update(extra.encode())
+    h.update("|".join(version(p) for p in ("fedxr", "nvflare", "torch")).encode())
     for path in ([Path(sites_dir)] if sites_dir else []) + sorted(Path(p) for p in inputs):
         h.update(str(path.name).encode())
         _file_digest(path, h)
@@ -76,56 +83,101 @@ def job_digest(recipe_yaml: str, model: dict, sites_dir: Path | None, inputs: li
 
 
 def read_point(folder: Path) -> dict | None:
+    """``point.json``: the job's digest and its points, newest first (the last round and the one before it)."""
     try:
         point = json.loads((folder / POINT_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return point if isinstance(point, dict) else None
+    if not isinstance(point, dict) or not isinstance(point.get("points"), list) or not point["points"]:
+        return None
+    return point
+
+
+def last_round(folder: Path) -> int | None:
+    """The newest round a resume point was kept for (None: none)."""
+    point = read_point(folder)
+    return point["points"][0].get("round") if point else None
+
+
+def _usable(folder: Path, entry: dict, rounds: int, site_works: list[Path]) -> str | None:
+    """Why a kept point cannot be resumed from (None: it can)."""
+    done = entry.get("round")
+    if not isinstance(done, int) or not 0 <= done < rounds:
+        return f"the resume point's round {done!r} is not one of this job's {rounds}"
+    missing = [name for name in (entry.get("global"), entry.get("best")) if name and not (folder / name).is_file()]
+    if not entry.get("global") or missing:
+        return f"the resume point of round {done} lacks {', '.join(missing) or 'its global model'}"
+    late = [str(w.name) for w in site_works if not site_state_file(w, done).is_file()]
+    if late:
+        return f"site(s) {', '.join(late)} kept no state for round {done}"
+    return None
 
 
 def next_round(folder: Path, digest: str, rounds: int, site_works: list[Path]) -> tuple[int, str]:
-    """The round a run of this job starts at (0: from the beginning) and why."""
+    """The round a run of this job starts at (0: from the beginning) and why. The newest point is used if every site
+    kept its state for that round, else the one before (the server may aggregate a round before a site has written
+    its state: the site sends its update from inside its fit and keeps its state after it)."""
     point = read_point(folder)
     if point is None:
         return 0, "no resume point"
     if point.get("job") != digest:
         return 0, "the recipe, the model or the sites' data changed since the interrupted run"
-    done = point.get("round")
-    if not isinstance(done, int) or not 0 <= done < rounds:
-        return 0, f"the resume point's round {done!r} is not one of this job's {rounds}"
-    if not (folder / point.get("global", "")).is_file():
-        return 0, f"the resume point's global model {folder / str(point.get('global'))} is missing"
-    missing = [str(w.name) for w in site_works if not site_state_file(w, done).is_file()]
-    if missing:
-        return 0, f"site(s) {', '.join(missing)} kept no state for round {done}"
-    return done + 1, f"rounds 0-{done} were completed by an interrupted run"
+    reasons = []
+    for entry in point["points"]:
+        why_not = _usable(folder, entry, rounds, site_works)
+        if why_not is None:
+            return entry["round"] + 1, f"rounds 0-{entry['round']} were completed by an interrupted run"
+        reasons.append(why_not)
+    return 0, "; ".join(reasons)
 
 
-def write_point(folder: Path, digest: str, rnd: int, params: dict, selection: dict, best: Path | None) -> None:
-    """The server's state after round ``rnd`` (files named by round, then the point that names them, then the
-    previous round's files removed: a kill at any moment leaves one whole point)."""
+def write_point(folder: Path, digest: str, rnd: int, model: dict, selection: dict, best: Path | None) -> None:
+    """The server's state after round ``rnd``: ``model`` (the global model's params, meta and metrics as the
+    server holds them) and its best model file so far, named by round, then the point that lists them with the
+    previous round's, then older files removed: a kill at any moment leaves a whole point."""
     folder.mkdir(parents=True, exist_ok=True)
-    global_file = f"global_round{rnd}.pt"
-    save_torch_atomic(folder / global_file, params)
-    best_file = None
+    entry: dict[str, Any] = {"round": rnd, "global": f"global_round{rnd}.pt", "best": None, "selection": selection}
+    save_torch_atomic(folder / entry["global"], model)
     if best is not None and best.is_file():
-        best_file = f"best_round{rnd}.pt"
-        shutil.copyfile(best, folder / f".{best_file}.partial")
-        (folder / f".{best_file}.partial").replace(folder / best_file)
-    write_json_atomic(folder / POINT_FILE, {"job": digest, "round": rnd, "global": global_file, "best": best_file,
-                                            "selection": selection})
-    for old in folder.glob("*_round*.pt"):
-        if old.name not in (global_file, best_file):
-            old.unlink(missing_ok=True)
+        entry["best"] = f"best_round{rnd}.pt"
+        copy_file_atomic(best, folder / entry["best"])
+    old = read_point(folder)
+    previous = [e for e in (old["points"] if old and old.get("job") == digest else []) if e.get("round") == rnd - 1]
+    points = [entry] + previous[:1]
+    write_json_atomic(folder / POINT_FILE, {"job": digest, "points": points})
+    kept = {name for e in points for name in (e["global"], e["best"]) if name}
+    for leftover in folder.glob("*_round*.pt"):
+        if leftover.name not in kept:
+            leftover.unlink(missing_ok=True)
 
 
-def load_global(folder: Path) -> tuple[dict, dict]:
-    """(the point, the global params it names)."""
+def load_global(folder: Path, rnd: int) -> tuple[dict, dict]:
+    """(the kept point of round ``rnd``, the global model saved with it: params, meta, metrics)."""
     import torch
 
     point = read_point(folder)
-    assert point is not None, f"no resume point in {folder}"
-    return point, torch.load(folder / point["global"], map_location="cpu", weights_only=False)
+    entry = next((e for e in (point or {}).get("points", []) if e.get("round") == rnd), None)
+    if point is None or entry is None:
+        raise FileNotFoundError(f"{folder}: no resume point for round {rnd}; rerun the stage from round 0 "
+                                "(fedxr run --restart-stage)")
+    return {**entry, "job": point["job"]}, torch.load(folder / entry["global"], map_location="cpu", weights_only=False)
+
+
+def mark_done(folder: Path, digest: str, summary_file: Path) -> None:
+    """A finished stage: its resume state is not needed any more, and a rerun of the same job can take its
+    outputs (:func:`finished`) instead of training again."""
+    shutil.rmtree(folder, ignore_errors=True)
+    write_json_atomic(folder / DONE_FILE, {"job": digest, "summary": str(summary_file)})
+
+
+def finished(folder: Path, digest: str) -> Path | None:
+    """The summary of a finished run of this very job, if it and its outputs are still there."""
+    try:
+        done = json.loads((folder / DONE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    summary = Path(done.get("summary", "")) if isinstance(done, dict) and done.get("job") == digest else None
+    return summary if summary is not None and summary.is_file() else None
 
 
 def site_state_file(work: Path, rnd: int) -> Path:
