@@ -77,7 +77,7 @@ def run_method(method: str, recipe) -> dict:
         algorithm = "fedavg" if method == "fedbn" else method
         r = recipe.changed(method, federated={"algorithm": algorithm, "fedbn": method == "fedbn",
                                            "cross_site_eval": False})
-        summary = federate(r, "sim")
+        summary = federate(r, "sim", restart=True)  # a measurement: never a kept earlier run
         if method == "fedbn":
             # each site's own model, as fedxr gathers it (the model its own validation scored best)
             scores = [pooled_test_auroc(p, r) for p in site_models(summary.checkpoint).values()]

@@ -42,7 +42,7 @@ def run(model: str, tmp: Path, rounds: int, patients: int, size: int) -> dict:
         f"data.cache_dir={tmp / 'cache'}", f"output.runs_dir={tmp / 'runs'}", f"output.name={model}", f"model.name={model}"])
     ensure_dataset(recipe, progress=False)
     ensure_sites(recipe)
-    summary = federate(recipe, "sim")
+    summary = federate(recipe, "sim", restart=True)  # a measurement: never a kept earlier run
     table = [r for r in json.loads(Path(summary.rounds).read_text()) if isinstance(r["round"], int)]
     per_round = []
     for r in table[:-1]:  # the last round has no "next receive" to close it

@@ -164,7 +164,7 @@ def in_nvflare(recipe, model: str, batch: int, rounds: int, ddp_devices: int = 0
     from fedxr.data.prepare import ensure_sites
 
     ensure_sites(r)
-    summary = federate(r, "sim")
+    summary = federate(r, "sim", restart=True)  # a measurement: never a kept earlier run
     table = [x for x in json.loads(Path(summary.rounds).read_text()) if isinstance(x["round"], int)]
     per_round = []
     for row in table[1:]:  # round 0 includes the site's start-up (cache open, model build)
