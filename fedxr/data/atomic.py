@@ -110,6 +110,13 @@ def _umask() -> int:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file beside it and a rename: a reader (another process, or
     the next run after a crash or a full disk) sees the old file or the new one, never half of one."""
+    return write_bytes_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def write_bytes_atomic(path: str | Path, write) -> Path:
+    """``write(binary file)`` into a temporary beside ``path``, on disk before the rename: a kill, a full disk or a
+    power cut leaves the previous file whole (a SIGKILL leaves the hidden ``.NAME.tmp-PID@HOST-…`` file, which no
+    reader trusts and the next write of ``path`` sweeps)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temporaries(path)
@@ -118,10 +125,10 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         # mkstemp makes an owner-only file; give it the mode a plain write would (the old file's, else 0666 less
         # the umask), or an export folder copied to a board would hold files its runtime user cannot read.
         os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -131,44 +138,19 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def copy_file_atomic(src: str | Path, dst: str | Path) -> Path:
-    """Copy ``src`` to ``dst`` through a temporary beside ``dst``, on disk before the rename."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temporaries(dst)
-    tmp = dst.with_name(f"{temporary_name(dst)}0")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return dst
+    """Copy ``src`` to ``dst`` with :func:`write_bytes_atomic`."""
+    def copy(fh) -> None:
+        with open(src, "rb") as fin:
+            shutil.copyfileobj(fin, fh, 1 << 20)
+
+    return write_bytes_atomic(dst, copy)
 
 
 def save_torch_atomic(path: str | Path, obj) -> Path:
-    """``torch.save(obj)`` to ``path`` through a temporary beside it, on disk before the rename (a kill or a power
-    cut leaves the previous file, and the next write of ``path`` sweeps the temporary)."""
+    """``torch.save(obj)`` to ``path`` with :func:`write_bytes_atomic`."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temporaries(path)
-    tmp = path.with_name(f"{temporary_name(path)}0")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_bytes_atomic(path, lambda fh: torch.save(obj, fh))
 
 
 def write_json_atomic(path: str | Path, obj, **dumps_args) -> Path:

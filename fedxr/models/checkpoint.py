@@ -28,8 +28,6 @@ returns the dict with ``preprocessing`` as a :class:`~fedxr.preprocessing.Prepro
 from __future__ import annotations
 
 import hashlib
-import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ import torch
 from torch import nn
 
 from fedxr import __version__
-from fedxr.data.atomic import sweep_stale_temporaries, temporary_name
+from fedxr.data.atomic import save_torch_atomic
 from fedxr.data.provenance import trained_on
 from fedxr.errors import FedxrError
 from fedxr.labels import LABELS
@@ -78,20 +76,7 @@ def save_checkpoint(
         "thresholds": [float(t) for t in thresholds], "metrics": metrics or {}, "recipe": recipe or {},
         "fedxr_version": __version__, "source": source, "trained_on": trained_on(recipe or {}), **(extra or {}),
     }
-    sweep_stale_temporaries(path)
-    tmp = path.with_name(f"{temporary_name(path)}0")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())  # on disk before the rename: a power cut leaves the old file or the new one
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, Ctrl-C: the previous checkpoint stays and the partial file goes (a SIGKILL
-        # leaves the hidden .NAME.tmp-PID-0 file, which no reader trusts and the next write of this file removes)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return save_torch_atomic(path, payload)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
