@@ -55,8 +55,9 @@ class Context:
     recipe_path: str
     progress: bool
     results: RunResults
-    #: The federated stages that run start from round 0, never resuming an interrupted run (--restart-stage,
-    #: and a stage rerun by --force or --from).
+    #: The federated stage that runs starts from round 0, never resuming an interrupted run nor keeping a finished
+    #: job's outputs: --restart-stage, a stage rerun by --force or --from, or one whose settings or inputs changed
+    #: since the run that was interrupted in it.
     restart: bool = False
 
     @property
@@ -256,6 +257,10 @@ def _logged(path: Path):
             sys.stdout, sys.stderr = out, err
 
 
+#: The fingerprint of the stage's latest attempt, kept in RUN/pipeline.json from the moment it starts.
+ATTEMPT = "attempt"
+
+
 def fingerprint(stage: Stage, recipe: "Recipe", state: dict) -> str:
     upstream = {d: state.get(d, {}).get("run_id") for d in stage.depends}
     blob = json.dumps({"settings": stage.settings(recipe), "upstream": upstream}, sort_keys=True, default=str)
@@ -291,9 +296,9 @@ def run_pipeline(recipe: "Recipe", recipe_path: str | Path, force: bool = False,
     state_path = layout.pipeline_state
     state = _load_state(state_path)
     rerun_from = 0 if force else (STAGE_NAMES.index(start) if start else len(STAGE_NAMES))
-    ctx = Context(recipe, str(recipe_path), progress, RunResults(), restart=restart_stage)
+    ctx = Context(recipe, str(recipe_path), progress, RunResults())
     with _run_status(layout.run_status) as mark:
-        status = _run_stages(ctx, state, state_path, rerun_from, mark)
+        status = _run_stages(ctx, state, state_path, rerun_from, mark, restart_stage)
     return status
 
 
@@ -323,7 +328,7 @@ def _run_status(path: Path):
     mark(state="finished", ended=time.time(), stage=None)
 
 
-def _run_stages(ctx: Context, state: dict, state_path: Path, rerun_from: int, mark) -> dict:
+def _run_stages(ctx: Context, state: dict, state_path: Path, rerun_from: int, mark, restart_stage: bool = False) -> dict:
     recipe, layout = ctx.recipe, ctx.recipe.layout
     status: dict[str, str] = {}
     t_all = time.perf_counter()
@@ -345,7 +350,10 @@ def _run_stages(ctx: Context, state: dict, state_path: Path, rerun_from: int, ma
             continue
         log_path = layout.log(stage.name)
         mark(stage=stage.name)
-        ctx.restart = ctx.restart or i >= rerun_from  # asked to rerun: from round 0, not from an interrupted run
+        # A federated stage resumes only what an interrupted `fedxr run` of these very settings and inputs left.
+        ctx.restart = restart_stage or i >= rerun_from or prev.get(ATTEMPT) != fp
+        state[stage.name] = {**prev, ATTEMPT: fp}
+        _save_state(state_path, state)
         print(f"\n=== stage: {stage.title} ===  (log: {log_path})", flush=True)
         t = time.perf_counter()
         with _logged(log_path) as log:

@@ -2,11 +2,6 @@
 homomorphic encryption in POC — each through the real NVFlare simulator or POC processes, at toy size."""
 
 import json
-import os
-import signal
-import threading
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +10,7 @@ import torch
 
 from fedxr.cli import main
 from fedxr.config import RecipeError, load_recipe
-from fedxr.records import read_lines, read_records
+from fedxr.records import read_lines
 from fedxr.data.prepare import ensure_dataset, ensure_sites
 from fedxr.errors import FedxrError
 from fedxr.federated.deploy import processes_using
@@ -320,40 +315,11 @@ def test_percentile_filter_sends_differences_and_training_still_learns(tmp_path)
 
 
 @pytest.mark.slow
-def _kill_the_server_after_round_0(stage: Path, seen: dict) -> None:
-    """SIGKILL the POC server process once the federation has completed round 0 (its startup kit's restart loop
-    starts a new one); ``seen`` gets the pid and the sites' round records as they were at the kill."""
-    from fedxr.federated.resume import RESUME_DIR, last_round, site_state_file
-    from fedxr.federated.run import _server_pid
-    from fedxr.records import read_records
-
-    for _ in range(3000):  # bounded: 5 min
-        kept = last_round(stage / RESUME_DIR) == 0 and all(
-            site_state_file(stage / "records" / site, 0).is_file() for site in ("site-1", "site-2"))
-        if kept and (pid := _server_pid(stage / "poc")):
-            os.kill(int(pid), signal.SIGKILL)
-            seen["pid"] = pid
-            seen["trained"] = {(r["site"], r["round"]): r["t_trained"] for r in read_records(stage / "records")}
-            return
-        time.sleep(0.1)
-
-
-def test_poc_sends_only_weights_and_declared_scores_and_survives_a_server_restart(tmp_path):
+def test_poc_sends_only_weights_and_declared_scores(tmp_path):
     """Mutual-TLS POC: every message each site sent (recorded by its last outgoing filter) holds only the
-    model's parameters, by name and shape, plus the declared scores — no image, file path or patient id. The
-    server process is SIGKILLed after round 0: its kit's restart loop brings it back, the sites reconnect by
-    themselves, fedxr resubmits the federation from round 1, and round 0 is not trained again."""
+    model's parameters, by name and shape, plus the declared scores — no image, file path or patient id."""
     recipe = two_sites(tmp_path, rounds=2)
-    seen: dict = {}
-    killer = threading.Thread(target=_kill_the_server_after_round_0, args=(recipe.layout.federate, seen), daemon=True)
-    killer.start()
     summary = federate(recipe, "poc")
-    killer.join(timeout=5)
-    assert seen.get("pid"), "the server was never killed"
-    assert summary.resumed_from == 1
-    trained = {(r["site"], r["round"]): r["t_trained"] for r in read_records(recipe.layout.federate / "records")}
-    assert sorted(trained) == [(s, r) for s in ("site-1", "site-2") for r in (0, 1)]
-    assert {k: v for k, v in trained.items() if k[1] == 0} == {k: v for k, v in seen["trained"].items() if k[1] == 0}
     workspace = recipe.layout.federate / "poc"
     server_cfg = json.loads(next(workspace.rglob("server/startup/fed_server.json")).read_text())
     assert server_cfg["servers"][0]["connection_security"] == "mtls"

@@ -99,6 +99,21 @@ class SiteDeadlineFedAvg(FedAvg):
                         self._best_file())
 
 
+    def send_model(self, *args, **kwargs):
+        if self.site_timeout_s and not kwargs.get("timeout"):
+            kwargs["timeout"] = self.site_timeout_s
+        return super().send_model(*args, **kwargs)
+
+    def _get_aggregated_result(self):
+        if self.quorum and self._received_count < self.quorum:
+            reason = (f"round {self.current_round}: {self._received_count} of {self._expected_count} sites answered "
+                      f"(within federated.timeout_s = {self.site_timeout_s} s, or without an error); federated.min_clients "
+                      f"is {self.quorum}, {QUORUM_LOST}; the sites' logs say why they did not answer")
+            self.panic(reason)
+            raise RuntimeError(reason)
+        return super()._get_aggregated_result()
+
+
 def with_site_deadline(controller: FedAvg, site_timeout_s: int, quorum: int, resume_dir: str = "",
                        job_digest: str = "") -> SiteDeadlineFedAvg:
     """The controller NVFlare's recipe built, as a :class:`SiteDeadlineFedAvg` with every argument it was built

@@ -92,7 +92,7 @@ def preflight(kit: str | Path, timeout_s: int = PREFLIGHT_TIMEOUT_S) -> Prefligh
 
 def processes_using(path: Path, programs: tuple[str, ...] = ()) -> list:
     """Processes whose command line or working folder lies under ``path`` (what POC mode started); with
-    ``programs``, only those whose command line names one of them (not a user's shell or log viewer there)."""
+    ``programs``, only those with an argument that starts with one of them (not a user's shell or log viewer)."""
     import psutil
 
     key = str(path.resolve())
@@ -102,7 +102,9 @@ def processes_using(path: Path, programs: tuple[str, ...] = ()) -> list:
             tokens = [t for arg in (proc.info["cmdline"] or []) for t in arg.split("=")] + [proc.info["cwd"] or ""]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if programs and not any(name in " ".join(proc.info["cmdline"] or []) for name in programs):
+        # A program is named by an argument that starts with it (`-m nvflare.…`, `…/fedxr_client.py` by its file
+        # name), not by a path that merely passes through a folder of that name.
+        if programs and not any(Path(arg).name.startswith(programs) for arg in proc.info["cmdline"] or []):
             continue
         # Whole path components: a kit named site-1 is not site-10, runs/x/poc is not runs/x/poc_result.
         if proc.pid != os.getpid() and any(t == key or (key + os.sep) in t for t in tokens):

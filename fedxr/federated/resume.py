@@ -69,13 +69,16 @@ def job_digest(recipe_yaml: str, model: dict, sites_dir: Path | None, inputs: li
     manifests, every input file (initial weights, a site's own teacher) and the fedxr, NVFlare and torch versions.
     The images themselves are not read: a manifest names each image, and images changed in place under the same
     names are not noticed."""
-    from importlib.metadata import version
+    import nvflare
+    import torch
+
+    from fedxr import __version__
 
     h = hashlib.sha256()
     h.update(recipe_yaml.encode())
     h.update(json.dumps(model, sort_keys=True, default=str).encode())
     h.update(extra.encode())
-    h.update("|".join(version(p) for p in ("fedxr", "nvflare", "torch")).encode())
+    h.update(f"{__version__}|{nvflare.__version__}|{torch.__version__}".encode())
     for path in ([Path(sites_dir)] if sites_dir else []) + sorted(Path(p) for p in inputs):
         h.update(str(path.name).encode())
         _file_digest(path, h)
@@ -201,6 +204,26 @@ def load_site_state(work: Path, rnd: int) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: this site kept no state for round {rnd}, which the resumed federation "
                                 "starts after; rerun the stage from round 0 (fedxr run --restart-stage)")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def prune_from(folder: Path, site_works: list[Path], start: int) -> None:
+    """A run resuming at ``start`` drops what an earlier attempt kept for rounds from ``start`` on (a point or a
+    site state of a round whose records are being cut): this run writes them again, and a later resume must not
+    mix the two attempts'."""
+    point = read_point(folder)
+    if point is not None:
+        kept = [e for e in point["points"] if isinstance(e.get("round"), int) and e["round"] < start]
+        if kept != point["points"]:
+            write_json_atomic(folder / POINT_FILE, {**point, "points": kept})
+            names = {name for e in kept for name in (e.get("global"), e.get("best")) if name}
+            for leftover in folder.glob("*_round*.pt"):
+                if leftover.name not in names:
+                    leftover.unlink(missing_ok=True)
+    for work in site_works:
+        for state in Path(work).glob(SITE_STATE.format(round="*")):
+            number = state.stem.removeprefix("resume_round")
+            if number.isdigit() and int(number) >= start:
+                state.unlink(missing_ok=True)
 
 
 def discard(folder: Path, site_works: list[Path]) -> None:

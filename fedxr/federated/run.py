@@ -21,7 +21,9 @@ from fedxr.federated import outputs
 from fedxr.federated.deploy import admin_username, preflight, stop_processes
 from fedxr.records import read_records, start_records
 from fedxr.federated.job import ResumeSettings, build_job, job_deadline_s, job_name, recipe_blob_is_not_a_secret
-from fedxr.federated.resume import RESUME_DIR, finished, job_digest, mark_done, next_round, read_point, resumable
+from fedxr.federated.fedbn import SUMMARY_FILE as FEDBN_SUMMARY
+from fedxr.federated.resume import (RESUME_DIR, finished, job_digest, mark_done, next_round, prune_from, read_point,
+                                    resumable)
 from fedxr.federated.resume import discard as discard_resume
 from fedxr.records import keep_rounds_before
 from fedxr.federated.site import SITES_DIR_ENV
@@ -67,28 +69,9 @@ def _run_sim(job, recipe: Recipe, folder: Path, names: list[str], stage: str) ->
     return Path(result) / "server" / "simulate_job"
 
 
-#: How often a POC federation is resubmitted after its server restarted, at most.
-MAX_RESUBMITS = 3
-
-
-def _server_pid(workspace: Path) -> str | None:
-    """The POC server process's pid, as its startup kit's restart loop records it (``server/pid.fl``)."""
-    found = next(iter(sorted(workspace.rglob("server/pid.fl"))), None)
-    try:
-        return found.read_text().strip() if found else None
-    except OSError:
-        return None
-
-
-def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Path,
-             resubmit=None) -> tuple[Path, Path]:
+def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Path) -> tuple[Path, Path]:
     """Provision a POC project (mutual TLS) into the run folder, start server and sites on localhost,
-    submit, wait, keep the result, and stop every process it started — on failure and Ctrl-C too.
-
-    The server's startup kit restarts a server process that died (NVFlare's restart loop) and the sites reconnect
-    by themselves, but the job it ran is lost: NVFlare 2.9 restores no job state. When the server's pid changes
-    while the job runs, ``resubmit()`` builds the job resumed from the last completed round (None: it cannot
-    resume), which is submitted to the restarted server."""
+    submit, wait, keep the result, and stop every process it started — on failure and Ctrl-C too."""
     from nvflare.recipe import PocEnv
 
     workspace = (folder / POC_WORKSPACE).resolve()
@@ -104,21 +87,7 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
         try:
             with recipe_blob_is_not_a_secret():
                 run = job.run(env)
-            deadline = time.monotonic() + job_deadline_s(recipe)
-            for _ in range(MAX_RESUBMITS + 1):
-                pid = _server_pid(workspace)
-                result, status = _wait_for_result(run, deadline - time.monotonic(),
-                                                  restarted=lambda first=pid: _server_pid(workspace) not in (first, None))
-                if status != SERVER_RESTARTED or resubmit is None:
-                    break
-                running = _drop_lost_job(env, run, names)
-                if (resumed := resubmit()) is None:
-                    break
-                require_every_site(resumed, names)
-                print(f"the POC server restarted: resubmitting the federation (job {run.get_job_id()} was lost)",
-                      flush=True)
-                with recipe_blob_is_not_a_secret():
-                    run = resumed.run(running)
+            result, status = _wait_for_result(run, job_deadline_s(recipe))
             if not result or not Path(result).exists():
                 _check_quorum(workspace)
                 raise FedxrError(f"POC job {run.get_job_id()} did not finish (status {status}); logs: {workspace}")
@@ -133,32 +102,6 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
     return server.parent, workspace
 
 
-def _drop_lost_job(env, lost_run, names: list[str], tries: int = 60):
-    """After a POC server restart: the job it lost aborted (the restarted server lists it as running) and its
-    training processes at the sites stopped (they would finish their round and write its records); returns an
-    environment that submits to the running POC project (PocEnv.deploy would provision a fresh one)."""
-    from nvflare.recipe import PocEnv
-
-    class RunningPoc(PocEnv):
-        def deploy(self, job):  # noqa: ANN001 - NVFlare's FedJob
-            return self._get_session_manager().submit_job(job)
-
-    running = RunningPoc(num_clients=len(names), clients=names, use_he=env.use_he)
-    lost = lost_run.get_job_id()
-    for _ in range(tries):  # bounded: the restarted server answers within a minute or two
-        try:
-            running.get_job_status(lost)
-        except Exception:
-            time.sleep(2)  # not answering yet
-            continue
-        with contextlib.suppress(Exception):  # a job the server no longer runs cannot be aborted: fine
-            running.abort_job(lost)
-        break
-    for job_folder in [p for p in Path(env.poc_workspace).rglob(lost) if p.is_dir()]:
-        stop_processes(job_folder, grace_s=5)
-    return running
-
-
 def require_every_site(job, names: list[str]) -> None:
     """Make every POC site mandatory for the job (through the recipe's private ``_job.job``). All POC sites run
     on this machine: without this NVFlare schedules the job once min_clients sites have connected and leaves a
@@ -166,26 +109,16 @@ def require_every_site(job, names: list[str]) -> None:
     job._job.job.mandatory_clients = list(names)
 
 
-#: The status :func:`_wait_for_result` gives when the server process was replaced while the job ran.
-SERVER_RESTARTED = "SERVER_RESTARTED"
-
-
-def _wait_for_result(run, deadline_s: float, retry_s: float = 5.0, restarted=None):
+def _wait_for_result(run, deadline_s: float, retry_s: float = 5.0):
     """The job's result folder and status, waiting up to ``deadline_s``. NVFlare's wait gives up at the first
     failed admin connection, which a server busy receiving large updates (HE ciphertexts) can cause while the
-    job runs on: while the job is still running (or its status cannot be read), ask again until the deadline.
-    ``restarted()`` true: the server process was replaced, the job is lost (None, SERVER_RESTARTED)."""
+    job runs on: while the job is still running (or its status cannot be read), ask again until the deadline."""
     # The environment's own calls: Run.get_result stops the POC environment the first time it is called.
     env, job_id = run.exec_env, run.get_job_id()
     deadline = time.monotonic() + deadline_s
-    # Waits in slices when a restart is watched for, so that one is noticed within a slice.
-    slice_s = 20.0 if restarted is not None else float("inf")
     while time.monotonic() < deadline:
-        if restarted is not None and restarted():
-            return None, SERVER_RESTARTED
         try:
-            wait = max(1.0, min(slice_s, deadline - time.monotonic()))
-            if (done := env.get_job_result(job_id, timeout=wait)) and Path(done).exists():
+            if (done := env.get_job_result(job_id, timeout=max(1.0, deadline - time.monotonic()))) and Path(done).exists():
                 break
         except Exception:
             pass  # an admin connection that failed: the status below decides whether to wait on
@@ -195,8 +128,6 @@ def _wait_for_result(run, deadline_s: float, retry_s: float = 5.0, restarted=Non
             status = None
         if status is not None and not str(status).startswith(("RUNNING", "SUBMITTED", "DISPATCHED")):
             break
-        if restarted is not None and restarted():
-            return None, SERVER_RESTARTED
         time.sleep(retry_s)
     return run.get_result(timeout=1.0, clean_up=False), run.get_status()
 
@@ -318,6 +249,8 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     if recipe.model.init_from and "model" not in job_options and "initial_ckpt" not in job_options:
         job_options["initial_ckpt"] = _initial_model(recipe, folder / "initial_model.pt")
     job_options = dict(extra_args=extra_args, stage=stage, **job_options)
+    if env not in ("sim", "poc") or export_job:
+        discard_resume(folder / RESUME_DIR, [])  # this stage's outputs are being replaced: no finished-job marker
     if export_job:
         job = build_job(recipe, folder, "prod", **job_options)
         with recipe_blob_is_not_a_secret():
@@ -336,14 +269,15 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     if env in ("sim", "poc"):
         # An interrupted run's simulator or POC processes live on when `fedxr run` is killed outright (NVFlare
         # starts them in sessions of their own) and would go on writing this stage's records and resume point.
-        if stopped := stop_processes(folder / (SIM_WORKSPACE if env == "sim" else POC_WORKSPACE),
-                                     programs=("nvflare", "fedxr")):
+        if stopped := (stop_processes(folder / SIM_WORKSPACE, programs=("nvflare.", "fedxr")) if env == "sim" else
+                       stop_processes(folder / POC_WORKSPACE)):  # POC: every process there is fedxr's
             print(f"{folder.name}: stopped {stopped} process(es) an interrupted run left behind", flush=True)
         resume, done = _resume_settings(recipe, folder, records, sites_dir, names, restart, extra_args, job_options,
                                         env)
         if done is not None:
             return done
         if resume is not None and resume.start_round:
+            prune_from(resume.folder, [records / n for n in names], resume.start_round)
             job_options["extra_args"] = " ".join(filter(None, [extra_args, f"--resume-round {resume.start_round}"]))
             keep_rounds_before(records, resume.start_round)
         job_options["resume"] = resume
@@ -354,7 +288,6 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     # On one machine the tracker (machine mode) covers the server and every site process.
     energy = tracked(folder, stage, recipe.energy_country if env in ("sim", "poc") else None)
     collected: Path | None = records  # the sites' round records (None: in production they stay at the sites)
-    resumed_at = [resume.start_round if resume is not None else 0]  # and each POC resubmission's start round
     if env == "sim":
         job = build_job(recipe, folder, "sim", sites_dir=sites_dir, records=records, **job_options)
         with energy:
@@ -363,22 +296,8 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     elif env == "poc":
         job = build_job(recipe, folder, "poc", records=records, **job_options)
 
-        def resubmit():
-            """The job resumed after the last round the lost one completed (None: it kept no point)."""
-            assert resume is not None
-            start, why = next_round(resume.folder, resume.digest, recipe.federated.rounds, [records / n for n in names])
-            if not start:
-                print(f"the POC server restarted and the federation cannot resume ({why})", flush=True)
-                return None
-            keep_rounds_before(records, start)
-            resumed_at.append(start)
-            resumed = {**job_options, "resume": replace(resume, start_round=start),
-                       "extra_args": " ".join(filter(None, [extra_args, f"--resume-round {start}"]))}
-            return build_job(recipe, folder, "poc", records=records, **resumed)
-
         with energy:
-            server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir,
-                                             resubmit=resubmit if resume is not None else None)
+            server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir)
     elif env == "prod":
         job = build_job(recipe, folder, "prod", **job_options)
         server_dir, workspace = _run_prod(job, recipe, admin_kit)
@@ -393,7 +312,7 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
         _fedbn_outputs(recipe, collected, summary, recipe.layout.fedbn_sites(stage))
     else:
         shutil.rmtree(recipe.layout.fedbn_sites(stage), ignore_errors=True)  # an earlier FedBN run's site models
-    summary = replace(summary, wall_s=round(time.perf_counter() - t0, 1), resumed_from=resumed_at[-1] or None)
+    summary = replace(summary, wall_s=round(time.perf_counter() - t0, 1), resumed_from=resume.start_round if resume is not None and resume.start_round else None)
     write_json_atomic(folder / FederateSummary.FILE, summary.to_json())
     if resume is not None:  # the stage finished: its resume state (a site's optimizer among it) is not needed
         discard_resume(resume.folder, [records / n for n in names])
@@ -401,7 +320,7 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     return summary
 
 
-def _finished_summary(point: Path, digest: str) -> FederateSummary | None:
+def _finished_summary(point: Path, digest: str, fedbn_summary: Path | None) -> FederateSummary | None:
     """The outputs of a finished run of this very job (the distillation stage's students done before it was
     interrupted, a `fedxr federate` run twice), when they are all still there."""
     from fedxr.artifacts import ArtifactError
@@ -413,7 +332,9 @@ def _finished_summary(point: Path, digest: str) -> FederateSummary | None:
         summary = FederateSummary.read(path)
     except ArtifactError:
         return None
-    if not all(Path(p).is_file() for p in summary.checkpoints.values()):
+    outputs = [summary.checkpoint, *summary.checkpoints.values(), summary.rounds, summary.cross_site, summary.outgoing,
+               summary.privacy, fedbn_summary]
+    if not all(Path(p).is_file() for p in outputs if p):
         return None
     print(f"{path.parent.name}: this job already finished (same recipe, model and data): its outputs are kept; "
           "--restart-stage trains it again", flush=True)
@@ -438,7 +359,8 @@ def _resume_settings(recipe: Recipe, folder: Path, records: Path, sites_dir: Pat
         Path(word) for word in extra_args.split() if word.startswith("/") and Path(word).exists()]
     digest = job_digest(recipe.to_yaml(), job_options.get("model") or model_config(recipe), sites_dir, inputs,
                         extra=f"{job_options.get('exclude_vars')}|{extra_args}|{env}")
-    if not restart and (done := _finished_summary(point, digest)) is not None:
+    fedbn_summary = recipe.layout.fedbn_sites(folder.name) / FEDBN_SUMMARY if recipe.federated.fedbn else None
+    if not restart and (done := _finished_summary(point, digest, fedbn_summary)) is not None:
         return None, done
     start, why = (0, "--restart-stage") if restart else next_round(point, digest, recipe.federated.rounds, works)
     if start:
