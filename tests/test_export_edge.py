@@ -474,6 +474,10 @@ def test_ood_score_is_the_same_in_pytorch_and_onnx(exported):
     assert matmuls, "the OOD head's matrix products are in the INT8 graph"
     # A quantised MatMul would take its whitening matrix through a DequantizeLinear; the head's stay float.
     assert all(n.input[1] in floats for n in matmuls), [n.input[1] for n in matmuls]
+    # The head's image statistics read the float input, not a DequantizeLinear of its uint8 copy (the network's
+    # first convolution reads that).
+    readers = [n.op_type for n in q.graph.node if "image" in n.input]
+    assert "QuantizeLinear" in readers and set(readers) - {"QuantizeLinear", "DequantizeLinear"}, readers
 
 
 @needs_shared

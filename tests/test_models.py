@@ -295,7 +295,7 @@ def test_site_round_seeds_are_stable_and_distinct():
     assert len(seeds) == 12
 
 
-@pytest.mark.parametrize("name,ratio", [("resnet18_quarter", 10), ("resnet18_eighth", 20)])
+@pytest.mark.parametrize("name,ratio", [("resnet18_quarter", 10), ("resnet18_eighth", 20), ("resnet18_narrow", 14)])
 def test_slim_resnet18_students(name, ratio):
     # The quickstart's student must have at least 10x fewer MACs than its ResNet-18 teacher at 96 px.
     assert complexity("resnet18", 96)[1] >= ratio * complexity(name, 96)[1]
@@ -305,6 +305,8 @@ def test_slim_resnet18_students(name, ratio):
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 96, 96)).shape == (2, 14)
     assert get_spec(name).role == "student"
+    stem = model.conv1.out_channels
+    assert stem == (16 if name == "resnet18_narrow" else 64)  # timm's plain stem stays 64 wide unless narrowed
 
 
 def test_compiled_model_runs_forward_on_cpu():

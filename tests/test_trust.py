@@ -122,6 +122,38 @@ def test_image_statistics_see_texture_and_polarity():
     assert np.allclose(f[1, :-3], f[2, :-3], rtol=1e-5)  # texture does not depend on polarity
 
 
+def test_the_laplacian_is_the_4_neighbour_kernel_with_zero_padding():
+    """The head's Laplacian (two 1-D average pools, fast at the edge) is the 3 x 3 kernel it stands for, borders
+    included, at an odd size too."""
+    import torch
+
+    x = torch.rand(2, 1, 33, 40)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).reshape(1, 1, 3, 3)
+    expected = torch.nn.functional.conv2d(x, kernel, padding=1)
+    assert torch.allclose(O._laplacian_over_3(x) * 3, expected, atol=1e-5)
+
+
+def test_the_graphs_score_is_the_fitted_score():
+    """ScoredNetwork (all stages' distances in one matrix product, scales folded in) gives what the numpy
+    :func:`scores` gives from the same statistics, so the threshold fitted in numpy holds in the graph."""
+    import torch
+
+    from fedxr.models.registry import build_model
+
+    torch.manual_seed(0)
+    net = build_model("resnet18_narrow").eval()
+    x = torch.rand(16, 1, 64, 64)
+    with torch.no_grad():
+        stats, _ = O.stage_statistics(net, x)
+    stats = [s.numpy() for s in stats]
+    sums = [[O.site_feature_sums(f[: 8]) for f in stats], [O.site_feature_sums(f[8:] + 0.1) for f in stats]]
+    ood = O.fit_stages(sums, stats, 0.9)
+    with torch.no_grad():
+        _, graph = O.ScoredNetwork(net, ood)(x)
+    assert np.allclose(graph.numpy(), O.scores(stats, ood), rtol=1e-4)
+    assert len(ood["stages"]) == 4 + O.IMAGE_STAGES  # the narrow ResNet's 4 stages from 1/4 resolution down
+
+
 def test_score_is_the_larger_of_the_network_mean_and_the_image_statistics():
     import torch
 

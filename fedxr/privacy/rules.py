@@ -70,5 +70,5 @@ def recipe_problems(recipe: Any) -> list[str]:
             why = None  # reported with the model name itself
         if why:
             problems.append(f"privacy.dp: model.name {why}; choose resnet18, resnet50, convnext_tiny, "
-                            "resnet18_quarter, resnet18_eighth or tiny_cnn")
+                            "resnet18_quarter, resnet18_narrow, resnet18_eighth or tiny_cnn")
     return problems
