@@ -86,6 +86,9 @@ def test_int8_auto_records_its_decision(exported, tmp_path):
     q = next(f for f in manifest["files"] if f["format"] == "onnx-int8-qdq")
     assert "faster than FP32" in manifest["int8_decision"]
     assert "AUROC" in manifest["int8_decision"]
+    # The decision's speed-up is the two files' latencies as the manifest records them (timed side by side).
+    fp32 = next(f for f in manifest["files"] if f["format"] == "onnx-fp32")
+    assert q["speedup_vs_fp32"] == pytest.approx(fp32["latency_ms_b1_p50"] / q["latency_ms_b1_p50"], rel=0.02)
     assert (tmp_path / "auto" / q["file"]).exists() == q["kept"]
 
 
