@@ -114,6 +114,7 @@ def build_model(name: str, pretrained: bool = False, num_classes: int = NUM_LABE
                 net.conv1 = torch.nn.Conv2d(1, width, kernel_size=7, stride=2, padding=3, bias=False)
                 net.bn1 = torch.nn.BatchNorm2d(width)
                 net.layer1[0] = BasicBlock(width, width)
+                net.feature_info[0]["num_chs"] = width  # what timm's features_only and feature hooks read
                 net.init_weights(zero_init_last=True)
             return net
         from fedxr.models.tiny import TinyCNN

@@ -21,6 +21,7 @@ board, phone, INT8 — gets it from onnxruntime alone.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -56,8 +57,9 @@ def _mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def _mean_square(t: torch.Tensor) -> torch.Tensor:
-    """(N, C) spatial means of the squares, as ReduceL2² / n: no squared copy of the map."""
-    return torch.linalg.vector_norm(t, 2, dim=(2, 3)) ** 2 / (t.shape[-1] * t.shape[-2])
+    """(N, C) spatial means of the squares, as (ReduceL2 / √n)²: no squared copy of the map, and divided before it
+    is squared, so that an FP16 file's sum of squares (past 65,504 for a bright 224 px image) never becomes inf."""
+    return (torch.linalg.vector_norm(t, 2, dim=(2, 3)) / math.sqrt(t.shape[-1] * t.shape[-2])) ** 2
 
 
 def _laplacian_over_3(h: torch.Tensor) -> torch.Tensor:
