@@ -127,12 +127,23 @@ def _auroc(session, x: np.ndarray, y: np.ndarray, batch: int = 16) -> float:
     return round(multilabel_scores(torch.sigmoid(torch.from_numpy(logits)), torch.from_numpy(y.copy()))["macro_auroc"], 4)
 
 
-def _session(path: Path):
+#: onnxruntime threads every latency in a manifest is timed with (and so the INT8 decision and the recommended
+#: file): one, as every edge figure fedxr publishes is (`python -m fedxr.edge bench MODEL --threads 1`). The file
+#: is chosen for a device that is not the exporting machine; one core's speed carries over between machines, the
+#: exporting machine's core count does not — at two threads here the narrow student's INT8 file was 0.93x its FP32
+#: file, at one thread 1.24x — and a small model's batch-1 latency at several threads is mostly their hand-offs.
+TIMING_THREADS = 1
+
+
+def _session(path: Path, threads: int | None = None):
     """An onnxruntime session opened as fedxr.edge opens it: an ORT file's saved runtime optimisations are
-    replayed (without them it runs at the basic level: INT8 then computes QDQ in float, other numbers)."""
+    replayed (without them it runs at the basic level: INT8 then computes QDQ in float, other numbers); ``threads``
+    fixes onnxruntime's intra-op threads (default: its own choice)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     if path.suffix == ".ort":
         opts.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -298,7 +309,7 @@ def _export_fp32(job: _Export, size: int, tolerance: float) -> tuple[Path, Any, 
     auroc = _auroc(sess, job.x, job.labels, job.batch)
     set_metadata(fp32, job.meta("onnx-fp32", auroc))
     onnx.checker.check_model(str(fp32), full_check=True)
-    lat32 = _latency_ms(_session(fp32), job.x[:1])
+    lat32 = _latency_ms(_session(fp32, TIMING_THREADS), job.x[:1])
     job.files.append({"file": fp32.name, "format": "onnx-fp32", "parity_max_abs_logit": diff,
                       "parity_tolerance": tolerance, "parity_ood_max_rel": ood_diff, "parity_ok": passed,
                       "val_auroc": auroc, "latency_ms_b1_p50": lat32, "kept": True})
@@ -315,7 +326,8 @@ def _export_int8(job: _Export, tgt: Target, int8: str, fp32: Path, auroc: float,
     q = quantize_int8(fp32, job.path("int8"), INPUT, _batches(job.x, job.step or 8), float_outputs=(OOD_OUTPUT,))
     qs = _session(q)
     q_auroc = _auroc(qs, job.x, job.labels, job.batch)
-    lat32, q_lat = _paired_latency_ms([_session(fp32), qs], job.x[:1])  # side by side: the decision's two figures
+    # Side by side: the decision's two figures.
+    lat32, q_lat = _paired_latency_ms([_session(fp32, TIMING_THREADS), _session(q, TIMING_THREADS)], job.x[:1])
     next(f for f in job.files if f["file"] == fp32.name)["latency_ms_b1_p50"] = lat32
     set_metadata(q, job.meta("onnx-int8-qdq", q_auroc))
     speedup = lat32 / q_lat if q_lat else 0.0
@@ -343,7 +355,7 @@ def _export_fp16(job: _Export, fp32: Path, ood_reference: np.ndarray) -> None:
     set_metadata(h, job.meta("onnx-fp16", auroc16))  # its own format, not the FP32 file's
     job.files.append({"file": h.name, "format": "onnx-fp16", "parity_max_abs_logit": d16,
                       "parity_tolerance": FP16_PARITY_TOLERANCE, "parity_ok": ok16, "val_auroc": auroc16,
-                      "latency_ms_b1_p50": _latency_ms(_session(h), job.x[:1]), "kept": True,
+                      "latency_ms_b1_p50": _latency_ms(_session(h, TIMING_THREADS), job.x[:1]), "kept": True,
                       **_ood_agreement(hs, ood_reference, job.x, job.batch, job.trust["ood"]["threshold"])})
 
 
@@ -402,7 +414,7 @@ def _ort_files(tgt: Target, model, out: Path, files: list[dict], meta, x: np.nda
         files.append({"file": path.name, "format": f["format"].replace("onnx-", "ort-"), "converted_from": f["file"],
                       "parity_against": "pytorch" if f["format"] == "onnx-fp32" else f["file"],
                       "parity_max_abs_logit": diff, "parity_tolerance": tolerance, "parity_ok": passed,
-                      "val_auroc": _auroc(sess, x, labels, step), "latency_ms_b1_p50": _latency_ms(sess, x[:1]),
+                      "val_auroc": _auroc(sess, x, labels, step), "latency_ms_b1_p50": _latency_ms(_session(path, TIMING_THREADS), x[:1]),
                       "ort_optimization_style": tgt.ort_style, "ort_target_platform": tgt.ort_platform, "kept": True})
     return {"operators_config": {"file": config.name, "sha256": sha256_of(config),
                                  "operators": [l for l in config.read_text().splitlines() if l and not l.startswith("#")]}}, ok
