@@ -77,16 +77,9 @@ def _batches(x: np.ndarray, size: int) -> list[np.ndarray]:
     return [x[i:i + size] for i in range(0, len(x), size)]
 
 
-def _latency_ms(session, x1: np.ndarray, runs: int = 20) -> float:
-    name = session.get_inputs()[0].name
-    for _ in range(3):
-        session.run(None, {name: x1})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run(None, {name: x1})
-        times.append(time.perf_counter() - t)
-    return round(float(np.median(times)) * 1000, 3)
+def _latency_ms(session, x1: np.ndarray) -> float:
+    """Batch-1 latency (ms, median) of one file: :func:`_paired_latency_ms` of it alone."""
+    return _paired_latency_ms([session], x1)[0]
 
 
 def _paired_latency_ms(sessions: list, x1: np.ndarray, rounds: int = 5, runs: int = 10) -> list[float]:

@@ -30,6 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fedxr.edge.model import sha256_of
 from fedxr.data.atomic import copy_file_atomic, save_torch_atomic, write_json_atomic
 
 #: The stage's resume folder, and what it holds.
@@ -59,9 +60,7 @@ def _file_digest(path: Path, h) -> None:
                 h.update(str(p.relative_to(path)).encode())
                 _file_digest(p, h)
     elif path.is_file():
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        h.update(sha256_of(path).encode())
 
 
 def job_digest(recipe_yaml: str, model: dict, sites_dir: Path | None, inputs: list[Path], extra: str = "") -> str:
@@ -187,12 +186,18 @@ def site_state_file(work: Path, rnd: int) -> Path:
     return Path(work) / SITE_STATE.format(round=rnd)
 
 
+def _site_states(work: Path) -> list[tuple[int, Path]]:
+    """(round, file) of every state a site kept in ``work``."""
+    prefix = SITE_STATE.split("{")[0]
+    found = ((p.stem.removeprefix(prefix), p) for p in Path(work).glob(SITE_STATE.format(round="*")))
+    return [(int(number), p) for number, p in found if number.isdigit()]
+
+
 def save_site_state(work: Path, rnd: int, state: dict[str, Any]) -> None:
     """A site's state after training round ``rnd``; states before ``rnd - 1`` are removed."""
     save_torch_atomic(site_state_file(work, rnd), state)
-    for old in Path(work).glob(SITE_STATE.format(round="*")):
-        number = old.stem.removeprefix("resume_round")
-        if number.isdigit() and int(number) < rnd - 1:
+    for number, old in _site_states(work):
+        if number < rnd - 1:
             old.unlink(missing_ok=True)
 
 
@@ -220,9 +225,8 @@ def prune_from(folder: Path, site_works: list[Path], start: int) -> None:
                 if leftover.name not in names:
                     leftover.unlink(missing_ok=True)
     for work in site_works:
-        for state in Path(work).glob(SITE_STATE.format(round="*")):
-            number = state.stem.removeprefix("resume_round")
-            if number.isdigit() and int(number) >= start:
+        for number, state in _site_states(work):
+            if number >= start:
                 state.unlink(missing_ok=True)
 
 
