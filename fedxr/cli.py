@@ -177,6 +177,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_edge_federate(args: argparse.Namespace) -> int:
+    from fedxr.config import load_recipe
+    from fedxr.crossdevice.run import edge_federate, format_summary
+
+    print(format_summary(edge_federate(load_recipe(args.recipe, args.overrides), init_from=args.init_from)))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedxr.config import load_recipe
     from fedxr.pipeline import run_pipeline
@@ -283,6 +291,14 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--restart-stage", action="store_true",
                    help="start from round 0 even if an interrupted run of the same job can be resumed")
     p.set_defaults(func=cmd_federate)
+
+    p = sub.add_parser("edge-federate", help="fine-tune the student across simulated point-of-care devices "
+                                             "(NVFlare edge, asynchronous FedBuff; the recipe's edge_federation)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--init-from", help="student checkpoint to start from (default: edge_federation.init_from, else "
+                                       "the run's first student)")
+    p.set_defaults(func=cmd_edge_federate)
 
     p = sub.add_parser("preflight", help="NVFlare's preflight check of startup kits (server: ports, storage, dry run; "
                                          "hospital or admin: the server answers over mutual TLS); exit 3 if one fails")

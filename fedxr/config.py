@@ -262,6 +262,50 @@ class PrivacyConfig(_Section):
         return {} if value is True else value
 
 
+class EdgeFederationConfig(_Section):
+    """``fedxr edge-federate``: the student fine-tuned across simulated point-of-care devices (NVFlare FedBuff)."""
+
+    site: str = Field("site-1", description="the site whose training films are dealt out to the devices; its "
+                      "validation split scores every model version, its test split the start and the end")
+    init_from: Optional[str] = Field(None, description="the student checkpoint to start from; default: the run's "
+                                     "first student distilled with the teacher")
+    devices: int = Field(100, ge=1, description="simulated devices")
+    images_per_device: tuple[int, int] = Field((5, 50), description="each device holds a number of films drawn "
+                                               "uniformly from this range")
+    skew: Optional[float] = Field(None, gt=0, description="devices differ in case mix: each device's share of "
+                                  "abnormal films is drawn from Beta(skew, skew) (small = very skewed); none = alike")
+    dropout: float = Field(0.3, ge=0, lt=1, description="share of tasks a device drops (goes away mid-task)")
+    stragglers: float = Field(0.1, ge=0, le=1, description="share of tasks a device answers late")
+    straggler_delay_s: float = Field(2.0, ge=0, description="how late a straggler answers")
+    selection: int = Field(20, ge=1, description="devices given a task at once (the server's selection)")
+    updates_per_version: int = Field(10, ge=1, description="device updates (dropped ones included) that make a "
+                                     "new model version")
+    versions: int = Field(10, ge=2, description="model versions to make; version 1 is the starting student")
+    max_staleness: Optional[int] = Field(5, ge=1, description="an update trained on a version this many versions "
+                                         "older than the current one is ignored; none = never")
+    staleness_weight: bool = Field(False, description="weight stale updates by 1/(1+sqrt(age)) (NVFlare FedBuff)")
+    global_lr: float = Field(1.0, gt=0, description="server learning rate: the new version is the old one plus "
+                             "this times the mean device update")
+    lr: float = Field(0.01, gt=0, description="devices' SGD learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1)
+    local_epochs: int = Field(1, ge=1, description="passes over its own films a device makes per task")
+    batch_size: int = Field(16, ge=2)
+    workers: int = Field(2, ge=1, description="devices training at once in the simulator (threads)")
+    timeout_s: float = Field(600.0, gt=0, description="how long the server waits for devices, and a client for "
+                             "its parent, before the job stops")
+    seed: int = Field(0, description="which films each device holds and when it drops out or straggles")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EdgeFederationConfig":
+        low, high = self.images_per_device
+        if not 1 <= low <= high:
+            raise ValueError(f"images_per_device: {[low, high]} is not a range of film counts; use e.g. [5, 50]")
+        if self.updates_per_version > self.selection:
+            raise ValueError(f"updates_per_version ({self.updates_per_version}) is more than the devices at work at "
+                             f"once (selection: {self.selection}); no version would ever be made")
+        return self
+
+
 class OutputConfig(_Section):
     runs_dir: str = "runs"
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -291,6 +335,7 @@ class Recipe(_Section):
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    edge_federation: EdgeFederationConfig = Field(default_factory=EdgeFederationConfig)
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> "Recipe":

@@ -94,6 +94,7 @@ LAYERS = [
     ("training and evaluation", ["fedxr.training", "fedxr.evaluation", "fedxr.explain", "fedxr.trust.fit"]),
     ("the federated engine", ["fedxr.federated"]),
     ("distillation", ["fedxr.distill"]),
+    ("cross-device federation (NVFlare edge)", ["fedxr.crossdevice"]),
     ("products: export, pipeline, report, CLI, console",
      ["fedxr.export", "fedxr.pipeline", "fedxr.report", "fedxr.cli", "fedxr.console", "fedxr.__main__"]),
 ]

@@ -1,0 +1,250 @@
+"""``fedxr edge-federate RECIPE``: the student fine-tuned across simulated devices with NVFlare's edge stack.
+
+The run folder's ``edge_federation/`` receives:
+
+* ``population/`` — which of the site's training films each device holds (``population.json`` says how many);
+* ``workspace/`` — NVFlare's simulator workspace (server and leaf-client logs);
+* ``versions/`` and ``versions.jsonl`` — every model version the server made, with the updates behind it;
+* ``device_tasks.jsonl`` — what each device did with each task (trained, dropped, straggled; films, steps);
+* ``final.ckpt`` — the last version as a fedxr checkpoint (thresholds chosen again on the site's validation
+  split), ready for ``python -m fedxr.export``;
+* ``summary.json`` and ``versions.png`` — validation AUROC per version, devices heard from, dropped and stale,
+  and the start and final models on the site's test split with the paired difference.
+
+Not bit-reproducible, unlike ``fedxr federate`` in the simulator: devices train in threads and the server folds
+updates in as they arrive, so which version a late update lands on depends on timing — as on real devices.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from fedxr.config import EdgeFederationConfig, Recipe
+from fedxr.data.atomic import write_json_atomic
+from fedxr.crossdevice.device import TASK_LOG, StudentDevice
+from fedxr.crossdevice.network import EdgeStudent
+from fedxr.crossdevice.population import deal_devices, write_population
+from fedxr.crossdevice.server import VERSIONS_FILE, RecordingModelManager, version_file
+from fedxr.errors import FedxrError
+
+FOLDER = "edge_federation"
+SUMMARY_FILE = "summary.json"
+FINAL_CHECKPOINT = "final.ckpt"
+JOB_NAME = "fedxr_edge"
+
+
+def default_start(recipe: Recipe) -> Path:
+    """The run's first student (distilled with the teacher): the model the devices keep improving."""
+    from fedxr.layout import chosen_checkpoint
+
+    if not recipe.distill.students:
+        raise FedxrError("edge_federation: the recipe distils no student (distill.students is empty); set "
+                         "edge_federation.init_from to a student checkpoint")
+    return chosen_checkpoint(recipe.layout.stage(recipe.layout.student_stage(recipe.distill.students[0])))
+
+
+def site_manifest(recipe: Recipe, site: str) -> Path:
+    from fedxr.data.manifest import site_manifest_paths
+    from fedxr.data.prepare import require_sites
+
+    paths = site_manifest_paths(require_sites(recipe))
+    if site not in paths:
+        raise FedxrError(f"edge_federation.site: no site {site!r} in {recipe.layout.sites}; the sites are "
+                         f"{', '.join(paths)}")
+    return paths[site]
+
+
+def build_job(cfg: EdgeFederationConfig, start: Path, ckpt: dict, folder: Path, population: Path):
+    """NVFlare's FedBuff edge job (what ``EdgeFedBuffRecipe`` builds) with fedxr's student, devices and model
+    manager; the recipe class itself hard-wires NVFlare's own manager, which keeps no version."""
+    from nvflare.app_opt.pt.job_config.model import PTModel
+    from nvflare.edge.aggregators.model_update_dxo_factory import ModelUpdateDXOAggrFactory
+    from nvflare.edge.assessors.buff_device_manager import BuffDeviceManager
+    from nvflare.edge.assessors.model_update import ModelUpdateAssessor
+    from nvflare.edge.tools.edge_job import EdgeJob
+    from nvflare.recipe.spec import Recipe as FlareRecipe
+
+    norm = ckpt.get("norm", "batch")
+    pre = ckpt["preprocessing"]
+    devices = StudentDevice(
+        population=str(population.resolve()), model_name=ckpt["model_name"], norm=norm, mean=float(pre.mean),
+        std=float(pre.std), lr=cfg.lr, momentum=cfg.momentum, local_epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size, dropout=cfg.dropout, stragglers=cfg.stragglers,
+        straggler_delay_s=cfg.straggler_delay_s, seed=cfg.seed, log_dir=str(folder.resolve()))
+    job = EdgeJob(name=JOB_NAME, edge_method="edge")
+    job.configure_simulation(devices, job_timeout=cfg.timeout_s, num_devices=cfg.devices, num_workers=cfg.workers)
+    # update_timeout is per message from a client to its parent; one timeout ends that client's part in the job
+    # (NVFlare's HUG executor), so it is generous.
+    job.configure_client(aggregator_factory=ModelUpdateDXOAggrFactory(), max_model_versions=cfg.max_staleness or 3,
+                         update_timeout=cfg.timeout_s)
+    model = EdgeStudent(ckpt["model_name"], weights=str(start.resolve()), norm=norm)
+    persistor_id = job.to_server(PTModel(model=model), id="persistor")["persistor_id"]
+    manager_id = job.to_server(RecordingModelManager(
+        num_updates_for_model=cfg.updates_per_version, max_model_history=cfg.max_staleness, global_lr=cfg.global_lr,
+        staleness_weight=cfg.staleness_weight, out_dir=str(folder.resolve())), id="model_manager")
+    device_manager_id = job.to_server(BuffDeviceManager(
+        device_selection_size=cfg.selection, min_hole_to_fill=1, device_reuse=True), id="device_manager")
+    job.configure_server(assessor=ModelUpdateAssessor(
+        persistor_id=persistor_id, model_manager_id=manager_id, device_manager_id=device_manager_id,
+        max_model_version=cfg.versions, device_wait_timeout=cfg.timeout_s))
+    return FlareRecipe(job)
+
+
+def score_versions(folder: Path, ckpt: dict, dm) -> list[dict]:
+    """Validation macro AUROC of every version the server made (version 1 is the starting student)."""
+    from fedxr.evaluation import predict
+    from fedxr.models.metrics import multilabel_scores
+
+    records = [json.loads(line) for line in (folder / VERSIONS_FILE).read_text().splitlines() if line.strip()]
+    net = EdgeStudent(ckpt["model_name"], norm=ckpt.get("norm", "batch")).net
+    for rec in records:
+        net.load_state_dict(torch.load(version_file(folder, rec["version"]), weights_only=True))
+        with torch.no_grad():
+            probs, targets = predict(net, dm.val_dataloader())
+        rec["val_macro_auroc"] = multilabel_scores(probs, targets)["macro_auroc"]
+    return records
+
+
+def save_final(folder: Path, version: int, ckpt: dict, dm, recipe: Recipe, start: Path) -> Path:
+    """The last version as a fedxr checkpoint, its thresholds chosen on the site's validation split."""
+    from fedxr.evaluation import predict
+    from fedxr.models.checkpoint import save_checkpoint
+    from fedxr.models.metrics import choose_thresholds
+
+    net = EdgeStudent(ckpt["model_name"], norm=ckpt.get("norm", "batch")).net
+    net.load_state_dict(torch.load(version_file(folder, version), weights_only=True))
+    with torch.no_grad():
+        probs, targets = predict(net, dm.val_dataloader())
+    extra = {"norm": ckpt["norm"]} if ckpt.get("norm", "batch") != "batch" else {}
+    extra["edge_federation"] = {"started_from": str(start), "version": version}
+    return save_checkpoint(folder / FINAL_CHECKPOINT, model_name=ckpt["model_name"], state_dict=net.state_dict(),
+                           preprocessing=ckpt["preprocessing"], thresholds=choose_thresholds(probs, targets),
+                           recipe=recipe.model_dump(mode="json"), source="edge_federation", extra=extra)
+
+
+def _tasks(folder: Path) -> dict:
+    lines = [json.loads(x) for x in (folder / TASK_LOG).read_text().splitlines() if x.strip()] \
+        if (folder / TASK_LOG).is_file() else []
+    count = {k: sum(1 for t in lines if t["behaviour"] == k) for k in ("trained", "straggler", "dropped")}
+    return {"tasks": len(lines), **count, "devices_heard_from": len({t["device"] for t in lines})}
+
+
+def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress: bool = True) -> dict:
+    """Run the recipe's ``edge_federation`` and write its folder; returns the summary."""
+    from nvflare.recipe.sim_env import SimEnv
+
+    from fedxr.distill.report import paired_differences
+    from fedxr.evaluation import evaluate_checkpoint
+    from fedxr.models.checkpoint import load_checkpoint
+    from fedxr.models.registry import complexity
+
+    cfg = recipe.edge_federation
+    start = Path(init_from or cfg.init_from or default_start(recipe))
+    ckpt = load_checkpoint(start)
+    manifest = site_manifest(recipe, cfg.site)
+    folder = recipe.layout.root / FOLDER
+    if folder.exists():
+        shutil.rmtree(folder)  # a new federation: versions of an earlier one must not be read as this one's
+    folder.mkdir(parents=True)
+    from fedxr.data.datamodule import SiteDataModule
+
+    dm = SiteDataModule([manifest], ckpt["preprocessing"], batch_size=64, num_workers=0, augment=False,
+                        cache_dir=recipe.data.cache_dir, progress=progress)
+    labels = dm.split_labels("train")  # builds the site's image cache (or finds it) and names a missing split
+    from fedxr.data.cache import cache_path
+
+    assert dm.rows is not None  # split_labels read the manifest
+    rows = dm.rows[dm.rows["split"] == "train"]
+    cache = cache_path(rows["path"].tolist(), ckpt["preprocessing"].size, recipe.data.cache_dir)
+    shards = deal_devices(labels, cfg.devices, cfg.images_per_device[0], cfg.images_per_device[1], cfg.seed,
+                          cfg.skew)
+    population = write_population(folder / "population", cache, labels, shards, ckpt["preprocessing"].size,
+                                  {"site": cfg.site, "manifest": str(manifest), **cfg.model_dump(mode="json")})
+    params = sum(p.numel() for p in EdgeStudent(ckpt["model_name"], norm=ckpt.get("norm", "batch")).state_dict().values())
+    print(f"edge federation: {cfg.devices} devices on {cfg.site}'s {population.films} training films "
+          f"({cfg.images_per_device[0]}-{cfg.images_per_device[1]} each), {cfg.selection} at work at once, "
+          f"a new version every {cfg.updates_per_version} updates, {cfg.versions} versions; started from {start}",
+          flush=True)
+    t0 = time.time()
+    build_job(cfg, start, ckpt, folder, population.folder).execute(
+        SimEnv(num_clients=1, workspace_root=str((folder / "workspace").resolve())))
+    seconds = time.time() - t0
+    if not (folder / VERSIONS_FILE).is_file():
+        raise FedxrError(f"edge federation: the server made no model version; see {folder / 'workspace'} "
+                         "(server and site-1 logs)")
+    versions = score_versions(folder, ckpt, dm)
+    last = versions[-1]["version"]
+    if last < cfg.versions:
+        print(f"edge federation: stopped at version {last} of {cfg.versions} (devices ran out within "
+              f"edge_federation.timeout_s = {cfg.timeout_s:g} s)", flush=True)
+    final = save_final(folder, last, ckpt, dm, recipe, start)
+    start_eval = evaluate_checkpoint(start, manifest, split="test", out=folder / "eval_start",
+                                     cache_dir=recipe.data.cache_dir, progress=progress)
+    final_eval = evaluate_checkpoint(final, manifest, split="test", out=folder / "eval_final",
+                                     cache_dir=recipe.data.cache_dir, progress=progress)
+    classes = start_eval.counted
+    preds = {"checkpoint": str(start), "predictions": str(start_eval.metrics_file.parent / "predictions.npz")}
+    final_preds = {"checkpoint": str(final), "predictions": str(final_eval.metrics_file.parent / "predictions.npz")}
+    gain = paired_differences(final_preds, preds, classes) if classes else None
+    summary = {
+        "site": cfg.site, "started_from": str(start), "final": str(final), "seconds": round(seconds, 1),
+        "devices": cfg.devices, "population": json.loads((population.folder / "population.json").read_text()),
+        "update_bytes": params * 4, "update_bytes_note": "float32 tensors of every state-dict entry; NVFlare sends "
+        "them as nested lists, several times larger on the wire",
+        "versions": versions, "device_tasks": _tasks(folder),
+        "updates": {k: sum(v[k] for v in versions) for k in ("devices", "trained", "dropped", "stale",
+                                                              "ignored_too_old")},
+        "test": {"start": start_eval.macro_auroc, "start_ci95": start_eval.macro_auroc_ci95,
+                 "final": final_eval.macro_auroc, "final_ci95": final_eval.macro_auroc_ci95,
+                 "gain": None if final_eval.macro_auroc is None or start_eval.macro_auroc is None
+                 else final_eval.macro_auroc - start_eval.macro_auroc,
+                 "gain_ci95": gain["ci95"] if gain else None, "classes": classes, "images": final_eval.images},
+        "model_name": ckpt["model_name"], "input_size": ckpt["preprocessing"].size,
+        "macs": complexity(ckpt["model_name"], ckpt["preprocessing"].size)[1],
+        "settings": cfg.model_dump(mode="json"),
+    }
+    write_json_atomic(folder / SUMMARY_FILE, summary)
+    plot_versions(summary, folder / "versions.png")
+    return summary
+
+
+def plot_versions(summary: dict, path: Path) -> None:
+    from fedxr.plots import saved_figure
+
+    v = summary["versions"]
+    with saved_figure(path, ncols=2, figsize=(10, 3.6)) as (fig, (left, right)):
+        left.plot([r["version"] for r in v], [r["val_macro_auroc"] for r in v], marker="o")
+        left.set_xlabel("model version")
+        left.set_ylabel("validation macro AUROC")
+        left.set_title(f"{summary['site']}: {summary['devices']} devices")
+        later = v[1:]
+        x = [r["version"] for r in later]
+        right.bar(x, [r["trained"] - r["stale"] for r in later], label="fresh")
+        right.bar(x, [r["stale"] for r in later], bottom=[r["trained"] - r["stale"] for r in later], label="stale")
+        right.bar(x, [r["dropped"] for r in later], bottom=[r["trained"] for r in later], label="dropped")
+        right.set_xlabel("model version")
+        right.set_ylabel("device updates behind it")
+        right.legend()
+
+
+def format_summary(summary: dict) -> str:
+    t, u = summary["test"], summary["updates"]
+    lines = [f"edge federation at {summary['site']}: {len(summary['versions'])} versions in {summary['seconds']:.0f} s; "
+             f"device updates {u['devices']} (trained {u['trained']}, dropped {u['dropped']}, stale {u['stale']}, "
+             f"too old {u['ignored_too_old']}); one update {summary['update_bytes'] / 1e6:.2f} MB"]
+    for r in summary["versions"]:
+        lines.append(f"  v{r['version']:<3d} val AUROC {r['val_macro_auroc']:.4f}  updates {r['trained']:>3d} trained, "
+                     f"{r['dropped']:>3d} dropped, {r['stale']:>3d} stale")
+    gain = "" if t["gain_ci95"] is None else f" ({t['gain_ci95'][0]:+.3f}…{t['gain_ci95'][1]:+.3f})"
+    if t["gain"] is None:
+        lines.append(f"test macro AUROC ({t['images']} films): no finding has both classes in the site's test split")
+    else:
+        lines.append(f"test macro AUROC ({t['images']} films): start {t['start']:.4f} → final {t['final']:.4f}, "
+                     f"{t['gain']:+.4f}{gain}")
+    lines.append(f"final model: {summary['final']}")
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""Devices that learn together: the student fine-tuned across simulated devices with NVFlare's edge stack."""
+
+import json
+import os
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.fl_context import FLContext
+from nvflare.edge.mud import ModelUpdate
+
+from fedxr.cli import main
+from fedxr.config import RecipeError, load_recipe
+from fedxr.crossdevice.device import behaviour
+from fedxr.crossdevice.population import deal_devices
+from fedxr.crossdevice.server import VERSIONS_FILE, RecordingModelManager, version_file
+from fedxr.errors import FedxrError
+from fedxr.models.checkpoint import load_checkpoint, save_checkpoint
+from fedxr.models.registry import build_model
+
+from helpers import QUICKSTART, tiny_recipe_overrides
+
+
+def _update(version: int, diff: list[float], count: int, devices: tuple[str, ...]) -> ModelUpdate:
+    dxo = DXO(data_kind=DataKind.WEIGHT_DIFF, data={"dict": {"w": list(diff)}, "count": count})
+    return ModelUpdate(version, dxo.to_shareable(), {d: 0.0 for d in devices})
+
+
+def test_fedbuff_versions_are_the_buffered_average_and_a_late_update_is_not_lost(tmp_path):
+    m = RecordingModelManager(num_updates_for_model=3, global_lr=0.5, out_dir=str(tmp_path))
+    ctx = FLContext()
+    m.initialize_model(DXO(data_kind=DataKind.WEIGHTS, data={"w": [0.0, 0.0]}), ctx)
+    m.generate_new_model(ctx)  # version 1: the starting model
+    # Two devices trained on version 1, a third dropped out (an empty update that counts nothing).
+    m.process_updates({1: _update(1, [1.0, 2.0], 1, ("a",))}, ctx)
+    m.process_updates({1: _update(1, [3.0, 4.0], 1, ("b",))}, ctx)
+    assert m.current_model_version == 1
+    m.process_updates({1: _update(1, [0.0, 0.0], 0, ("c",))}, ctx)
+    assert m.current_model_version == 2
+    # new = old + global_lr * (sum of diffs / trained updates) = 0.5 * [4, 6] / 2
+    assert m.current_model.data["w"] == [1.0, 1.5]
+    # A straggler still on version 1 reports after version 2 exists; no selected device holds version 1 any more.
+    m.process_updates({1: _update(1, [6.0, 6.0], 1, ("d",))}, ctx)
+    m.prune_model_versions({2}, ctx)  # NVFlare's assessor prunes after every batch of updates
+    assert 1 in m.updates, "the late update was thrown away before it was used"
+    m.process_updates({2: _update(2, [2.0, 0.0], 1, ("e",)), 1: None}, ctx)
+    m.process_updates({2: _update(2, [4.0, 3.0], 1, ("f",))}, ctx)
+    assert m.current_model_version == 3
+    # [1, 1.5] + 0.5 * ([6, 6] + [2, 0] + [4, 3]) / 3
+    np.testing.assert_allclose(m.current_model.data["w"], [1.0 + 0.5 * 4.0, 1.5 + 0.5 * 3.0])
+    m.prune_model_versions({3}, ctx)
+    assert set(m.updates) == {3}, "a version whose updates were used is kept"
+    records = [json.loads(x) for x in (tmp_path / VERSIONS_FILE).read_text().splitlines()]
+    assert [r["version"] for r in records] == [1, 2, 3]
+    assert {k: records[1][k] for k in ("devices", "trained", "dropped", "stale")} == \
+        {"devices": 3, "trained": 2, "dropped": 1, "stale": 0}
+    assert {k: records[2][k] for k in ("devices", "trained", "dropped", "stale", "max_staleness")} == \
+        {"devices": 3, "trained": 3, "dropped": 0, "stale": 1, "max_staleness": 1}
+    saved = torch.load(version_file(tmp_path, 3), weights_only=True)
+    torch.testing.assert_close(saved["w"], torch.tensor([3.0, 3.0]))
+
+
+def test_an_update_older_than_the_history_is_turned_away_and_counted(tmp_path):
+    m = RecordingModelManager(num_updates_for_model=1, max_model_history=2, out_dir=str(tmp_path))
+    ctx = FLContext()
+    m.initialize_model(DXO(data_kind=DataKind.WEIGHTS, data={"w": [0.0]}), ctx)
+    m.generate_new_model(ctx)
+    for v in (1, 2):
+        m.process_updates({v: _update(v, [1.0], 1, (f"d{v}",))}, ctx)
+    assert m.current_model_version == 3
+    m.process_updates({1: _update(1, [100.0], 1, ("old",)), 3: _update(3, [1.0], 1, ("new",))}, ctx)
+    assert m.current_model_version == 4 and m.current_model.data["w"] == [3.0]
+    last = json.loads((tmp_path / VERSIONS_FILE).read_text().splitlines()[-1])
+    assert last["ignored_too_old"] == 1 and last["stale"] == 1
+
+
+def test_devices_hold_five_to_fifty_films_and_skew_changes_their_case_mix():
+    labels = np.zeros((400, 14), np.float32)
+    labels[:200, 3] = 1  # half the films abnormal
+    labels[0, 5] = np.nan
+    shards = deal_devices(labels, 300, 5, 50, seed=0)
+    sizes = [len(s) for s in shards]
+    assert min(sizes) >= 5 and max(sizes) <= 50 and len(set(sizes)) > 20
+    assert all(len(np.unique(s)) == len(s) for s in shards)
+    assert all(np.array_equal(a, b) for a, b in zip(shards, deal_devices(labels, 300, 5, 50, seed=0)))
+    share = lambda ss: np.array([np.mean(s < 200) for s in ss])  # noqa: E731
+    alike, skewed = share(shards), share(deal_devices(labels, 300, 5, 50, seed=0, skew=0.2))
+    assert skewed.std() > 2 * alike.std()
+    tiny = deal_devices(labels[:3], 4, 5, 50, seed=1)
+    assert all(len(s) == 3 for s in tiny), "a device cannot hold more films than the site has"
+    with pytest.raises(FedxrError, match="no training films"):
+        deal_devices(labels[:0], 4, 5, 50, seed=0)
+
+
+def test_a_devices_behaviour_is_drawn_from_seed_device_and_version():
+    draws = [behaviour(0, d, v, 0.3, 0.2) for d in range(200) for v in range(1, 6)]
+    assert draws == [behaviour(0, d, v, 0.3, 0.2) for d in range(200) for v in range(1, 6)]
+    share = {k: draws.count(k) / len(draws) for k in ("dropped", "straggler", "trained")}
+    assert 0.25 < share["dropped"] < 0.35 and 0.1 < share["straggler"] < 0.2
+    assert {behaviour(0, d, 1, 0.0, 0.0) for d in range(50)} == {"trained"}
+
+
+def test_edge_federation_settings_are_checked():
+    with pytest.raises(RecipeError, match="updates_per_version"):
+        load_recipe(QUICKSTART, ["edge_federation.selection=4", "edge_federation.updates_per_version=5"])
+    with pytest.raises(RecipeError, match="images_per_device"):
+        load_recipe(QUICKSTART, ["edge_federation.images_per_device=[9,3]"])
+
+
+@pytest.mark.slow
+def test_a_toy_edge_federation_makes_its_versions_counts_every_update_and_leaves_nothing_running(tmp_path, capsys):
+    ov = tiny_recipe_overrides(tmp_path, patients=60, extra=("data.phantom.hospitals=2", "data.sites=2",
+                                                              "federated.min_clients=2"))
+    assert main(["data", "prepare", str(QUICKSTART), *ov]) == 0
+    # Any fedxr checkpoint can start the devices off; an untrained one keeps the test short.
+    recipe = load_recipe(QUICKSTART, ov)
+    start = save_checkpoint(tmp_path / "start.ckpt", model_name="tiny_cnn", state_dict=build_model("tiny_cnn").state_dict(),
+                            preprocessing=recipe.preprocessing, thresholds=[0.5] * 14,
+                            recipe=recipe.model_dump(mode="json"))
+    edge = ["edge_federation.site=site-2", "edge_federation.devices=16", "edge_federation.selection=4",
+            "edge_federation.updates_per_version=3", "edge_federation.versions=4", "edge_federation.dropout=0.3",
+            "edge_federation.stragglers=0.3", "edge_federation.straggler_delay_s=1", "edge_federation.timeout_s=120"]
+    assert main(["edge-federate", str(QUICKSTART), *ov, *edge, "edge_federation.site=site-9",
+                 "--init-from", str(start)]) != 0
+    assert "no site 'site-9'" in capsys.readouterr().err and not (tmp_path / "runs" / "t" / "edge_federation").exists()
+    assert main(["edge-federate", str(QUICKSTART), *ov, *edge, "--init-from", str(start)]) == 0
+    out = capsys.readouterr().out
+    assert "edge federation at site-2: 4 versions" in out
+    folder = tmp_path / "runs" / "t" / "edge_federation"
+    summary = json.loads((folder / "summary.json").read_text())
+    versions = summary["versions"]
+    assert [v["version"] for v in versions] == [1, 2, 3, 4]
+    # Version 1 is the student as it started; each later one was made from at least updates_per_version updates.
+    started = load_checkpoint(start)["state_dict"]
+    v1 = torch.load(version_file(folder, 1), weights_only=True)
+    assert all(torch.equal(started[k].float(), v1[k]) for k in started)
+    assert all(v["devices"] >= 3 and v["devices"] == v["trained"] + v["dropped"] for v in versions[1:])
+    assert all(0 <= v["stale"] <= v["trained"] for v in versions)
+    # What the devices did: dropped and late exactly where the seeded rule says; the server heard no more
+    # updates than the devices sent (one may still be on its way when the last version is made).
+    tasks = [json.loads(x) for x in (folder / "device_tasks.jsonl").read_text().splitlines()]
+    assert all(t["behaviour"] == behaviour(0, t["device"], t["version"], 0.3, 0.3) for t in tasks)
+    assert all(t["films"] >= 5 or t["behaviour"] == "dropped" for t in tasks)
+    assert summary["updates"]["dropped"] <= sum(t["behaviour"] == "dropped" for t in tasks)
+    assert summary["updates"]["devices"] <= len(tasks)
+    final = load_checkpoint(folder / "final.ckpt")
+    last = torch.load(version_file(folder, 4), weights_only=True)
+    # (BatchNorm's integer step counters are averaged as floats by FedBuff and stored whole.)
+    assert all(torch.equal(final["state_dict"][k], last[k]) for k in last if last[k].is_floating_point()
+               and final["state_dict"][k].is_floating_point())
+    assert final["source"] == "edge_federation" and final["trained_on"]["synthetic"] is True
+    assert summary["test"]["gain_ci95"] is not None and (folder / "versions.png").stat().st_size > 5000
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if p.pid != os.getpid() and str(folder) in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers, f"processes left running: {[p.info['cmdline'] for p in leftovers]}"
