@@ -267,6 +267,8 @@ class EdgeFederationConfig(_Section):
 
     site: str = Field("site-1", description="the site whose training films are dealt out to the devices; its "
                       "validation split scores every model version, its test split the start and the end")
+    manifest: Optional[str] = Field(None, description="a site manifest (a CSV `fedxr data split` wrote) dealt out "
+                                    "instead of one of the run's own sites: e.g. a hospital the student never saw")
     init_from: Optional[str] = Field(None, description="the student checkpoint to start from; default: the run's "
                                      "first student distilled with the teacher")
     devices: int = Field(100, ge=1, description="simulated devices")

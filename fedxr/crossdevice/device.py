@@ -46,7 +46,9 @@ def behaviour(seed: int, device: int, version: int, dropout: float, stragglers: 
 
 def train_on_device(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, mean: float, std: float,
                     lr: float, momentum: float, epochs: int, batch_size: int, generator: torch.Generator) -> int:
-    """Local SGD on one device's films (augmented as every fedxr training is); returns the steps taken."""
+    """Local SGD on one device's films (augmented as every fedxr training is); returns the steps taken. The order
+    of the films is drawn from ``generator``; the augmentation from torch's global generator, shared by the
+    simulator's device threads — so a device's training is not reproducible, as on a real device."""
     from fedxr.data.augment import augment_batch
     from fedxr.models.loss import masked_bce_with_logits
 
@@ -109,7 +111,7 @@ class StudentDevice(DeviceTaskProcessor):
             steps = train_on_device(net, images, labels, self.mean, self.std, self.lr, self.momentum,
                                     self.local_epochs, self.batch_size, generator)
             diff = {k: (v.detach().float() - weights[k]).numpy() for k, v in net.state_dict().items()}
-            count = 1
+            count = int(steps > 0)  # a device with one film takes no step (BatchNorm needs two): it adds nothing
             record.update(films=len(images), steps=steps)
             if what == STRAGGLER:
                 time.sleep(self.straggler_delay_s)

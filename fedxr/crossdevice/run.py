@@ -22,10 +22,11 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedxr.config import EdgeFederationConfig, Recipe
-from fedxr.data.atomic import write_json_atomic
+from fedxr.data.atomic import write_bytes_atomic, write_json_atomic
 from fedxr.crossdevice.device import TASK_LOG, StudentDevice
 from fedxr.crossdevice.network import EdgeStudent
 from fedxr.crossdevice.population import deal_devices, write_population
@@ -35,6 +36,7 @@ from fedxr.errors import FedxrError
 FOLDER = "edge_federation"
 SUMMARY_FILE = "summary.json"
 FINAL_CHECKPOINT = "final.ckpt"
+START_CHECKPOINT = "start.ckpt"
 JOB_NAME = "fedxr_edge"
 
 
@@ -80,7 +82,7 @@ def build_job(cfg: EdgeFederationConfig, start: Path, ckpt: dict, folder: Path, 
     job.configure_simulation(devices, job_timeout=cfg.timeout_s, num_devices=cfg.devices, num_workers=cfg.workers)
     # update_timeout is per message from a client to its parent; one timeout ends that client's part in the job
     # (NVFlare's HUG executor), so it is generous.
-    job.configure_client(aggregator_factory=ModelUpdateDXOAggrFactory(), max_model_versions=cfg.max_staleness or 3,
+    job.configure_client(aggregator_factory=ModelUpdateDXOAggrFactory(), max_model_versions=cfg.max_staleness or cfg.versions,
                          update_timeout=cfg.timeout_s)
     model = EdgeStudent(ckpt["model_name"], weights=str(start.resolve()), norm=norm)
     persistor_id = job.to_server(PTModel(model=model), id="persistor")["persistor_id"]
@@ -106,7 +108,8 @@ def score_versions(folder: Path, ckpt: dict, dm) -> list[dict]:
         net.load_state_dict(torch.load(version_file(folder, rec["version"]), weights_only=True))
         with torch.no_grad():
             probs, targets = predict(net, dm.val_dataloader())
-        rec["val_macro_auroc"] = multilabel_scores(probs, targets)["macro_auroc"]
+        macro = multilabel_scores(probs, targets)["macro_auroc"]
+        rec["val_macro_auroc"] = None if macro != macro else macro  # NaN: no finding with both classes
     return records
 
 
@@ -124,7 +127,8 @@ def save_final(folder: Path, version: int, ckpt: dict, dm, recipe: Recipe, start
     extra["edge_federation"] = {"started_from": str(start), "version": version}
     return save_checkpoint(folder / FINAL_CHECKPOINT, model_name=ckpt["model_name"], state_dict=net.state_dict(),
                            preprocessing=ckpt["preprocessing"], thresholds=choose_thresholds(probs, targets),
-                           recipe=recipe.model_dump(mode="json"), source="edge_federation", extra=extra)
+                           recipe=recipe.model_dump(mode="json"), source=f"{ckpt.get('source', 'train')}+edge_federation",
+                           extra=extra)
 
 
 def _tasks(folder: Path) -> dict:
@@ -146,17 +150,30 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
     cfg = recipe.edge_federation
     start = Path(init_from or cfg.init_from or default_start(recipe))
     ckpt = load_checkpoint(start)
-    manifest = site_manifest(recipe, cfg.site)
-    folder = recipe.layout.root / FOLDER
-    if folder.exists():
-        shutil.rmtree(folder)  # a new federation: versions of an earlier one must not be read as this one's
-    folder.mkdir(parents=True)
+    manifest = Path(cfg.manifest) if cfg.manifest else site_manifest(recipe, cfg.site)
+    if not manifest.is_file():
+        raise FedxrError(f"edge_federation.manifest: {manifest} not found; give a site manifest written by "
+                         "`fedxr data split ROOT --out DIR` (DIR/site-N.csv)")
+    population_name = f"{manifest.parent.name}/{manifest.stem}" if cfg.manifest else cfg.site
     from fedxr.data.datamodule import SiteDataModule
 
     dm = SiteDataModule([manifest], ckpt["preprocessing"], batch_size=64, num_workers=0, augment=False,
                         cache_dir=recipe.data.cache_dir, progress=progress)
-    labels = dm.split_labels("train")  # builds the site's image cache (or finds it) and names a missing split
+    # Every split is needed (devices train on train, versions are scored on val, start and end on test): a
+    # missing one is named now, before anything of an earlier edge federation is removed.
+    labels = dm.split_labels("train")
+    dm.split_labels("val")
+    dm.split_labels("test")
     from fedxr.data.cache import cache_path
+
+    folder = recipe.layout.root / FOLDER
+    # The starting student is copied into the new folder first: it may be an earlier run's final.ckpt (devices
+    # keep improving it), which the new run replaces.
+    start_bytes = start.read_bytes()
+    if folder.exists():
+        shutil.rmtree(folder)  # a new federation: versions of an earlier one must not be read as this one's
+    folder.mkdir(parents=True)
+    started_from, start = start, write_bytes_atomic(folder / START_CHECKPOINT, lambda fh: fh.write(start_bytes))
 
     assert dm.rows is not None  # split_labels read the manifest
     rows = dm.rows[dm.rows["split"] == "train"]
@@ -164,11 +181,11 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
     shards = deal_devices(labels, cfg.devices, cfg.images_per_device[0], cfg.images_per_device[1], cfg.seed,
                           cfg.skew)
     population = write_population(folder / "population", cache, labels, shards, ckpt["preprocessing"].size,
-                                  {"site": cfg.site, "manifest": str(manifest), **cfg.model_dump(mode="json")})
+                                  {**cfg.model_dump(mode="json"), "population": population_name, "manifest": str(manifest)})
     params = sum(p.numel() for p in EdgeStudent(ckpt["model_name"], norm=ckpt.get("norm", "batch")).state_dict().values())
-    print(f"edge federation: {cfg.devices} devices on {cfg.site}'s {population.films} training films "
+    print(f"edge federation: {cfg.devices} devices on {population_name}'s {population.films} training films "
           f"({cfg.images_per_device[0]}-{cfg.images_per_device[1]} each), {cfg.selection} at work at once, "
-          f"a new version every {cfg.updates_per_version} updates, {cfg.versions} versions; started from {start}",
+          f"a new version every {cfg.updates_per_version} updates, {cfg.versions} versions; started from {started_from}",
           flush=True)
     t0 = time.time()
     build_job(cfg, start, ckpt, folder, population.folder).execute(
@@ -182,7 +199,7 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
     if last < cfg.versions:
         print(f"edge federation: stopped at version {last} of {cfg.versions} (devices ran out within "
               f"edge_federation.timeout_s = {cfg.timeout_s:g} s)", flush=True)
-    final = save_final(folder, last, ckpt, dm, recipe, start)
+    final = save_final(folder, last, ckpt, dm, recipe, started_from)
     start_eval = evaluate_checkpoint(start, manifest, split="test", out=folder / "eval_start",
                                      cache_dir=recipe.data.cache_dir, progress=progress)
     final_eval = evaluate_checkpoint(final, manifest, split="test", out=folder / "eval_final",
@@ -192,7 +209,8 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
     final_preds = {"checkpoint": str(final), "predictions": str(final_eval.metrics_file.parent / "predictions.npz")}
     gain = paired_differences(final_preds, preds, classes) if classes else None
     summary = {
-        "site": cfg.site, "started_from": str(start), "final": str(final), "seconds": round(seconds, 1),
+        "site": population_name, "manifest": str(manifest), "started_from": str(started_from), "final": str(final),
+        "seconds": round(seconds, 1),
         "devices": cfg.devices, "population": json.loads((population.folder / "population.json").read_text()),
         "update_bytes": params * 4, "update_bytes_note": "float32 tensors of every state-dict entry; NVFlare sends "
         "them as nested lists, several times larger on the wire",
@@ -218,7 +236,8 @@ def plot_versions(summary: dict, path: Path) -> None:
 
     v = summary["versions"]
     with saved_figure(path, ncols=2, figsize=(10, 3.6)) as (fig, (left, right)):
-        left.plot([r["version"] for r in v], [r["val_macro_auroc"] for r in v], marker="o")
+        left.plot([r["version"] for r in v], [np.nan if r["val_macro_auroc"] is None else r["val_macro_auroc"]
+                                              for r in v], marker="o")
         left.set_xlabel("model version")
         left.set_ylabel("validation macro AUROC")
         left.set_title(f"{summary['site']}: {summary['devices']} devices")
@@ -238,7 +257,8 @@ def format_summary(summary: dict) -> str:
              f"device updates {u['devices']} (trained {u['trained']}, dropped {u['dropped']}, stale {u['stale']}, "
              f"too old {u['ignored_too_old']}); one update {summary['update_bytes'] / 1e6:.2f} MB"]
     for r in summary["versions"]:
-        lines.append(f"  v{r['version']:<3d} val AUROC {r['val_macro_auroc']:.4f}  updates {r['trained']:>3d} trained, "
+        val = "  n/a " if r["val_macro_auroc"] is None else f"{r['val_macro_auroc']:.4f}"
+        lines.append(f"  v{r['version']:<3d} val AUROC {val}  updates {r['trained']:>3d} trained, "
                      f"{r['dropped']:>3d} dropped, {r['stale']:>3d} stale")
     gain = "" if t["gain_ci95"] is None else f" ({t['gain_ci95'][0]:+.3f}…{t['gain_ci95'][1]:+.3f})"
     if t["gain"] is None:

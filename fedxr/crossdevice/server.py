@@ -55,14 +55,15 @@ class RecordingModelManager(BuffModelManager):
             trained = int(from_shareable(update.update).data.get("count", 1))
             age = self.current_model_version - version
             t = self._tally
+            if self.max_model_history and age >= self.max_model_history:
+                t["ignored_too_old"] += devices  # NVFlare turns these away: they make no version and count nowhere
+                continue
             t["devices"] += devices
             t["trained"] += trained
             t["dropped"] += devices - trained
             t["staleness"] += [age] * trained
             if age >= 1:
                 t["stale"] += trained
-            if self.max_model_history and age >= self.max_model_history:
-                t["ignored_too_old"] += trained
         return super().process_updates(model_updates, fl_ctx)
 
     def prune_model_versions(self, versions_to_keep: Set[int], fl_ctx: FLContext) -> None:
@@ -75,6 +76,15 @@ class RecordingModelManager(BuffModelManager):
         super().prune_model_versions(set(versions_to_keep) | waiting, fl_ctx)
 
     def generate_new_model(self, fl_ctx: FLContext) -> None:
+        if self.current_model_version >= 1 and not any(state.aggregator.count > 0 for state in self.updates.values()):
+            # Every update since the last version was a dropped device's empty one: NVFlare would make a version
+            # with no weights at all (its average of nothing is an empty dict), and every device handed it fails.
+            # Make none; the dropped updates stay in the tally of the next version that is made.
+            self.num_updates_counter = 0
+            for state in self.updates.values():
+                state.aggregator.reset(fl_ctx)
+            self.log_info(fl_ctx, "no trained update since the last version (all dropped): no new version")
+            return
         super().generate_new_model(fl_ctx)
         if not self.out_dir:
             return
