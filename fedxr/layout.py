@@ -128,6 +128,11 @@ class RunLayout:
 
     _TRAIN = "train_"
 
+    @property
+    def edge_federation(self) -> Path:
+        """``fedxr edge-federate``: the student fine-tuned across simulated devices (fedxr.crossdevice)."""
+        return self.root / "edge_federation"
+
     # --- results ----------------------------------------------------------------------------------------
     @property
     def evaluate(self) -> Path:

@@ -175,6 +175,33 @@ def _baselines_section(layout: RunLayout, out: list[str]) -> None:
                 "`--mode local --site site-1` add them here).", ""]
 
 
+def _edge_section(layout: RunLayout, out: list[str]) -> None:
+    """``fedxr edge-federate``'s run, where there is one: versions, the updates behind them, the test gain."""
+    from fedxr.crossdevice.run import PLOT_FILE, SUMMARY_FILE
+
+    folder = layout.edge_federation
+    if not (folder / SUMMARY_FILE).is_file():
+        return
+    s = json.loads((folder / SUMMARY_FILE).read_text())
+    t, u = s["test"], s["updates"]
+    out += ["## Devices that learn together (edge federation)", "",
+            f"{s['devices']} simulated devices holding {s['site']}'s training films "
+            f"({s['population']['films_per_device']['min']}–{s['population']['films_per_device']['max']} each), "
+            f"started from `{s['started_from']}`; {len(s['versions'])} model versions in {s['seconds']:.0f} s. Device "
+            f"updates: {u['devices']} heard, {u['trained']} trained, {u['dropped']} dropped, {u['stale']} stale, "
+            f"{u['ignored_too_old']} turned away as too old; one update {s['update_bytes'] / 1e6:.2f} MB.", ""]
+    out += _table(["version", "val macro AUROC", "trained", "dropped", "stale", "seconds"],
+                  [[v["version"], _f(v["val_macro_auroc"]), v["trained"], v["dropped"], v["stale"], _f(v["seconds"], ".0f")]
+                   for v in s["versions"]]) + [""]
+    if t["gain"] is not None:
+        out += [f"Test macro AUROC at {s['site']} ({t['images']} films, 95 % bootstrap intervals): start "
+                f"{_f(t['start'])} ({_ci(t['start_ci95'])}), final {_f(t['final'])} ({_ci(t['final_ci95'])}); gain "
+                f"{_f(t['gain'], '+.3f')}" + (f" (paired: {_ci(t['gain_ci95'], '+.3f')})" if t["gain_ci95"] else "")
+                + ".", ""]
+    if (folder / PLOT_FILE).is_file():
+        out += [f"![edge federation]({_rel(folder / PLOT_FILE, layout.root)})", ""]
+
+
 def _evaluate_section(layout: RunLayout, results: RunResults, out: list[str]) -> None:
     run, ev = layout.root, results.evaluate
     if not ev:
@@ -405,6 +432,7 @@ def write_report(recipe: Recipe, results: RunResults) -> Path:
     _evaluate_section(layout, results, out)
     _export_section(layout, results, out)
     _explain_section(layout, results, out)
+    _edge_section(layout, out)
     _energy_section(layout, recipe, results, out)
     out += ["## Resolved recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
     path = layout.report

@@ -21,6 +21,8 @@ from fedxr.crossdevice.server import VERSIONS_FILE, RecordingModelManager, versi
 from fedxr.errors import FedxrError
 from fedxr.models.checkpoint import load_checkpoint, save_checkpoint
 from fedxr.models.registry import build_model
+from fedxr.report import write_report
+from fedxr.results import RunResults
 
 from helpers import QUICKSTART, tiny_recipe_overrides
 
@@ -162,6 +164,10 @@ def test_a_toy_edge_federation_makes_its_versions_counts_every_update_and_leaves
     assert summary["updates"]["dropped"] <= sum(t["behaviour"] == "dropped" for t in tasks)
     assert summary["updates"]["devices"] <= len(tasks)
     assert (folder / "start.ckpt").read_bytes() == start.read_bytes(), "the starting student is kept beside its versions"
+    report = write_report(recipe, RunResults()).read_text()  # what `fedxr run RECIPE --from report` writes
+    section = report.split("## Devices that learn together", 1)[1].split("\n## ", 1)[0]
+    assert "16 simulated devices holding site-2" in section and "](edge_federation/versions.png)" in section
+    assert [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")][1:] == ["1", "2", "3", "4"]
     final = load_checkpoint(folder / "final.ckpt")
     last = torch.load(version_file(folder, 4), weights_only=True)
     # (BatchNorm's integer step counters are averaged as floats by FedBuff and stored whole.)

@@ -33,8 +33,8 @@ from fedxr.crossdevice.population import deal_devices, write_population
 from fedxr.crossdevice.server import VERSIONS_FILE, RecordingModelManager, version_file
 from fedxr.errors import FedxrError
 
-FOLDER = "edge_federation"
 SUMMARY_FILE = "summary.json"
+PLOT_FILE = "versions.png"
 FINAL_CHECKPOINT = "final.ckpt"
 START_CHECKPOINT = "start.ckpt"
 JOB_NAME = "fedxr_edge"
@@ -166,7 +166,7 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
     dm.split_labels("test")
     from fedxr.data.cache import cache_path
 
-    folder = recipe.layout.root / FOLDER
+    folder = recipe.layout.edge_federation
     # The starting student is copied into the new folder first: it may be an earlier run's final.ckpt (devices
     # keep improving it), which the new run replaces.
     start_bytes = start.read_bytes()
@@ -227,7 +227,7 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
         "settings": cfg.model_dump(mode="json"),
     }
     write_json_atomic(folder / SUMMARY_FILE, summary)
-    plot_versions(summary, folder / "versions.png")
+    plot_versions(summary, folder / PLOT_FILE)
     return summary
 
 
@@ -266,5 +266,5 @@ def format_summary(summary: dict) -> str:
     else:
         lines.append(f"test macro AUROC ({t['images']} films): start {t['start']:.4f} → final {t['final']:.4f}, "
                      f"{t['gain']:+.4f}{gain}")
-    lines.append(f"final model: {summary['final']}")
+    lines.append(f"final model: {summary['final']}  (`fedxr run RECIPE --from report` adds this to the run's report)")
     return "\n".join(lines)
