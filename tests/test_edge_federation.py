@@ -162,6 +162,14 @@ def test_a_toy_edge_federation_makes_its_versions_counts_every_update_and_leaves
     assert all(t["behaviour"] == behaviour(0, t["device"], t["version"], 0.3, 0.3) for t in tasks)
     assert all(t["films"] >= 5 or t["behaviour"] == "dropped" for t in tasks)
     assert summary["updates"]["dropped"] <= sum(t["behaviour"] == "dropped" for t in tasks)
+    # What left the devices: one weight difference per task — the student's tensors and the update count, nothing else.
+    sent = [json.loads(x) for x in (folder / "device_outgoing.jsonl").read_text().splitlines()]
+    assert len(sent) == len(tasks)
+    names = set(load_checkpoint(start)["state_dict"])
+    for m in sent:
+        assert m["kind"] == "WEIGHT_DIFF" and {n.removeprefix("net.") for n in m["tensors"]} == names
+        assert set(m["values"]) == {"count"} and m["values"]["count"] in (0, 1) and m["other_keys"] == []
+        assert m["bytes"] == summary["update_bytes"]
     assert summary["updates"]["devices"] <= len(tasks)
     assert (folder / "start.ckpt").read_bytes() == start.read_bytes(), "the starting student is kept beside its versions"
     report = write_report(recipe, RunResults()).read_text()  # what `fedxr run RECIPE --from report` writes

@@ -29,6 +29,8 @@ from fedxr.crossdevice.network import EdgeStudent
 from fedxr.crossdevice.population import Population
 
 TASK_LOG = "device_tasks.jsonl"
+#: Every message a device sent, described (no values): the edge counterpart of a site's records/outgoing audit.
+OUTGOING_LOG = "device_outgoing.jsonl"
 DROPPED, STRAGGLER, TRAINED = "dropped", "straggler", "trained"
 
 
@@ -116,9 +118,26 @@ class StudentDevice(DeviceTaskProcessor):
             if what == STRAGGLER:
                 time.sleep(self.straggler_delay_s)
         record["seconds"] = round(time.time() - started, 3)
+        message = DXO(data_kind=DataKind.WEIGHT_DIFF,
+                      data={"dict": {k: v.tolist() for k, v in diff.items()}, "count": count}).to_dict()
         if self.log_dir:
-            # One short line per write: appends of this size land whole even from several threads.
+            # One line per write: appends land whole even from several threads.
             with open(os.path.join(self.log_dir, TASK_LOG), "a") as f:
                 f.write(json.dumps(record) + "\n")
-        return DXO(data_kind=DataKind.WEIGHT_DIFF,
-                   data={"dict": {k: v.tolist() for k, v in diff.items()}, "count": count}).to_dict()
+            with open(os.path.join(self.log_dir, OUTGOING_LOG), "a") as f:
+                f.write(json.dumps({"device": device, "version": version, **describe_message(message)}) + "\n")
+        return message
+
+
+def describe_message(message: dict) -> dict:
+    """What a device sends, described as a site's outgoing audit describes its messages (fedxr.privacy.audit): the
+    payload kind, every tensor's name, shape and bytes (as float32), and every other value with its key."""
+    from fedxr.privacy.audit import _plain
+
+    data = message.get("data") or {}
+    tensors = {name: {"shape": list(np.shape(value)), "dtype": "float32", "bytes": int(np.size(value)) * 4}
+               for name, value in (data.get("dict") or {}).items()}
+    values = {k: _plain(v) for k, v in data.items() if k != "dict"}
+    return {"kind": message.get("kind"), "tensors": tensors, "values": values, "meta": _plain(message.get("meta") or {}),
+            "other_keys": sorted(k for k in message if k not in ("kind", "data", "meta")),
+            "bytes": sum(t["bytes"] for t in tensors.values())}
