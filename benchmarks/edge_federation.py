@@ -12,6 +12,7 @@ out to the devices (5-50 each), with 30 % of tasks dropped mid-task and 10 % ans
   bootstrap interval of the gain (goal: it excludes zero);
 * ``stale`` — a third of the devices straggle long enough that their updates arrive two or more versions old:
   staleness weighting (NVFlare's 1/(1+sqrt(age))) off and on;
+* ``dp`` — the ``gain`` row with differential privacy per device (ε = 8 per device over at most 2 updates);
 * ``scale`` — 100, 1,000 and 10,000 devices, a few versions each: seconds per version and the peak resident
   memory of this process and its children (NVFlare's simulator: server, leaf client and its device threads).
 
@@ -112,7 +113,7 @@ def plot(rows: dict, path: Path) -> None:
     from fedxr.plots import saved_figure
 
     with saved_figure(path, ncols=2, figsize=(11, 4)) as (fig, (left, right)):
-        for key in ("gain", "stale_unweighted", "stale_weighted"):
+        for key in ("gain", "stale_unweighted", "stale_weighted", "dp_eps8"):
             if key in rows:
                 left.plot(range(1, len(rows[key]["val_by_version"]) + 1), rows[key]["val_by_version"], marker=".",
                           label=key)
@@ -133,7 +134,7 @@ def plot(rows: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="gain,stale,scale", help="comma-separated: gain, stale, scale")
+    ap.add_argument("--rows", default="gain,stale,dp,scale", help="comma-separated: gain, stale, dp, scale")
     ap.add_argument("--student", help="student checkpoint (default: the quickstart run's first student)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -186,6 +187,11 @@ def main() -> None:
             key = f"stale_{'weighted' if weighted else 'unweighted'}"
             rows[key] = edge_row(overrides, start, manifest, key, [*stale, f"edge_federation.staleness_weight={weighted}"])
             save()
+    if "dp" in rows_wanted:
+        # Per-device DP at ε = 8 over at most 2 updates per device; the main row's federation otherwise.
+        dp = ["edge_federation.dp.epsilon=8", "edge_federation.dp.max_updates=2", "edge_federation.dp.clip=1.0"]
+        rows["dp_eps8"] = edge_row(overrides, start, manifest, "dp_eps8", [*(small if args.smoke else MAIN), *dp])
+        save()
     if "scale" in rows_wanted:
         for devices in ((12, 24) if args.smoke else (100, 1000, 10000)):
             settings = (small if args.smoke else

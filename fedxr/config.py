@@ -262,6 +262,17 @@ class PrivacyConfig(_Section):
         return {} if value is True else value
 
 
+class EdgeDPConfig(_Section):
+    """Differential privacy per device (fedxr.crossdevice.privacy): every update clipped and noised on the device."""
+
+    epsilon: float = Field(8.0, gt=0, description="what one device may spend over the whole run")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    clip: float = Field(1.0, gt=0, description="L2 norm a device's update is clipped to (weights and BatchNorm "
+                        "statistics together)")
+    max_updates: int = Field(4, ge=1, description="updates one device may send in the run; the noise is chosen so "
+                             "that this many spend epsilon, and a device that has sent them drops later tasks")
+
+
 class EdgeFederationConfig(_Section):
     """``fedxr edge-federate``: the student fine-tuned across simulated point-of-care devices (NVFlare FedBuff)."""
 
@@ -296,6 +307,8 @@ class EdgeFederationConfig(_Section):
     timeout_s: float = Field(600.0, gt=0, description="how long the server waits for devices, and a client for "
                              "its parent, before the job stops")
     seed: int = Field(0, description="which films each device holds and when it drops out or straggles")
+    dp: Union[EdgeDPConfig, Literal[False]] = Field(False, description="differential privacy per device: "
+                                                    "clipping and Gaussian noise of each update on the device")
 
     @model_validator(mode="after")
     def _check(self) -> "EdgeFederationConfig":

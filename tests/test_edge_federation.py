@@ -140,7 +140,9 @@ def test_a_toy_edge_federation_makes_its_versions_counts_every_update_and_leaves
                             recipe=recipe.model_dump(mode="json"))
     edge = ["edge_federation.site=site-2", "edge_federation.devices=16", "edge_federation.selection=4",
             "edge_federation.updates_per_version=3", "edge_federation.versions=4", "edge_federation.dropout=0.3",
-            "edge_federation.stragglers=0.3", "edge_federation.straggler_delay_s=1", "edge_federation.timeout_s=120"]
+            "edge_federation.stragglers=0.3", "edge_federation.straggler_delay_s=1", "edge_federation.timeout_s=120",
+            # Per-device DP with room for one update per device: devices asked again refuse.
+            "edge_federation.dp.max_updates=1", "edge_federation.dp.epsilon=8"]
     assert main(["edge-federate", str(QUICKSTART), *ov, *edge, "edge_federation.site=site-9",
                  "--init-from", str(start)]) != 0
     assert "no site 'site-9'" in capsys.readouterr().err and not (tmp_path / "runs" / "t" / "edge_federation").exists()
@@ -159,9 +161,18 @@ def test_a_toy_edge_federation_makes_its_versions_counts_every_update_and_leaves
     # What the devices did: dropped and late exactly where the seeded rule says; the server heard no more
     # updates than the devices sent (one may still be on its way when the last version is made).
     tasks = [json.loads(x) for x in (folder / "device_tasks.jsonl").read_text().splitlines()]
-    assert all(t["behaviour"] == behaviour(0, t["device"], t["version"], 0.3, 0.3) for t in tasks)
-    assert all(t["films"] >= 5 or t["behaviour"] == "dropped" for t in tasks)
-    assert summary["updates"]["dropped"] <= sum(t["behaviour"] == "dropped" for t in tasks)
+    rule = {(t["device"], t["version"]): behaviour(0, t["device"], t["version"], 0.3, 0.3) for t in tasks}
+    assert all(t["behaviour"] == rule[t["device"], t["version"]] or
+               (t["behaviour"] == "budget_spent" and rule[t["device"], t["version"]] != "dropped") for t in tasks)
+    assert all(t["films"] >= 5 or t["behaviour"] in ("dropped", "budget_spent") for t in tasks)
+    assert summary["updates"]["dropped"] <= sum(t["behaviour"] in ("dropped", "budget_spent") for t in tasks)
+    # Differential privacy: every trained update was clipped and noised, no device sent more than its budget allows.
+    trained = [t for t in tasks if t["behaviour"] in ("trained", "straggler")]
+    assert trained and all("norm" in t and t["dp_updates"] == 1 for t in trained)
+    assert len({t["device"] for t in trained}) == len(trained)
+    p = summary["privacy"]
+    assert p["most_updates_by_one_device"] == 1 and 0 < p["max_epsilon_spent"] <= 8.0 * 1.01
+    assert p["refused_for_budget"] == sum(t["behaviour"] == "budget_spent" for t in tasks)
     # What left the devices: one weight difference per task — the student's tensors and the update count, nothing else.
     sent = [json.loads(x) for x in (folder / "device_outgoing.jsonl").read_text().splitlines()]
     assert len(sent) == len(tasks)
@@ -191,3 +202,31 @@ def test_a_toy_edge_federation_makes_its_versions_counts_every_update_and_leaves
             break
         time.sleep(0.5)
     assert not leftovers, f"processes left running: {[p.info['cmdline'] for p in leftovers]}"
+
+
+def test_a_dp_device_clips_its_parameters_change_noises_it_and_sends_no_statistics():
+    from fedxr.crossdevice.privacy import privatise
+
+    diff = {"w": np.full((100, 100), 0.03, np.float32), "b": np.full(100, 0.4, np.float32),
+            "bn.running_var": np.full(8, 5.0, np.float32), "bn.num_batches_tracked": np.array(3.0, np.float32)}
+    buffers = {"bn.running_var", "bn.num_batches_tracked"}
+    norm = float(np.sqrt(10000 * 0.03**2 + 100 * 0.4**2))
+    clipped, seen = privatise(diff, buffers, clip=1.0, std=0.0, generator=torch.Generator().manual_seed(0))
+    assert seen == pytest.approx(norm, rel=1e-6) and norm > 1
+    assert np.sqrt(sum(np.sum(clipped[k].astype(np.float64) ** 2) for k in ("w", "b"))) == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(clipped["b"] / clipped["w"][0, 0], 0.4 / 0.03, rtol=1e-5)  # one scale for all
+    assert not clipped["bn.running_var"].any() and not clipped["bn.num_batches_tracked"].any()
+    small = {k: v / 100 for k, v in diff.items()}
+    kept, _ = privatise(small, buffers, clip=1.0, std=0.0, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(kept["w"], small["w"]), "an update within the clip is sent as it is"
+    noised, _ = privatise(diff, buffers, clip=1.0, std=0.5, generator=torch.Generator().manual_seed(1))
+    assert np.std(noised["w"] - clipped["w"]) == pytest.approx(0.5, rel=0.05)
+    assert not noised["bn.running_var"].any()
+
+
+def test_a_dp_devices_noise_spends_its_budget_in_max_updates():
+    from fedxr.crossdevice.privacy import epsilon_spent, noise_multiplier
+
+    m = noise_multiplier(8.0, 1e-5, 4)
+    assert epsilon_spent(m, 1e-5, 4) <= 8.0 * 1.01 and epsilon_spent(m, 1e-5, 5) > 8.0
+    assert epsilon_spent(m, 1e-5, 0) == 0.0 and noise_multiplier(1.0, 1e-5, 4) > m

@@ -32,6 +32,8 @@ TASK_LOG = "device_tasks.jsonl"
 #: Every message a device sent, described (no values): the edge counterpart of a site's records/outgoing audit.
 OUTGOING_LOG = "device_outgoing.jsonl"
 DROPPED, STRAGGLER, TRAINED = "dropped", "straggler", "trained"
+#: A DP device that has sent all the updates its privacy budget allows answers like a dropped one.
+BUDGET_SPENT = "budget_spent"
 
 
 def device_index(device_id: str) -> int:
@@ -78,12 +80,16 @@ class StudentDevice(DeviceTaskProcessor):
     def __init__(self, population: str, model_name: str, mean: float, std: float, norm: str = "batch",
                  lr: float = 0.01, momentum: float = 0.0, local_epochs: int = 1, batch_size: int = 16,
                  dropout: float = 0.0, stragglers: float = 0.0, straggler_delay_s: float = 0.0, seed: int = 0,
-                 log_dir: str = ""):
+                 log_dir: str = "", dp_clip: float = 0.0, dp_std: float = 0.0, dp_max_updates: int = 0):
         super().__init__()
         self.population, self.model_name, self.norm, self.mean, self.std = population, model_name, norm, mean, std
         self.lr, self.momentum, self.local_epochs, self.batch_size = lr, momentum, local_epochs, batch_size
         self.dropout, self.stragglers, self.straggler_delay_s = dropout, stragglers, straggler_delay_s
         self.seed, self.log_dir = seed, log_dir
+        # Differential privacy (fedxr.crossdevice.privacy), off when dp_clip is 0; this device's updates sent so far
+        # (NVFlare's simulator keeps one copy of this processor per device for the whole run).
+        self.dp_clip, self.dp_std, self.dp_max_updates = dp_clip, dp_std, dp_max_updates
+        self.dp_sent = 0
 
     def setup(self, job) -> None:
         # Devices train in threads of one simulator process: one intra-op thread each, or they fight for cores.
@@ -99,8 +105,10 @@ class StudentDevice(DeviceTaskProcessor):
         device = device_index(self.device.device_id)
         weights = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in received.data.items()}
         what = behaviour(self.seed, device, version, self.dropout, self.stragglers)
+        if self.dp_clip and what != DROPPED and self.dp_sent >= self.dp_max_updates:
+            what = BUDGET_SPENT  # one more update would spend more than the device's epsilon
         record = {"device": device, "version": version, "behaviour": what, "films": 0, "steps": 0}
-        if what == DROPPED:
+        if what in (DROPPED, BUDGET_SPENT):
             diff = {k: np.zeros(v.shape, dtype=np.float32) for k, v in weights.items()}
             count = 0
         else:
@@ -114,6 +122,14 @@ class StudentDevice(DeviceTaskProcessor):
                                     self.local_epochs, self.batch_size, generator)
             diff = {k: (v.detach().float() - weights[k]).numpy() for k, v in net.state_dict().items()}
             count = int(steps > 0)  # a device with one film takes no step (BatchNorm needs two): it adds nothing
+            if self.dp_clip and count:
+                from fedxr.crossdevice.privacy import privatise
+                from fedxr.privacy.dp import unpredictable_generator
+
+                buffers = {name for name, _ in net.named_buffers()}
+                diff, norm = privatise(diff, buffers, self.dp_clip, self.dp_std, unpredictable_generator())
+                self.dp_sent += 1
+                record.update(norm=round(norm, 6), clipped=norm > self.dp_clip, dp_updates=self.dp_sent)
             record.update(films=len(images), steps=steps)
             if what == STRAGGLER:
                 time.sleep(self.straggler_delay_s)

@@ -73,11 +73,14 @@ def build_job(cfg: EdgeFederationConfig, start: Path, ckpt: dict, folder: Path, 
 
     norm = ckpt.get("norm", "batch")
     pre = ckpt["preprocessing"]
+    dp = privacy_settings(cfg)
     devices = StudentDevice(
         population=str(population.resolve()), model_name=ckpt["model_name"], norm=norm, mean=float(pre.mean),
         std=float(pre.std), lr=cfg.lr, momentum=cfg.momentum, local_epochs=cfg.local_epochs,
         batch_size=cfg.batch_size, dropout=cfg.dropout, stragglers=cfg.stragglers,
-        straggler_delay_s=cfg.straggler_delay_s, seed=cfg.seed, log_dir=str(folder.resolve()))
+        straggler_delay_s=cfg.straggler_delay_s, seed=cfg.seed, log_dir=str(folder.resolve()),
+        dp_clip=dp["clip"] if dp else 0.0, dp_std=dp["noise_std"] if dp else 0.0,
+        dp_max_updates=dp["max_updates"] if dp else 0)
     job = EdgeJob(name=JOB_NAME, edge_method="edge")
     job.configure_simulation(devices, job_timeout=cfg.timeout_s, num_devices=cfg.devices, num_workers=cfg.workers)
     # update_timeout is per message from a client to its parent; one timeout ends that client's part in the job
@@ -95,6 +98,37 @@ def build_job(cfg: EdgeFederationConfig, start: Path, ckpt: dict, folder: Path, 
         persistor_id=persistor_id, model_manager_id=manager_id, device_manager_id=device_manager_id,
         max_model_version=cfg.versions, device_wait_timeout=cfg.timeout_s))
     return FlareRecipe(job)
+
+
+def privacy_settings(cfg: EdgeFederationConfig) -> dict | None:
+    """The per-device DP mechanism of the recipe (fedxr.crossdevice.privacy), or None."""
+    if not cfg.dp:
+        return None
+    from fedxr.crossdevice.privacy import noise_multiplier
+
+    multiplier = noise_multiplier(cfg.dp.epsilon, cfg.dp.delta, cfg.dp.max_updates)
+    return {"epsilon": cfg.dp.epsilon, "delta": cfg.dp.delta, "clip": cfg.dp.clip, "max_updates": cfg.dp.max_updates,
+            "noise_multiplier": multiplier, "noise_std": multiplier * 2 * cfg.dp.clip,
+            "mechanism": "each update clipped to L2 norm clip and noised on the device (Gaussian, sensitivity "
+                         "2 x clip: a device's films replaced); RDP accountant (Opacus), no subsampling"}
+
+
+def privacy_spent(folder: Path, dp: dict) -> dict:
+    """Per device, ε spent by the noised updates it sent (from the devices' task log)."""
+    from fedxr.crossdevice.privacy import epsilon_spent
+
+    lines = [json.loads(x) for x in (folder / TASK_LOG).read_text().splitlines() if x.strip()] \
+        if (folder / TASK_LOG).is_file() else []
+    sent: dict[int, int] = {}
+    for t in lines:
+        if "dp_updates" in t:
+            sent[t["device"]] = max(sent.get(t["device"], 0), t["dp_updates"])
+    most = max(sent.values(), default=0)
+    clipped = [t["clipped"] for t in lines if "clipped" in t]
+    return {**dp, "devices_that_sent": len(sent), "most_updates_by_one_device": most,
+            "max_epsilon_spent": epsilon_spent(dp["noise_multiplier"], dp["delta"], most),
+            "share_clipped": float(np.mean(clipped)) if clipped else None,
+            "refused_for_budget": sum(1 for t in lines if t["behaviour"] == "budget_spent")}
 
 
 def score_versions(folder: Path, ckpt: dict, dm) -> list[dict]:
@@ -134,7 +168,7 @@ def save_final(folder: Path, version: int, ckpt: dict, dm, recipe: Recipe, start
 def _tasks(folder: Path) -> dict:
     lines = [json.loads(x) for x in (folder / TASK_LOG).read_text().splitlines() if x.strip()] \
         if (folder / TASK_LOG).is_file() else []
-    count = {k: sum(1 for t in lines if t["behaviour"] == k) for k in ("trained", "straggler", "dropped")}
+    count = {k: sum(1 for t in lines if t["behaviour"] == k) for k in ("trained", "straggler", "dropped", "budget_spent")}
     return {"tasks": len(lines), **count, "devices_heard_from": len({t["device"] for t in lines})}
 
 
@@ -225,6 +259,7 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
         "model_name": ckpt["model_name"], "input_size": ckpt["preprocessing"].size,
         "macs": complexity(ckpt["model_name"], ckpt["preprocessing"].size)[1],
         "settings": cfg.model_dump(mode="json"),
+        "privacy": privacy_spent(folder, dp) if (dp := privacy_settings(cfg)) else None,
     }
     write_json_atomic(folder / SUMMARY_FILE, summary)
     plot_versions(summary, folder / PLOT_FILE)
@@ -266,5 +301,11 @@ def format_summary(summary: dict) -> str:
     else:
         lines.append(f"test macro AUROC ({t['images']} films): start {t['start']:.4f} → final {t['final']:.4f}, "
                      f"{t['gain']:+.4f}{gain}")
+    if summary.get("privacy"):
+        p = summary["privacy"]
+        lines.append(f"differential privacy per device: at most ε = {p['max_epsilon_spent']:.2f} spent by one device "
+                     f"(budget {p['epsilon']:g}, δ = {p['delta']:g}; {p['most_updates_by_one_device']} of "
+                     f"{p['max_updates']} updates; noise σ = {p['noise_multiplier']:.2f} x 2 x clip {p['clip']:g}); "
+                     f"{p['refused_for_budget']} tasks refused for the budget")
     lines.append(f"final model: {summary['final']}  (`fedxr run RECIPE --from report` adds this to the run's report)")
     return "\n".join(lines)
