@@ -35,6 +35,7 @@ def test_a_hospital_sees_its_own_site_and_a_coordinator_every_site(user, site, a
     (COORD, "rounds", True), (COORD, "cross_site", True), (COORD, "prevalence", True), (COORD, "gradcam", True),
     (HOSP1, "rounds", False), (HOSP1, "cross_site", False), (HOSP1, "prevalence", False),
     (HOSP1, "gradcam", True), (HOSP1, "roc", True), (HOSP1, "distill", True),
+    (COORD, "edge_federation", True), (HOSP1, "edge_federation", False),
 ])
 def test_pictures_of_every_site_are_for_coordinators(user, key, allowed):
     assert visibility.may_see_image(user, key) is allowed

@@ -187,6 +187,10 @@ def test_a_toy_edge_federation_makes_its_versions_counts_every_update_and_leaves
     section = report.split("## Devices that learn together", 1)[1].split("\n## ", 1)[0]
     assert "16 simulated devices holding site-2" in section and "](edge_federation/versions.png)" in section
     assert [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")][1:] == ["1", "2", "3", "4"]
+    # The console's run page shows the report, and serves the plot it links (to coordinators: one site's scores).
+    from fedxr.console import data as console_data
+
+    assert console_data.run_detail(tmp_path / "runs", "t")["images"]["edge_federation"] == "edge_federation/versions.png"
     final = load_checkpoint(folder / "final.ckpt")
     last = torch.load(version_file(folder, 4), weights_only=True)
     # (BatchNorm's integer step counters are averaged as floats by FedBuff and stored whole.)

@@ -23,7 +23,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 #: Run-folder images the run page may show (written by fedxr; anything else is not served).
 RUN_IMAGES = {"rounds": "federate/rounds.png", "cross_site": "federate/cross_site.png",
               "roc": "evaluate/roc_curves.png", "distill": "distill/distill_report.png",
-              "gradcam": "explain/gradcam_grid.png", "prevalence": "report_prevalence.png"}
+              "gradcam": "explain/gradcam_grid.png", "prevalence": "report_prevalence.png",
+              "edge_federation": "edge_federation/versions.png"}
 
 
 def tail(path: Path, limit: int) -> str:

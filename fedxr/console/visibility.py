@@ -15,7 +15,7 @@ from fedxr.console.store import User
 
 #: Run pictures that show every site's data side by side (the round table, the cross-site matrix, each site's
 #: label prevalence): for coordinators only.
-PER_SITE_IMAGES = ("rounds", "cross_site", "prevalence")
+PER_SITE_IMAGES = ("rounds", "cross_site", "prevalence", "edge_federation")  # the edge plot: one site's scores
 
 
 def may_see_site(user: User, site: str) -> bool:
