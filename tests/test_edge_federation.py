@@ -234,3 +234,24 @@ def test_a_dp_devices_noise_spends_its_budget_in_max_updates():
     m = noise_multiplier(8.0, 1e-5, 4)
     assert epsilon_spent(m, 1e-5, 4) <= 8.0 * 1.01 and epsilon_spent(m, 1e-5, 5) > 8.0
     assert epsilon_spent(m, 1e-5, 0) == 0.0 and noise_multiplier(1.0, 1e-5, 4) > m
+
+
+def test_an_executorch_training_step_updates_the_weights_as_pytorchs_does():
+    from fedxr.crossdevice.ondevice import INSTALL, step_parity
+
+    pytest.importorskip("executorch.extension.training", reason=f"ExecuTorch is not installed: {INSTALL}")
+    result = step_parity("tiny_cnn", size=32, batch=4, lr=0.1)
+    # Float32 kernels summing in another order: differences of a few ulps of the weights, against a step that moves
+    # them by ~1e-3 — 1e-6 is well above the first and far below the second.
+    assert result["max_abs_param_change"] > 1e-4
+    assert result["max_abs_param_diff"] < 1e-6
+    assert result["loss_executorch"] == pytest.approx(result["loss_torch"], abs=1e-6)
+
+
+def test_a_student_executorch_would_train_wrongly_is_refused():
+    from fedxr.crossdevice.ondevice import check_trainable_on_device
+
+    with pytest.raises(FedxrError, match="GroupNorm"):
+        check_trainable_on_device(build_model("tiny_cnn"), "tiny_cnn")
+    with pytest.raises(FedxrError, match="executorch#21686"):
+        check_trainable_on_device(build_model("resnet18_narrow", norm="group"), "resnet18_narrow")

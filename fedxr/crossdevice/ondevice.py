@@ -1,0 +1,131 @@
+"""On-device training with ExecuTorch: the student's training step exported for phones and boards, and checked.
+
+NVFlare's ExecuTorch path (``ETFedBuffRecipe``) ships a device an ExecuTorch program holding the model's forward
+*and* backward pass; the device's runtime (ExecuTorch's training library on Android, iOS or Linux) runs it and
+takes an SGD step. fedxr's step is the student's masked multi-label BCE (unknown labels left out), not NVFlare's
+single-label cross-entropy. :func:`step_parity` checks that one ExecuTorch step on a batch updates the weights as
+PyTorch's does.
+
+Limits of ExecuTorch 1.5.1 (the version on the package index), both refused here with the reason:
+
+* BatchNorm in training mode does not export (``_native_batch_norm_legit_functional`` is not core ATen): a
+  student trained on devices uses GroupNorm (``norm="group"``, as differential privacy does);
+* its max-pool backward kernel does not clear its output (pytorch/executorch#21686, fixed after 1.5.1), so every
+  Conv → MaxPool graph — ResNet's stem — gets corrupted gradients: the same batch twice gives different ones.
+
+ExecuTorch is not a fedxr dependency (its package requires coremltools, torchao and more); install it with
+``pip install --no-deps executorch==1.5.1 ruamel.yaml tabulate`` (``make test`` does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedxr.errors import FedxrError
+
+INSTALL = "pip install --no-deps executorch==1.5.1 ruamel.yaml tabulate"
+#: The first ExecuTorch release with the max-pool backward fix (pytorch/executorch PR #21878, merged 2026-08-16).
+MAXPOOL_FIXED_AFTER = (1, 5, 1)
+
+
+class TrainingStep(nn.Module):
+    """What the device runs: the student's logits and its masked BCE (NaN label = unknown, left out)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(x)
+        known = ~torch.isnan(y)
+        per_label = F.binary_cross_entropy_with_logits(logits, torch.where(known, y, 0.0), reduction="none")
+        return torch.where(known, per_label, 0.0).sum() / known.sum().clamp(min=1), logits.detach()
+
+
+def executorch_version() -> tuple[int, ...] | None:
+    try:
+        from importlib.metadata import version
+
+        return tuple(int(p) for p in version("executorch").split("+")[0].split(".")[:3])
+    except Exception:
+        return None
+
+
+def check_trainable_on_device(net: nn.Module, name: str) -> None:
+    """A clear error for a network ExecuTorch 1.5.1 cannot train correctly (see the module docstring)."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        raise FedxrError(f"{name}: BatchNorm cannot be trained by ExecuTorch (its training-mode op does not export); "
+                         "build the student with GroupNorm (norm='group') for on-device training")
+    found = executorch_version()
+    if any(isinstance(m, nn.MaxPool2d) for m in net.modules()) and (found is None or found <= MAXPOOL_FIXED_AFTER):
+        raise FedxrError(f"{name}: its max-pool layer would get corrupted gradients from ExecuTorch "
+                         f"{'.'.join(map(str, found or ()))} (pytorch/executorch#21686, fixed after 1.5.1); "
+                         "train a student without max-pooling on devices, or a later ExecuTorch")
+
+
+def export_training_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bytes:
+    """The ExecuTorch program (.pte bytes) of one training step of ``net`` at the shapes of ``x`` and ``y``."""
+    try:
+        from executorch.exir import to_edge
+    except ImportError:
+        raise FedxrError(f"on-device training needs ExecuTorch: {INSTALL}") from None
+    from torch.export import export
+    from torch.export.experimental import _export_forward_backward
+
+    program = _export_forward_backward(export(TrainingStep(net), (x, y), strict=True))
+    return to_edge(program).to_executorch().buffer
+
+
+def executorch_sgd_step(program: bytes, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, dict]:
+    """One step as a device takes it: ExecuTorch's forward-backward and its SGD optimizer. Returns the loss and the
+    updated parameters (names as in the network, without the step's ``net.`` prefix)."""
+    from executorch.extension.training import _load_for_executorch_for_training_from_buffer, get_sgd_optimizer
+
+    module = _load_for_executorch_for_training_from_buffer(program)
+    loss, _ = module.forward_backward("forward", (x, y))
+    # Keywords, not positions: NVFlare's ETTaskProcessor passes weight_decay where the binding reads dampening.
+    optimizer = get_sgd_optimizer(module.named_parameters(), lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                                  nesterov=False)
+    optimizer.step(module.named_gradients())
+    return float(loss), {k.removeprefix("net."): v.detach().clone() for k, v in module.named_parameters().items()}
+
+
+def torch_sgd_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, dict]:
+    step = TrainingStep(net)
+    loss, _ = step(x, y)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach()), {k: v.detach().clone() for k, v in net.named_parameters()}
+
+
+def step_parity(model_name: str, size: int = 32, batch: int = 4, lr: float = 0.1, seed: int = 0) -> dict:
+    """One SGD step on a random batch (an unknown label included) by ExecuTorch and by PyTorch from the same
+    weights: the largest parameter difference, the losses, and the largest parameter change (for scale)."""
+    import copy
+
+    from fedxr.labels import NUM_LABELS
+    from fedxr.models.registry import build_model
+
+    torch.manual_seed(seed)
+    net = build_model(model_name, norm="group")
+    check_trainable_on_device(net, model_name)
+    net.train()
+    x = torch.randn(batch, 1, size, size)
+    y = torch.rand(batch, NUM_LABELS).round()
+    y[0, :3] = float("nan")
+    before = {k: v.detach().clone() for k, v in net.named_parameters()}
+    program = export_training_step(copy.deepcopy(net), x, y)
+    et_loss, et_params = executorch_sgd_step(program, x, y, lr)
+    pt_loss, pt_params = torch_sgd_step(net, x, y, lr)
+    if set(et_params) != set(pt_params):
+        raise FedxrError(f"{model_name}: ExecuTorch's parameters {sorted(set(et_params) ^ set(pt_params))} differ "
+                         "from PyTorch's")
+    return {"model": model_name, "size": size, "batch": batch, "lr": lr, "program_bytes": len(program),
+            "loss_executorch": et_loss, "loss_torch": pt_loss,
+            "max_abs_param_diff": max(float((et_params[k] - pt_params[k]).abs().max()) for k in pt_params),
+            "max_abs_param_change": max(float((pt_params[k] - before[k]).abs().max()) for k in pt_params),
+            "executorch": ".".join(map(str, executorch_version() or ()))}
