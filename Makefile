@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -e '.[train,console,dev]'
 	# ExecuTorch, for on-device training (fedxr.crossdevice.ondevice): without its declared dependencies, which
 	# pull coremltools, torchao and hydra; what the training step needs is here (README, "Devices that learn together").
-	$(PY) -m pip install --no-deps 'executorch==1.5.1' 'ruamel.yaml' tabulate
+	# Optional: where it cannot be installed, fedxr works and its ExecuTorch test skips (CI requires it).
+	-$(PY) -m pip install --no-deps 'executorch==1.5.1' 'ruamel.yaml' tabulate
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -12,7 +12,7 @@ out to the devices (5-50 each), with 30 % of tasks dropped mid-task and 10 % ans
   bootstrap interval of the gain (goal: it excludes zero);
 * ``stale`` — a third of the devices straggle long enough that their updates arrive two or more versions old:
   staleness weighting (NVFlare's 1/(1+sqrt(age))) off and on;
-* ``dp`` — the ``gain`` row with differential privacy per device (ε = 8 per device over at most 2 updates);
+* ``dp`` — the ``gain`` row with differential privacy per device (ε = 8 per device over at most 3 updates);
 * ``scale`` — 100, 1,000 and 10,000 devices, a few versions each: seconds per version and the peak resident
   memory of this process and its children (NVFlare's simulator: server, leaf client and its device threads).
 
@@ -90,10 +90,11 @@ def unseen_hospital(recipe, work: Path, patients: int, size: int) -> Path:
     return sites / f"{site}.csv"
 
 
-def edge_row(overrides: list[str], start: Path, manifest: Path, name: str, settings: list[str]) -> dict:
+def edge_row(overrides: list[str], start: Path, manifest: Path, name: str, settings: list[str],
+             runs_dir: Path) -> dict:
     from fedxr.crossdevice.run import edge_federate
 
-    run = load_recipe(RECIPE, [*overrides, f"output.name={name}",
+    run = load_recipe(RECIPE, [*overrides, f"output.runs_dir={runs_dir}", f"output.name={name}",
                                f"edge_federation.manifest={manifest}", *settings])
     with PeakMemory() as memory:
         t0 = time.time()
@@ -176,28 +177,32 @@ def main() -> None:
         plot(rows, (work if args.smoke else ROOT / "benchmarks" / "results") / "edge_federation.png")
 
     if "gain" in rows_wanted:
-        rows["gain"] = edge_row(overrides, start, manifest, "gain", small if args.smoke else MAIN)
+        rows["gain"] = edge_row(overrides, start, manifest, "gain", small if args.smoke else MAIN, work / "runs")
         save()
     if "stale" in rows_wanted:
         # A version every ~25 s (50 updates at ~2 dispatches/s); a straggler 60 s late lands 2+ versions later.
         stale = small + ["edge_federation.stragglers=0.34"] if args.smoke else \
             [*MAIN, "edge_federation.stragglers=0.34", "edge_federation.straggler_delay_s=60",
-             "edge_federation.max_staleness=10"]
+             "edge_federation.max_staleness=10",
+             # A straggler sleeps in its simulator thread: as many threads as devices at work, or 2 threads
+             # sleeping 60 s each would stall the whole row.
+             "edge_federation.workers=100"]
         for weighted in (False, True):
             key = f"stale_{'weighted' if weighted else 'unweighted'}"
-            rows[key] = edge_row(overrides, start, manifest, key, [*stale, f"edge_federation.staleness_weight={weighted}"])
+            rows[key] = edge_row(overrides, start, manifest, key, [*stale, f"edge_federation.staleness_weight={weighted}"], work / "runs")
             save()
     if "dp" in rows_wanted:
-        # Per-device DP at ε = 8 over at most 2 updates per device; the main row's federation otherwise.
-        dp = ["edge_federation.dp.epsilon=8", "edge_federation.dp.max_updates=2", "edge_federation.dp.clip=1.0"]
-        rows["dp_eps8"] = edge_row(overrides, start, manifest, "dp_eps8", [*(small if args.smoke else MAIN), *dp])
+        # Per-device DP at ε = 8 over at most 3 updates per device (enough for 20 versions); the main row otherwise.
+        dp = ["edge_federation.dp.epsilon=8", "edge_federation.dp.max_updates=4" if args.smoke else
+              "edge_federation.dp.max_updates=3", "edge_federation.dp.clip=1.0"]
+        rows["dp_eps8"] = edge_row(overrides, start, manifest, "dp_eps8", [*(small if args.smoke else MAIN), *dp], work / "runs")
         save()
     if "scale" in rows_wanted:
         for devices in ((12, 24) if args.smoke else (100, 1000, 10000)):
             settings = (small if args.smoke else
                         ["edge_federation.selection=100", "edge_federation.updates_per_version=50",
                          "edge_federation.versions=4"]) + [f"edge_federation.devices={devices}"]
-            rows[f"scale_{devices}"] = edge_row(overrides, start, manifest, f"scale_{devices}", settings)
+            rows[f"scale_{devices}"] = edge_row(overrides, start, manifest, f"scale_{devices}", settings, work / "runs")
             save()
     for key, row in rows.items():
         t = row["test"]

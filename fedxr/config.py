@@ -267,8 +267,8 @@ class EdgeDPConfig(_Section):
 
     epsilon: float = Field(8.0, gt=0, description="what one device may spend over the whole run")
     delta: float = Field(1e-5, gt=0, lt=1)
-    clip: float = Field(1.0, gt=0, description="L2 norm a device's update is clipped to (weights and BatchNorm "
-                        "statistics together)")
+    clip: float = Field(1.0, gt=0, description="L2 norm a device's update of the parameters is clipped to (as one "
+                        "vector; BatchNorm statistics are not sent under DP)")
     max_updates: int = Field(4, ge=1, description="updates one device may send in the run; the noise is chosen so "
                              "that this many spend epsilon, and a device that has sent them drops later tasks")
 
@@ -310,8 +310,22 @@ class EdgeFederationConfig(_Section):
     dp: Union[EdgeDPConfig, Literal[False]] = Field(False, description="differential privacy per device: "
                                                     "clipping and Gaussian noise of each update on the device")
 
+    @field_validator("dp", mode="before")
+    @classmethod
+    def _dp_true_means_defaults(cls, value):
+        return {} if value is True else value
+
     @model_validator(mode="after")
     def _check(self) -> "EdgeFederationConfig":
+        if self.dp:
+            # Devices past their budget answer with empty updates and the server makes no version from those: the
+            # devices together must be able to send every update the versions can take (each version folds in at
+            # most the updates that arrive while it is due: updates_per_version plus a selection's worth).
+            most = (self.versions - 1) * (self.updates_per_version + self.selection)
+            if self.devices * self.dp.max_updates < most:
+                raise ValueError(f"dp.max_updates: {self.devices} devices x {self.dp.max_updates} updates each cannot "
+                                 f"fill {self.versions} versions (up to {most} updates); raise devices or "
+                                 "dp.max_updates, or make fewer versions")
         low, high = self.images_per_device
         if not 1 <= low <= high:
             raise ValueError(f"images_per_device: {[low, high]} is not a range of film counts; use e.g. [5, 50]")

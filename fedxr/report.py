@@ -190,6 +190,11 @@ def _edge_section(layout: RunLayout, out: list[str]) -> None:
             f"started from `{s['started_from']}`; {len(s['versions'])} model versions in {s['seconds']:.0f} s. Device "
             f"updates: {u['devices']} heard, {u['trained']} trained, {u['dropped']} dropped, {u['stale']} stale, "
             f"{u['ignored_too_old']} turned away as too old; one update {s['update_bytes'] / 1e6:.2f} MB.", ""]
+    if p := s.get("privacy"):
+        out += [f"Differential privacy per device: each update clipped to {p['clip']:g} and noised on the device "
+                f"(σ = {p['noise_std']:.2f} per coordinate); at most ε = {_f(p['max_epsilon_spent'], '.2f')} spent by "
+                f"one device (budget {p['epsilon']:g}, δ = {p['delta']:g}); a film held by "
+                f"{p['most_devices_holding_one_film']} devices: ε ≤ {_f(p['film_epsilon_bound'], '.1f')}.", ""]
     out += _table(["version", "val macro AUROC", "trained", "dropped", "stale", "seconds"],
                   [[v["version"], _f(v["val_macro_auroc"]), v["trained"], v["dropped"], v["stale"], _f(v["seconds"], ".0f")]
                    for v in s["versions"]]) + [""]

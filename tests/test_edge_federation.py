@@ -124,6 +124,10 @@ def test_a_devices_behaviour_is_drawn_from_seed_device_and_version():
 def test_edge_federation_settings_are_checked():
     with pytest.raises(RecipeError, match="updates_per_version"):
         load_recipe(QUICKSTART, ["edge_federation.selection=4", "edge_federation.updates_per_version=5"])
+    with pytest.raises(RecipeError, match="dp.max_updates: 10 devices x 1 updates each cannot fill 4 versions"):
+        load_recipe(QUICKSTART, ["edge_federation.devices=10", "edge_federation.versions=4",
+                                 "edge_federation.dp.max_updates=1"])
+    assert load_recipe(QUICKSTART, ["edge_federation.dp=true"]).edge_federation.dp.epsilon == 8.0
     with pytest.raises(RecipeError, match="images_per_device"):
         load_recipe(QUICKSTART, ["edge_federation.images_per_device=[9,3]"])
 
@@ -141,8 +145,9 @@ def test_a_toy_edge_federation_makes_its_versions_counts_every_update_and_leaves
     edge = ["edge_federation.site=site-2", "edge_federation.devices=16", "edge_federation.selection=4",
             "edge_federation.updates_per_version=3", "edge_federation.versions=4", "edge_federation.dropout=0.3",
             "edge_federation.stragglers=0.3", "edge_federation.straggler_delay_s=1", "edge_federation.timeout_s=120",
-            # Per-device DP with room for one update per device: devices asked again refuse.
-            "edge_federation.dp.max_updates=1", "edge_federation.dp.epsilon=8"]
+            # Per-device DP: room for two updates per device (16 x 2 can fill 4 versions: a budget that could not is
+            # refused up front, test_edge_federation_settings_are_checked).
+            "edge_federation.dp.max_updates=2", "edge_federation.dp.epsilon=8"]
     assert main(["edge-federate", str(QUICKSTART), *ov, *edge, "edge_federation.site=site-9",
                  "--init-from", str(start)]) != 0
     assert "no site 'site-9'" in capsys.readouterr().err and not (tmp_path / "runs" / "t" / "edge_federation").exists()
@@ -168,10 +173,15 @@ def test_a_toy_edge_federation_makes_its_versions_counts_every_update_and_leaves
     assert summary["updates"]["dropped"] <= sum(t["behaviour"] in ("dropped", "budget_spent") for t in tasks)
     # Differential privacy: every trained update was clipped and noised, no device sent more than its budget allows.
     trained = [t for t in tasks if t["behaviour"] in ("trained", "straggler")]
-    assert trained and all("norm" in t and t["dp_updates"] == 1 for t in trained)
-    assert len({t["device"] for t in trained}) == len(trained)
+    assert trained and all("norm" in t and 1 <= t["dp_updates"] <= 2 for t in trained)
     p = summary["privacy"]
-    assert p["most_updates_by_one_device"] == 1 and 0 < p["max_epsilon_spent"] <= 8.0 * 1.01
+    assert p["most_updates_by_one_device"] <= 2 and 0 < p["max_epsilon_spent"] <= 8.0 * 1.01
+    assert p["film_epsilon_bound"] >= p["max_epsilon_spent"] and p["most_devices_holding_one_film"] >= 1
+    # The noise is there: version 2 moved the head's weights by noise of the chosen size (an SGD step at lr 0.01
+    # moves them by ~1e-3), averaged over the few updates behind it.
+    v2 = torch.load(version_file(folder, 2), weights_only=True)
+    moved = float((v2["head.weight"] - v1["head.weight"]).std())
+    assert p["noise_std"] > 1 and p["noise_std"] / 4 < moved < p["noise_std"] * 1.1
     assert p["refused_for_budget"] == sum(t["behaviour"] == "budget_spent" for t in tasks)
     # What left the devices: one weight difference per task — the student's tensors and the update count, nothing else.
     sent = [json.loads(x) for x in (folder / "device_outgoing.jsonl").read_text().splitlines()]
@@ -239,7 +249,8 @@ def test_a_dp_devices_noise_spends_its_budget_in_max_updates():
 def test_an_executorch_training_step_updates_the_weights_as_pytorchs_does():
     from fedxr.crossdevice.ondevice import INSTALL, step_parity
 
-    pytest.importorskip("executorch.extension.training", reason=f"ExecuTorch is not installed: {INSTALL}")
+    if os.environ.get("FEDXR_REQUIRE_EXECUTORCH") != "1":  # CI sets it: there the test must run
+        pytest.importorskip("executorch.extension.training", reason=f"ExecuTorch is not installed: {INSTALL}")
     result = step_parity("tiny_cnn", size=32, batch=4, lr=0.1)
     # Float32 kernels summing in another order: differences of a few ulps of the weights, against a step that moves
     # them by ~1e-3 — 1e-6 is well above the first and far below the second.

@@ -26,7 +26,8 @@ from torch import nn
 from fedxr.errors import FedxrError
 
 INSTALL = "pip install --no-deps executorch==1.5.1 ruamel.yaml tabulate"
-#: The first ExecuTorch release with the max-pool backward fix (pytorch/executorch PR #21878, merged 2026-08-16).
+#: The last ExecuTorch release without the max-pool backward fix (pytorch/executorch PR #21878, merged 2026-08-16).
+#: Only max-pool *modules* are found (a functional F.max_pool2d in a forward is not).
 MAXPOOL_FIXED_AFTER = (1, 5, 1)
 
 

@@ -1,7 +1,7 @@
 """Differential privacy per device: each update clipped and noised on the device, accounted over the whole run.
 
 The unit is the device: everything it holds. Each update it sends is a Gaussian mechanism — its change of the
-float tensors (weights and BatchNorm statistics) clipped to L2 norm ``clip`` as one vector, plus Gaussian noise,
+parameters clipped to L2 norm ``clip`` as one vector, plus Gaussian noise,
 added on the device, so neither the server nor anything between sees the exact update (local DP: the server is
 not trusted with it). Two sets of films on one device may give any two updates within the clip, so the
 sensitivity is ``2 * clip`` (replacement: the films changed, not added) and the noise's standard deviation is
@@ -11,6 +11,13 @@ server sees each update it receives); a device that has sent ``max_updates`` ans
 dropped. Only the trainable parameters are released: buffers — BatchNorm's running statistics and step
 counters — are sent as zero changes, so the student keeps the statistics it started with (noise on a running
 variance can make it negative, and the step counter tells how many films a device has).
+
+What ε means here: per device, per run. A film held by several devices (the simulation deals films out with
+repetition when devices hold more than the site has) is exposed by each of them: :func:`film_epsilon_bound`. A
+run started from an earlier DP run's model starts its devices' counts afresh: the two runs' ε add up. The noise
+comes from torch's generator seeded from the operating system (not a cryptographic generator; Opacus'
+``secure_mode`` would be for a deployment), and the task log keeps each update's norm before clipping, which a
+deployment would not send.
 """
 
 from __future__ import annotations
@@ -39,6 +46,11 @@ def epsilon_spent(multiplier: float, delta: float, releases: int) -> float:
     accountant = RDPAccountant()
     accountant.history = [(multiplier, 1.0, releases)]
     return float(accountant.get_epsilon(delta))
+
+
+def film_epsilon_bound(multiplier: float, delta: float, max_updates: int, holders: int) -> float:
+    """ε for one film held by ``holders`` devices that each send up to ``max_updates`` noised updates."""
+    return epsilon_spent(multiplier, delta, max_updates * holders)
 
 
 def privatise(diff: dict[str, np.ndarray], buffers: set[str], clip: float, std: float,

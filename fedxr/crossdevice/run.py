@@ -125,7 +125,17 @@ def privacy_spent(folder: Path, dp: dict) -> dict:
             sent[t["device"]] = max(sent.get(t["device"], 0), t["dp_updates"])
     most = max(sent.values(), default=0)
     clipped = [t["clipped"] for t in lines if "clipped" in t]
+    from fedxr.crossdevice.population import Population
+
+    population = Population.read(folder / "population")
+    holders = np.bincount(np.concatenate([population.shard(d) for d in range(population.devices)]),
+                          minlength=population.films)
+    from fedxr.crossdevice.privacy import film_epsilon_bound
+
     return {**dp, "devices_that_sent": len(sent), "most_updates_by_one_device": most,
+            "most_devices_holding_one_film": int(holders.max()),
+            "film_epsilon_bound": film_epsilon_bound(dp["noise_multiplier"], dp["delta"], dp["max_updates"],
+                                                     int(holders.max())),
             "max_epsilon_spent": epsilon_spent(dp["noise_multiplier"], dp["delta"], most),
             "share_clipped": float(np.mean(clipped)) if clipped else None,
             "refused_for_budget": sum(1 for t in lines if t["behaviour"] == "budget_spent")}
@@ -147,7 +157,8 @@ def score_versions(folder: Path, ckpt: dict, dm) -> list[dict]:
     return records
 
 
-def save_final(folder: Path, version: int, ckpt: dict, dm, recipe: Recipe, start: Path) -> Path:
+def save_final(folder: Path, version: int, ckpt: dict, dm, recipe: Recipe, start: Path,
+               privacy: dict | None = None) -> Path:
     """The last version as a fedxr checkpoint, its thresholds chosen on the site's validation split."""
     from fedxr.evaluation import predict
     from fedxr.models.checkpoint import save_checkpoint
@@ -159,6 +170,9 @@ def save_final(folder: Path, version: int, ckpt: dict, dm, recipe: Recipe, start
         probs, targets = predict(net, dm.val_dataloader())
     extra = {"norm": ckpt["norm"]} if ckpt.get("norm", "batch") != "batch" else {}
     extra["edge_federation"] = {"started_from": str(start), "version": version}
+    if privacy:  # what the devices spent: a later run started from this model adds its own to it
+        extra["edge_federation"]["privacy"] = {k: privacy[k] for k in ("epsilon", "delta", "max_epsilon_spent",
+                                                                      "film_epsilon_bound")}
     return save_checkpoint(folder / FINAL_CHECKPOINT, model_name=ckpt["model_name"], state_dict=net.state_dict(),
                            preprocessing=ckpt["preprocessing"], thresholds=choose_thresholds(probs, targets),
                            recipe=recipe.model_dump(mode="json"), source=f"{ckpt.get('source', 'train')}+edge_federation",
@@ -233,7 +247,9 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
     if last < cfg.versions:
         print(f"edge federation: stopped at version {last} of {cfg.versions} (devices ran out within "
               f"edge_federation.timeout_s = {cfg.timeout_s:g} s)", flush=True)
-    final = save_final(folder, last, ckpt, dm, recipe, started_from)
+    dp = privacy_settings(cfg)
+    privacy = privacy_spent(folder, dp) if dp else None
+    final = save_final(folder, last, ckpt, dm, recipe, started_from, privacy)
     start_eval = evaluate_checkpoint(start, manifest, split="test", out=folder / "eval_start",
                                      cache_dir=recipe.data.cache_dir, progress=progress)
     final_eval = evaluate_checkpoint(final, manifest, split="test", out=folder / "eval_final",
@@ -259,7 +275,7 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
         "model_name": ckpt["model_name"], "input_size": ckpt["preprocessing"].size,
         "macs": complexity(ckpt["model_name"], ckpt["preprocessing"].size)[1],
         "settings": cfg.model_dump(mode="json"),
-        "privacy": privacy_spent(folder, dp) if (dp := privacy_settings(cfg)) else None,
+        "privacy": privacy,
     }
     write_json_atomic(folder / SUMMARY_FILE, summary)
     plot_versions(summary, folder / PLOT_FILE)
@@ -303,7 +319,8 @@ def format_summary(summary: dict) -> str:
                      f"{t['gain']:+.4f}{gain}")
     if summary.get("privacy"):
         p = summary["privacy"]
-        lines.append(f"differential privacy per device: at most ε = {p['max_epsilon_spent']:.2f} spent by one device "
+        lines.append(f"differential privacy per device: at most ε = {p['max_epsilon_spent']:.2f} spent by one device, "
+                     f"ε ≤ {p['film_epsilon_bound']:.1f} for a film held by {p['most_devices_holding_one_film']} devices "
                      f"(budget {p['epsilon']:g}, δ = {p['delta']:g}; {p['most_updates_by_one_device']} of "
                      f"{p['max_updates']} updates; noise σ = {p['noise_multiplier']:.2f} x 2 x clip {p['clip']:g}); "
                      f"{p['refused_for_budget']} tasks refused for the budget")
