@@ -15,9 +15,8 @@ drop out and to straggle:
 
 from __future__ import annotations
 
-import json
-import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from nvflare.edge.simulation.device_task_processor import DeviceTaskProcessor
 
 from fedxr.crossdevice.network import EdgeStudent
 from fedxr.crossdevice.population import Population
+from fedxr.records import append_line
 
 TASK_LOG = "device_tasks.jsonl"
 #: Every message a device sent, described (no values): the edge counterpart of a site's records/outgoing audit.
@@ -137,11 +137,10 @@ class StudentDevice(DeviceTaskProcessor):
         message = DXO(data_kind=DataKind.WEIGHT_DIFF,
                       data={"dict": {k: v.tolist() for k, v in diff.items()}, "count": count}).to_dict()
         if self.log_dir:
-            # One line per write: appends land whole even from several threads.
-            with open(os.path.join(self.log_dir, TASK_LOG), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            with open(os.path.join(self.log_dir, OUTGOING_LOG), "a") as f:
-                f.write(json.dumps({"device": device, "version": version, **describe_message(message)}) + "\n")
+            # fedxr's record lines (with digests, read back checked); one write per line lands whole from any thread.
+            append_line(Path(self.log_dir) / TASK_LOG, record)
+            append_line(Path(self.log_dir) / OUTGOING_LOG,
+                        {"device": device, "version": version, **describe_message(message)})
         return message
 
 

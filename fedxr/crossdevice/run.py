@@ -32,6 +32,7 @@ from fedxr.crossdevice.network import EdgeStudent
 from fedxr.crossdevice.population import deal_devices, write_population
 from fedxr.crossdevice.server import VERSIONS_FILE, RecordingModelManager, version_file
 from fedxr.errors import FedxrError
+from fedxr.records import read_lines
 
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "versions.png"
@@ -117,8 +118,7 @@ def privacy_spent(folder: Path, dp: dict) -> dict:
     """Per device, ε spent by the noised updates it sent (from the devices' task log)."""
     from fedxr.crossdevice.privacy import epsilon_spent
 
-    lines = [json.loads(x) for x in (folder / TASK_LOG).read_text().splitlines() if x.strip()] \
-        if (folder / TASK_LOG).is_file() else []
+    lines = _task_log(folder)
     sent: dict[int, int] = {}
     for t in lines:
         if "dp_updates" in t:
@@ -146,7 +146,7 @@ def score_versions(folder: Path, ckpt: dict, dm) -> list[dict]:
     from fedxr.evaluation import predict
     from fedxr.models.metrics import multilabel_scores
 
-    records = [json.loads(line) for line in (folder / VERSIONS_FILE).read_text().splitlines() if line.strip()]
+    records = read_lines(folder / VERSIONS_FILE)
     net = EdgeStudent(ckpt["model_name"], norm=ckpt.get("norm", "batch")).net
     for rec in records:
         net.load_state_dict(torch.load(version_file(folder, rec["version"]), weights_only=True))
@@ -179,9 +179,13 @@ def save_final(folder: Path, version: int, ckpt: dict, dm, recipe: Recipe, start
                            extra=extra)
 
 
+def _task_log(folder: Path) -> list[dict]:
+    """What the devices did, one checked record per task (none when no device was ever given a task)."""
+    return read_lines(folder / TASK_LOG) if (folder / TASK_LOG).is_file() else []
+
+
 def _tasks(folder: Path) -> dict:
-    lines = [json.loads(x) for x in (folder / TASK_LOG).read_text().splitlines() if x.strip()] \
-        if (folder / TASK_LOG).is_file() else []
+    lines = _task_log(folder)
     count = {k: sum(1 for t in lines if t["behaviour"] == k) for k in ("trained", "straggler", "dropped", "budget_spent")}
     return {"tasks": len(lines), **count, "devices_heard_from": len({t["device"] for t in lines})}
 

@@ -10,9 +10,9 @@ no late update is thrown away unused (see :meth:`RecordingModelManager.prune_mod
 
 from __future__ import annotations
 
-import json
 import os
 import time
+from pathlib import Path
 from typing import Dict, Set
 
 import numpy as np
@@ -88,7 +88,8 @@ class RecordingModelManager(BuffModelManager):
         super().generate_new_model(fl_ctx)
         if not self.out_dir:
             return
-        from fedxr.data.atomic import save_torch_atomic, write_text_atomic
+        from fedxr.data.atomic import save_torch_atomic
+        from fedxr.records import append_line
 
         version = self.current_model_version
         weights = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in self.current_model.data.items()}
@@ -98,6 +99,4 @@ class RecordingModelManager(BuffModelManager):
         record = {"version": version, "seconds": round(time.time() - self._started, 2), **tally,
                   "mean_staleness": float(np.mean(ages)) if ages else None,
                   "max_staleness": int(max(ages)) if ages else None}
-        path = os.path.join(self.out_dir, VERSIONS_FILE)
-        previous = open(path).read() if os.path.exists(path) else ""
-        write_text_atomic(path, previous + json.dumps(record) + "\n")
+        append_line(Path(self.out_dir) / VERSIONS_FILE, record)
