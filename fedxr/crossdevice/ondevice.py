@@ -20,7 +20,6 @@ ExecuTorch is not a fedxr dependency (its package requires coremltools, torchao 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedxr.errors import FedxrError
@@ -39,10 +38,10 @@ class TrainingStep(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from fedxr.models.loss import masked_bce_with_logits  # the one loss every fedxr training uses
+
         logits = self.net(x)
-        known = ~torch.isnan(y)
-        per_label = F.binary_cross_entropy_with_logits(logits, torch.where(known, y, 0.0), reduction="none")
-        return torch.where(known, per_label, 0.0).sum() / known.sum().clamp(min=1), logits.detach()
+        return masked_bce_with_logits(logits, y), logits.detach()
 
 
 def executorch_version() -> tuple[int, ...] | None:
