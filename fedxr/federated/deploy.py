@@ -22,6 +22,10 @@ from fedxr.errors import FedxrError
 PREFLIGHT_TIMEOUT_S = 180
 
 
+#: The file that makes a folder an NVFlare admin startup kit (provisioning writes it into each admin's kit).
+ADMIN_CONFIG = Path("startup") / "fed_admin.json"
+
+
 def admin_username(kit: str | Path) -> str:
     """The user an admin kit logs in as: the name provisioning wrote into ``startup/fed_admin.json`` (the CN of
     the kit's certificate; NVFlare refuses any other), else the kit folder's name, which provisioning

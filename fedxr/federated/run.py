@@ -8,7 +8,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Callable, overload
 
 from fedxr.artifacts import ExportedJob, FederateSummary
 from fedxr.config import Recipe
@@ -18,7 +18,7 @@ from fedxr.energy import tracked
 from fedxr.data.prepare import require_sites
 from fedxr.errors import FedxrError
 from fedxr.federated import outputs
-from fedxr.federated.deploy import admin_username, preflight, stop_processes
+from fedxr.federated.deploy import ADMIN_CONFIG, admin_username, preflight, stop_processes
 from fedxr.records import read_records, start_records
 from fedxr.federated.job import ResumeSettings, build_job, job_deadline_s, job_name, recipe_blob_is_not_a_secret
 from fedxr.federated.fedbn import SUMMARY_FILE as FEDBN_SUMMARY
@@ -69,10 +69,14 @@ def _run_sim(job, recipe: Recipe, folder: Path, names: list[str], stage: str) ->
     return Path(result) / "server" / "simulate_job"
 
 
-def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Path) -> tuple[Path, Path]:
+def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Path,
+             resubmission: Callable[[], Any] | None = None) -> tuple[Path, Path]:
     """Provision a POC project (mutual TLS) into the run folder, start server and sites on localhost,
-    submit, wait, keep the result, and stop every process it started — on failure and Ctrl-C too."""
-    from nvflare.recipe import PocEnv
+    submit, wait, keep the result, and stop every process it started — on failure and Ctrl-C too.
+
+    While it waits it watches the job (:mod:`fedxr.federated.watch`): a job that a restarted server or site lost
+    is submitted again, as ``resubmission()`` builds it (resuming from the last completed round)."""
+    from fedxr.federated import watch
 
     workspace = (folder / POC_WORKSPACE).resolve()
     stop_processes(workspace)
@@ -82,12 +86,33 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
     shutil.rmtree(results, ignore_errors=True)
     # Each POC site reads its own <site>.csv from this folder (a site fact given through the environment).
     with _env(NVFLARE_POC_WORKSPACE=str(workspace), **{SITES_DIR_ENV: str(sites_dir.resolve())}):
-        env = PocEnv(num_clients=len(names), clients=names, use_he=recipe.privacy.he)
+        env = watch.resubmitting_poc_env(num_clients=len(names), clients=names, use_he=recipe.privacy.he)
         require_every_site(job, names)
         try:
             with recipe_blob_is_not_a_secret():
                 run = job.run(env)
-            result, status = _wait_for_result(run, job_deadline_s(recipe))
+            watcher = watch.JobWatch(watch.admin_kit(workspace), names)
+            for resubmitted in range(watch.MAX_RESUBMISSIONS + 1):
+                try:
+                    result, status, why = _wait_for_result(run, job_deadline_s(recipe), watcher,
+                                                           watch_loss=resubmission is not None)
+                finally:
+                    watcher.close()
+                if why is None:
+                    break
+                if resubmitted == watch.MAX_RESUBMISSIONS:
+                    raise FedxrError(f"POC job {run.get_job_id()} was lost ({why}) after {resubmitted} resubmissions; "
+                                     f"fedxr gives up: see the logs under {workspace}")
+                print(f"{folder.name}: job {run.get_job_id()} was lost ({why}); submitting it again from its last "
+                      "completed round", flush=True)
+                with contextlib.suppress(Exception):
+                    env.abort_job(run.get_job_id())
+                watch.stop_job_processes(workspace, run.get_job_id())
+                assert resubmission is not None  # a loss is watched for only when there is one
+                job = resubmission()
+                require_every_site(job, names)
+                with recipe_blob_is_not_a_secret():
+                    run = job.run(env)
             if not result or not Path(result).exists():
                 _check_quorum(workspace)
                 raise FedxrError(f"POC job {run.get_job_id()} did not finish (status {status}); logs: {workspace}")
@@ -109,31 +134,31 @@ def require_every_site(job, names: list[str]) -> None:
     job._job.job.mandatory_clients = list(names)
 
 
-def _wait_for_result(run, deadline_s: float, retry_s: float = 5.0):
-    """The job's result folder and status, waiting up to ``deadline_s``. NVFlare's wait gives up at the first
-    failed admin connection, which a server busy receiving large updates (HE ciphertexts) can cause while the
-    job runs on: while the job is still running (or its status cannot be read), ask again until the deadline."""
-    # The environment's own calls: Run.get_result stops the POC environment the first time it is called.
-    env, job_id = run.exec_env, run.get_job_id()
+def _wait_for_result(run, deadline_s: float, watcher, watch_loss: bool = True, every_s: float | None = None
+                     ) -> tuple[str | None, str | None, str | None]:
+    """(the job's result folder, its status, None) once it ends or ``deadline_s`` passes; or, with
+    ``watch_loss``, (None, status, why) as soon as ``watcher.lost`` (:class:`fedxr.federated.watch.JobWatch`)
+    gives the same reason on LOST_CONFIRMATIONS checks in a row (the job can no longer finish). The status is asked every few seconds:
+    NVFlare's own wait gives up at the first failed admin connection, which a server busy receiving large
+    updates (HE ciphertexts) or restarting can cause while the job runs on."""
+    from fedxr.federated.watch import LOST_CONFIRMATIONS, UNFINISHED, WATCH_EVERY_S
+
+    job_id = run.get_job_id()
     deadline = time.monotonic() + deadline_s
+    seen: list[str | None] = []  # the latest answers to "why is it lost?"
     while time.monotonic() < deadline:
-        try:
-            if (done := env.get_job_result(job_id, timeout=max(1.0, deadline - time.monotonic()))) and Path(done).exists():
-                break
-        except Exception:
-            pass  # an admin connection that failed: the status below decides whether to wait on
-        try:
-            status = env.get_job_status(job_id)
-        except Exception:
-            status = None
-        if status is not None and not str(status).startswith(("RUNNING", "SUBMITTED", "DISPATCHED")):
+        status = watcher.status(job_id)  # None: the server could not be asked; ask again
+        if status is not None and not status.startswith(UNFINISHED):
             break
-        time.sleep(retry_s)
-    return run.get_result(timeout=1.0, clean_up=False), run.get_status()
+        why = watcher.lost(job_id) if watch_loss and status is not None else None
+        seen = (seen + [why])[-LOST_CONFIRMATIONS:]
+        if why is not None and seen == [why] * LOST_CONFIRMATIONS:
+            return None, status, why
+        time.sleep(every_s or WATCH_EVERY_S)
+    # NVFlare's own call, which downloads the result (and stops the POC environment the first time it is called).
+    return run.get_result(timeout=1.0, clean_up=False), run.get_status(), None
 
 
-#: The file that makes a folder an NVFlare admin startup kit (provisioning writes it into each admin's kit).
-ADMIN_CONFIG = Path("startup") / "fed_admin.json"
 
 
 def check_admin_kit(startup_kit: str | Path | None) -> Path:
@@ -272,18 +297,12 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
         if stopped := (stop_processes(folder / SIM_WORKSPACE, programs=("nvflare.", "fedxr")) if env == "sim" else
                        stop_processes(folder / POC_WORKSPACE)):  # POC: every process there is fedxr's
             print(f"{folder.name}: stopped {stopped} process(es) an interrupted run left behind", flush=True)
-        resume, done = _resume_settings(recipe, folder, records, sites_dir, names, restart, extra_args, job_options,
-                                        env)
+        resume, done = _prepare_resume(recipe, folder, records, sites_dir, names, restart, extra_args, job_options,
+                                       env)
         if done is not None:
             return done
-        if resume is not None and resume.start_round:
-            prune_from(resume.folder, [records / n for n in names], resume.start_round)
-            job_options["extra_args"] = " ".join(filter(None, [extra_args, f"--resume-round {resume.start_round}"]))
-            keep_rounds_before(records, resume.start_round)
-        job_options["resume"] = resume
-    if resume is None or not resume.start_round:
-        shutil.rmtree(records, ignore_errors=True)
-    start_records(records)
+    else:
+        _start_records(records, None)
     t0 = time.perf_counter()
     # On one machine the tracker (machine mode) covers the server and every site process.
     energy = tracked(folder, stage, recipe.energy_country if env in ("sim", "poc") else None)
@@ -296,8 +315,19 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     elif env == "poc":
         job = build_job(recipe, folder, "poc", records=records, **job_options)
 
+        def resubmission():
+            """The job again, resuming from the round its lost run completed last (NVFlare keeps no job across
+            a coordinator's restart: fedxr.federated.watch)."""
+            nonlocal resume
+            again = dict(job_options)
+            resume, _ = _prepare_resume(recipe, folder, records, sites_dir, names, False, extra_args, again, env)
+            if resume is None:
+                raise FedxrError(f"{folder.name}: the job was lost and this federation cannot resume "
+                                 f"({resumable(recipe)}); run the stage again (--restart-stage)")
+            return build_job(recipe, folder, "poc", records=records, **again)
+
         with energy:
-            server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir)
+            server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir, resubmission)
     elif env == "prod":
         job = build_job(recipe, folder, "prod", **job_options)
         server_dir, workspace = _run_prod(job, recipe, admin_kit)
@@ -318,6 +348,31 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
         discard_resume(resume.folder, [records / n for n in names])
         mark_done(resume.folder, resume.digest, folder / FederateSummary.FILE)
     return summary
+
+
+def _start_records(records: Path, resume: ResumeSettings | None) -> None:
+    """The stage's records folder for a run from round 0 (emptied) or resumed (kept as cut back)."""
+    if resume is None or not resume.start_round:
+        shutil.rmtree(records, ignore_errors=True)
+    start_records(records)
+
+
+def _prepare_resume(recipe: Recipe, folder: Path, records: Path, sites_dir: Path, names: list[str], restart: bool,
+                    extra_args: str, job_options: dict, env: str
+                    ) -> tuple[ResumeSettings | None, FederateSummary | None]:
+    """:func:`_resume_settings`, then the stage's folders and ``job_options`` made ready for that start: the
+    resume point, the sites' states and the round records cut back to the starting round (or emptied)."""
+    resume, done = _resume_settings(recipe, folder, records, sites_dir, names, restart, extra_args, job_options, env)
+    if done is not None:
+        return None, done
+    job_options["extra_args"] = extra_args
+    if resume is not None and resume.start_round:
+        prune_from(resume.folder, [records / n for n in names], resume.start_round)
+        job_options["extra_args"] = " ".join(filter(None, [extra_args, f"--resume-round {resume.start_round}"]))
+        keep_rounds_before(records, resume.start_round)
+    job_options["resume"] = resume
+    _start_records(records, resume)
+    return resume, None
 
 
 def _finished_summary(point: Path, digest: str, fedbn_summary: Path | None) -> FederateSummary | None:

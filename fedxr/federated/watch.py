@@ -1,0 +1,142 @@
+"""Watch a POC job for a participant that lost it, and submit it again from its last completed round.
+
+NVFlare 2.9 keeps no job across a restart: a coordinator whose server process is killed (or whose machine
+reboots) comes back — the startup kit's daemon restarts it within seconds, or an operator runs
+``startup/start.sh`` — with the sites reconnected by themselves but with no job running, while its job store
+still says ``RUNNING`` for ever (its server-side snapshots were removed: ``ServerEngine.persist_components`` is a
+no-op). A site whose processes are killed and restarted comes back without its part of the job, and the job
+then waits for it until every round's deadline.
+
+fedxr's federations keep their own resume point after every round (:mod:`fedxr.federated.resume`), so the
+submitter (``fedxr federate --env poc``, the teacher and distillation stages of ``fedxr run``) does what NVFlare
+does not: it asks the server every few seconds whether the job it submitted is still run by the server and by
+every site; when three checks in a row (10 s) find it is not, it aborts what is left of the job, stops the lost job's leftover
+processes on this machine, and submits the same job again, resuming from the last completed round. Only the
+round in flight is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+#: How often the submitter asks the server about its job (seconds).
+WATCH_EVERY_S = 5.0
+#: How many checks in a row must find the job lost, for the same reason, before it counts as lost: a job just
+#: started, or a site's job process just launched, must not be taken for a lost one.
+LOST_CONFIRMATIONS = 3
+#: How many times one federation is submitted again before fedxr gives up and says why.
+MAX_RESUBMISSIONS = 3
+#: Statuses of a job that has not ended.
+UNFINISHED = ("RUNNING", "SUBMITTED", "DISPATCHED")
+
+
+def admin_kit(poc_workspace: Path) -> Path:
+    """The admin startup kit that POC provisioning wrote into ``poc_workspace``."""
+    from fedxr.federated.deploy import ADMIN_CONFIG
+
+    kits = sorted(p.parent.parent for p in Path(poc_workspace).glob(f"**/{ADMIN_CONFIG}"))
+    if not kits:
+        raise FileNotFoundError(f"{poc_workspace}: no admin startup kit (no {ADMIN_CONFIG}) under it")
+    return kits[0]
+
+
+def why_lost(session, job_id: str, sites: list[str]) -> str | None:
+    """Why the running job ``job_id`` can no longer finish (None: it can, or it is not running, or the server
+    cannot say right now). ``session`` is an NVFlare admin session (``nvflare.fuel.flare_api``)."""
+    status = str(session.get_job_status(job_id) or "")
+    if not status.startswith("RUNNING"):
+        return None
+    running = {j.job_id for j in session.get_system_info().job_info}
+    if job_id not in running:
+        return "the coordinator's server no longer runs it (the server restarted)"
+    clients = session.get_client_job_status() or []
+    if not clients:
+        return None  # no site connected at this moment: a site is reconnecting, ask again
+    # A site that answered and listed its jobs (or "no_jobs") without this one has lost it; one that did not
+    # answer ("no_reply", "error") may be busy: it decides nothing.
+    with_job = {c.get("client_name") for c in clients if c.get("job_id") == job_id}
+    answered = {c.get("client_name") for c in clients if c.get("job_id") not in (None, "?") or c.get("status") == "no_jobs"}
+    gone = [s for s in sites if s in answered and s not in with_job]
+    if gone:
+        return f"site(s) {', '.join(gone)} no longer run it (restarted)"
+    return None
+
+
+class JobWatch:
+    """Questions about a POC job through one admin session, opened again after a failed call (a server that
+    restarted); every answer is None when the server cannot be asked right now."""
+
+    def __init__(self, kit: Path, sites: list[str]):
+        self.kit, self.sites = Path(kit), list(sites)
+        self._session: Any = None
+
+    def _ask(self, question):
+        from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+        from fedxr.federated.deploy import admin_username
+
+        try:
+            if self._session is None:
+                self._session = new_secure_session(admin_username(self.kit), str(self.kit), timeout=10)
+            return question(self._session)
+        except Exception:
+            self.close()
+            return None
+
+    def status(self, job_id: str) -> str | None:
+        answer = self._ask(lambda session: session.get_job_status(job_id))
+        return None if answer is None else str(answer)
+
+    def lost(self, job_id: str) -> str | None:
+        """:func:`why_lost`, or None when the server cannot say."""
+        return self._ask(lambda session: why_lost(session, job_id, self.sites))
+
+    def close(self) -> None:
+        if self._session is not None:
+            with contextlib.suppress(Exception):
+                self._session.close()
+        self._session = None
+
+
+def stop_job_processes(workspace: Path, job_id: str, grace_s: float = 10.0) -> int:
+    """Stop the processes of job ``job_id`` still running under the POC ``workspace`` (a server or site job
+    process that outlived its parent), so that they cannot write into the stage's records while the job runs
+    again; returns how many there were."""
+    import psutil
+
+    from fedxr.federated.deploy import processes_using
+
+    procs = []
+    for proc in processes_using(workspace):
+        with contextlib.suppress(psutil.Error):
+            if any(job_id in part for part in [*proc.cmdline(), proc.cwd()]):
+                procs.append(proc)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    return len(procs)
+
+
+def resubmitting_poc_env(**kwargs):
+    """NVFlare's ``PocEnv`` whose first ``deploy`` provisions and starts POC as usual, and whose later ones only
+    submit the job to the POC system already running (NVFlare's would stop it, wipe its workspace and start a
+    fresh one)."""
+    from nvflare.recipe import PocEnv
+
+    class ResubmittingPocEnv(PocEnv):
+        started = False
+
+        def deploy(self, job) -> str:
+            if not self.started:
+                job_id = super().deploy(job)
+                self.started = True
+                return job_id
+            return self._get_session_manager().submit_job(job)
+
+    return ResubmittingPocEnv(**kwargs)
