@@ -1,7 +1,7 @@
 """The console under load, on loopback only: `/try` latency, concurrent predictions, page load times.
 
     python benchmarks/console_load.py            # after `make demo`: the quickstart student, 1024 x 1024 PNG
-    python benchmarks/console_load.py --smoke    # a tiny run made here (CI)
+    python benchmarks/console_load.py --smoke    # a tiny run made here (CI passes its own: --runs/--exports/--model)
 
 1. Server-side `/try` time (decode + resize + onnxruntime + Grad-CAM overlay) for one 1024 x 1024 PNG, the
    model's onnxruntime and torch limited to one thread: p50/p95 over --repeats calls, with and without the
@@ -64,20 +64,22 @@ def tiny_run(work: Path) -> tuple[Path, Path, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", default=str(ROOT / "runs"))
-    ap.add_argument("--exports", default=str(ROOT / "export"))
-    ap.add_argument("--model", default="quickstart_student_resnet18_quarter", help="export folder to predict with")
+    ap.add_argument("--runs", help="runs folder (default: runs/; --smoke: a tiny run made here)")
+    ap.add_argument("--exports", help="exports folder (default: export/; --smoke: the tiny run's)")
+    ap.add_argument("--model", help="export folder to predict with (default: quickstart_student_resnet18_quarter)")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--per-client", type=int, default=10)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedxr-console-bench-"))
-    if args.smoke:
+    if args.smoke and not args.exports:
         runs, exports, model = tiny_run(work)
-        args.repeats, args.clients, args.per_client = 5, 4, 3
     else:
-        runs, exports, model = Path(args.runs), Path(args.exports), args.model
+        runs, exports = Path(args.runs or ROOT / "runs"), Path(args.exports or ROOT / "export")
+        model = args.model or "quickstart_student_resnet18_quarter"
+    if args.smoke:
+        args.repeats, args.clients, args.per_client = 5, 4, 3
     if not (exports / model / "manifest.json").is_file():
         raise SystemExit(f"no export {exports / model}: run `make demo` first (or pass --exports/--model)")
     run_name = next((p.parent.name for p in sorted(runs.glob("*/pipeline.json"))), None)

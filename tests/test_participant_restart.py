@@ -84,8 +84,10 @@ def test_a_killed_coordinator_and_a_killed_site_cost_only_their_round_in_flight(
     rounds = [r["round"] for r in read_records(stage / "records") if isinstance(r.get("round"), int)]
     assert sorted(set(rounds)) == list(range(ROUNDS))
 
-    # The same federation never interrupted (the simulator is bit-identical to POC for this job) ends with the
-    # same model, bit for bit.
+    # The same federation never interrupted ends with the same model, bit for bit. This is also fedxr's check
+    # that two runs of one recipe and seed give bit-identical global models, whatever the environment (POC here,
+    # the simulator there): the server's round-0 model is seeded, each site seeds every round from (seed, site,
+    # round), and the sites' weights are summed in site order rather than in the order they happen to arrive.
     reference = two_sites(tmp_path, "federated.timeout_s=120", "output.name=uninterrupted", rounds=ROUNDS)
     federate(reference, "sim")
     got = torch.load(stage / "global_last.ckpt", map_location="cpu", weights_only=False)["state_dict"]

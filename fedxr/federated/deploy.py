@@ -119,9 +119,13 @@ def processes_using(path: Path, programs: tuple[str, ...] = ()) -> list:
 def stop_processes(path: Path, grace_s: float = 10.0, programs: tuple[str, ...] = ()) -> int:
     """Terminate (then kill) every process still running from ``path`` (``programs``: see
     :func:`processes_using`); returns how many there were."""
+    return terminate(processes_using(path, programs), grace_s)
+
+
+def terminate(procs: list, grace_s: float = 10.0) -> int:
+    """Terminate ``procs`` (psutil processes), kill those still there after ``grace_s``; returns how many."""
     import psutil
 
-    procs = processes_using(path, programs)
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()

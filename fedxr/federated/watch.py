@@ -106,21 +106,14 @@ def stop_job_processes(workspace: Path, job_id: str, grace_s: float = 10.0) -> i
     again; returns how many there were."""
     import psutil
 
-    from fedxr.federated.deploy import processes_using
+    from fedxr.federated.deploy import processes_using, terminate
 
     procs = []
     for proc in processes_using(workspace):
         with contextlib.suppress(psutil.Error):
             if any(job_id in part for part in [*proc.cmdline(), proc.cwd()]):
                 procs.append(proc)
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    return len(procs)
+    return terminate(procs, grace_s)
 
 
 def resubmitting_poc_env(**kwargs):
