@@ -42,7 +42,12 @@ def run(model: str, tmp: Path, rounds: int, patients: int, size: int) -> dict:
         f"data.cache_dir={tmp / 'cache'}", f"output.runs_dir={tmp / 'runs'}", f"output.name={model}", f"model.name={model}"])
     ensure_dataset(recipe, progress=False)
     ensure_sites(recipe)
-    summary = federate(recipe, "sim", restart=True)  # a measurement: never a kept earlier run
+    return measure(model, size, federate(recipe, "sim", restart=True))  # a measurement: never a kept earlier run
+
+
+def measure(model: str, size: int, summary) -> dict:
+    """Per-round wall time, site work and overhead from a finished federation's round table (``summary``: its
+    FederateSummary); the bytes a round moves for 2 sites."""
     table = [r for r in json.loads(Path(summary.rounds).read_text()) if isinstance(r["round"], int)]
     per_round = []
     for r in table[:-1]:  # the last round has no "next receive" to close it
@@ -57,12 +62,19 @@ def run(model: str, tmp: Path, rounds: int, patients: int, size: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--from-federate", metavar="DIR", help="with --smoke: measure this finished tiny_cnn federation "
+                    "at 32 px with 2 sites (a stage folder, e.g. CI's tiny run) instead of running one")
     args = ap.parse_args()
     plan = [("tiny_cnn", 2, 30, 32)] if args.smoke else [("mobilenetv3_small_100", 3, 300, 96), ("densenet121", 3, 300, 96)]
     results = []
     for model, rounds, patients, size in plan:
-        with tempfile.TemporaryDirectory() as tmp:
-            res = run(model, Path(tmp), rounds, patients, size)
+        if args.smoke and args.from_federate:
+            from fedxr.artifacts import FederateSummary
+
+            res = measure(model, size, FederateSummary.read(Path(args.from_federate) / FederateSummary.FILE))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                res = run(model, Path(tmp), rounds, patients, size)
         results.append(res)
         for r in res["rounds"]:
             print(f"{model:<24} round {r['round']}: wall {r['wall_s']:.2f} s, site work {r['site_work_s']:.2f} s, "
