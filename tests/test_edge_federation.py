@@ -44,7 +44,7 @@ def test_fedbuff_versions_are_the_buffered_average_and_a_late_update_is_not_lost
     m.process_updates({1: _update(1, [0.0, 0.0], 0, ("c",))}, ctx)
     assert m.current_model_version == 2
     # new = old + global_lr * (sum of diffs / trained updates) = 0.5 * [4, 6] / 2
-    assert m.current_model.data["w"] == [1.0, 1.5]
+    np.testing.assert_array_equal(m.current_model.data["w"], [1.0, 1.5])
     # A straggler still on version 1 reports after version 2 exists; no selected device holds version 1 any more.
     m.process_updates({1: _update(1, [6.0, 6.0], 1, ("d",))}, ctx)
     m.prune_model_versions({2}, ctx)  # NVFlare's assessor prunes after every batch of updates
