@@ -4,7 +4,6 @@ the last completed round by itself, and ends with the model an uninterrupted fed
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -12,25 +11,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedxr.federated.deploy import processes_using
+from fedxr.federated.deploy import processes_using, start_participant
 from fedxr.federated.run import federate
 from fedxr.records import read_records
 
 from test_privacy import two_sites
 
 ROUNDS = 3
+SITES = ("site-1", "site-2")
 
 
-def _wait_for_point(stage: Path, rnd: int, deadline_s: float = 600.0) -> None:
-    """Until the server's resume point says round ``rnd`` is complete."""
+def _wait_for_round(stage: Path, rnd: int, stop: threading.Event, deadline_s: float = 600.0) -> None:
+    """Until round ``rnd`` is complete: the server's resume point says so and every site has kept its state
+    after it (a site keeps it just after sending its update: killed before that, it would resume a round
+    earlier)."""
     point = stage / "resume" / "point.json"
     end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
+    while time.monotonic() < end and not stop.is_set():
         try:
-            if json.loads(point.read_text())["points"][0]["round"] >= rnd:
-                return
+            done = json.loads(point.read_text())["points"][0]["round"] >= rnd
         except (OSError, ValueError, KeyError, IndexError):
-            pass
+            done = False
+        if done and all((stage / "records" / site / f"resume_round{rnd}.pt").is_file() for site in SITES):
+            return
         time.sleep(0.2)
     raise TimeoutError(f"round {rnd} never completed")
 
@@ -46,8 +49,7 @@ def _kill_and_restart(workspace: Path, participant: str) -> float:
     for proc in procs:
         proc.kill()
     time.sleep(2)
-    subprocess.Popen(["bash", str(kit / "startup" / "start.sh")], cwd=kit, start_new_session=True,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start_participant(kit)  # its start.sh, with this interpreter's python3 first on PATH
     return killed
 
 
@@ -58,23 +60,28 @@ def test_a_killed_coordinator_and_a_killed_site_cost_only_their_round_in_flight(
     faults: dict[str, float] = {}
     errors: list[BaseException] = []
 
+    stop = threading.Event()
+
     def inject() -> None:
         try:
-            _wait_for_point(stage, 0)
+            _wait_for_round(stage, 0, stop)
             faults["server"] = _kill_and_restart(stage / "poc", "server")
-            _wait_for_point(stage, 1)
+            _wait_for_round(stage, 1, stop)
             faults["site-2"] = _kill_and_restart(stage / "poc", "site-2")
         except BaseException as exc:  # noqa: BLE001 - reported by the test below
             errors.append(exc)
 
     injector = threading.Thread(target=inject, daemon=True)
     injector.start()
-    summary = federate(recipe, "poc")
-    injector.join(timeout=5)
+    try:
+        summary = federate(recipe, "poc")
+    finally:
+        stop.set()  # a federation that failed must not be restarted into after the test
+        injector.join(timeout=10)
     assert not errors and set(faults) == {"server", "site-2"}
     out = capsys.readouterr().out
     # Each loss was noticed, said, and the job submitted again from the round after the last completed one.
-    assert "was lost (the coordinator's server no longer runs it" in out
+    assert "was lost (the coordinator's server restarted)" in out
     assert "was lost (site(s) site-2 no longer run it" in out
     assert "resuming from round 1 of 3" in out and "resuming from round 2 of 3" in out
     assert summary.resumed_from == 2

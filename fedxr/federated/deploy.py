@@ -133,6 +133,7 @@ def terminate(procs: list, grace_s: float = 10.0) -> int:
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
+    psutil.wait_procs(alive, timeout=5)  # gone before the caller touches what they were writing
     return len(procs)
 
 

@@ -91,7 +91,7 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
         try:
             with recipe_blob_is_not_a_secret():
                 run = job.run(env)
-            watcher = watch.JobWatch(watch.admin_kit(workspace), names)
+            watcher = watch.JobWatch(watch.admin_kit(workspace, env.username), names)
             for resubmitted in range(watch.MAX_RESUBMISSIONS + 1):
                 try:
                     result, status, why = _wait_for_result(run, job_deadline_s(recipe), watcher,
@@ -138,21 +138,19 @@ def _wait_for_result(run, deadline_s: float, watcher, watch_loss: bool = True, e
                      ) -> tuple[str | None, str | None, str | None]:
     """(the job's result folder, its status, None) once it ends or ``deadline_s`` passes; or, with
     ``watch_loss``, (None, status, why) as soon as ``watcher.lost`` (:class:`fedxr.federated.watch.JobWatch`)
-    gives the same reason on LOST_CONFIRMATIONS checks in a row (the job can no longer finish). The status is asked every few seconds:
+    finds the job lost (the job can no longer finish). The status is asked every few seconds:
     NVFlare's own wait gives up at the first failed admin connection, which a server busy receiving large
     updates (HE ciphertexts) or restarting can cause while the job runs on."""
-    from fedxr.federated.watch import LOST_CONFIRMATIONS, UNFINISHED, WATCH_EVERY_S
+    from fedxr.federated.watch import UNFINISHED, WATCH_EVERY_S
 
     job_id = run.get_job_id()
     deadline = time.monotonic() + deadline_s
-    seen: list[str | None] = []  # the latest answers to "why is it lost?"
     while time.monotonic() < deadline:
         status = watcher.status(job_id)  # None: the server could not be asked; ask again
         if status is not None and not status.startswith(UNFINISHED):
             break
         why = watcher.lost(job_id) if watch_loss and status is not None else None
-        seen = (seen + [why])[-LOST_CONFIRMATIONS:]
-        if why is not None and seen == [why] * LOST_CONFIRMATIONS:
+        if why is not None:
             return None, status, why
         time.sleep(every_s or WATCH_EVERY_S)
     # NVFlare's own call, which downloads the result (and stops the POC environment the first time it is called).
@@ -321,13 +319,13 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
             nonlocal resume
             again = dict(job_options)
             resume, _ = _prepare_resume(recipe, folder, records, sites_dir, names, False, extra_args, again, env)
-            if resume is None:
-                raise FedxrError(f"{folder.name}: the job was lost and this federation cannot resume "
-                                 f"({resumable(recipe)}); run the stage again (--restart-stage)")
             return build_job(recipe, folder, "poc", records=records, **again)
 
         with energy:
-            server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir, resubmission)
+            # A stage that cannot resume (DP, HE: fedxr.federated.resume.resumable) is not watched: a job it lost
+            # would start again from round 0 (DP spending its budget twice); it waits until its deadline as before.
+            server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir,
+                                             resubmission if resume is not None else None)
     elif env == "prod":
         job = build_job(recipe, folder, "prod", **job_options)
         server_dir, workspace = _run_prod(job, recipe, admin_kit)

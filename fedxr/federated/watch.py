@@ -9,10 +9,13 @@ then waits for it until every round's deadline.
 
 fedxr's federations keep their own resume point after every round (:mod:`fedxr.federated.resume`), so the
 submitter (``fedxr federate --env poc``, the teacher and distillation stages of ``fedxr run``) does what NVFlare
-does not: it asks the server every few seconds whether the job it submitted is still run by the server and by
-every site; when three checks in a row (10 s) find it is not, it aborts what is left of the job, stops the lost job's leftover
-processes on this machine, and submits the same job again, resuming from the last completed round. Only the
-round in flight is lost.
+does not: it asks the server every few seconds about the job it submitted. The job is lost when the server
+started after the job did (its start time, not the job's absence from the server's running jobs: a job that is
+ending leaves that list before its status says so), or when a site that was seen running the job answers
+without it for 30 s while the server still runs it (at a job's normal end the sites leave a few seconds before
+the server). Then the submitter aborts what is left of the job, stops the lost job's leftover processes on this
+machine, and submits the same job again, resuming from the last completed round. Only the round in flight is
+lost. A stage that cannot resume (DP, HE) is not watched: it waits as before.
 """
 
 from __future__ import annotations
@@ -23,45 +26,54 @@ from typing import Any
 
 #: How often the submitter asks the server about its job (seconds).
 WATCH_EVERY_S = 5.0
-#: How many checks in a row must find the job lost, for the same reason, before it counts as lost: a job just
-#: started, or a site's job process just launched, must not be taken for a lost one.
-LOST_CONFIRMATIONS = 3
+#: How many checks in a row must find the job lost, for the same reason, before it counts as lost: a restarted
+#: server is certain at once (its start time), a site gone from the job must stay gone for ~30 s.
+SERVER_CONFIRMATIONS, SITE_CONFIRMATIONS = 2, 7
 #: How many times one federation is submitted again before fedxr gives up and says why.
 MAX_RESUBMISSIONS = 3
 #: Statuses of a job that has not ended.
 UNFINISHED = ("RUNNING", "SUBMITTED", "DISPATCHED")
 
 
-def admin_kit(poc_workspace: Path) -> Path:
-    """The admin startup kit that POC provisioning wrote into ``poc_workspace``."""
+def admin_kit(poc_workspace: Path, username: str) -> Path:
+    """The admin startup kit of ``username`` that POC provisioning wrote into ``poc_workspace``."""
     from fedxr.federated.deploy import ADMIN_CONFIG
 
     kits = sorted(p.parent.parent for p in Path(poc_workspace).glob(f"**/{ADMIN_CONFIG}"))
-    if not kits:
-        raise FileNotFoundError(f"{poc_workspace}: no admin startup kit (no {ADMIN_CONFIG}) under it")
-    return kits[0]
+    kit = next((k for k in kits if k.name == username), None)
+    if kit is None:
+        raise FileNotFoundError(f"{poc_workspace}: no admin startup kit of {username} (no {username}/{ADMIN_CONFIG})")
+    return kit
 
 
-def why_lost(session, job_id: str, sites: list[str]) -> str | None:
+#: The two kinds of loss.
+SERVER_RESTARTED = "the coordinator's server restarted"
+
+
+def why_lost(session, job_id: str, sites: list[str], seen: set[str]) -> str | None:
     """Why the running job ``job_id`` can no longer finish (None: it can, or it is not running, or the server
-    cannot say right now). ``session`` is an NVFlare admin session (``nvflare.fuel.flare_api``)."""
-    status = str(session.get_job_status(job_id) or "")
-    if not status.startswith("RUNNING"):
+    cannot say right now). ``session`` is an NVFlare admin session (``nvflare.fuel.flare_api``); ``seen`` collects
+    the sites seen running the job (a site that never showed it is starting, not lost)."""
+    from datetime import datetime
+
+    meta = session.get_job_meta(job_id) or {}
+    if not str(meta.get("status") or "").startswith("RUNNING"):
         return None
-    running = {j.job_id for j in session.get_system_info().job_info}
-    if job_id not in running:
-        return "the coordinator's server no longer runs it (the server restarted)"
+    info = session.get_system_info()
+    job_started = meta.get("start_time")
+    server_started = info.server_info.start_time
+    if job_started and server_started and float(server_started) > datetime.fromisoformat(job_started).timestamp():
+        return SERVER_RESTARTED
+    if job_id not in {j.job_id for j in info.job_info}:
+        return None  # the job is ending on the server (its status follows): no site's loss
     clients = session.get_client_job_status() or []
-    if not clients:
-        return None  # no site connected at this moment: a site is reconnecting, ask again
     # A site that answered and listed its jobs (or "no_jobs") without this one has lost it; one that did not
     # answer ("no_reply", "error") may be busy: it decides nothing.
     with_job = {c.get("client_name") for c in clients if c.get("job_id") == job_id}
+    seen |= with_job
     answered = {c.get("client_name") for c in clients if c.get("job_id") not in (None, "?") or c.get("status") == "no_jobs"}
-    gone = [s for s in sites if s in answered and s not in with_job]
-    if gone:
-        return f"site(s) {', '.join(gone)} no longer run it (restarted)"
-    return None
+    gone = [s for s in sites if s in seen and s in answered and s not in with_job]
+    return f"site(s) {', '.join(gone)} no longer run it (restarted)" if gone else None
 
 
 class JobWatch:
@@ -71,6 +83,8 @@ class JobWatch:
     def __init__(self, kit: Path, sites: list[str]):
         self.kit, self.sites = Path(kit), list(sites)
         self._session: Any = None
+        self._seen: dict[str, set[str]] = {}  # job id: the sites seen running it
+        self._streak: tuple[str | None, int] = (None, 0)  # the latest reason and how many checks in a row gave it
 
     def _ask(self, question):
         from nvflare.fuel.flare_api.flare_api import new_secure_session
@@ -90,8 +104,14 @@ class JobWatch:
         return None if answer is None else str(answer)
 
     def lost(self, job_id: str) -> str | None:
-        """:func:`why_lost`, or None when the server cannot say."""
-        return self._ask(lambda session: why_lost(session, job_id, self.sites))
+        """:func:`why_lost` once as many checks in a row as its kind needs have given it; None until then, and
+        when the server cannot say (which breaks the streak)."""
+        seen = self._seen.setdefault(job_id, set())
+        why = self._ask(lambda session: why_lost(session, job_id, self.sites, seen))
+        last, count = self._streak
+        self._streak = (why, count + 1 if why is not None and why == last else 1)
+        needed = SERVER_CONFIRMATIONS if why == SERVER_RESTARTED else SITE_CONFIRMATIONS
+        return why if why is not None and self._streak[1] >= needed else None
 
     def close(self) -> None:
         if self._session is not None:
