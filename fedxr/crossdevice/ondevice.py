@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fedxr.errors import FedxrError
+from fedxr.models.loss import masked_bce_with_logits  # the one loss every fedxr training uses
 
 INSTALL = "pip install --no-deps executorch==1.5.1 ruamel.yaml tabulate"
 #: The last ExecuTorch release without the max-pool backward fix (pytorch/executorch PR #21878, merged 2026-08-16).
@@ -38,8 +39,6 @@ class TrainingStep(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from fedxr.models.loss import masked_bce_with_logits  # the one loss every fedxr training uses
-
         logits = self.net(x)
         return masked_bce_with_logits(logits, y), logits.detach()
 

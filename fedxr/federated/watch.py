@@ -84,7 +84,8 @@ class JobWatch:
         self.kit, self.sites = Path(kit), list(sites)
         self._session: Any = None
         self._seen: dict[str, set[str]] = {}  # job id: the sites seen running it
-        self._streak: tuple[str | None, int] = (None, 0)  # the latest reason and how many checks in a row gave it
+        # (job id, the latest reason, how many checks in a row gave it): a resubmitted job starts a streak of its own
+        self._streak: tuple[str, str | None, int] = ("", None, 0)
 
     def _ask(self, question):
         from nvflare.fuel.flare_api.flare_api import new_secure_session
@@ -108,10 +109,11 @@ class JobWatch:
         when the server cannot say (which breaks the streak)."""
         seen = self._seen.setdefault(job_id, set())
         why = self._ask(lambda session: why_lost(session, job_id, self.sites, seen))
-        last, count = self._streak
-        self._streak = (why, count + 1 if why is not None and why == last else 1)
+        job, last, count = self._streak
+        count = count + 1 if why is not None and (job, last) == (job_id, why) else 1
+        self._streak = (job_id, why, count)
         needed = SERVER_CONFIRMATIONS if why == SERVER_RESTARTED else SITE_CONFIRMATIONS
-        return why if why is not None and self._streak[1] >= needed else None
+        return why if why is not None and count >= needed else None
 
     def close(self) -> None:
         if self._session is not None:
