@@ -13,6 +13,7 @@ import torch
 
 from fedxr.federated.deploy import processes_using, start_participant
 from fedxr.federated.run import federate
+from fedxr.federated.watch import running_admin_cells
 from fedxr.records import read_records
 
 from test_privacy import two_sites
@@ -86,6 +87,9 @@ def test_a_killed_coordinator_and_a_killed_site_cost_only_their_round_in_flight(
     assert "resuming from round 1 of 3" in out and "resuming from round 2 of 3" in out
     assert summary.resumed_from == 2
     assert processes_using(stage / "poc") == []
+    # No admin connection of this process is left reconnecting to the stopped server: one would keep the process
+    # (a user's `fedxr federate`, this test session) from ever exiting.
+    assert running_admin_cells() == set()
 
     # Every round is in the records once; the rounds before each fault were not trained again.
     rounds = [r["round"] for r in read_records(stage / "records") if isinstance(r.get("round"), int)]

@@ -88,6 +88,7 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
     with _env(NVFLARE_POC_WORKSPACE=str(workspace), **{SITES_DIR_ENV: str(sites_dir.resolve())}):
         env = watch.resubmitting_poc_env(num_clients=len(names), clients=names, use_he=recipe.privacy.he)
         require_every_site(job, names)
+        cells_before = watch.running_admin_cells()
         try:
             with recipe_blob_is_not_a_secret():
                 run = job.run(env)
@@ -105,8 +106,8 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
                                      f"fedxr gives up: see the logs under {workspace}")
                 print(f"{folder.name}: job {run.get_job_id()} was lost ({why}); submitting it again from its last "
                       "completed round", flush=True)
-                with contextlib.suppress(Exception):
-                    env.abort_job(run.get_job_id())
+                watcher.abort(run.get_job_id())
+                watcher.close()
                 watch.stop_job_processes(workspace, run.get_job_id())
                 assert resubmission is not None  # a loss is watched for only when there is one
                 job = resubmission()
@@ -121,6 +122,7 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
             with contextlib.suppress(Exception):
                 env.stop(clean_up=False)
             stop_processes(workspace)
+            watch.stop_admin_cells_since(cells_before)
     server = next((p.parent for p in results.rglob("FL_global_model.pt")), None)
     if server is None:
         raise FedxrError(f"POC result {results} holds no global model; logs: {workspace}")

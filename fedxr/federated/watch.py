@@ -115,11 +115,38 @@ class JobWatch:
         needed = SERVER_CONFIRMATIONS if why == SERVER_RESTARTED else SITE_CONFIRMATIONS
         return why if why is not None and count >= needed else None
 
+    def abort(self, job_id: str) -> None:
+        """Abort what is left of a lost job (through this watch's session: NVFlare's own ``abort_job`` leaves its
+        session open when the server refuses, and that session's connection then retries for ever and keeps the
+        process from exiting)."""
+        self._ask(lambda session: session.abort_job(job_id))
+
     def close(self) -> None:
         if self._session is not None:
             with contextlib.suppress(Exception):
                 self._session.close()
         self._session = None
+
+
+def running_admin_cells() -> set[str]:
+    """The names of this process's NVFlare cells that still run (an admin session's connection to a server)."""
+    from nvflare.fuel.f3.cellnet.core_cell import CoreCell
+
+    return {name for name, cell in list(CoreCell.ALL_CELLS.items()) if getattr(cell, "running", False)}
+
+
+def stop_admin_cells_since(before: set[str]) -> list[str]:
+    """Stop the cells started since ``before`` (:func:`running_admin_cells`) that are still running, and name them.
+    A session that NVFlare left open when a call failed keeps reconnecting to its server after the server
+    stopped, from a thread that is not a daemon: the submitting process (``fedxr federate``, the test run) would
+    never exit."""
+    from nvflare.fuel.f3.cellnet.core_cell import CoreCell
+
+    left = sorted(running_admin_cells() - before)
+    for name in left:
+        with contextlib.suppress(Exception):
+            CoreCell.ALL_CELLS[name].stop()
+    return left
 
 
 def stop_job_processes(workspace: Path, job_id: str, grace_s: float = 10.0) -> int:
