@@ -10,15 +10,19 @@ import pytest
 from helpers import CONSOLE_PASSWORD, QUICKSTART, SHARED_NIH, V2020, console_overrides, real_rows, write_nih_images
 
 
+#: Markers whose tests run only when the -m expression names them (deselected, not skipped, otherwise):
+#: arm64 — the ARM64 check (root, debootstrap, a kernel-wide binfmt_misc registration, minutes);
+#: bench — the slowest benchmarks' smoke runs (1.5-2.5 min each), whose fedxr paths other tests run.
+OPT_IN = ("arm64", "bench")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The ARM64 check (root, debootstrap, a kernel-wide binfmt_misc registration, minutes) runs only when the
-    -m expression names it (`pytest -m arm64`); `pytest` and any other -m leave it out (deselected, not skipped)."""
-    if "arm64" in (config.option.markexpr or ""):
-        return
-    chosen = [item for item in items if item.get_closest_marker("arm64") is None]
-    if len(chosen) != len(items):
-        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("arm64")])
-        items[:] = chosen
+    """`pytest` (CI, `make test`) leaves the opt-in tests out; `pytest -m arm64` or `pytest -m bench` runs them."""
+    named = [m for m in OPT_IN if m in (config.option.markexpr or "")]
+    left_out = [item for item in items if any(item.get_closest_marker(m) for m in OPT_IN if m not in named)]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if item not in left_out]
 
 
 @pytest.fixture(scope="session")

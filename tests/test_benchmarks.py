@@ -1,4 +1,6 @@
-"""Each benchmark runs once in --smoke mode: proof that it still works, not a timing test."""
+"""Each benchmark runs once in --smoke mode: proof that it still works, not a timing test. The three slowest
+(`bench` marker: privacy_finetune, privacy_real, real_cxr) run with `pytest -m bench`, outside the default suite,
+which must stay near 35 minutes on 2 cores; run them after changing a benchmark or the paths it measures."""
 
 import json
 import subprocess
@@ -135,6 +137,7 @@ def test_privacy_utility():
     assert (BENCH.parent / result["plot"]).is_file()
 
 
+@pytest.mark.bench
 def test_privacy_finetune():
     """Public pretraining then private fine-tuning: every row from the public start except the from-scratch one,
     DP rows within their budget (training and validation scores), the per-patient row uses the setting validation
@@ -158,6 +161,7 @@ def test_privacy_finetune():
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_privacy_real():
     """DP on real films: the public model sees the NIH source only, the private federation the three others; the
     DP rows stay within budget and are compared with non-private fine-tuning at the pediatric site, paired."""
@@ -186,6 +190,7 @@ def test_privacy_real():
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 def test_real_cxr():
     """The real-images comparison on a small real subset: every model scored per site, paired differences."""
     result = run_smoke("real_cxr.py")
