@@ -119,10 +119,12 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
                 raise FedxrError(f"POC job {run.get_job_id()} did not finish (status {status}); logs: {workspace}")
             shutil.copytree(result, results)
         finally:
-            with contextlib.suppress(Exception):
-                env.stop(clean_up=False)
-            stop_processes(workspace)
-            watch.stop_admin_cells_since(cells_before)
+            try:
+                with contextlib.suppress(Exception):
+                    env.stop(clean_up=False)
+                stop_processes(workspace)
+            finally:  # even on a second Ctrl-C: a session left running would keep this process from exiting
+                watch.stop_admin_cells_since(cells_before)
     server = next((p.parent for p in results.rglob("FL_global_model.pt")), None)
     if server is None:
         raise FedxrError(f"POC result {results} holds no global model; logs: {workspace}")

@@ -129,10 +129,12 @@ class JobWatch:
 
 
 def running_admin_cells() -> set[str]:
-    """The names of this process's NVFlare cells that still run (an admin session's connection to a server)."""
+    """The names of this process's admin-session cells (connections to a server) that still run."""
     from nvflare.fuel.f3.cellnet.core_cell import CoreCell
+    from nvflare.fuel.utils.admin_name_utils import is_valid_admin_client_name
 
-    return {name for name, cell in list(CoreCell.ALL_CELLS.items()) if getattr(cell, "running", False)}
+    return {name for name, cell in list(CoreCell.ALL_CELLS.items())
+            if getattr(cell, "running", False) and is_valid_admin_client_name(name)}
 
 
 def stop_admin_cells_since(before: set[str]) -> list[str]:
