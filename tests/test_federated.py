@@ -71,6 +71,10 @@ def test_sim_outputs(sim_run, tmp_path, capsys):
     # warm-up of one epoch = one round's 4 steps (not the capped site's whole 6-batch epoch), then a cosine over the
     # remaining 8 steps: the full rate after round 0, half after round 1, zero after round 2
     assert lr_end[:3] == pytest.approx([recipe.model.lr, recipe.model.lr * 0.5, 0.0], abs=1e-9)
+    # Sites on this machine ask for their next task after 0.5 s (NVFlare's default 2 s cost every round that long).
+    from fedxr.federated.job import LOCAL_TASK_REQUEST_INTERVAL_S
+    server_cfg = json.loads(next((out / "nvflare").rglob("app_server/config/config_fed_server.json")).read_text())
+    assert server_cfg["server"]["task_request_interval"] == LOCAL_TASK_REQUEST_INTERVAL_S < 2
     cross = json.loads((out / "cross_site.json").read_text())
     assert set(cross["sites"]) == {"site-1", "site-2"}
     assert {"global (last)", "site-1 (local)", "site-2 (local)"} <= set(cross["models"])
@@ -130,6 +134,8 @@ def test_export_job(tmp_path, capsys):
     client_cfg = next((tmp_path / "job").rglob("config_fed_client.json")).read_text()
     assert "--recipe-b64" in client_cfg
     assert "--sites-dir" not in client_cfg  # data paths stay site facts
+    server_cfg = json.loads(next((tmp_path / "job").rglob("config_fed_server.json")).read_text())
+    assert "task_request_interval" not in server_cfg.get("server", {})  # across the internet: NVFlare's default
 
 
 def test_bad_recipe_values_fail_before_start(tmp_path):
