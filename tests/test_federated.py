@@ -1,6 +1,7 @@
 """Federated training through the real NVFlare simulator and POC mode, at toy size."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,15 @@ def test_export_job(tmp_path, capsys):
     assert "--sites-dir" not in client_cfg  # data paths stay site facts
     server_cfg = json.loads(next((tmp_path / "job").rglob("config_fed_server.json")).read_text())
     assert "task_request_interval" not in server_cfg.get("server", {})  # across the internet: NVFlare's default
+    # The server keeps its resume point under its own workspace and chooses the start round when the job starts;
+    # each hospital keeps its state under its own (fedxr.federated.resume, production).
+    controller = next(c for c in server_cfg["components"] + server_cfg["workflows"]
+                      if c.get("path", "").endswith("SiteDeadlineFedAvg"))
+    job = f"fedxr-{recipe.output.name}-federate"
+    assert controller["args"]["resume_at_start"] is True and not controller["args"].get("resume_finished")
+    assert controller["args"]["resume_dir"] == f"fedxr_resume/{job}" and controller["args"]["job_digest"]
+    assert (f'"--keep-state","fedxr_state/{job}","--job-digest","{controller["args"]["job_digest"]}"'
+            in re.sub(r"\s", "", client_cfg))
 
 
 def test_bad_recipe_values_fail_before_start(tmp_path):

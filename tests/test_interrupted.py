@@ -376,6 +376,42 @@ def test_a_resume_point_is_used_only_by_the_same_job_with_every_sites_state(tmp_
     assert "privacy.dp" in (resumable(dp) or "") and resumable(recipe) is None
 
 
+def test_a_production_server_resumes_the_same_job_and_a_new_submission_of_a_finished_one_starts_anew(tmp_path):
+    """Production: the submitter cannot read the server's disk, so the server chooses the start round from its own
+    point (no site states to check there: each site falls back to the global model if it kept none). A point whose
+    rounds all finished is resumed only by the submitter's resubmission after a loss; --restart-stage gives the job
+    a digest of its own; DP is not resumable."""
+    import torch
+
+    from fedxr.config import load_recipe
+    from fedxr.federated.job import SERVER_RESUME_DIR
+    from fedxr.federated.resume import mark_finished, next_round, read_point, write_point
+    from fedxr.federated.run import _prod_resume_settings
+
+    recipe = load_recipe(QUICKSTART, ["federated.rounds=3", f"output.runs_dir={tmp_path / 'runs'}"])
+    settings = _prod_resume_settings(recipe, tmp_path / "stage", "federate", False, "", {})
+    assert settings is not None and settings.on_server and not settings.resubmitted and settings.start_round == 0
+    assert settings.folder == Path(SERVER_RESUME_DIR) / f"fedxr-{recipe.output.name}-federate"  # under the server's root
+    assert _prod_resume_settings(recipe, tmp_path / "stage", "federate", False, "", {}).digest == settings.digest
+    assert _prod_resume_settings(recipe, tmp_path / "stage", "federate", True, "", {}).digest != settings.digest
+    dp = load_recipe(QUICKSTART.with_name("quickstart_dp.yaml"))
+    assert _prod_resume_settings(dp, tmp_path / "stage", "federate", False, "", {}) is None
+
+    folder, digest = tmp_path / "server" / settings.folder, settings.digest
+    for rnd in (0, 1):
+        write_point(folder, digest, rnd, {"params": {"w": torch.zeros(1)}}, {}, None)
+    assert next_round(folder, digest, 3, [], finished_too=False) == (2, "rounds 0-1 were completed by an interrupted run")
+    mark_finished(folder, digest, 2)  # round 2 is not done: nothing marked
+    assert not read_point(folder).get("finished")
+    write_point(folder, digest, 2, {"params": {"w": torch.zeros(1)}}, {}, None)
+    mark_finished(folder, digest, 2)
+    assert read_point(folder)["finished"]
+    assert next_round(folder, digest, 3, [], finished_too=False)[0] == 0  # a new submission trains anew
+    assert next_round(folder, digest, 3, [], finished_too=True)[0] == 3  # a resubmission: the final evaluation only
+    write_point(folder, digest, 0, {"params": {"w": torch.zeros(1)}}, {}, None)  # the new run's first round
+    assert not read_point(folder).get("finished") and [e["round"] for e in read_point(folder)["points"]] == [0]
+
+
 def test_records_cut_back_to_the_rounds_a_resumed_federation_keeps(tmp_path):
     from fedxr.records import OUTGOING, append_line, keep_rounds_before, read_lines, start_records
 

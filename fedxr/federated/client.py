@@ -50,6 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume-round", type=int, default=0,
                    help="the federation resumes at this round: load this site's state kept after the round before "
                         "(fedxr.federated.resume)")
+    p.add_argument("--keep-state",
+                   help="production: keep this site's state after every round under this folder of the site's "
+                        "workspace root (its startup kit folder), and resume from it when the job's first task is a "
+                        "later round (the server chose to resume: fedxr.federated.resume)")
+    p.add_argument("--job-digest", default="", help="with --keep-state: the job the kept states belong to")
     p.add_argument("--site-teachers",
                    help="distillation from a FedBN teacher: folder of each site's own teacher (SITE.ckpt); "
                         "this site's replaces the global teacher it received")
@@ -271,10 +276,17 @@ def main(argv=None) -> None:
         local_state = _resume_site(work, args.resume_round - 1, module, restore, trainer)
     from fedxr.federated.resume import resumable
 
-    # Kept after every round for a resumed run (sim and POC; not for the jobs that cannot resume, DP among them).
-    keeps_state = records is not None and resumable(recipe) is None and ranks.is_control
+    # Where this site keeps its state after every round for a resumed run: its records folder (sim and POC), or in
+    # production a folder under its workspace root, whose first task says whether the server resumed.
+    state_work = _production_state_folder(args.keep_state, site) if args.keep_state else work
+    first_task = args.keep_state is not None
+    # Kept after every round (not for the jobs that cannot resume, DP among them).
+    keeps_state = (records is not None or args.keep_state is not None) and resumable(recipe) is None and ranks.is_control
     while (task := _next_task(ranks)) is not None:
         rnd = task["round"]
+        if first_task:
+            first_task = False
+            local_state = _resume_at_first_task(state_work, task, args.job_digest, module, restore, trainer)
         if task["submit"]:
             # Cross-site evaluation asks for this site's own last local model.
             if ranks.is_control:
@@ -323,8 +335,8 @@ def main(argv=None) -> None:
         if keeps_state:  # after the round's record: a state kept means its record is there too
             from fedxr.federated.resume import save_site_state
 
-            save_site_state(work, rnd, {"round": rnd, "module": local_state, **_restore_lists(restore),
-                                        "trainer": _trainer_counters(trainer)})
+            save_site_state(state_work, rnd, {"round": rnd, "job": args.job_digest, "module": local_state,
+                                              **_restore_lists(restore), "trainer": _trainer_counters(trainer)})
     ranks.finish()
 
 
@@ -387,14 +399,52 @@ def _set_trainer_counters(trainer, saved: dict) -> None:
         setattr(callback, name, value)
 
 
-def _resume_site(work: Path, rnd: int, module, restore, trainer) -> dict:
+def _production_state_folder(relative: str, site: str) -> Path:
+    """``relative`` under this site's workspace root (its startup kit folder): NVFlare starts the trainer in the
+    job's app folder, ``ROOT/JOB_ID/app_SITE``, which a resubmitted job does not share."""
+    app = Path.cwd()
+    if app.name != f"app_{site}":
+        raise RuntimeError(f"--keep-state: expected to run in NVFlare's app folder app_{site}, not {app}")
+    return app.parent.parent / relative / site
+
+
+def _resume_at_first_task(work: Path, task: dict, digest: str, module, restore, trainer) -> dict | None:
+    """Production: the server chose the round this job starts at, and its first task says which. A later round
+    than 0: this site continues from the state it kept after the round before (of the same job), or, if it kept
+    none (it restarted too, or joined late), from the global model with a fresh optimizer, and says so. Round 0:
+    states an earlier run of the job left are thrown away. Returns the model state to submit for scoring."""
+    from fedxr.federated.resume import drop_site_states, load_site_state, newest_site_state, site_state_file
+
+    if task["evaluate"] or task["submit"]:  # every round was done before: the newest state kept
+        newest = newest_site_state(work)
+        rnd = 0 if newest is None else newest + 1
+    else:
+        rnd = task["round"]
+    if not rnd:
+        drop_site_states(work)
+        return None
+    wanted = site_state_file(work, rnd - 1)
+    try:
+        kept = load_site_state(work, rnd - 1) if wanted.is_file() else None
+    except Exception as exc:  # noqa: BLE001 - a damaged state must not stop the site; it says so
+        print(f"could not read {wanted} ({exc}); continuing from the global model", flush=True)
+        kept = None
+    if kept is None or kept.get("job") != digest:
+        why = "kept none" if kept is None else "kept one of another job"
+        print(f"the federation resumes at round {rnd}, and this site {why} for round {rnd - 1} in {work}: it "
+              "continues from the global model with a fresh optimizer", flush=True)
+        return None
+    return _resume_site(work, rnd - 1, module, restore, trainer, kept)
+
+
+def _resume_site(work: Path, rnd: int, module, restore, trainer, state: dict | None = None) -> dict:
     """This site as it was after round ``rnd`` of the interrupted run: its trained model (its own BatchNorm under
     FedBN; the global layers are replaced by the global model it receives next), the optimizer, scaler and
     schedule states the next fit restores, and the Trainer's counters. Returns the model state (what the site
     submits for cross-site scoring)."""
     from fedxr.federated.resume import load_site_state
 
-    state = load_site_state(work, rnd)
+    state = state if state is not None else load_site_state(work, rnd)
     module.load_state_dict(state["module"])
     for name in RESTORED:
         setattr(restore, name, state[name])

@@ -10,12 +10,17 @@ that says so, instead of averaging what came back (or nothing).
 
 With ``resume_dir`` it also keeps a resume point after every round, and a job built with ``start_round`` > 0
 starts from that point (fedxr.federated.resume): NVFlare 2.9's own job snapshots restore nothing for this
-controller.
+controller. In production (``resume_at_start``) the submitter cannot read the server's disk: ``resume_dir`` is then
+a folder under the server's workspace (its startup kit folder) and the server itself chooses, when the job starts,
+the round after its newest point of the same job (``job_digest``); a point whose rounds all finished is resumed
+(to its final evaluation) only by a job the submitter sent again after a loss (``resume_finished``), a new
+submission of the same job trains it anew.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.fedavg import FedAvg
@@ -25,18 +30,23 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 QUORUM_LOST = "so the federation stops here"
 
 
+#: How a production server's log says where it resumed its job (fedxr.federated.run reads it back).
+RESUMING = "resuming from round"
+
 #: The component id NVFlare's job API gives the best-model selector.
 MODEL_SELECTOR = "model_selector"
 
 
 class SiteDeadlineFedAvg(FedAvg):
     def __init__(self, *args, site_timeout_s: int = 0, quorum: int = 0, resume_dir: str = "", job_digest: str = "",
-                 **kwargs):
+                 resume_at_start: bool = False, resume_finished: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.site_timeout_s = site_timeout_s
         self.quorum = quorum
         self.resume_dir = resume_dir
         self.job_digest = job_digest
+        self.resume_at_start = resume_at_start
+        self.resume_finished = resume_finished
         self._in_rounds = False
 
     def _selector(self):
@@ -49,10 +59,37 @@ class SiteDeadlineFedAvg(FedAvg):
         return Path(persistor.log_dir) / persistor.best_global_model_file_name
 
     def run(self) -> None:
+        if self.resume_at_start:
+            self._choose_start()
         if self.start_round > 0:
             self._resume()
         self._in_rounds = True
         super().run()
+        self._in_rounds = False
+        if self.resume_at_start:
+            from fedxr.federated.resume import mark_finished
+
+            # Every round done: a new submission of this job trains it anew; a resubmission after a loss during the
+            # final evaluation still finds the last round's model.
+            mark_finished(Path(self.resume_dir), self.job_digest, self.start_round + self.num_rounds - 1)
+
+    def _choose_start(self) -> None:
+        """Production: the round this job starts at, from the server's own resume point (the folder relative to
+        the server's workspace root, the startup kit folder, which a restart keeps)."""
+        from fedxr.federated.resume import next_round
+
+        folder = Path(self.resume_dir)
+        if not folder.is_absolute():
+            folder = Path(self.fl_ctx.get_workspace().get_root_dir()) / folder
+        self.resume_dir = str(folder)
+        planned: Any = self  # NVFlare's FedAvg sets these in its __init__ without types
+        total = int(planned.start_round) + int(planned.num_rounds)
+        start, why = next_round(folder, self.job_digest, total, [], finished_too=self.resume_finished)
+        if start:
+            self.info(f"{RESUMING} {start} of {total} ({why})")
+            self.start_round, self.num_rounds = start, total - start
+        else:
+            self.info(f"starting from round 0 ({why}); resume point: {folder}")
 
     def _resume(self) -> None:
         """Start from the point the interrupted run kept: its global model (as this controller held it — params,
@@ -115,7 +152,8 @@ class SiteDeadlineFedAvg(FedAvg):
 
 
 def with_site_deadline(controller: FedAvg, site_timeout_s: int, quorum: int, resume_dir: str = "",
-                       job_digest: str = "") -> SiteDeadlineFedAvg:
+                       job_digest: str = "", resume_at_start: bool = False,
+                       resume_finished: bool = False) -> SiteDeadlineFedAvg:
     """The controller NVFlare's recipe built, as a :class:`SiteDeadlineFedAvg` with every argument it was built
     with (NVFlare writes a component into the job from its class and its attributes, so the recipe's own
     argument list need not be repeated here and stays NVFlare's)."""
@@ -126,5 +164,7 @@ def with_site_deadline(controller: FedAvg, site_timeout_s: int, quorum: int, res
     controller.quorum = quorum
     controller.resume_dir = resume_dir
     controller.job_digest = job_digest
+    controller.resume_at_start = resume_at_start
+    controller.resume_finished = resume_finished
     controller._in_rounds = False
     return controller

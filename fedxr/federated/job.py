@@ -101,10 +101,22 @@ LOCAL_TASK_REQUEST_INTERVAL_S = 0.5
 @dataclass(frozen=True)
 class ResumeSettings:
     """Where the server keeps its resume point, the job's digest, and the round this run starts at (0: a fresh
-    start that keeps points; see fedxr.federated.resume)."""
+    start that keeps points; see fedxr.federated.resume).
+
+    ``on_server`` (production): ``folder`` is relative to the server's workspace root and the server chooses the
+    start round itself when the job starts (the submitter cannot read its disk); each site keeps its state under
+    its own workspace root (:data:`SITE_STATE_DIR`). ``resubmitted``: the submitter sends the job again after
+    losing it, so a point whose rounds all finished is resumed too (to its final evaluation)."""
     folder: Path
     digest: str
     start_round: int = 0
+    on_server: bool = False
+    resubmitted: bool = False
+
+
+#: Production: where the server keeps a job's resume point, and each site its state after every round, relative to
+#: the participant's workspace root (its startup kit folder, which a restart keeps), per job name.
+SERVER_RESUME_DIR, SITE_STATE_DIR = "fedxr_resume", "fedxr_state"
 
 
 def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = None,
@@ -129,6 +141,8 @@ def build_job(recipe: Recipe, folder: Path, env: str, sites_dir: Path | None = N
         args.append(f"--sites-dir {Path(sites_dir).resolve()}")
     if env in ("sim", "poc") and records is not None:
         args.append(f"--records {Path(records).resolve()}")
+    if resume is not None and resume.on_server:
+        args.append(f"--keep-state {SITE_STATE_DIR}/{job_name(recipe, stage)} --job-digest {resume.digest}")
     processes = site_processes(recipe.model.devices)
     if env in ("sim", "poc"):
         # All sites (and each site's DDP workers) share this machine's cores: give each process its share
@@ -224,7 +238,9 @@ def _resilient(recipe_cls: Any) -> Any:  # an NVFlare recipe class (NVFlare has 
             self._clients_per_round = clients_per_round
             self._site_timeout_s = site_timeout_s
             self._resume = resume
-            if resume is not None:  # the rounds left: NVFlare's FedAvg runs start_round … start_round + num_rounds - 1
+            if resume is not None and not resume.on_server:
+                # The rounds left: NVFlare's FedAvg runs start_round … start_round + num_rounds - 1 (a production
+                # server works them out itself when the job starts).
                 kwargs["num_rounds"] = kwargs["num_rounds"] - resume.start_round
             super().__init__(*args, **kwargs)
 
@@ -245,8 +261,10 @@ def _resilient(recipe_cls: Any) -> Any:  # an NVFlare recipe class (NVFlare has 
             resume = self._resume
             controller = with_site_deadline(controller, self._site_timeout_s, quorum,
                                             resume_dir=str(resume.folder) if resume else "",
-                                            job_digest=resume.digest if resume else "")
-            if resume is not None:
+                                            job_digest=resume.digest if resume else "",
+                                            resume_at_start=bool(resume and resume.on_server),
+                                            resume_finished=bool(resume and resume.resubmitted))
+            if resume is not None and not resume.on_server:
                 controller.start_round = resume.start_round
             return controller
 

@@ -115,15 +115,19 @@ def _usable(folder: Path, entry: dict, rounds: int, site_works: list[Path]) -> s
     return None
 
 
-def next_round(folder: Path, digest: str, rounds: int, site_works: list[Path]) -> tuple[int, str]:
+def next_round(folder: Path, digest: str, rounds: int, site_works: list[Path], finished_too: bool = True
+               ) -> tuple[int, str]:
     """The round a run of this job starts at (0: from the beginning) and why. The newest point is used if every site
     kept its state for that round, else the one before (the server may aggregate a round before a site has written
-    its state: the site sends its update from inside its fit and keeps its state after it)."""
+    its state: the site sends its update from inside its fit and keeps its state after it). A point that a
+    production server marked finished (:func:`mark_finished`) counts only with ``finished_too``."""
     point = read_point(folder)
     if point is None:
         return 0, "no resume point"
     if point.get("job") != digest:
         return 0, "the recipe, the model or the sites' data changed since the interrupted run"
+    if point.get("finished") and not finished_too:
+        return 0, "the run that kept the resume point finished all its rounds; this is a new submission"
     reasons = []
     for entry in point["points"]:
         why_not = _usable(folder, entry, rounds, site_works)
@@ -151,6 +155,15 @@ def write_point(folder: Path, digest: str, rnd: int, model: dict, selection: dic
     for leftover in folder.glob("*_round*.pt"):
         if leftover.name not in kept:
             leftover.unlink(missing_ok=True)
+
+
+def mark_finished(folder: Path, digest: str, last: int) -> None:
+    """A production server's job that finished round ``last``, its last: its point stays (a job the submitter sends
+    again after losing it during the final evaluation resumes there) but marked, so that a new submission of the
+    same job trains from round 0."""
+    point = read_point(folder)
+    if point is not None and point.get("job") == digest and point["points"][0].get("round") == last:
+        write_json_atomic(folder / POINT_FILE, {**point, "finished": True})
 
 
 def load_global(folder: Path, rnd: int) -> tuple[dict, dict]:
@@ -230,9 +243,18 @@ def prune_from(folder: Path, site_works: list[Path], start: int) -> None:
                 state.unlink(missing_ok=True)
 
 
+def newest_site_state(work: Path) -> int | None:
+    """The newest round a site kept its state for in ``work`` (None: none)."""
+    return max((number for number, _ in _site_states(work)), default=None)
+
+
+def drop_site_states(work: Path) -> None:
+    for old in Path(work).glob(SITE_STATE.format(round="*")):
+        old.unlink(missing_ok=True)
+
+
 def discard(folder: Path, site_works: list[Path]) -> None:
     """Throw a stage's resume state away (a fresh start, or a stage that finished)."""
     shutil.rmtree(folder, ignore_errors=True)
     for work in site_works:
-        for old in Path(work).glob(SITE_STATE.format(round="*")):
-            old.unlink(missing_ok=True)
+        drop_site_states(work)

@@ -92,28 +92,18 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
         try:
             with recipe_blob_is_not_a_secret():
                 run = job.run(env)
-            watcher = watch.JobWatch(watch.admin_kit(workspace, env.username), names)
-            for resubmitted in range(watch.MAX_RESUBMISSIONS + 1):
-                try:
-                    result, status, why = _wait_for_result(run, job_deadline_s(recipe), watcher,
-                                                           watch_loss=resubmission is not None)
-                finally:
-                    watcher.close()
-                if why is None:
-                    break
-                if resubmitted == watch.MAX_RESUBMISSIONS:
-                    raise FedxrError(f"POC job {run.get_job_id()} was lost ({why}) after {resubmitted} resubmissions; "
-                                     f"fedxr gives up: see the logs under {workspace}")
-                print(f"{folder.name}: job {run.get_job_id()} was lost ({why}); submitting it again from its last "
-                      "completed round", flush=True)
-                watcher.abort(run.get_job_id())
-                watcher.close()
-                watch.stop_job_processes(workspace, run.get_job_id())
+
+            def submit_again():
                 assert resubmission is not None  # a loss is watched for only when there is one
-                job = resubmission()
-                require_every_site(job, names)
+                again = resubmission()
+                require_every_site(again, names)
                 with recipe_blob_is_not_a_secret():
-                    run = job.run(env)
+                    return again.run(env)
+
+            run, result, status = _wait_resubmitting(
+                run, recipe, watch.JobWatch(watch.admin_kit(workspace, env.username), names),
+                submit_again if resubmission is not None else None, f"{folder.name}: POC", workspace,
+                on_lost=lambda job_id: watch.stop_job_processes(workspace, job_id))
             if not result or not Path(result).exists():
                 _check_quorum(workspace)
                 raise FedxrError(f"POC job {run.get_job_id()} did not finish (status {status}); logs: {workspace}")
@@ -129,6 +119,39 @@ def _run_poc(job, recipe: Recipe, folder: Path, names: list[str], sites_dir: Pat
     if server is None:
         raise FedxrError(f"POC result {results} holds no global model; logs: {workspace}")
     return server.parent, workspace
+
+
+def _wait_resubmitting(run, recipe: Recipe, watcher, submit_again: Callable[[], Any] | None, label: str, logs: Path,
+                       on_lost: Callable[[str], Any] | None = None) -> tuple[Any, str | None, str | None]:
+    """Wait for ``run`` (an NVFlare run) to end; each time ``watcher`` (:class:`fedxr.federated.watch.JobWatch`)
+    finds its job lost, abort what is left of it, ``on_lost(job_id)`` (stop its leftover processes where they can be
+    reached) and ``submit_again()`` (a new run, resuming from the last completed round), at most
+    ``MAX_RESUBMISSIONS`` times. Without ``submit_again`` the job is not watched for a loss (it cannot resume).
+    Returns (the last run, its result folder or None, its status)."""
+    from fedxr.federated import watch
+
+    for resubmitted in range(watch.MAX_RESUBMISSIONS + 1):
+        try:
+            result, status, why = _wait_for_result(run, job_deadline_s(recipe), watcher,
+                                                   watch_loss=submit_again is not None)
+        finally:
+            watcher.close()
+        if why is None:
+            return run, result, status
+        if resubmitted == watch.MAX_RESUBMISSIONS or submit_again is None:
+            raise FedxrError(f"{label} job {run.get_job_id()} was lost ({why}) after {resubmitted} resubmissions; "
+                             f"fedxr gives up: see the logs under {logs}")
+        print(f"{label} job {run.get_job_id()} was lost ({why}); submitting it again from its last completed round",
+              flush=True)
+        watcher.abort(run.get_job_id())
+        if on_lost is not None:
+            on_lost(run.get_job_id())
+        if missing := watcher.wait_for_sites(run.get_job_id(), recipe.federated.timeout_s):
+            print(f"{label}: site(s) {', '.join(missing)} did not reconnect within {recipe.federated.timeout_s} s; "
+                  "the job goes on without them", flush=True)
+        watcher.close()
+        run = submit_again()
+    raise AssertionError("unreachable")
 
 
 def require_every_site(job, names: list[str]) -> None:
@@ -177,22 +200,39 @@ def check_admin_kit(startup_kit: str | Path | None) -> Path:
     raise FedxrError(f"--startup-kit {kit}: not an NVFlare admin startup kit (no {ADMIN_CONFIG}){hint}")
 
 
-def _run_prod(job, recipe: Recipe, startup_kit: Path) -> tuple[Path, Path]:
-    """Submit to a running production federation with the admin's kit; wait; return the result's server run."""
+def _submit_prod(job, startup_kit: Path):
     from nvflare.recipe import ProdEnv
 
-    
     try:
         with recipe_blob_is_not_a_secret():
-            run = job.run(ProdEnv(startup_kit_location=str(startup_kit), username=admin_username(startup_kit)))
+            return job.run(ProdEnv(startup_kit_location=str(startup_kit), username=admin_username(startup_kit)))
     except RuntimeError as exc:  # NVFlare reports a failed login or submission this way
         # NVFlare's own check of the kit then says why (server down, certificates, names). Only now: its
         # console check ends every admin console running from the same kit.
         check = preflight(startup_kit)
         raise FedxrError(f"could not submit the job with the startup kit {startup_kit}: {exc}\n{check.summary()}") from None
-    result = run.get_result(timeout=job_deadline_s(recipe))
+
+
+def _run_prod(job, recipe: Recipe, startup_kit: Path, resubmission: Callable[[], Any] | None = None
+              ) -> tuple[Path, Path]:
+    """Submit to a running production federation with the admin's kit; wait; return the result's server run.
+
+    While it waits it watches the job as POC does (:mod:`fedxr.federated.watch`): a job that a restarted server or
+    site lost is submitted again, as ``resubmission()`` builds it; the server then resumes it from its own resume
+    point (the submitter cannot read the server's disk)."""
+    from fedxr.federated import watch
+
+    cells_before = watch.running_admin_cells()
+    try:
+        run = _submit_prod(job, startup_kit)
+        run, result, status = _wait_resubmitting(
+            run, recipe, watch.JobWatch(startup_kit, None),
+            (lambda: _submit_prod(resubmission(), startup_kit)) if resubmission is not None else None,
+            "production", startup_kit)
+    finally:  # a session NVFlare left open after a failed call would keep this process from exiting
+        watch.stop_admin_cells_since(cells_before)
     if not result:
-        raise FedxrError(f"production job {run.get_job_id()} did not finish (status {run.get_status()})")
+        raise FedxrError(f"production job {run.get_job_id()} did not finish (status {status})")
     _check_quorum(Path(result))
     model = next(Path(result).rglob("FL_global_model.pt"), None)
     if model is None:
@@ -279,7 +319,9 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     if env not in ("sim", "poc") or export_job:
         discard_resume(folder / RESUME_DIR, [])  # this stage's outputs are being replaced: no finished-job marker
     if export_job:
-        job = build_job(recipe, folder, "prod", **job_options)
+        # Submitted by hand later: its server resumes it after a restart if the same job is submitted again.
+        job = build_job(recipe, folder, "prod", resume=_prod_resume_settings(recipe, folder, stage, restart, extra_args,
+                                                                             job_options), **job_options)
         with recipe_blob_is_not_a_secret():
             job.export(str(export_job))
         return ExportedJob(exported=str(Path(export_job) / job_name(recipe, stage)))
@@ -331,8 +373,15 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
             server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir,
                                              resubmission if resume is not None else None)
     elif env == "prod":
-        job = build_job(recipe, folder, "prod", **job_options)
-        server_dir, workspace = _run_prod(job, recipe, admin_kit)
+        prod_resume = _prod_resume_settings(recipe, folder, stage, restart, extra_args, job_options)
+        job = build_job(recipe, folder, "prod", resume=prod_resume, **job_options)
+
+        def prod_resubmission():
+            """The job again after a loss; its server resumes it from its own last point."""
+            assert prod_resume is not None
+            return build_job(recipe, folder, "prod", resume=replace(prod_resume, resubmitted=True), **job_options)
+
+        server_dir, workspace = _run_prod(job, recipe, admin_kit, prod_resubmission if prod_resume else None)
         collected = None
     else:
         raise FedxrError(f"unknown --env {env!r}; use sim, poc or prod")
@@ -344,12 +393,44 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
         _fedbn_outputs(recipe, collected, summary, recipe.layout.fedbn_sites(stage))
     else:
         shutil.rmtree(recipe.layout.fedbn_sites(stage), ignore_errors=True)  # an earlier FedBN run's site models
-    summary = replace(summary, wall_s=round(time.perf_counter() - t0, 1), resumed_from=resume.start_round if resume is not None and resume.start_round else None)
+    resumed_from = (resume.start_round or None) if resume is not None else _resumed_on_server(workspace) if env == "prod" else None
+    summary = replace(summary, wall_s=round(time.perf_counter() - t0, 1), resumed_from=resumed_from)
     write_json_atomic(folder / FederateSummary.FILE, summary.to_json())
     if resume is not None:  # the stage finished: its resume state (a site's optimizer among it) is not needed
         discard_resume(resume.folder, [records / n for n in names])
         mark_done(resume.folder, resume.digest, folder / FederateSummary.FILE)
     return summary
+
+
+def _prod_resume_settings(recipe: Recipe, folder: Path, stage: str, restart: bool, extra_args: str,
+                          job_options: dict) -> ResumeSettings | None:
+    """Production: the server keeps the resume point under its own workspace root and chooses the start round when
+    the job starts (fedxr.federated.controller); the job's digest cannot cover the sites' data (the submitter does
+    not see it). ``restart`` (``--restart-stage``) gives the job a digest of its own, so nothing kept is resumed."""
+    import uuid
+
+    from fedxr.federated.job import SERVER_RESUME_DIR, model_config
+
+    why_not = resumable(recipe)
+    if why_not:
+        print(f"{folder.name}: this federation cannot be resumed if it is interrupted ({why_not})", flush=True)
+        return None
+    inputs = [p for p in (job_options.get("initial_ckpt"),) if p]
+    digest = job_digest(recipe.to_yaml(), job_options.get("model") or model_config(recipe), None, inputs,
+                        extra=f"{job_options.get('exclude_vars')}|{extra_args}|prod" + (f"|{uuid.uuid4()}" if restart else ""))
+    return ResumeSettings(Path(SERVER_RESUME_DIR) / job_name(recipe, stage), digest, on_server=True)
+
+
+def _resumed_on_server(result: Path) -> int | None:
+    """The round a production server resumed its job at, from the job's server log in its downloaded result."""
+    import re
+
+    from fedxr.federated.controller import RESUMING
+
+    for log in sorted(Path(result).rglob("log.txt")):
+        if found := re.search(rf"{RESUMING} (\d+) of", log.read_text(errors="ignore")):
+            return int(found.group(1))
+    return None
 
 
 def _start_records(records: Path, resume: ResumeSettings | None) -> None:

@@ -1,4 +1,4 @@
-"""Watch a POC job for a participant that lost it, and submit it again from its last completed round.
+"""Watch a POC or production job for a participant that lost it, and submit it again from its last completed round.
 
 NVFlare 2.9 keeps no job across a restart: a coordinator whose server process is killed (or whose machine
 reboots) comes back — the startup kit's daemon restarts it within seconds, or an operator runs
@@ -50,10 +50,11 @@ def admin_kit(poc_workspace: Path, username: str) -> Path:
 SERVER_RESTARTED = "the coordinator's server restarted"
 
 
-def why_lost(session, job_id: str, sites: list[str], seen: set[str]) -> str | None:
+def why_lost(session, job_id: str, sites: list[str] | None, seen: set[str]) -> str | None:
     """Why the running job ``job_id`` can no longer finish (None: it can, or it is not running, or the server
     cannot say right now). ``session`` is an NVFlare admin session (``nvflare.fuel.flare_api``); ``seen`` collects
-    the sites seen running the job (a site that never showed it is starting, not lost)."""
+    the sites seen running the job (a site that never showed it is starting, not lost); ``sites``: the job's sites
+    (None: every site seen running it, in production where the submitter does not know them)."""
     from datetime import datetime
 
     meta = session.get_job_meta(job_id) or {}
@@ -72,7 +73,7 @@ def why_lost(session, job_id: str, sites: list[str], seen: set[str]) -> str | No
     with_job = {c.get("client_name") for c in clients if c.get("job_id") == job_id}
     seen |= with_job
     answered = {c.get("client_name") for c in clients if c.get("job_id") not in (None, "?") or c.get("status") == "no_jobs"}
-    gone = [s for s in sites if s in seen and s in answered and s not in with_job]
+    gone = [s for s in (sites if sites is not None else sorted(seen)) if s in seen and s in answered and s not in with_job]
     return f"site(s) {', '.join(gone)} no longer run it (restarted)" if gone else None
 
 
@@ -80,8 +81,8 @@ class JobWatch:
     """Questions about a POC job through one admin session, opened again after a failed call (a server that
     restarted); every answer is None when the server cannot be asked right now."""
 
-    def __init__(self, kit: Path, sites: list[str]):
-        self.kit, self.sites = Path(kit), list(sites)
+    def __init__(self, kit: Path, sites: list[str] | None):
+        self.kit, self.sites = Path(kit), None if sites is None else list(sites)
         self._session: Any = None
         self._seen: dict[str, set[str]] = {}  # job id: the sites seen running it
         # (job id, the latest reason, how many checks in a row gave it): a resubmitted job starts a streak of its own
@@ -120,6 +121,22 @@ class JobWatch:
         session open when the server refuses, and that session's connection then retries for ever and keeps the
         process from exiting)."""
         self._ask(lambda session: session.abort_job(job_id))
+
+    def wait_for_sites(self, job_id: str, timeout_s: float, every_s: float = 2.0) -> list[str]:
+        """Wait until every site seen running the lost job ``job_id`` is connected to the server again (a restarted
+        server's sites reconnect by themselves within seconds), at most ``timeout_s``; returns those still missing.
+        Submitted earlier, the job would start with the sites already back and leave the others out of every
+        round (production schedules a job once ``min_clients`` sites are there)."""
+        import time
+
+        wanted = self._seen.get(job_id, set())
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = self._ask(lambda session: session.get_system_info())
+            missing = sorted(wanted - {c.name for c in info.client_info}) if info is not None else sorted(wanted)
+            if not missing or time.monotonic() >= deadline:
+                return missing
+            time.sleep(every_s)
 
     def close(self) -> None:
         if self._session is not None:
