@@ -412,6 +412,38 @@ def test_a_production_server_resumes_the_same_job_and_a_new_submission_of_a_fini
     assert not read_point(folder).get("finished") and [e["round"] for e in read_point(folder)["points"]] == [0]
 
 
+def test_a_production_site_resumes_from_its_own_state_of_the_same_job_or_says_why_not(tmp_path, capsys):
+    """The site's side of a production resume, decided at its first task: round 0 throws earlier states away; a
+    later round without the state of the round before continues from the global model, with its own tensors from an
+    older state of the same job; with no state of this job at all, a site that needs its own tensors (FedBN,
+    a teacher) or is asked for its own model fails the task instead of sending untrained weights."""
+    import torch
+
+    from fedxr.federated.client import _resume_at_first_task
+    from fedxr.federated.resume import save_site_state, site_state_file
+
+    module = torch.nn.Linear(2, 1)
+    work = tmp_path / "state"
+
+    def first(rnd, digest="job-a", keeps_excluded=False, submit=False):
+        task = {"round": rnd, "evaluate": False, "submit": submit}
+        return _resume_at_first_task(work, task, digest, module, None, None, keeps_excluded)
+
+    own = {k: torch.full_like(v, 7.0) for k, v in module.state_dict().items()}
+    save_site_state(work, 0, {"round": 0, "job": "job-a", "module": own})
+    save_site_state(work, 1, {"round": 1, "job": "job-b", "module": own})  # another job's
+    # Round 3 wants round 2's state: there is none; round 1's is another job's, round 0's is this job's.
+    got = first(3, keeps_excluded=True)
+    assert got is not None and torch.equal(module.weight, own["weight"])
+    assert "kept no state for round 2" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="kept no state of this job"):
+        first(3, "job-c", keeps_excluded=True)
+    with pytest.raises(RuntimeError, match="no model of its own to submit"):
+        first(None, "job-c", submit=True)  # cross-site scoring asks first: every round was done before
+    assert first(3, "job-c") is None  # plain FedAvg: the global model and a fresh optimizer will do
+    assert first(0) is None and not site_state_file(work, 0).exists() and not site_state_file(work, 1).exists()
+
+
 def test_records_cut_back_to_the_rounds_a_resumed_federation_keeps(tmp_path):
     from fedxr.records import OUTGOING, append_line, keep_rounds_before, read_lines, start_records
 

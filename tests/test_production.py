@@ -165,7 +165,7 @@ def test_production_federation_survives_a_restarted_coordinator_and_a_killed_hos
     ov = tiny_recipe_overrides(tmp, patients=50, extra=(
         "data.phantom.hospitals=2", "data.sites=2", "data.scheme=column", "data.column=hospital",
         "federated.rounds=2", "federated.min_clients=1", "federated.cross_site_eval=false",
-        "federated.timeout_s=60", "output.energy=false"))
+        "federated.timeout_s=45", "output.energy=false"))
     recipe = load_recipe(QUICKSTART, ov)
     ensure_dataset(recipe, progress=False)
     ensure_sites(recipe)

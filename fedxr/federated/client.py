@@ -286,7 +286,8 @@ def main(argv=None) -> None:
         rnd = task["round"]
         if first_task:
             first_task = False
-            local_state = _resume_at_first_task(state_work, task, args.job_digest, module, restore, trainer)
+            local_state = _resume_at_first_task(state_work, task, args.job_digest, module, restore, trainer,
+                                                args.keep_excluded)
         if task["submit"]:
             # Cross-site evaluation asks for this site's own last local model.
             if ranks.is_control:
@@ -408,33 +409,47 @@ def _production_state_folder(relative: str, site: str) -> Path:
     return app.parent.parent / relative / site
 
 
-def _resume_at_first_task(work: Path, task: dict, digest: str, module, restore, trainer) -> dict | None:
-    """Production: the server chose the round this job starts at, and its first task says which. A later round
-    than 0: this site continues from the state it kept after the round before (of the same job), or, if it kept
-    none (it restarted too, or joined late), from the global model with a fresh optimizer, and says so. Round 0:
-    states an earlier run of the job left are thrown away. Returns the model state to submit for scoring."""
-    from fedxr.federated.resume import drop_site_states, load_site_state, newest_site_state, site_state_file
+def _resume_at_first_task(work: Path, task: dict, digest: str, module, restore, trainer, keeps_excluded: bool
+                          ) -> dict | None:
+    """Production: the server chose the round this job starts at, and its first task says which. Round 0: states an
+    earlier run of the job left are thrown away. A later round: this site continues from the state it kept after the
+    round before (of the same job). A site that kept none for that round (it was left out of it) continues from the
+    global model with a fresh optimizer, and says so — taking the tensors the job never shares (its own BatchNorm
+    under FedBN, a distillation teacher) from the newest state of this job it did keep; with none at all it fails the
+    task rather than train with untrained ones (the round goes on without it), as it does when asked to submit its
+    own model. Returns the model state to submit for cross-site scoring."""
+    from fedxr.federated.resume import drop_site_states, load_site_state, site_states
 
-    if task["evaluate"] or task["submit"]:  # every round was done before: the newest state kept
-        newest = newest_site_state(work)
-        rnd = 0 if newest is None else newest + 1
-    else:
-        rnd = task["round"]
+    kept_rounds = sorted((number for number, _ in site_states(work)), reverse=True)
+    # Asked to evaluate or submit first: every round was done before, so the state after the newest one.
+    rnd = task["round"] if not (task["evaluate"] or task["submit"]) else (kept_rounds[0] + 1 if kept_rounds else 0)
     if not rnd:
         drop_site_states(work)
         return None
-    wanted = site_state_file(work, rnd - 1)
-    try:
-        kept = load_site_state(work, rnd - 1) if wanted.is_file() else None
-    except Exception as exc:  # noqa: BLE001 - a damaged state must not stop the site; it says so
-        print(f"could not read {wanted} ({exc}); continuing from the global model", flush=True)
-        kept = None
-    if kept is None or kept.get("job") != digest:
-        why = "kept none" if kept is None else "kept one of another job"
-        print(f"the federation resumes at round {rnd}, and this site {why} for round {rnd - 1} in {work}: it "
-              "continues from the global model with a fresh optimizer", flush=True)
+    kept, kept_round = None, None
+    for number in (n for n in kept_rounds if n < rnd):
+        try:
+            state = load_site_state(work, number)
+        except Exception as exc:  # noqa: BLE001 - a damaged state is passed over, and said
+            print(f"could not read this site's state of round {number} in {work} ({exc})", flush=True)
+            continue
+        if state.get("job") == digest:
+            kept, kept_round = state, number
+            break
+    if kept_round == rnd - 1:
+        return _resume_site(work, rnd - 1, module, restore, trainer, kept)
+    if kept is None and (keeps_excluded or task["submit"]):
+        raise RuntimeError(f"the federation resumes at round {rnd}, and this site kept no state of this job in {work}: "
+                           "it has no " + ("model of its own to submit" if task["submit"] else
+                                           "trained tensors of its own (FedBN BatchNorm, the teacher) to train with")
+                           + "; it rejoins when the stage is run again (fedxr run / fedxr federate --restart-stage)")
+    print(f"the federation resumes at round {rnd}, and this site kept no state for round {rnd - 1} in {work}: it "
+          "continues from the global model with a fresh optimizer"
+          + (f", its own tensors from round {kept_round}" if kept is not None else ""), flush=True)
+    if kept is None:
         return None
-    return _resume_site(work, rnd - 1, module, restore, trainer, kept)
+    module.load_state_dict(kept["module"])  # the global layers are replaced by the model it receives next
+    return kept["module"]
 
 
 def _resume_site(work: Path, rnd: int, module, restore, trainer, state: dict | None = None) -> dict:

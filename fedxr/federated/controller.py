@@ -76,7 +76,7 @@ class SiteDeadlineFedAvg(FedAvg):
     def _choose_start(self) -> None:
         """Production: the round this job starts at, from the server's own resume point (the folder relative to
         the server's workspace root, the startup kit folder, which a restart keeps)."""
-        from fedxr.federated.resume import next_round
+        from fedxr.federated.resume import discard, next_round, read_point
 
         folder = Path(self.resume_dir)
         if not folder.is_absolute():
@@ -90,6 +90,10 @@ class SiteDeadlineFedAvg(FedAvg):
             self.start_round, self.num_rounds = start, total - start
         else:
             self.info(f"starting from round 0 ({why}); resume point: {folder}")
+            if read_point(folder) is not None:
+                # A finished run's point, or another job's: a resubmission of this run after a loss in its first
+                # round must not find it (it would take the finished run's model as this one's).
+                discard(folder, [])
 
     def _resume(self) -> None:
         """Start from the point the interrupted run kept: its global model (as this controller held it — params,

@@ -199,7 +199,7 @@ def site_state_file(work: Path, rnd: int) -> Path:
     return Path(work) / SITE_STATE.format(round=rnd)
 
 
-def _site_states(work: Path) -> list[tuple[int, Path]]:
+def site_states(work: Path) -> list[tuple[int, Path]]:
     """(round, file) of every state a site kept in ``work``."""
     prefix = SITE_STATE.split("{")[0]
     found = ((p.stem.removeprefix(prefix), p) for p in Path(work).glob(SITE_STATE.format(round="*")))
@@ -209,7 +209,7 @@ def _site_states(work: Path) -> list[tuple[int, Path]]:
 def save_site_state(work: Path, rnd: int, state: dict[str, Any]) -> None:
     """A site's state after training round ``rnd``; states before ``rnd - 1`` are removed."""
     save_torch_atomic(site_state_file(work, rnd), state)
-    for number, old in _site_states(work):
+    for number, old in site_states(work):
         if number < rnd - 1:
             old.unlink(missing_ok=True)
 
@@ -238,14 +238,9 @@ def prune_from(folder: Path, site_works: list[Path], start: int) -> None:
                 if leftover.name not in names:
                     leftover.unlink(missing_ok=True)
     for work in site_works:
-        for number, state in _site_states(work):
+        for number, state in site_states(work):
             if number >= start:
                 state.unlink(missing_ok=True)
-
-
-def newest_site_state(work: Path) -> int | None:
-    """The newest round a site kept its state for in ``work`` (None: none)."""
-    return max((number for number, _ in _site_states(work)), default=None)
 
 
 def drop_site_states(work: Path) -> None:

@@ -125,30 +125,40 @@ def _wait_resubmitting(run, recipe: Recipe, watcher, submit_again: Callable[[], 
                        on_lost: Callable[[str], Any] | None = None) -> tuple[Any, str | None, str | None]:
     """Wait for ``run`` (an NVFlare run) to end; each time ``watcher`` (:class:`fedxr.federated.watch.JobWatch`)
     finds its job lost, abort what is left of it, ``on_lost(job_id)`` (stop its leftover processes where they can be
-    reached) and ``submit_again()`` (a new run, resuming from the last completed round), at most
-    ``MAX_RESUBMISSIONS`` times. Without ``submit_again`` the job is not watched for a loss (it cannot resume).
+    reached), wait for its sites to be back and ``submit_again()`` (a new run, resuming from the last completed
+    round), at most ``MAX_RESUBMISSIONS`` times. Without ``submit_again`` (a federation that cannot resume) only a
+    restarted server counts as a loss, and it fails the stage at once instead of waiting out its deadline.
     Returns (the last run, its result folder or None, its status)."""
     from fedxr.federated import watch
 
     for resubmitted in range(watch.MAX_RESUBMISSIONS + 1):
         try:
             result, status, why = _wait_for_result(run, job_deadline_s(recipe), watcher,
-                                                   watch_loss=submit_again is not None)
+                                                   server_only=submit_again is None)
         finally:
             watcher.close()
         if why is None:
             return run, result, status
-        if resubmitted == watch.MAX_RESUBMISSIONS or submit_again is None:
-            raise FedxrError(f"{label} job {run.get_job_id()} was lost ({why}) after {resubmitted} resubmissions; "
+        job_id = run.get_job_id()
+        watcher.abort(job_id)  # whatever is left of it, also when fedxr gives up
+        if submit_again is None:
+            watcher.close()
+            raise FedxrError(f"{label} job {job_id} was lost ({why}); this federation cannot resume "
+                             f"({resumable(recipe)}): run the stage again; logs: {logs}")
+        if resubmitted == watch.MAX_RESUBMISSIONS:
+            watcher.close()
+            raise FedxrError(f"{label} job {job_id} was lost ({why}) after {resubmitted} resubmissions; "
                              f"fedxr gives up: see the logs under {logs}")
-        print(f"{label} job {run.get_job_id()} was lost ({why}); submitting it again from its last completed round",
-              flush=True)
-        watcher.abort(run.get_job_id())
+        print(f"{label} job {job_id} was lost ({why}); submitting it again from its last completed round", flush=True)
         if on_lost is not None:
-            on_lost(run.get_job_id())
-        if missing := watcher.wait_for_sites(run.get_job_id(), recipe.federated.timeout_s):
-            print(f"{label}: site(s) {', '.join(missing)} did not reconnect within {recipe.federated.timeout_s} s; "
-                  "the job goes on without them", flush=True)
+            on_lost(job_id)
+        wait_s = recipe.federated.timeout_s
+        if not watcher.wait_ended(job_id, wait_s):
+            print(f"{label}: job {job_id} still runs on the server {wait_s} s after its abort; submitting again anyway",
+                  flush=True)
+        if missing := watcher.wait_for_sites(job_id, wait_s):
+            print(f"{label}: site(s) {', '.join(missing)} did not reconnect within {wait_s} s; submitting again "
+                  "anyway", flush=True)
         watcher.close()
         run = submit_again()
     raise AssertionError("unreachable")
@@ -161,10 +171,10 @@ def require_every_site(job, names: list[str]) -> None:
     job._job.job.mandatory_clients = list(names)
 
 
-def _wait_for_result(run, deadline_s: float, watcher, watch_loss: bool = True, every_s: float | None = None
+def _wait_for_result(run, deadline_s: float, watcher, server_only: bool = False, every_s: float | None = None
                      ) -> tuple[str | None, str | None, str | None]:
-    """(the job's result folder, its status, None) once it ends or ``deadline_s`` passes; or, with
-    ``watch_loss``, (None, status, why) as soon as ``watcher.lost`` (:class:`fedxr.federated.watch.JobWatch`)
+    """(the job's result folder, its status, None) once it ends or ``deadline_s`` passes; or (None, status, why) as
+    soon as ``watcher.lost`` (:class:`fedxr.federated.watch.JobWatch`; ``server_only``: a restarted server only)
     finds the job lost (the job can no longer finish). The status is asked every few seconds:
     NVFlare's own wait gives up at the first failed admin connection, which a server busy receiving large
     updates (HE ciphertexts) or restarting can cause while the job runs on."""
@@ -176,7 +186,7 @@ def _wait_for_result(run, deadline_s: float, watcher, watch_loss: bool = True, e
         status = watcher.status(job_id)  # None: the server could not be asked; ask again
         if status is not None and not status.startswith(UNFINISHED):
             break
-        why = watcher.lost(job_id) if watch_loss and status is not None else None
+        why = watcher.lost(job_id, server_only) if status is not None else None
         if why is not None:
             return None, status, why
         time.sleep(every_s or WATCH_EVERY_S)
@@ -319,7 +329,8 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
     if env not in ("sim", "poc") or export_job:
         discard_resume(folder / RESUME_DIR, [])  # this stage's outputs are being replaced: no finished-job marker
     if export_job:
-        # Submitted by hand later: its server resumes it after a restart if the same job is submitted again.
+        # Submitted by hand later: after a server restart, the same job submitted again resumes from the server's
+        # last point (unless its rounds had all finished: then it trains anew).
         job = build_job(recipe, folder, "prod", resume=_prod_resume_settings(recipe, folder, stage, restart, extra_args,
                                                                              job_options), **job_options)
         with recipe_blob_is_not_a_secret():
@@ -368,8 +379,8 @@ def federate(recipe: Recipe, env: str = "sim", startup_kit: str | Path | None = 
             return build_job(recipe, folder, "poc", records=records, **again)
 
         with energy:
-            # A stage that cannot resume (DP, HE: fedxr.federated.resume.resumable) is not watched: a job it lost
-            # would start again from round 0 (DP spending its budget twice); it waits until its deadline as before.
+            # A stage that cannot resume (DP, HE: fedxr.federated.resume.resumable) is not submitted again: it would
+            # start from round 0 (DP spending its budget twice). A restarted server fails it at once, with the reason.
             server_dir, workspace = _run_poc(job, recipe, folder, names, sites_dir,
                                              resubmission if resume is not None else None)
     elif env == "prod":

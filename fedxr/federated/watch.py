@@ -15,7 +15,8 @@ ending leaves that list before its status says so), or when a site that was seen
 without it for 30 s while the server still runs it (at a job's normal end the sites leave a few seconds before
 the server). Then the submitter aborts what is left of the job, stops the lost job's leftover processes on this
 machine, and submits the same job again, resuming from the last completed round. Only the round in flight is
-lost. A stage that cannot resume (DP, HE) is not watched: it waits as before.
+lost. A stage that cannot resume (DP, HE) is not submitted again (it would start from round 0, DP spending
+its budget twice): a restarted server fails it at once, with its reason; a site's loss is not watched for.
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ def admin_kit(poc_workspace: Path, username: str) -> Path:
 SERVER_RESTARTED = "the coordinator's server restarted"
 
 
-def why_lost(session, job_id: str, sites: list[str] | None, seen: set[str]) -> str | None:
+def why_lost(session, job_id: str, sites: list[str] | None, seen: set[str], connected: set[str] | None = None
+             ) -> str | None:
     """Why the running job ``job_id`` can no longer finish (None: it can, or it is not running, or the server
     cannot say right now). ``session`` is an NVFlare admin session (``nvflare.fuel.flare_api``); ``seen`` collects
     the sites seen running the job (a site that never showed it is starting, not lost); ``sites``: the job's sites
-    (None: every site seen running it, in production where the submitter does not know them)."""
+    (None: every site seen running it, in production where the submitter does not know them); ``connected``
+    collects the sites connected to the server while it runs the job (those a resubmission waits for)."""
     from datetime import datetime
 
     meta = session.get_job_meta(job_id) or {}
@@ -67,6 +70,8 @@ def why_lost(session, job_id: str, sites: list[str] | None, seen: set[str]) -> s
         return SERVER_RESTARTED
     if job_id not in {j.job_id for j in info.job_info}:
         return None  # the job is ending on the server (its status follows): no site's loss
+    if connected is not None:
+        connected |= {c.name for c in info.client_info}
     clients = session.get_client_job_status() or []
     # A site that answered and listed its jobs (or "no_jobs") without this one has lost it; one that did not
     # answer ("no_reply", "error") may be busy: it decides nothing.
@@ -85,6 +90,7 @@ class JobWatch:
         self.kit, self.sites = Path(kit), None if sites is None else list(sites)
         self._session: Any = None
         self._seen: dict[str, set[str]] = {}  # job id: the sites seen running it
+        self._connected: dict[str, set[str]] = {}  # job id: the sites seen connected while the server ran it
         # (job id, the latest reason, how many checks in a row gave it): a resubmitted job starts a streak of its own
         self._streak: tuple[str, str | None, int] = ("", None, 0)
 
@@ -105,11 +111,16 @@ class JobWatch:
         answer = self._ask(lambda session: session.get_job_status(job_id))
         return None if answer is None else str(answer)
 
-    def lost(self, job_id: str) -> str | None:
+    def lost(self, job_id: str, server_only: bool = False) -> str | None:
         """:func:`why_lost` once as many checks in a row as its kind needs have given it; None until then, and
-        when the server cannot say (which breaks the streak)."""
+        when the server cannot say (which breaks the streak). ``server_only``: only a restarted server counts (a
+        job that cannot resume: the end of a job whose server takes long to finish must not be taken for a site's
+        loss)."""
         seen = self._seen.setdefault(job_id, set())
-        why = self._ask(lambda session: why_lost(session, job_id, self.sites, seen))
+        connected = self._connected.setdefault(job_id, set())
+        why = self._ask(lambda session: why_lost(session, job_id, self.sites, seen, connected))
+        if server_only and why != SERVER_RESTARTED:
+            why = None
         job, last, count = self._streak
         count = count + 1 if why is not None and (job, last) == (job_id, why) else 1
         self._streak = (job_id, why, count)
@@ -129,13 +140,28 @@ class JobWatch:
         round (production schedules a job once ``min_clients`` sites are there)."""
         import time
 
-        wanted = self._seen.get(job_id, set())
+        wanted = self._seen.get(job_id, set()) | self._connected.get(job_id, set())
         deadline = time.monotonic() + timeout_s
         while True:
             info = self._ask(lambda session: session.get_system_info())
             missing = sorted(wanted - {c.name for c in info.client_info}) if info is not None else sorted(wanted)
             if not missing or time.monotonic() >= deadline:
                 return missing
+            time.sleep(every_s)
+
+    def wait_ended(self, job_id: str, timeout_s: float, every_s: float = 2.0) -> bool:
+        """Wait until the server no longer runs job ``job_id`` (an aborted job's sites stop it within seconds), at
+        most ``timeout_s``: the job submitted again must not share the sites' state folders with it. True once
+        ended (a restarted server never ran it: at once)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = self._ask(lambda session: session.get_system_info())
+            if info is not None and job_id not in {j.job_id for j in info.job_info}:
+                return True
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(every_s)
 
     def close(self) -> None:
