@@ -116,13 +116,16 @@ def plot(rows: dict, path: Path) -> None:
     with saved_figure(path, ncols=2, figsize=(11, 4)) as (fig, (left, right)):
         for key in ("gain", "stale_unweighted", "stale_weighted", "dp_eps8"):
             if key in rows:
-                left.plot(range(1, len(rows[key]["val_by_version"]) + 1), rows[key]["val_by_version"], marker=".",
+                left.plot(range(len(rows[key]["val_by_version"])), rows[key]["val_by_version"], marker=".",
                           label=key)
-        left.set_xlabel("model version")
+        left.set_xlabel("model version (0: the student it started from)")
         left.set_ylabel("validation macro AUROC (unseen hospital)")
         left.legend()
         scale = [r for k, r in rows.items() if k.startswith("scale_")]
-        if scale:
+        if not scale:
+            right.axis("off")
+            right.text(0.5, 0.5, "scale rows not measured\n(--rows scale)", ha="center", va="center")
+        else:
             devices = [int(r["name"].rsplit("_", 1)[-1]) for r in scale]
             right.plot(devices, [r["seconds_per_version"] for r in scale], marker="o", label="s per version")
             right.set_xscale("log")
