@@ -415,32 +415,43 @@ def test_a_production_server_resumes_the_same_job_and_a_new_submission_of_a_fini
 def test_a_production_site_resumes_from_its_own_state_of_the_same_job_or_says_why_not(tmp_path, capsys):
     """The site's side of a production resume, decided at its first task: round 0 throws earlier states away; a
     later round without the state of the round before continues from the global model, with its own tensors from an
-    older state of the same job; with no state of this job at all, a site that needs its own tensors (FedBN,
-    a teacher) or is asked for its own model fails the task instead of sending untrained weights."""
+    older state of the same job; with no state of this job at all it fails the task rather than send untrained
+    weights when asked for its own model, or when it would distil from a teacher only round 0's model carried."""
     import torch
 
     from fedxr.federated.client import _resume_at_first_task
     from fedxr.federated.resume import save_site_state, site_state_file
 
-    module = torch.nn.Linear(2, 1)
+    class Student(torch.nn.Module):
+        def __init__(self, teacher: bool = False):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+            if teacher:
+                self.teacher = torch.nn.Linear(2, 1)
+
     work = tmp_path / "state"
 
-    def first(rnd, digest="job-a", keeps_excluded=False, submit=False):
+    def first(rnd, digest="job-a", module=None, submit=False):
         task = {"round": rnd, "evaluate": False, "submit": submit}
-        return _resume_at_first_task(work, task, digest, module, None, None, keeps_excluded)
+        return _resume_at_first_task(work, task, digest, module or Student(), None, None)
 
-    own = {k: torch.full_like(v, 7.0) for k, v in module.state_dict().items()}
+    with pytest.raises(RuntimeError, match="no model of its own to submit"):
+        first(None, submit=True)  # cross-site scoring asks first, and this site never kept a state
+    own = {k: torch.full_like(v, 7.0) for k, v in Student().state_dict().items()}
     save_site_state(work, 0, {"round": 0, "job": "job-a", "module": own})
     save_site_state(work, 1, {"round": 1, "job": "job-b", "module": own})  # another job's
     # Round 3 wants round 2's state: there is none; round 1's is another job's, round 0's is this job's.
-    got = first(3, keeps_excluded=True)
-    assert got is not None and torch.equal(module.weight, own["weight"])
-    assert "kept no state for round 2" in capsys.readouterr().out
-    with pytest.raises(RuntimeError, match="kept no state of this job"):
-        first(3, "job-c", keeps_excluded=True)
+    module = Student()
+    assert first(3, module=module) is not None and torch.equal(module.lin.weight, own["lin.weight"])
+    assert "its own tensors (e.g. FedBN BatchNorm) from round 0" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="no trained teacher"):
+        first(3, "job-c", module=Student(teacher=True))
     with pytest.raises(RuntimeError, match="no model of its own to submit"):
-        first(None, "job-c", submit=True)  # cross-site scoring asks first: every round was done before
-    assert first(3, "job-c") is None  # plain FedAvg: the global model and a fresh optimizer will do
+        first(None, "job-c", submit=True)
+    fresh = Student()
+    before = fresh.lin.weight.clone()
+    assert first(3, "job-c", module=fresh) is None and torch.equal(fresh.lin.weight, before)  # a late joiner
+    assert "as initialised" in capsys.readouterr().out
     assert first(0) is None and not site_state_file(work, 0).exists() and not site_state_file(work, 1).exists()
 
 

@@ -286,8 +286,7 @@ def main(argv=None) -> None:
         rnd = task["round"]
         if first_task:
             first_task = False
-            local_state = _resume_at_first_task(state_work, task, args.job_digest, module, restore, trainer,
-                                                args.keep_excluded)
+            local_state = _resume_at_first_task(state_work, task, args.job_digest, module, restore, trainer)
         if task["submit"]:
             # Cross-site evaluation asks for this site's own last local model.
             if ranks.is_control:
@@ -409,25 +408,25 @@ def _production_state_folder(relative: str, site: str) -> Path:
     return app.parent.parent / relative / site
 
 
-def _resume_at_first_task(work: Path, task: dict, digest: str, module, restore, trainer, keeps_excluded: bool
-                          ) -> dict | None:
-    """Production: the server chose the round this job starts at, and its first task says which. Round 0: states an
-    earlier run of the job left are thrown away. A later round: this site continues from the state it kept after the
-    round before (of the same job). A site that kept none for that round (it was left out of it) continues from the
-    global model with a fresh optimizer, and says so — taking the tensors the job never shares (its own BatchNorm
-    under FedBN, a distillation teacher) from the newest state of this job it did keep; with none at all it fails the
-    task rather than train with untrained ones (the round goes on without it), as it does when asked to submit its
-    own model. Returns the model state to submit for cross-site scoring."""
+def _resume_at_first_task(work: Path, task: dict, digest: str, module, restore, trainer) -> dict | None:
+    """Production: the server chose the round this job starts at, and its first task says which. A training task of
+    round 0: states an earlier run of the job left are thrown away. A later round: this site continues from the state
+    it kept after the round before (of the same job). A site that kept none for that round (it was left out of it, or
+    joins late) continues from the global model with a fresh optimizer, and says so — taking its own tensors (FedBN
+    BatchNorm, a distillation teacher) from the newest state of this job it did keep. It fails the task rather than
+    send untrained weights when it has none at all and is asked for its own model (cross-site scoring) or would
+    distil from a teacher that only round 0's model carried. Returns the model state to submit for scoring."""
     from fedxr.federated.resume import drop_site_states, load_site_state, site_states
 
-    kept_rounds = sorted((number for number, _ in site_states(work)), reverse=True)
-    # Asked to evaluate or submit first: every round was done before, so the state after the newest one.
-    rnd = task["round"] if not (task["evaluate"] or task["submit"]) else (kept_rounds[0] + 1 if kept_rounds else 0)
-    if not rnd:
+    training = not (task["evaluate"] or task["submit"])
+    if training and not task["round"]:
         drop_site_states(work)
         return None
+    kept_rounds = sorted((number for number, _ in site_states(work)), reverse=True)
+    # Asked to evaluate or submit first: every round was done before, so the state after the newest one kept.
+    rnd = task["round"] if training else (kept_rounds[0] + 1 if kept_rounds else None)
     kept, kept_round = None, None
-    for number in (n for n in kept_rounds if n < rnd):
+    for number in (n for n in kept_rounds if rnd is None or n < rnd):
         try:
             state = load_site_state(work, number)
         except Exception as exc:  # noqa: BLE001 - a damaged state is passed over, and said
@@ -436,16 +435,18 @@ def _resume_at_first_task(work: Path, task: dict, digest: str, module, restore, 
         if state.get("job") == digest:
             kept, kept_round = state, number
             break
-    if kept_round == rnd - 1:
+    if rnd is not None and kept_round == rnd - 1:
         return _resume_site(work, rnd - 1, module, restore, trainer, kept)
-    if kept is None and (keeps_excluded or task["submit"]):
-        raise RuntimeError(f"the federation resumes at round {rnd}, and this site kept no state of this job in {work}: "
-                           "it has no " + ("model of its own to submit" if task["submit"] else
-                                           "trained tensors of its own (FedBN BatchNorm, the teacher) to train with")
+    # The global teacher travels only in round 0's model (the job excludes it from aggregation after that).
+    needs_teacher = training and hasattr(module, "teacher") and not getattr(module, "keep_on_load", None)
+    if kept is None and (task["submit"] or needs_teacher):
+        raise RuntimeError(f"the federation resumes after round 0, and this site kept no state of this job in {work}: "
+                           "it has no " + ("model of its own to submit" if task["submit"] else "trained teacher")
                            + "; it rejoins when the stage is run again (fedxr run / fedxr federate --restart-stage)")
-    print(f"the federation resumes at round {rnd}, and this site kept no state for round {rnd - 1} in {work}: it "
+    print(f"the federation resumes after round 0, and this site kept no state of the round before in {work}: it "
           "continues from the global model with a fresh optimizer"
-          + (f", its own tensors from round {kept_round}" if kept is not None else ""), flush=True)
+          + (f", its own tensors (e.g. FedBN BatchNorm) from round {kept_round}" if kept is not None else
+             " (its own tensors, e.g. FedBN BatchNorm, as initialised)"), flush=True)
     if kept is None:
         return None
     module.load_state_dict(kept["module"])  # the global layers are replaced by the model it receives next

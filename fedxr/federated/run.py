@@ -154,8 +154,11 @@ def _wait_resubmitting(run, recipe: Recipe, watcher, submit_again: Callable[[], 
             on_lost(job_id)
         wait_s = recipe.federated.timeout_s
         if not watcher.wait_ended(job_id, wait_s):
-            print(f"{label}: job {job_id} still runs on the server {wait_s} s after its abort; submitting again anyway",
-                  flush=True)
+            watcher.abort(job_id)
+            watcher.close()
+            raise FedxrError(f"{label} job {job_id} was lost ({why}) and still runs on the server {wait_s} s after it "
+                             "was aborted: fedxr does not submit it again beside it (both would write the same resume "
+                             f"state); abort it from an admin console and run the stage again; logs: {logs}")
         if missing := watcher.wait_for_sites(job_id, wait_s):
             print(f"{label}: site(s) {', '.join(missing)} did not reconnect within {wait_s} s; submitting again "
                   "anyway", flush=True)

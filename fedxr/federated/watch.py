@@ -51,13 +51,14 @@ def admin_kit(poc_workspace: Path, username: str) -> Path:
 SERVER_RESTARTED = "the coordinator's server restarted"
 
 
-def why_lost(session, job_id: str, sites: list[str] | None, seen: set[str], connected: set[str] | None = None
-             ) -> str | None:
+def why_lost(session, job_id: str, sites: list[str] | None, seen: set[str], connected: set[str] | None = None,
+             server_only: bool = False) -> str | None:
     """Why the running job ``job_id`` can no longer finish (None: it can, or it is not running, or the server
     cannot say right now). ``session`` is an NVFlare admin session (``nvflare.fuel.flare_api``); ``seen`` collects
     the sites seen running the job (a site that never showed it is starting, not lost); ``sites``: the job's sites
     (None: every site seen running it, in production where the submitter does not know them); ``connected``
-    collects the sites connected to the server while it runs the job (those a resubmission waits for)."""
+    collects the sites connected to the server while it runs the job (those a resubmission waits for);
+    ``server_only``: only a restarted server is looked for (the sites are not asked)."""
     from datetime import datetime
 
     meta = session.get_job_meta(job_id) or {}
@@ -68,7 +69,7 @@ def why_lost(session, job_id: str, sites: list[str] | None, seen: set[str], conn
     server_started = info.server_info.start_time
     if job_started and server_started and float(server_started) > datetime.fromisoformat(job_started).timestamp():
         return SERVER_RESTARTED
-    if job_id not in {j.job_id for j in info.job_info}:
+    if server_only or job_id not in {j.job_id for j in info.job_info}:
         return None  # the job is ending on the server (its status follows): no site's loss
     if connected is not None:
         connected |= {c.name for c in info.client_info}
@@ -118,9 +119,7 @@ class JobWatch:
         loss)."""
         seen = self._seen.setdefault(job_id, set())
         connected = self._connected.setdefault(job_id, set())
-        why = self._ask(lambda session: why_lost(session, job_id, self.sites, seen, connected))
-        if server_only and why != SERVER_RESTARTED:
-            why = None
+        why = self._ask(lambda session: why_lost(session, job_id, self.sites, seen, connected, server_only))
         job, last, count = self._streak
         count = count + 1 if why is not None and (job, last) == (job_id, why) else 1
         self._streak = (job_id, why, count)
