@@ -276,6 +276,8 @@ class EdgeDPConfig(_Section):
 class EdgeFederationConfig(_Section):
     """``fedxr edge-federate``: the student fine-tuned across simulated point-of-care devices (NVFlare FedBuff)."""
 
+    enabled: bool = Field(False, description="run it as the `edge` stage of `fedxr run` (after explain, before the "
+                          "report); `fedxr edge-federate` runs it whatever this says")
     site: str = Field("site-1", description="the site whose training films are dealt out to the devices; its "
                       "validation split scores every model version, its test split the start and the end")
     manifest: Optional[str] = Field(None, description="a site manifest (a CSV `fedxr data split` wrote) dealt out "
@@ -396,6 +398,9 @@ class Recipe(_Section):
         if self.federated.local_steps and self.federated.max_local_steps:
             problems.append("federated.max_local_steps: it caps whole local epochs; with federated.local_steps every "
                             "site already trains the same number of steps — set one of the two")
+        if self.edge_federation.enabled and not self.distill.students and not self.edge_federation.init_from:
+            problems.append("edge_federation.enabled: the devices start from the run's first distilled student and "
+                            "distill.students is empty; add a student or set edge_federation.init_from to a checkpoint")
         from fedxr.privacy.rules import recipe_problems
 
         problems += recipe_problems(self)

@@ -1,7 +1,8 @@
 """`fedxr run RECIPE [--from STAGE] [--force]`: every stage a recipe drives, in order.
 
 data → sites → teacher (federated) → distill (federated students) → export (ONNX) → evaluate (pooled
-test set: teacher metrics, teacher vs students) → explain (Grad-CAM, pointing game) → report.
+test set: teacher metrics, teacher vs students) → explain (Grad-CAM, pointing game) → edge (the student
+fine-tuned across simulated devices; only with ``edge_federation.enabled``) → report.
 
 Each stage records a fingerprint in ``RUN/pipeline.json``: a hash of the recipe settings it reads and of
 the runs of the stages it depends on. A stage whose fingerprint is unchanged and whose outputs exist
@@ -29,8 +30,8 @@ from fedxr.artifacts import MANIFEST_FILE, ExportManifest
 from fedxr.data.atomic import write_json_atomic
 from fedxr.errors import FedxrError
 from fedxr.layout import RunLayout
-from fedxr.results import (DataResult, DistillResult, EvaluateResult, ExplainResult, ExportResult, ReportResult,
-                           RunResults, SitesResult, StageResult, TeacherResult)
+from fedxr.results import (DataResult, DistillResult, EdgeResult, EvaluateResult, ExplainResult, ExportResult,
+                           ReportResult, RunResults, SitesResult, StageResult, TeacherResult)
 
 if TYPE_CHECKING:  # the recipe schema needs pydantic, which `fedxr --help` in an edge-only install lacks
     from fedxr.config import Recipe
@@ -178,6 +179,18 @@ def _explain(ctx: Context) -> ExplainResult:
     return ExplainResult(grid=str(out / "gradcam_grid.png"), pointing_game=str(out / "pointing_game.json"))
 
 
+def _edge(ctx: Context) -> EdgeResult:
+    from fedxr.crossdevice.run import SUMMARY_FILE, edge_federate, format_summary
+
+    # The devices start from edge_federation.init_from, else the run's first student distilled with the teacher
+    # (the distill stage's, which this stage depends on).
+    students = ctx.results.students
+    first = students[ctx.recipe.distill.students[0]].kd if students and ctx.recipe.distill.students else None
+    summary = edge_federate(ctx.recipe, init_from=ctx.recipe.edge_federation.init_from or first, progress=ctx.progress)
+    print(format_summary(summary))
+    return EdgeResult(summary=str(ctx.layout.edge_federation / SUMMARY_FILE), final=summary["final"])
+
+
 def _report(ctx: Context) -> ReportResult:
     from fedxr.report import write_report
 
@@ -216,7 +229,10 @@ STAGES: list[Stage] = [
           EvaluateResult),
     Stage("explain", "explain (Grad-CAM, pointing game)", ("teacher", "distill"), lambda r: r.explain.model_dump(),
           _explain, ExplainResult, enabled=lambda r: r.explain.enabled),
-    Stage("report", "report", ("sites", "teacher", "distill", "export", "evaluate", "explain"),
+    Stage("edge", "edge (the student fine-tuned across simulated devices, NVFlare edge)", ("distill",),
+          lambda r: _training_settings(r, r.edge_federation, r.data), _edge, EdgeResult,
+          enabled=lambda r: r.edge_federation.enabled),
+    Stage("report", "report", ("sites", "teacher", "distill", "export", "evaluate", "explain", "edge"),
           lambda r: r.resolved(), _report, ReportResult),
 ]
 STAGE_NAMES = [s.name for s in STAGES]

@@ -112,6 +112,15 @@ class ExplainResult(StageResult):
 
 
 @dataclass(frozen=True)
+class EdgeResult(StageResult):
+    summary: str  # edge_federation/summary.json: versions, the updates behind them, the test gain
+    final: str    # the last version as a fedxr checkpoint (`python -m fedxr.export` takes it)
+
+    def outputs(self) -> list[str]:
+        return [self.summary, self.final]
+
+
+@dataclass(frozen=True)
 class ReportResult(StageResult):
     report: str
 
@@ -130,6 +139,7 @@ class RunResults:
     export: Optional[ExportResult] = None
     evaluate: Optional[EvaluateResult] = None
     explain: Optional[ExplainResult] = None
+    edge: Optional[EdgeResult] = None
     report: Optional[ReportResult] = None
     seconds: dict[str, float] = field(default_factory=dict)
 

@@ -130,6 +130,11 @@ def test_edge_federation_settings_are_checked():
     assert load_recipe(QUICKSTART, ["edge_federation.dp=true"]).edge_federation.dp.epsilon == 8.0
     with pytest.raises(RecipeError, match="images_per_device"):
         load_recipe(QUICKSTART, ["edge_federation.images_per_device=[9,3]"])
+    # As a stage of `fedxr run` the devices start from the run's first student: a recipe without one must say where.
+    with pytest.raises(RecipeError, match="edge_federation.enabled: .* distill.students is empty"):
+        load_recipe(QUICKSTART, ["edge_federation.enabled=true", "distill.students=[]"])
+    assert load_recipe(QUICKSTART, ["edge_federation.enabled=true", "distill.students=[]",
+                                    "edge_federation.init_from=x.ckpt"]).edge_federation.enabled
 
 
 @pytest.mark.slow

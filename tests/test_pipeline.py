@@ -47,8 +47,8 @@ def test_every_stage_ran_and_left_its_artifacts(first_run):
         manifest = json.loads((tmp / "export" / name / "manifest.json").read_text())
         assert manifest["ok"]
         assert (tmp / "export" / name / manifest["recommended"]).is_file()
-    for stage in STAGE_NAMES:
-        assert (run / "logs" / f"{stage}.log").is_file()
+    for stage in STAGE_NAMES:  # the edge stage is off unless the recipe turns it on: no log
+        assert (run / "logs" / f"{stage}.log").is_file() == (stage != "edge"), stage
     # The evaluate stage scores the teacher once and the distillation report reuses that result.
     report = json.loads((run / "distill" / "distill_report.json").read_text())
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
@@ -83,6 +83,7 @@ def test_rerun_skips_every_stage_and_from_reruns_the_tail(first_run, capsys):
     recipe = load_recipe(QUICKSTART, ov)
     capsys.readouterr()
     again = run_pipeline(recipe, QUICKSTART, progress=False)
+    assert again["stages"].pop("edge") == "disabled"  # off unless the recipe turns it on
     assert set(again["stages"].values()) == {"skipped"}
     out = capsys.readouterr().out
     assert "up to date, skipped" in out
@@ -107,7 +108,7 @@ def test_rerun_skips_every_stage_and_from_reruns_the_tail(first_run, capsys):
     tail = run_pipeline(recipe, QUICKSTART, start="evaluate", progress=False)  # (the export's rerun: test_interrupted)
     before = STAGE_NAMES[:STAGE_NAMES.index("evaluate")]
     assert all(tail["stages"][s] == "skipped" for s in before)
-    assert all(tail["stages"][s] == "ran" for s in STAGE_NAMES[len(before):])
+    assert all(tail["stages"][s] == ("disabled" if s == "edge" else "ran") for s in STAGE_NAMES[len(before):])
     assert (recipe.layout.federate / "global_last.ckpt").stat().st_mtime == teacher_mtime
 
 
@@ -150,3 +151,29 @@ def test_energy_of_every_training_job_and_the_total(first_run):
     report = layout.report.read_text()
     assert "## Energy and emissions" in report
     assert summary["country"] == "USA"
+
+
+def test_the_edge_stage_fine_tunes_the_runs_student_across_devices(first_run):
+    """`edge_federation.enabled`: `fedxr run` adds the edge stage; every earlier stage is left as it was, the devices
+    start from the run's distilled student and the report shows the versions. (The edge federation itself:
+    tests/test_edge_federation.py.)"""
+    tmp, ov = first_run
+    edge = ["edge_federation.enabled=true", "edge_federation.site=site-2", "edge_federation.devices=8",
+            "edge_federation.selection=2", "edge_federation.updates_per_version=2", "edge_federation.versions=2",
+            "edge_federation.dropout=0", "edge_federation.stragglers=0", "edge_federation.timeout_s=120"]
+    recipe = load_recipe(QUICKSTART, ov + edge)
+    result = run_pipeline(recipe, QUICKSTART, progress=False)
+    # (explain may rerun: the test before this one scored it with other settings)
+    assert all(result["stages"][s] == "skipped" for s in ("teacher", "distill", "export", "evaluate")), result["stages"]
+    assert result["stages"]["edge"] == "ran" and result["stages"]["report"] == "ran"
+    summary = json.loads((recipe.layout.edge_federation / "summary.json").read_text())
+    student = result["results"].distill.students["mobilenetv3_small_100"].kd
+    assert summary["started_from"] == student
+    assert [v["version"] for v in summary["versions"]] == [1, 2]
+    assert Path(result["results"].edge.final).is_file()
+    assert "## Devices that learn together" in recipe.layout.report.read_text()
+    again = run_pipeline(recipe, QUICKSTART, progress=False)
+    assert again["stages"]["edge"] == "skipped"
+    # Without the setting the stage is disabled and the run's other stages are not rerun for it.
+    plain = run_pipeline(load_recipe(QUICKSTART, ov), QUICKSTART, progress=False)
+    assert plain["stages"]["edge"] == "disabled" and plain["stages"]["teacher"] == "skipped"
