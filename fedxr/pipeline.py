@@ -180,13 +180,14 @@ def _explain(ctx: Context) -> ExplainResult:
 
 
 def _edge(ctx: Context) -> EdgeResult:
-    from fedxr.crossdevice.run import SUMMARY_FILE, edge_federate, format_summary
+    from fedxr.crossdevice.run import SUMMARY_FILE, default_start, edge_federate, format_summary
 
     # The devices start from edge_federation.init_from, else the run's first student distilled with the teacher
-    # (the distill stage's, which this stage depends on).
+    # (the distill stage's, which this stage depends on; under FedBN the devices' site's own).
     students = ctx.results.students
     first = students[ctx.recipe.distill.students[0]].kd if students and ctx.recipe.distill.students else None
-    summary = edge_federate(ctx.recipe, init_from=ctx.recipe.edge_federation.init_from or first, progress=ctx.progress)
+    start = ctx.recipe.edge_federation.init_from or default_start(ctx.recipe, first)
+    summary = edge_federate(ctx.recipe, init_from=start, progress=ctx.progress)
     print(format_summary(summary))
     return EdgeResult(summary=str(ctx.layout.edge_federation / SUMMARY_FILE), final=summary["final"])
 
@@ -207,6 +208,15 @@ def _training_settings(r: "Recipe", *sections) -> list:
     from fedxr.precision import recipe_precision
 
     return [s.model_dump() for s in sections] + [recipe_precision(r)[0]]
+
+
+def _file_identity(path: str | None) -> object:
+    """A checkpoint named by path, as a stage's setting: its size and modification time, so that a retrained file
+    under the same name (an earlier edge federation's final.ckpt, say) reruns the stage."""
+    if not path or not Path(path).is_file():
+        return path
+    st = Path(path).stat()
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
 
 
 def _split_settings(r: "Recipe"):
@@ -230,7 +240,8 @@ STAGES: list[Stage] = [
     Stage("explain", "explain (Grad-CAM, pointing game)", ("teacher", "distill"), lambda r: r.explain.model_dump(),
           _explain, ExplainResult, enabled=lambda r: r.explain.enabled),
     Stage("edge", "edge (the student fine-tuned across simulated devices, NVFlare edge)", ("distill",),
-          lambda r: _training_settings(r, r.edge_federation, r.data), _edge, EdgeResult,
+          lambda r: _training_settings(r, r.edge_federation, r.data) + [_file_identity(r.edge_federation.init_from)],
+          _edge, EdgeResult,
           enabled=lambda r: r.edge_federation.enabled),
     Stage("report", "report", ("sites", "teacher", "distill", "export", "evaluate", "explain", "edge"),
           lambda r: r.resolved(), _report, ReportResult),

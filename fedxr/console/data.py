@@ -117,8 +117,13 @@ def stages(layout: RunLayout) -> dict[str, dict]:
     """Each stage's state from pipeline.json: ran (with seconds), skipped or disabled; plus the stage `fedxr run`
     is in (``running``), or where it stopped (``failed``, ``interrupted``)."""
     state = _json_dict(layout.pipeline_state) or {}
+    from fedxr.pipeline import STAGE_NAMES
+
+    # In the stages' order (a stage added to fedxr after a run was made comes last in its pipeline.json).
+    order = {name: i for i, name in enumerate(STAGE_NAMES)}
     out = {name: {"done": bool(s.get("result") or s.get("results")), "disabled": s.get("run_id") == "disabled",
-                  "seconds": s.get("seconds")} for name, s in state.items() if isinstance(s, dict)}
+                  "seconds": s.get("seconds")}
+           for name, s in sorted(state.items(), key=lambda kv: order.get(kv[0], len(order))) if isinstance(s, dict)}
     done = {k for k, v in out.items() if v["done"]}
     run = run_state(layout)
     if run is not None:

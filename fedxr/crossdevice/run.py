@@ -41,14 +41,21 @@ START_CHECKPOINT = "start.ckpt"
 JOB_NAME = "fedxr_edge"
 
 
-def default_start(recipe: Recipe) -> Path:
-    """The run's first student (distilled with the teacher): the model the devices keep improving."""
+def default_start(recipe: Recipe, student: str | Path | None = None) -> Path:
+    """The run's first student (distilled with the teacher; ``student`` when the caller has it): the model the
+    devices keep improving. A FedBN run's students are one per site: devices holding a site's films start from that
+    site's own (its BatchNorm), not the global checkpoint whose pooled statistics no site deploys."""
+    from fedxr.federated.fedbn import site_models
     from fedxr.layout import chosen_checkpoint
 
-    if not recipe.distill.students:
-        raise FedxrError("edge_federation: the recipe distils no student (distill.students is empty); set "
-                         "edge_federation.init_from to a student checkpoint")
-    return chosen_checkpoint(recipe.layout.stage(recipe.layout.student_stage(recipe.distill.students[0])))
+    if student is None:
+        if not recipe.distill.students:
+            raise FedxrError("edge_federation: the recipe distils no student (distill.students is empty); set "
+                             "edge_federation.init_from to a student checkpoint")
+        student = chosen_checkpoint(recipe.layout.stage(recipe.layout.student_stage(recipe.distill.students[0])))
+    cfg = recipe.edge_federation
+    own = {} if cfg.manifest else site_models(student)
+    return Path(own.get(cfg.site, student))
 
 
 def site_manifest(recipe: Recipe, site: str) -> Path:
