@@ -309,6 +309,9 @@ class EdgeFederationConfig(_Section):
     timeout_s: float = Field(600.0, gt=0, description="how long the server waits for devices, and a client for "
                              "its parent, before the job stops")
     seed: int = Field(0, description="which films each device holds and when it drops out or straggles")
+    runtime: Literal["torch", "executorch"] = Field("torch", description="how a device trains: plain PyTorch, or "
+                                                   "the student's ExecuTorch training program, as a phone or board "
+                                                   "runs it (a GroupNorm student without max-pooling; README)")
     dp: Union[EdgeDPConfig, Literal[False]] = Field(False, description="differential privacy per device: "
                                                     "clipping and Gaussian noise of each update on the device")
 

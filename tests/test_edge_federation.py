@@ -3,6 +3,7 @@
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -17,6 +18,7 @@ from fedxr.cli import main
 from fedxr.config import RecipeError, load_recipe
 from fedxr.crossdevice.device import behaviour
 from fedxr.crossdevice.population import deal_devices
+from fedxr.crossdevice.run import edge_federate
 from fedxr.crossdevice.server import VERSIONS_FILE, RecordingModelManager, version_file
 from fedxr.errors import FedxrError
 from fedxr.models.checkpoint import load_checkpoint, save_checkpoint
@@ -271,3 +273,76 @@ def test_a_student_executorch_would_train_wrongly_is_refused():
         check_trainable_on_device(build_model("tiny_cnn"), "tiny_cnn")
     with pytest.raises(FedxrError, match="executorch#21686"):
         check_trainable_on_device(build_model("resnet18_narrow", norm="group"), "resnet18_narrow")
+
+
+def test_a_device_training_with_executorch_ends_where_pytorch_does():
+    """`runtime: executorch`: a device's whole local training (its films, their order, their augmentation, several
+    SGD steps) through the ExecuTorch program ends at the weights PyTorch's training reaches."""
+    from fedxr.crossdevice.device import train_on_device
+    from fedxr.crossdevice.ondevice import INSTALL, export_training_step, train_with_executorch
+
+    if os.environ.get("FEDXR_REQUIRE_EXECUTORCH") != "1":
+        pytest.importorskip("executorch.extension.training", reason=f"ExecuTorch is not installed: {INSTALL}")
+    torch.manual_seed(0)
+    net = build_model("tiny_cnn", norm="group")
+    start = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 32, 32), dtype=np.uint8)  # 3 batches of 4: no batch to fill up
+    labels = rng.integers(0, 2, (12, 14)).astype(np.float32)
+    labels[0, :5] = np.nan  # unknown labels stay out of both losses
+    program = export_training_step(build_model("tiny_cnn", norm="group").train(), torch.zeros(4, 1, 32, 32),
+                                   torch.zeros(4, 14))
+    kwargs = dict(mean=0.5, std=0.25, lr=0.1, momentum=0.0, epochs=2, batch_size=4)
+    torch.manual_seed(1)  # the augmentation's draws
+    steps_et, trained = train_with_executorch(program, start, images, labels, generator=torch.Generator().manual_seed(2),
+                                              **kwargs)
+    torch.manual_seed(1)
+    steps_pt = train_on_device(net, images, labels, generator=torch.Generator().manual_seed(2), **kwargs)
+    assert steps_et == steps_pt == 6
+    moved = max(float((net.state_dict()[k] - start[k]).abs().max()) for k in start)
+    diff = max(float((trained[k] - net.state_dict()[k]).abs().max()) for k in start)
+    # Six steps compound the float32 ordering differences of one (< 1e-6 there) a little; the steps move the
+    # weights by ~1e-2.
+    assert moved > 1e-3 and diff < 1e-5, (moved, diff)
+    # The program's batch shape is fixed: a device with 5 films fills its batches up from its own films.
+    steps, _ = train_with_executorch(program, start, images[:5], labels[:5], generator=torch.Generator().manual_seed(2),
+                                     **{**kwargs, "epochs": 1})
+    assert steps == 2
+
+
+@pytest.mark.slow
+def test_devices_that_train_with_executorch_make_the_versions(tmp_path):
+    """`edge_federation.runtime: executorch` in NVFlare's simulator: the server exports the student's training step
+    once, every device trains through it, versions are made; a student ExecuTorch cannot train is refused first."""
+    from fedxr.crossdevice.ondevice import INSTALL
+
+    if os.environ.get("FEDXR_REQUIRE_EXECUTORCH") != "1":
+        pytest.importorskip("executorch.extension.training", reason=f"ExecuTorch is not installed: {INSTALL}")
+    ov = tiny_recipe_overrides(tmp_path, patients=60, extra=("data.phantom.hospitals=2", "data.sites=2",
+                                                              "federated.min_clients=2"))
+    assert main(["data", "prepare", str(QUICKSTART), *ov]) == 0
+    recipe = load_recipe(QUICKSTART, ov)
+
+    def student(norm: str) -> Path:
+        return save_checkpoint(tmp_path / f"start_{norm}.ckpt", model_name="tiny_cnn",
+                               state_dict=build_model("tiny_cnn", norm=norm).state_dict(),
+                               preprocessing=recipe.preprocessing, thresholds=[0.5] * 14,
+                               recipe=recipe.model_dump(mode="json"), extra={"norm": norm})
+
+    edge = ["edge_federation.runtime=executorch", "edge_federation.site=site-2", "edge_federation.devices=6",
+            "edge_federation.selection=2", "edge_federation.updates_per_version=2", "edge_federation.versions=2",
+            "edge_federation.dropout=0", "edge_federation.stragglers=0", "edge_federation.batch_size=8",
+            "edge_federation.timeout_s=120"]
+    folder = tmp_path / "runs" / "t" / "edge_federation"
+    with pytest.raises(FedxrError, match="BatchNorm cannot be trained by ExecuTorch"):
+        edge_federate(load_recipe(QUICKSTART, ov + edge), init_from=student("batch"), progress=False)
+    assert not folder.exists()
+    summary = edge_federate(load_recipe(QUICKSTART, ov + edge), init_from=student("group"), progress=False)
+    assert summary["runtime"]["devices_train_with"] == "executorch" and (folder / "device_step.pte").is_file()
+    assert [v["version"] for v in summary["versions"]] == [1, 2] and summary["updates"]["trained"] >= 2
+    tasks = [json.loads(x) for x in (folder / "device_tasks.jsonl").read_text().splitlines()]
+    # Batches are filled up to the program's 8 films: every device with films took at least one step per pass.
+    assert all(t["steps"] >= 1 and t["steps"] == -(-t["films"] // 8) for t in tasks if t["behaviour"] == "trained")
+    v2 = torch.load(version_file(folder, 2), weights_only=True)
+    v1 = torch.load(version_file(folder, 1), weights_only=True)
+    assert max(float((v2[k] - v1[k]).abs().max()) for k in v1) > 0  # the devices' training moved the model

@@ -24,7 +24,7 @@ import torch
 from nvflare.apis.dxo import DXO, DataKind, from_dict
 from nvflare.edge.simulation.device_task_processor import DeviceTaskProcessor
 
-from fedxr.crossdevice.network import EdgeStudent
+from fedxr.crossdevice.network import EdgeStudent, to_checkpoint_names
 from fedxr.crossdevice.population import Population
 from fedxr.records import append_line
 
@@ -80,7 +80,8 @@ class StudentDevice(DeviceTaskProcessor):
     def __init__(self, population: str, model_name: str, mean: float, std: float, norm: str = "batch",
                  lr: float = 0.01, momentum: float = 0.0, local_epochs: int = 1, batch_size: int = 16,
                  dropout: float = 0.0, stragglers: float = 0.0, straggler_delay_s: float = 0.0, seed: int = 0,
-                 log_dir: str = "", dp_clip: float = 0.0, dp_std: float = 0.0, dp_max_updates: int = 0):
+                 log_dir: str = "", dp_clip: float = 0.0, dp_std: float = 0.0, dp_max_updates: int = 0,
+                 executorch_program: str = ""):
         super().__init__()
         self.population, self.model_name, self.norm, self.mean, self.std = population, model_name, norm, mean, std
         self.lr, self.momentum, self.local_epochs, self.batch_size = lr, momentum, local_epochs, batch_size
@@ -90,6 +91,9 @@ class StudentDevice(DeviceTaskProcessor):
         # (NVFlare's simulator keeps one copy of this processor per device for the whole run).
         self.dp_clip, self.dp_std, self.dp_max_updates = dp_clip, dp_std, dp_max_updates
         self.dp_sent = 0
+        # On-device training (edge_federation.runtime: executorch): the student's ExecuTorch training program, a
+        # file the server exported once; every task loads it, as a phone would, and trains with ExecuTorch.
+        self.executorch_program = executorch_program
 
     def setup(self, job) -> None:
         # Devices train in threads of one simulator process: one intra-op thread each, or they fight for cores.
@@ -118,8 +122,16 @@ class StudentDevice(DeviceTaskProcessor):
             net.load_state_dict(weights)
             generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, device, version, 1])
                                                           .integers(2**62)))
-            steps = train_on_device(net, images, labels, self.mean, self.std, self.lr, self.momentum,
-                                    self.local_epochs, self.batch_size, generator)
+            if self.executorch_program:
+                from fedxr.crossdevice.ondevice import train_with_executorch
+
+                steps, trained = train_with_executorch(
+                    Path(self.executorch_program).read_bytes(), to_checkpoint_names(weights), images, labels,
+                    self.mean, self.std, self.lr, self.momentum, self.local_epochs, self.batch_size, generator)
+                net.net.load_state_dict(trained, strict=False)  # parameters only: the state's buffers stay as received
+            else:
+                steps = train_on_device(net, images, labels, self.mean, self.std, self.lr, self.momentum,
+                                        self.local_epochs, self.batch_size, generator)
             diff = {k: (v.detach().float() - weights[k]).numpy() for k, v in net.state_dict().items()}
             count = int(steps > 0)  # a device with one film takes no step (BatchNorm needs two): it adds nothing
             if self.dp_clip and count:

@@ -19,6 +19,8 @@ ExecuTorch is not a fedxr dependency (its package requires coremltools, torchao 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -128,3 +130,66 @@ def step_parity(model_name: str, size: int = 32, batch: int = 4, lr: float = 0.1
             "max_abs_param_diff": max(float((et_params[k] - pt_params[k]).abs().max()) for k in pt_params),
             "max_abs_param_change": max(float((pt_params[k] - before[k]).abs().max()) for k in pt_params),
             "executorch": ".".join(map(str, executorch_version() or ()))}
+
+
+_first_pass = threading.Lock()
+_first_pass_done = threading.Event()
+
+
+def load_training_program(program: bytes):
+    """An ExecuTorch training module from a program's bytes (each device task loads its own: not shared by threads)."""
+    try:
+        from executorch.extension.training import _load_for_executorch_for_training_from_buffer
+    except ImportError:
+        raise FedxrError(f"on-device training needs ExecuTorch: {INSTALL}") from None
+    return _load_for_executorch_for_training_from_buffer(program)
+
+
+def train_with_executorch(program: bytes, weights: dict[str, torch.Tensor], images, labels, mean: float, std: float,
+                          lr: float, momentum: float, epochs: int, batch_size: int,
+                          generator: torch.Generator) -> tuple[int, dict[str, torch.Tensor]]:
+    """A device's local training as a phone or board runs it: the student's ExecuTorch training program (exported
+    once, for ``batch_size`` images, by :func:`export_training_step`) and ExecuTorch's SGD, from ``weights``.
+
+    The same films in the same order with the same augmentation as :func:`fedxr.crossdevice.device.train_on_device`
+    (the order from ``generator``, augmentation from torch's global generator). The program has one batch shape: a
+    last batch with fewer films is filled up with films drawn again from the device's own (a device with 5 films
+    and batches of 16 trains on each about three times). Returns the steps taken and the trained parameters
+    (checkpoint names)."""
+    from executorch.extension.training import get_sgd_optimizer
+
+    from fedxr.data.augment import augment_batch
+
+    from fedxr.labels import NUM_LABELS
+
+    module = load_training_program(program)
+    # ExecuTorch 1.5.1 hands out a program's parameters only after a first forward-backward: one on a blank batch
+    # (its gradients are never used: each step below computes its own).
+    size = images.shape[-1]
+    blank = (torch.zeros(batch_size, 1, size, size), torch.zeros(batch_size, NUM_LABELS))
+    if _first_pass_done.is_set():
+        module.forward_backward("forward", blank)
+    else:
+        # The first forward-backward in a process sets ExecuTorch up; two device threads doing it at once hang for
+        # ever (seen in the simulator): the first one runs alone.
+        with _first_pass:
+            module.forward_backward("forward", blank)
+            _first_pass_done.set()
+    params = module.named_parameters()
+    with torch.no_grad():
+        for name, tensor in params.items():
+            tensor.copy_(weights[name.removeprefix("net.")])  # the version the device received
+    optimizer = get_sgd_optimizer(params, lr=lr, momentum=momentum, dampening=0.0, weight_decay=0.0, nesterov=False)
+    x_all, y_all = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
+    steps = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x_all), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            if len(batch) < batch_size:
+                batch = torch.cat([batch, order[torch.randint(len(order), (batch_size - len(batch),),
+                                                              generator=generator)]])
+            module.forward_backward("forward", (augment_batch(x_all[batch], mean, std), y_all[batch]))
+            optimizer.step(module.named_gradients())
+            steps += 1
+    return steps, {k.removeprefix("net."): v.detach().clone() for k, v in module.named_parameters().items()}

@@ -35,6 +35,8 @@ from fedxr.errors import FedxrError
 from fedxr.records import read_lines
 
 SUMMARY_FILE = "summary.json"
+#: ``runtime: executorch``: the student's training step as the devices run it (ExecuTorch program).
+DEVICE_PROGRAM = "device_step.pte"
 PLOT_FILE = "versions.png"
 FINAL_CHECKPOINT = "final.ckpt"
 START_CHECKPOINT = "start.ckpt"
@@ -69,7 +71,24 @@ def site_manifest(recipe: Recipe, site: str) -> Path:
     return paths[site]
 
 
-def build_job(cfg: EdgeFederationConfig, start: Path, ckpt: dict, folder: Path, population: Path):
+def device_program(cfg: EdgeFederationConfig, ckpt: dict, start: Path) -> bytes | None:
+    """``runtime: executorch``: the student's training step as an ExecuTorch program for a batch of
+    ``cfg.batch_size`` films (None for the PyTorch runtime); a student ExecuTorch cannot train is refused here,
+    before anything is written."""
+    if cfg.runtime != "executorch":
+        return None
+    from fedxr.crossdevice.ondevice import check_trainable_on_device, export_training_step
+    from fedxr.labels import NUM_LABELS
+
+    net = EdgeStudent(ckpt["model_name"], weights=str(start), norm=ckpt.get("norm", "batch")).net
+    check_trainable_on_device(net, ckpt["model_name"])
+    size = ckpt["preprocessing"].size
+    return export_training_step(net.train(), torch.zeros(cfg.batch_size, 1, size, size),
+                                torch.zeros(cfg.batch_size, NUM_LABELS))
+
+
+def build_job(cfg: EdgeFederationConfig, start: Path, ckpt: dict, folder: Path, population: Path,
+              program: Path | None = None):
     """NVFlare's FedBuff edge job (what ``EdgeFedBuffRecipe`` builds) with fedxr's student, devices and model
     manager; the recipe class itself hard-wires NVFlare's own manager, which keeps no version."""
     from nvflare.app_opt.pt.job_config.model import PTModel
@@ -88,7 +107,7 @@ def build_job(cfg: EdgeFederationConfig, start: Path, ckpt: dict, folder: Path, 
         batch_size=cfg.batch_size, dropout=cfg.dropout, stragglers=cfg.stragglers,
         straggler_delay_s=cfg.straggler_delay_s, seed=cfg.seed, log_dir=str(folder.resolve()),
         dp_clip=dp["clip"] if dp else 0.0, dp_std=dp["noise_std"] if dp else 0.0,
-        dp_max_updates=dp["max_updates"] if dp else 0)
+        dp_max_updates=dp["max_updates"] if dp else 0, executorch_program=str(program.resolve()) if program else "")
     job = EdgeJob(name=JOB_NAME, edge_method="edge")
     job.configure_simulation(devices, job_timeout=cfg.timeout_s, num_devices=cfg.devices, num_workers=cfg.workers)
     # update_timeout is per message from a client to its parent; one timeout ends that client's part in the job
@@ -228,6 +247,7 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
     folder = recipe.layout.edge_federation
     # The starting student is copied into the new folder first: it may be an earlier run's final.ckpt (devices
     # keep improving it), which the new run replaces.
+    program = device_program(cfg, ckpt, start)  # exported (or refused) before the folder is touched
     start_bytes = start.read_bytes()
     if folder.exists():
         shutil.rmtree(folder)  # a new federation: versions of an earlier one must not be read as this one's
@@ -247,7 +267,8 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
           f"a new version every {cfg.updates_per_version} updates, {cfg.versions} versions; started from {started_from}",
           flush=True)
     t0 = time.time()
-    build_job(cfg, start, ckpt, folder, population.folder).execute(
+    program_file = write_bytes_atomic(folder / DEVICE_PROGRAM, lambda fh: fh.write(program)) if program else None
+    build_job(cfg, start, ckpt, folder, population.folder, program_file).execute(
         SimEnv(num_clients=1, workspace_root=str((folder / "workspace").resolve())))
     seconds = time.time() - t0
     if not (folder / VERSIONS_FILE).is_file():
@@ -286,6 +307,8 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
         "model_name": ckpt["model_name"], "input_size": ckpt["preprocessing"].size,
         "macs": complexity(ckpt["model_name"], ckpt["preprocessing"].size)[1],
         "settings": cfg.model_dump(mode="json"),
+        "runtime": {"devices_train_with": cfg.runtime, "program": str(program_file) if program_file else None,
+                    "program_bytes": len(program) if program else None},
         "privacy": privacy,
     }
     write_json_atomic(folder / SUMMARY_FILE, summary)
