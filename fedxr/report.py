@@ -190,6 +190,10 @@ def _edge_section(layout: RunLayout, out: list[str]) -> None:
             f"started from `{s['started_from']}`; {len(s['versions'])} model versions in {s['seconds']:.0f} s. Device "
             f"updates: {u['devices']} heard, {u['trained']} trained, {u['dropped']} dropped, {u['stale']} stale, "
             f"{u['ignored_too_old']} turned away as too old; one update {s['update_bytes'] / 1e6:.2f} MB.", ""]
+    if (s.get("runtime") or {}).get("devices_train_with") == "executorch":
+        out += [f"The devices trained through the student's ExecuTorch training program "
+                f"(`{Path(s['runtime']['program']).name}`, {s['runtime']['program_bytes'] / 1e6:.2f} MB), as a phone or "
+                "board runs it.", ""]
     if p := s.get("privacy"):
         out += [f"Differential privacy per device: each update clipped to {p['clip']:g} and noised on the device "
                 f"(σ = {p['noise_std']:.2f} per coordinate); at most ε = {_f(p['max_epsilon_spent'], '.2f')} spent by "

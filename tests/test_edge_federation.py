@@ -346,3 +346,5 @@ def test_devices_that_train_with_executorch_make_the_versions(tmp_path):
     v2 = torch.load(version_file(folder, 2), weights_only=True)
     v1 = torch.load(version_file(folder, 1), weights_only=True)
     assert max(float((v2[k] - v1[k]).abs().max()) for k in v1) > 0  # the devices' training moved the model
+    assert "trained through the student's ExecuTorch training program" in \
+        write_report(load_recipe(QUICKSTART, ov + edge), RunResults()).read_text()
