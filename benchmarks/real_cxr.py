@@ -139,13 +139,14 @@ def edge_speed(teacher_export: Path, student_export: Path, runs: int = 50) -> di
             "input_size": student["input_size"], "threads": 1, "goal": ">= 5x"}
 
 
-def smoke_overrides(work: Path) -> list[str]:
+def smoke_overrides(work: Path, patients: dict[str, int] | None = None) -> list[str]:
+    """A small real subset at 32 px (``patients`` per source; default nih and the pediatric set), tiny models."""
     from fedxr.data.labelcsv import sample_patients
 
     import pandas as pd
 
     table = pd.read_csv(REAL / "labels.csv", dtype=str, keep_default_na=False)
-    small = sample_patients(table, {"nih": 60, "kermany": 80})
+    small = sample_patients(table, patients or {"nih": 60, "kermany": 80})
     small["path"] = [str(REAL / p) for p in small["path"]]
     (work / "real").mkdir(parents=True, exist_ok=True)
     small.to_csv(work / "real" / "labels.csv", index=False)

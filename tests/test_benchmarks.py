@@ -1,5 +1,5 @@
-"""Each benchmark runs once in --smoke mode: proof that it still works, not a timing test. The three slowest
-(`bench` marker: privacy_finetune, privacy_real, real_cxr) run with `pytest -m bench`, outside the default suite,
+"""Each benchmark runs once in --smoke mode: proof that it still works, not a timing test. The four slowest
+(`bench` marker: privacy_finetune, privacy_real, real_cxr, real_cxr_seeds) run with `pytest -m bench`, outside the default suite,
 which must stay near 35 minutes on 2 cores; run them after changing a benchmark or the paths it measures."""
 
 import json
@@ -202,6 +202,28 @@ def test_real_cxr():
     fed_local = nih["federated_vs_local"]
     assert fed_local["ci95"][0] <= fed_local["ci95"][1] and -1 <= fed_local["difference"] <= 1
     assert result["edge"]["student_ms"] > 0 and result["edge"]["teacher_best"].endswith(".onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.bench
+def test_real_cxr_seeds():
+    """The seed study on a small real subset: an adult site and a COVID one, two seeds; the COVID site is read by
+    its sensitivities and by its deployed models on the adult site's pneumonia films."""
+    result = run_smoke("real_cxr_seeds.py")
+    assert [s["seed"] for s in result["seeds"]] == [0, 1]
+    assert result["seeds"][1]["run"].endswith("_seed1") and result["seeds"][1]["seconds"]["teacher"] > 1  # trained
+    for seed in result["seeds"]:
+        covid, adult = seed["sites"]["site-1"], seed["sites"]["site-2"]
+        assert covid["holds"] == ["hannover"] and adult["holds"] == ["nih"]
+        assert covid["teacher"] is None and covid["one_class"]["positives"] > 0  # one-class: no AUROC there
+        at = covid["adult_pneumonia_at"]
+        assert at["site"] == "site-2" and 0 <= at["teacher"] <= 1 and 0 <= at["local"] <= 1
+        assert abs(at["teacher_vs_local"]["difference"] - (at["teacher"] - at["local"])) < 1e-6
+        d = adult["teacher_vs_local"]
+        assert d["ci95"][0] <= d["ci95"][1] and abs(d["difference"] - (adult["teacher"] - adult["local"])) < 1e-6
+    over = result["over_seeds"]
+    assert over["site-1"]["reading"].startswith("adult pneumonia") and over["site-1"]["seeds"] == 2
+    assert over["site-2"]["reading"] == "within-site AUROC"
 
 
 def test_ood():
