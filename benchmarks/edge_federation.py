@@ -133,6 +133,9 @@ def plot(rows: dict, path: Path) -> None:
             right.set_ylabel("seconds per model version")
             twin = right.twinx()
             twin.plot(devices, [r["peak_memory_mb"] for r in scale], marker="s", color="tab:red")
+            # From zero: a flat line is the finding (memory does not grow with the devices), not a 5 % wiggle.
+            right.set_ylim(0, 1.2 * max(r["seconds_per_version"] for r in scale))
+            twin.set_ylim(0, 1.2 * max(r["peak_memory_mb"] for r in scale))
             twin.set_ylabel("peak memory (MB)", color="tab:red")
 
 
