@@ -334,9 +334,11 @@ def test_devices_that_train_with_executorch_make_the_versions(tmp_path):
             "edge_federation.dropout=0", "edge_federation.stragglers=0", "edge_federation.batch_size=8",
             "edge_federation.timeout_s=120"]
     folder = tmp_path / "runs" / "t" / "edge_federation"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text("{}")  # an earlier edge federation's: a refused one must not touch it
     with pytest.raises(FedxrError, match="BatchNorm cannot be trained by ExecuTorch"):
         edge_federate(load_recipe(QUICKSTART, ov + edge), init_from=student("batch"), progress=False)
-    assert not folder.exists()
+    assert (folder / "summary.json").read_text() == "{}"
     summary = edge_federate(load_recipe(QUICKSTART, ov + edge), init_from=student("group"), progress=False)
     assert summary["runtime"]["devices_train_with"] == "executorch" and (folder / "device_step.pte").is_file()
     assert [v["version"] for v in summary["versions"]] == [1, 2] and summary["updates"]["trained"] >= 2

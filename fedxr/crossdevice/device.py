@@ -128,12 +128,16 @@ class StudentDevice(DeviceTaskProcessor):
                 steps, trained = train_with_executorch(
                     Path(self.executorch_program).read_bytes(), to_checkpoint_names(weights), images, labels,
                     self.mean, self.std, self.lr, self.momentum, self.local_epochs, self.batch_size, generator)
-                net.net.load_state_dict(trained, strict=False)  # parameters only: the state's buffers stay as received
+                # Parameters only (a GroupNorm student has no buffers; any would stay as received).
+                unexpected = net.net.load_state_dict(trained, strict=False).unexpected_keys
+                assert not unexpected, f"ExecuTorch returned tensors the student has not: {unexpected[:5]}"
             else:
                 steps = train_on_device(net, images, labels, self.mean, self.std, self.lr, self.momentum,
                                         self.local_epochs, self.batch_size, generator)
             diff = {k: (v.detach().float() - weights[k]).numpy() for k, v in net.state_dict().items()}
-            count = int(steps > 0)  # a device with one film takes no step (BatchNorm needs two): it adds nothing
+            # With PyTorch a device with one film takes no step (BatchNorm needs two) and adds nothing; with ExecuTorch
+            # its batch is that film repeated.
+            count = int(steps > 0)
             if self.dp_clip and count:
                 from fedxr.crossdevice.privacy import privatise
                 from fedxr.privacy.dp import unpredictable_generator

@@ -176,6 +176,10 @@ def train_with_executorch(program: bytes, weights: dict[str, torch.Tensor], imag
             module.forward_backward("forward", blank)
             _first_pass_done.set()
     params = module.named_parameters()
+    foreign = sorted(n for n in params if n.removeprefix("net.") not in weights)
+    if foreign:
+        raise FedxrError(f"the device's ExecuTorch program has parameters the received model has not: {foreign[:5]}; "
+                         "the program was exported from another student — export it again from this one")
     with torch.no_grad():
         for name, tensor in params.items():
             tensor.copy_(weights[name.removeprefix("net.")])  # the version the device received

@@ -228,6 +228,7 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
     cfg = recipe.edge_federation
     start = Path(init_from or cfg.init_from or default_start(recipe))
     ckpt = load_checkpoint(start)
+    program = device_program(cfg, ckpt, start)  # exported (or refused) first: before the data, before the folder
     manifest = Path(cfg.manifest) if cfg.manifest else site_manifest(recipe, cfg.site)
     if not manifest.is_file():
         raise FedxrError(f"edge_federation.manifest: {manifest} not found; give a site manifest written by "
@@ -247,7 +248,6 @@ def edge_federate(recipe: Recipe, init_from: str | Path | None = None, progress:
     folder = recipe.layout.edge_federation
     # The starting student is copied into the new folder first: it may be an earlier run's final.ckpt (devices
     # keep improving it), which the new run replaces.
-    program = device_program(cfg, ckpt, start)  # exported (or refused) before the folder is touched
     start_bytes = start.read_bytes()
     if folder.exists():
         shutil.rmtree(folder)  # a new federation: versions of an earlier one must not be read as this one's
