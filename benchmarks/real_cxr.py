@@ -87,14 +87,14 @@ def baseline(recipe, mode: str, site: str | None, epochs: int) -> str:
     return str(chosen_checkpoint(summary["folder"]))
 
 
-def trains_alike(written: Path, recipe) -> bool:
-    """Whether a baseline trained with the recipe file ``written`` is the one ``recipe`` would train: the sections
-    a local or pooled training reads (data and model) are equal — the federated, distill, export and output
+def trains_alike(written: Path, recipe, sections: tuple[str, ...] = ("data", "model", "privacy")) -> bool:
+    """Whether a model trained with the recipe file ``written`` is the one ``recipe`` would train: the ``sections``
+    it reads are equal. A local or pooled baseline reads data and model — the federated, distill, export and output
     sections do not change it (so a second federation of the same sites, FedBN say, reuses the baselines)."""
     import yaml
 
     old, new = yaml.safe_load(written.read_text()), yaml.safe_load(recipe.to_yaml())
-    return all(old.get(k) == new.get(k) for k in ("data", "model", "privacy"))
+    return all(old.get(k) == new.get(k) for k in sections)
 
 
 def paired(a: np.ndarray, b: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict | None:

@@ -33,7 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
-from real_cxr import RECIPE, ROOT, baseline, baseline_epochs, federation_steps, paired, smoke_overrides  # noqa: E402
+from real_cxr import (RECIPE, ROOT, baseline, baseline_epochs, federation_steps, paired,  # noqa: E402
+                      smoke_overrides, trains_alike)
 
 from fedxr.config import load_recipe  # noqa: E402
 
@@ -63,17 +64,14 @@ def teacher(recipe) -> str:
     data, model and federated sections equal to this one's: other settings do not change the teacher), or trained
     now. (``federate`` itself keeps a finished job only when the whole recipe is the same, so a setting added to
     fedxr since would retrain a 32-minute federation.)"""
-    import yaml
-
     from fedxr.federated.run import federate
     from fedxr.layout import chosen_checkpoint
 
     folder = recipe.layout.federate
     summary, written = folder / "summary.json", folder / "fedxr_recipe.yaml"
-    if summary.is_file() and written.is_file() and summary.stat().st_mtime >= written.stat().st_mtime:
-        old, new = yaml.safe_load(written.read_text()), yaml.safe_load(recipe.to_yaml())
-        if all(old.get(k) == new.get(k) for k in ("data", "model", "federated")):
-            return str(chosen_checkpoint(folder))
+    if summary.is_file() and written.is_file() and summary.stat().st_mtime >= written.stat().st_mtime \
+            and trains_alike(written, recipe, ("data", "model", "federated")):
+        return str(chosen_checkpoint(folder))
     return str(federate(recipe, env="sim").checkpoint)
 
 
